@@ -1,0 +1,97 @@
+"""The Bailan HTTP API application.
+
+Run with `uvicorn app.main:app` or `uvicorn --factory app.main:create_app`.
+Importing this module reads no settings and touches no network: `app` is
+built on first access, so tests and tools can import create_app freely.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from app.middleware import BodySizeLimit
+from app.reaper import Reaper
+from app.routes import build_router
+from app.settings import ApiSettings
+
+log = logging.getLogger("bailan.api")
+
+
+def make_redis(settings: ApiSettings) -> redis.Redis:
+    # Short timeouts and a single quick retry: a dead Redis must become a
+    # prompt 503, not a request that hangs for redis-py's default backoff.
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        health_check_interval=30,
+    )
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings if settings is not None else ApiSettings()
+    conn = make_redis(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s)
+        reaper.start()
+        app.state.reaper = reaper
+        try:
+            yield
+        finally:
+            reaper.stop()
+            conn.close()
+
+    app = FastAPI(
+        title="Bailan",
+        summary="Queued image generation over HTTP: submit, poll, preview, fetch, cancel.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.redis = conn
+    app.include_router(build_router(settings))
+
+    async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("Redis unavailable during %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": f"the job store (Redis) is unavailable: {exc}; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+
+    app.add_exception_handler(redis.ConnectionError, redis_unavailable)
+    app.add_exception_handler(redis.TimeoutError, redis_unavailable)
+
+    # Added last = outermost, so 413 answers also carry CORS headers.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type"],
+            expose_headers=["Location", "Retry-After", "X-Bailan-Step"],
+        )
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: `app` is created on first use (uvicorn's getattr), not at import.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,298 @@
+"""The HTTP endpoints. They validate, enqueue and read state; nothing else.
+
+No `from __future__ import annotations` here: the request body's type is built
+from the settings at run time, and FastAPI must see it as a real class.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, Path, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app import store
+from app.deps import QueueDep, RedisDep, SettingsDep
+from app.schemas import Detail, JobOut, ModelsOut, make_request_model
+from app.settings import ApiSettings
+from bailan.jobs import CONTENT_TYPES, PREVIEW_FORMAT, JobRequest, JobState
+
+JobId = Annotated[str, Path(description="Job id as returned by POST /v1/jobs.")]
+
+
+def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_404_NOT_FOUND,
+        f"job {job_id} not found: no such job, or it expired (jobs and their images are kept "
+        f"{settings.result_ttl_s} s after they end)",
+    )
+
+
+def _load(settings: ApiSettings, conn: Any, job_id: str) -> store.JobSnapshot:
+    snap = store.snapshot(conn, job_id) if store.looks_like_job_id(job_id) else None
+    if snap is None:
+        raise _not_found(settings, job_id)
+    return snap
+
+
+def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None, height: int | None) -> None:
+    """The one cap that spans two fields, checked after defaults are known."""
+    if width is None or height is None or width * height <= settings.max_pixels:
+        return
+    # Blame the field the client sent, so the error points at what to change.
+    field = "height" if request.width is None and request.height is not None else "width"
+    raise RequestValidationError(
+        [
+            {
+                "type": "value_error",
+                "loc": ("body", field),
+                "msg": (
+                    f"Value error, width × height = {width} × {height} = {width * height} pixels "
+                    f"exceeds the limit of {settings.max_pixels}"
+                ),
+                "input": getattr(request, field),
+                "ctx": {"max_pixels": settings.max_pixels},
+            }
+        ]
+    )
+
+
+def build_router(settings: ApiSettings) -> APIRouter:
+    router = APIRouter()
+    request_model = make_request_model(settings)
+    limits = (
+        f"Limits on this server: width ≤ {settings.max_width}, height ≤ {settings.max_height}, "
+        f"width × height ≤ {settings.max_pixels}, steps ≤ {settings.max_steps}, prompt ≤ "
+        f"{settings.max_prompt_chars} characters, num_images 1–4, body ≤ {settings.max_body_bytes} bytes, "
+        f"at most {settings.max_queue_depth} queued jobs."
+    )
+    examples = {
+        "minimal": {"summary": "Just a prompt", "value": {"prompt": "a watercolor lighthouse at dawn"}},
+        "full": {
+            "summary": "Every option",
+            "value": {
+                "prompt": "a watercolor lighthouse at dawn",
+                "negative_prompt": "blurry",
+                "width": 512,
+                "height": 512,
+                "steps": 25,
+                "guidance_scale": 7.5,
+                "seed": 1234,
+                "scheduler": "dpmpp_2m",
+                "num_images": 1,
+                "preview_every": 5,
+                "output_format": "png",
+            },
+        },
+    }
+
+    @router.post(
+        "/v1/jobs",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=JobOut,
+        tags=["jobs"],
+        summary="Submit a generation job",
+        description=(
+            "Queues a job and answers 202 with its view and a `Location` header to poll. "
+            "The seed, when omitted, is chosen by the server and reported in `params.seed`; "
+            "width and height, when omitted, default to the native size of the model the live "
+            "workers serve. " + limits
+        ),
+        responses={
+            413: {"model": Detail, "description": "Body too large."},
+            429: {"model": Detail, "description": "Queue full; retry after `Retry-After` seconds."},
+            503: {"model": Detail, "description": "Redis unavailable."},
+        },
+    )
+    def submit_job(
+        body: Annotated[request_model, Body(openapi_examples=examples)],  # type: ignore[valid-type]
+        response: Response,
+        settings: SettingsDep,
+        conn: RedisDep,
+        queue: QueueDep,
+    ) -> JobOut:
+        params = store.resolve_params(body, conn)
+        _check_pixels(settings, body, params.width, params.height)
+        try:
+            job_id = store.submit(settings, conn, queue, params)
+        except store.QueueFull as exc:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"the queue is full ({exc.depth} jobs waiting, limit {settings.max_queue_depth}); retry later",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from None
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        snap = store.snapshot(conn, job_id)
+        if snap is None:  # only if Redis lost it within milliseconds
+            raise _not_found(settings, job_id)
+        return store.job_view(conn, queue, snap)
+
+    @router.get(
+        "/v1/jobs/{job_id}",
+        response_model=JobOut,
+        tags=["jobs"],
+        summary="A job's status, progress, previews and images",
+        responses={404: {"model": Detail, "description": "Unknown or expired job."}},
+    )
+    def get_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> JobOut:
+        return store.job_view(conn, queue, _load(settings, conn, job_id))
+
+    @router.post(
+        "/v1/jobs/{job_id}/cancel",
+        response_model=JobOut,
+        tags=["jobs"],
+        summary="Cancel a job",
+        description=(
+            "A queued job is removed from the queue and never runs: 200, status `canceled`. "
+            "A running job is asked to stop; its worker does so at its next step: 202, "
+            "status still `running` with `cancel_requested: true` until it stops. "
+            "A job that already ended: 409, nothing changes."
+        ),
+        responses={
+            202: {"model": JobOut, "description": "Running job asked to stop."},
+            404: {"model": Detail, "description": "Unknown or expired job."},
+            409: {"model": Detail, "description": "The job already ended."},
+        },
+    )
+    def cancel_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> Any:
+        snap = _load(settings, conn, job_id)
+        try:
+            outcome = store.cancel(conn, queue, snap)
+        except store.AlreadyEnded as exc:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"
+            ) from None
+        view = store.job_view(conn, queue, _load(settings, conn, job_id))
+        code = status.HTTP_200_OK if outcome == store.CancelOutcome.canceled else status.HTTP_202_ACCEPTED
+        return JSONResponse(view.model_dump(mode="json"), status_code=code)
+
+    @router.get(
+        "/v1/jobs/{job_id}/previews/latest",
+        tags=["jobs"],
+        summary="The newest preview of a job",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}, "description": "JPEG; header X-Bailan-Step names its step."},
+            404: {"model": Detail, "description": "Unknown job, or no preview yet."},
+        },
+    )
+    def latest_preview(job_id: JobId, settings: SettingsDep, conn: RedisDep) -> Response:
+        snap = _load(settings, conn, job_id)
+        found = store.latest_preview(conn, snap)
+        if found is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, None))
+        step, data = found
+        return Response(
+            data,
+            media_type=CONTENT_TYPES[PREVIEW_FORMAT],
+            headers={"X-Bailan-Step": str(step), "Cache-Control": "no-store"},
+        )
+
+    @router.get(
+        "/v1/jobs/{job_id}/previews/{step}",
+        tags=["jobs"],
+        summary="The preview taken after a given step",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}, "description": "JPEG preview."},
+            404: {"model": Detail, "description": "Unknown job, or no preview for that step (yet or any more)."},
+        },
+    )
+    def preview(
+        job_id: JobId,
+        step: Annotated[int, Path(ge=0, description="Step number, as listed in the job's previews.")],
+        settings: SettingsDep,
+        conn: RedisDep,
+    ) -> Response:
+        snap = _load(settings, conn, job_id)
+        data = store.preview_bytes(conn, job_id, step)
+        if data is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, step))
+        return Response(
+            data,
+            media_type=CONTENT_TYPES[PREVIEW_FORMAT],
+            headers={"X-Bailan-Step": str(step), "Cache-Control": f"private, max-age={settings.preview_ttl_s}"},
+        )
+
+    @router.get(
+        "/v1/jobs/{job_id}/images/{index}",
+        tags=["jobs"],
+        summary="A final image",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {ct: {} for ct in CONTENT_TYPES.values()},
+                "description": "Image bytes, encoded as the job's output_format.",
+            },
+            404: {
+                "model": Detail,
+                "description": "Unknown job, index out of range, job failed or canceled, or image expired.",
+            },
+            409: {"model": Detail, "description": "Job still queued or running: the image is not ready yet."},
+        },
+    )
+    def image(
+        job_id: JobId,
+        index: Annotated[int, Path(ge=0, description="0-based image index, below num_images.")],
+        settings: SettingsDep,
+        conn: RedisDep,
+    ) -> Response:
+        snap = _load(settings, conn, job_id)
+        params = snap.params
+        if params is not None and index >= params.num_images:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"job {job_id} has {params.num_images} image(s); no index {index}"
+            )
+        data = store.image_bytes(conn, job_id, index)
+        if data is not None:
+            fmt = params.output_format.value if params is not None else "png"
+            return Response(
+                data,
+                media_type=CONTENT_TYPES[fmt],
+                headers={
+                    "Cache-Control": f"private, max-age={settings.result_ttl_s}, immutable",
+                    "Content-Disposition": f'inline; filename="{job_id}-{index}.{fmt}"',
+                },
+            )
+        state = snap.state
+        if state in (JobState.queued, JobState.running):
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"job {job_id} is {state.value}: image {index} is not ready yet"
+            )
+        if state is JobState.succeeded:
+            raise _not_found(settings, job_id)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} {state.value}: it has no images")
+
+    @router.get("/v1/models", response_model=ModelsOut, tags=["service"], summary="Models the live workers serve")
+    def models(conn: RedisDep) -> ModelsOut:
+        return ModelsOut(models=store.models_served(store.live_workers(conn)))
+
+    @router.get("/healthz", tags=["service"], summary="Liveness: the API process answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get(
+        "/readyz",
+        tags=["service"],
+        summary="Readiness: Redis reachable and at least one live worker",
+        responses={503: {"model": Detail, "description": "Not ready; detail says why."}},
+    )
+    def readyz(conn: RedisDep) -> Any:
+        try:
+            conn.ping()
+            workers = store.live_workers(conn)
+        except Exception as exc:  # any Redis failure means not ready, never a 500
+            return JSONResponse({"detail": f"Redis unreachable: {exc}"}, status_code=503)
+        if not workers:
+            return JSONResponse({"detail": "no live worker: jobs would wait in the queue"}, status_code=503)
+        return {"status": "ready", "workers": len(workers)}
+
+    return router
+
+
+def _no_preview_reason(snap: store.JobSnapshot, step: int | None) -> str:
+    params = snap.params
+    if params is not None and params.preview_every == 0:
+        return f"job {snap.job_id} was submitted with preview_every=0: it has no previews"
+    if step is None:
+        return f"job {snap.job_id} has no preview yet"
+    return f"job {snap.job_id} has no preview for step {step} (not reached yet, not a preview step, or expired)"

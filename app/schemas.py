@@ -1,0 +1,166 @@
+"""Request and response bodies of the HTTP API.
+
+The request model is built from the settings so that the configured caps are
+enforced by validation (422 naming the field) and shown in the OpenAPI docs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, create_model
+
+from app.settings import ApiSettings
+from bailan.jobs import JobParams, JobRequest, JobState, SchedulerName
+
+DEFAULT_STEPS = 25
+
+
+def make_request_model(settings: ApiSettings) -> type[JobRequest]:
+    """JobRequest narrowed by this deployment's caps; still a JobRequest."""
+    steps_default = min(DEFAULT_STEPS, settings.max_steps)
+    chars = settings.max_prompt_chars
+    fields: dict[str, Any] = {
+        "prompt": (
+            str,
+            Field(
+                min_length=1,
+                max_length=chars,
+                description=f"What to paint. 1–{chars} characters.",
+                examples=["a watercolor lighthouse at dawn"],
+            ),
+        ),
+        "negative_prompt": (
+            str,
+            Field(
+                "",
+                max_length=chars,
+                description=f"What to steer away from. At most {chars} characters.",
+                examples=["blurry"],
+            ),
+        ),
+        "width": (
+            int | None,
+            Field(
+                None,
+                ge=8,
+                le=settings.max_width,
+                multiple_of=8,
+                description=(
+                    f"Image width in pixels: a multiple of 8, 8–{settings.max_width}, and "
+                    f"width × height ≤ {settings.max_pixels}. Omit for the model's native width."
+                ),
+                examples=[512],
+            ),
+        ),
+        "height": (
+            int | None,
+            Field(
+                None,
+                ge=8,
+                le=settings.max_height,
+                multiple_of=8,
+                description=(
+                    f"Image height in pixels: a multiple of 8, 8–{settings.max_height}, and "
+                    f"width × height ≤ {settings.max_pixels}. Omit for the model's native height."
+                ),
+                examples=[512],
+            ),
+        ),
+        "steps": (
+            int,
+            Field(
+                steps_default,
+                ge=1,
+                le=settings.max_steps,
+                description=f"Denoising steps, 1–{settings.max_steps}.",
+            ),
+        ),
+        "scheduler": (
+            SchedulerName,
+            Field(SchedulerName.dpmpp_2m, description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)),
+        ),
+        "num_images": (
+            int,
+            Field(1, ge=1, le=4, description="Images to generate, 1–4; image i uses seed + i."),
+        ),
+        "preview_every": (
+            int,
+            Field(
+                5,
+                ge=0,
+                description=(
+                    "Steps between intermediate JPEG previews; 0 disables them. "
+                    f"Previews are kept {settings.preview_ttl_s} s."
+                ),
+            ),
+        ),
+    }
+    return create_model("JobRequest", __base__=JobRequest, __module__=__name__, **fields)
+
+
+class Progress(BaseModel):
+    step: int = Field(description="Denoising steps done so far.")
+    total_steps: int = Field(description="Denoising steps the job runs in all.")
+
+
+class PreviewRef(BaseModel):
+    step: int = Field(description="Step after which the preview was taken.")
+    url: str = Field(description="Where to GET the preview (image/jpeg).")
+
+
+class ImageRef(BaseModel):
+    index: int = Field(description="0-based image index within the job.")
+    url: str = Field(description="Where to GET the image, encoded as params.output_format.")
+    seed: int | None = Field(None, description="Seed that produced this image.")
+
+
+class JobError(BaseModel):
+    code: str = Field(
+        description="Machine-readable reason: out_of_memory, worker_lost, invalid_for_model or internal."
+    )
+    message: str = Field(description="Human-readable explanation.")
+
+
+class JobOut(BaseModel):
+    """Everything a client needs to follow one job."""
+
+    id: str
+    status: JobState = Field(description="queued, running, succeeded, failed or canceled.")
+    progress: Progress
+    queue_position: int | None = Field(
+        None, description="1-based position in the queue while queued; null otherwise."
+    )
+    cancel_requested: bool = Field(False, description="A client asked to cancel this job.")
+    previews: list[PreviewRef] = Field(default_factory=list, description="Previews still available, oldest first.")
+    images: list[ImageRef] = Field(default_factory=list, description="Final images, once written.")
+    error: JobError | None = Field(None, description="Why the job failed; null unless status is failed.")
+    params: JobParams | None = Field(None, description="The request as resolved by the server (seed, size).")
+    unknown_words: list[str] = Field(
+        default_factory=list, description="Prompt words the model's vocabulary lacks (ignored by the model)."
+    )
+    model: str | None = Field(None, description="Model that ran (or runs) the job.")
+    worker: str | None = Field(None, description="Worker that ran (or runs) the job.")
+    created_at: str | None = Field(None, description="ISO 8601 UTC time of submission.")
+    started_at: str | None = Field(None, description="ISO 8601 UTC time sampling began.")
+    finished_at: str | None = Field(None, description="ISO 8601 UTC time the job ended.")
+
+
+class ModelOut(BaseModel):
+    model: str = Field(description="Model name as the workers report it.")
+    width: int | None = Field(None, description="Native width: the default when a request omits width.")
+    height: int | None = Field(None, description="Native height: the default when a request omits height.")
+    workers: int = Field(description="Live workers serving this model.")
+    devices: list[str] = Field(default_factory=list, description="Devices those workers run on.")
+    dtypes: list[str] = Field(default_factory=list, description="Weight dtypes those workers use.")
+    max_batch: int | None = Field(None, description="Largest batch any of those workers runs at once.")
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]
+
+
+class Detail(BaseModel):
+    """Error body of every non-2xx answer except 422 (FastAPI's validation list)."""
+
+    detail: str

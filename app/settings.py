@@ -1,0 +1,82 @@
+"""Configuration of the HTTP front end: one class, read from BAILAN_* variables.
+
+Invalid values stop the process at start-up rather than surfacing later as odd
+request failures.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Latents are 1/8 of the image size, so a size cap that is not a multiple of 8
+# would advertise a maximum no request could reach.
+SIZE_MULTIPLE = 8
+MIN_PIXELS = 64 * 64
+
+
+class ApiSettings(BaseSettings):
+    """Settings of the Bailan API process (environment variables prefixed BAILAN_)."""
+
+    model_config = SettingsConfigDict(env_prefix="BAILAN_", extra="ignore", frozen=True)
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding the RQ queue and job records; the launcher sets it.",
+    )
+    redis_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Connect and read timeout for Redis; requests fail with 503 after it."
+    )
+    queue_name: str = Field("bailan", min_length=1, description="RQ queue the workers listen on.")
+    host: str = Field("127.0.0.1", description="Address uvicorn binds to (used by the launcher).")
+    port: int = Field(8000, ge=1, le=65535, description="Port uvicorn binds to (used by the launcher).")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed by CORS, comma-separated; empty (the default) disables CORS.",
+    )
+    max_width: int = Field(1024, ge=SIZE_MULTIPLE, description="Largest image width a request may ask for.")
+    max_height: int = Field(1024, ge=SIZE_MULTIPLE, description="Largest image height a request may ask for.")
+    max_pixels: int = Field(
+        1024 * 1024, ge=MIN_PIXELS, description="Largest width × height a request may ask for."
+    )
+    max_steps: int = Field(150, ge=1, description="Most denoising steps a request may ask for.")
+    max_prompt_chars: int = Field(
+        1000, ge=1, description="Longest prompt (and negative prompt), in characters."
+    )
+    max_queue_depth: int = Field(
+        1000, ge=1, description="Queued jobs beyond which submissions get 429 instead of waiting forever."
+    )
+    result_ttl_s: int = Field(
+        86400, ge=60, description="Seconds finished jobs, their records and images are kept."
+    )
+    preview_ttl_s: int = Field(3600, ge=1, description="Seconds intermediate previews are kept.")
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    reap_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between sweeps that fail jobs whose worker died."
+    )
+    abandoned_retries: int = Field(
+        1, ge=0, description="Times a job whose worker died is requeued before it fails with worker_lost."
+    )
+    retry_after_s: int = Field(
+        10, ge=1, description="Retry-After sent with 429 (queue full) and 503 (Redis down)."
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        # Comma-separated is what operators write in an env file; JSON lists
+        # would be the pydantic-settings default and are easy to get wrong.
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("max_width", "max_height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % SIZE_MULTIPLE:
+            raise ValueError(f"must be a multiple of {SIZE_MULTIPLE}")
+        return value
