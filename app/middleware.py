@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """An HTTPException so that FastAPI's body reader re-raises it as is
+    (it turns any other error while reading into a 400)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
 
 
 class BodySizeLimit:
@@ -35,7 +40,7 @@ class BodySizeLimit:
                     await self._reject(send, 400, "invalid Content-Length header")
                     return
                 if declared > self.max_bytes:
-                    await self._reject(send, 413, self._message())
+                    await self._reject(send, 413, BodyTooLarge(self.max_bytes).detail)
                     return
         received = 0
         response_started = False
@@ -46,7 +51,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -57,12 +62,11 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
+        except BodyTooLarge as exc:
+            # Normally the app's exception handler already answered; this
+            # covers an app that let it through.
             if not response_started:
-                await self._reject(send, 413, self._message())
-
-    def _message(self) -> str:
-        return f"request body exceeds {self.max_bytes} bytes"
+                await self._reject(send, 413, exc.detail)
 
     @staticmethod
     async def _reject(send: Send, status: int, detail: str) -> None:

@@ -202,6 +202,8 @@ def submit(settings: ApiSettings, conn: redis.Redis, queue: Queue, params: JobPa
     if params.height is not None:
         record[RecordField.height] = str(params.height)
     pipe = conn.pipeline(transaction=True)
+    # Explicit MULTI first: RQ calls multi() itself only on an empty pipeline.
+    pipe.multi()
     pipe.hset(Keys.job(job_id), mapping=record)
     pipe.expire(Keys.job(job_id), settings.result_ttl_s + RECORD_TTL_MARGIN_S)
     queue.enqueue_call(

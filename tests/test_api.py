@@ -1,0 +1,512 @@
+"""HTTP API tests against a real Redis (the conftest's private Valkey).
+
+Worker behaviour is simulated by writing what a worker would write, with the
+Keys layout and RQ's own APIs; no worker code is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from app.main import create_app
+from app.reaper import Reaper
+from app.settings import ApiSettings
+from bailan.jobs import RQ_FUNC, Keys, RecordField, now
+
+QUEUE = "bailan-test"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_settings(redis_url: str, **overrides: Any) -> ApiSettings:
+    values: dict[str, Any] = {"redis_url": redis_url, "queue_name": QUEUE, "reap_interval_s": 3600}
+    values.update(overrides)
+    return ApiSettings(**values)
+
+
+@pytest.fixture
+def settings(redis_url: str, redis_conn: redis.Redis) -> ApiSettings:
+    return make_settings(redis_url)
+
+
+@pytest.fixture
+def client(settings: ApiSettings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def client_for(settings: ApiSettings) -> TestClient:
+    return TestClient(create_app(settings))
+
+
+def queue_of(conn: redis.Redis) -> Queue:
+    return Queue(QUEUE, connection=conn, serializer=JSONSerializer)
+
+
+def submit(client: TestClient, **body: Any) -> dict[str, Any]:
+    body.setdefault("prompt", "a lighthouse")
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def publish_worker(conn: redis.Redis, name: str = "w1", width: int = 512, height: int = 512, **extra: Any) -> None:
+    info = {"model": "tiny", "width": width, "height": height, "worker": name, "device": "cuda:0",
+            "dtype": "float16", "max_batch": 8, **extra}
+    conn.set(Keys.worker(name), json.dumps(info), ex=30)
+
+
+def start_job(conn: redis.Redis, job_id: str, execution_score: float | None = None) -> None:
+    """Do what a worker does when it takes a job, with RQ's own APIs."""
+    job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    queue_of(conn).remove(job)
+    job.set_status(JobStatus.STARTED)
+    conn.hset(Keys.job(job_id), mapping={RecordField.started_at: repr(now()), RecordField.model: "tiny"})
+    if execution_score is not None:
+        conn.zadd(f"rq:wip:{QUEUE}", {f"{job_id}:exec1": execution_score})
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- submit
+
+
+def test_submit_returns_202_location_record_and_json_rq_job(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a 202 before both the record and the RQ job exist, or a job pickled / pointing elsewhere."""
+    r = client.post("/v1/jobs", json={"prompt": "a lighthouse", "steps": 30, "seed": 7})
+    assert r.status_code == 202
+    view = r.json()
+    job_id = view["id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    assert view["status"] == "queued"
+    assert view["queue_position"] == 1
+    assert view["progress"] == {"step": 0, "total_steps": 30}
+    assert view["created_at"].endswith("Z")
+
+    record = {k.decode(): v.decode() for k, v in redis_conn.hgetall(Keys.job(job_id)).items()}
+    params = json.loads(record[RecordField.params])
+    assert params["seed"] == 7 and params["steps"] == 30 and params["prompt"] == "a lighthouse"
+    assert record[RecordField.total_steps] == "30"
+    assert float(record[RecordField.created_at]) > 0
+    ttl = redis_conn.ttl(Keys.job(job_id))
+    assert ttl > 86400
+
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [job_id.encode()]
+    raw = redis_conn.hget(f"rq:job:{job_id}", "data")
+    data = json.loads(raw.decode() if raw[:1] != b"x" else __import__("zlib").decompress(raw))
+    assert data[0] == RQ_FUNC and data[2] == [job_id]
+    job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
+    assert job.func_name == RQ_FUNC
+    assert job.args == [job_id]
+    assert job.get_status() == JobStatus.QUEUED
+    assert job.retries_left == 1  # abandoned_retries default
+
+
+def test_seed_picked_and_reported(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a job without a seed being irreproducible (seed not chosen or not reported)."""
+    seeds = {submit(client)["params"]["seed"] for _ in range(3)}
+    assert all(isinstance(s, int) and 0 <= s < 2**32 for s in seeds)
+    assert len(seeds) > 1
+    view = submit(client)
+    record_params = json.loads(redis_conn.hget(Keys.job(view["id"]), RecordField.params))
+    assert record_params["seed"] == view["params"]["seed"]
+
+
+def test_size_defaults_to_live_worker_native_size(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: omitted width/height not resolved from the live worker's model at submit time."""
+    assert submit(client)["params"]["width"] is None  # no worker: left to the worker
+    publish_worker(redis_conn, width=768, height=640)
+    view = submit(client)
+    assert (view["params"]["width"], view["params"]["height"]) == (768, 640)
+    record = redis_conn.hgetall(Keys.job(view["id"]))
+    assert record[RecordField.width.encode()] == b"768"
+    view = submit(client, width=256)
+    assert (view["params"]["width"], view["params"]["height"]) == (256, 640)
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"prompt": "x", "width": 513}, ["body", "width"]),
+        ({"prompt": "x", "width": 2048}, ["body", "width"]),
+        ({"prompt": "x", "height": 1032}, ["body", "height"]),
+        ({"prompt": "x", "steps": 151}, ["body", "steps"]),
+        ({"prompt": "x", "steps": 0}, ["body", "steps"]),
+        ({"prompt": "x", "num_images": 5}, ["body", "num_images"]),
+        ({"prompt": "x" * 1001}, ["body", "prompt"]),
+        ({"prompt": "x", "negative_prompt": "y" * 1001}, ["body", "negative_prompt"]),
+        ({"prompt": ""}, ["body", "prompt"]),
+        ({}, ["body", "prompt"]),
+        ({"prompt": "x", "foo": 1}, ["body", "foo"]),
+        ({"prompt": "x", "scheduler": "bogus"}, ["body", "scheduler"]),
+        ({"prompt": "x", "output_format": "gif"}, ["body", "output_format"]),
+        ({"prompt": "x", "seed": 2**32}, ["body", "seed"]),
+        ({"prompt": "x", "preview_every": -1}, ["body", "preview_every"]),
+    ],
+)
+def test_invalid_input_is_422_naming_the_field(
+    client: TestClient, redis_conn: redis.Redis, body: dict[str, Any], loc: list[str]
+) -> None:
+    """Guards: a cap violation accepted, answered 500, or reported without the field's name."""
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert loc in [e["loc"] for e in r.json()["detail"]]
+    assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
+
+
+def test_pixel_cap_is_422_naming_the_field(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: width × height over max_pixels accepted, or its 422 not naming a field (cross-field cap)."""
+    with client_for(make_settings(redis_url, max_pixels=512 * 512)) as c:
+        r = c.post("/v1/jobs", json={"prompt": "x", "width": 1024, "height": 512})
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["body", "width"]
+        assert "262144" in r.json()["detail"][0]["msg"]
+        publish_worker(redis_conn, width=512, height=512)
+        r = c.post("/v1/jobs", json={"prompt": "x", "height": 1024})  # width from the model
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["body", "height"]
+        assert c.post("/v1/jobs", json={"prompt": "x", "width": 512, "height": 512}).status_code == 202
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b'{"prompt": "x",}', b"", b"[1,2]", b'"text"'])
+def test_malformed_json_is_422(client: TestClient, payload: bytes) -> None:
+    """Guards: a malformed or non-object body answered 500 instead of 422."""
+    r = client.post("/v1/jobs", content=payload, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+
+
+def test_oversized_body_is_413(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a huge body read into memory and parsed (declared size or chunked stream)."""
+    big = json.dumps({"prompt": "x" * 70000}).encode()
+    r = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert "65536" in r.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
+
+
+def test_queue_full_is_429_with_retry_after(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: an unbounded queue (ComfyUI #2401) — submissions past max_queue_depth must be refused."""
+    with client_for(make_settings(redis_url, max_queue_depth=2)) as c:
+        submit(c)
+        submit(c)
+        r = c.post("/v1/jobs", json={"prompt": "x"})
+        assert r.status_code == 429
+        assert "queue is full" in r.json()["detail"]
+        assert int(r.headers["retry-after"]) > 0
+        assert redis_conn.llen(f"rq:queue:{QUEUE}") == 2
+
+
+# ---------------------------------------------------------------- read
+
+
+def test_view_fields_and_queue_position(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: queue_position missing/0-based, or view fields missing for a queued then running job."""
+    ids = [submit(client)["id"] for _ in range(3)]
+    assert [client.get(f"/v1/jobs/{i}").json()["queue_position"] for i in ids] == [1, 2, 3]
+    start_job(redis_conn, ids[0])
+    redis_conn.hset(Keys.job(ids[0]), mapping={RecordField.step: "4", RecordField.unknown_words: '["zorp"]'})
+    view = client.get(f"/v1/jobs/{ids[0]}").json()
+    assert set(view) >= {"id", "status", "progress", "queue_position", "previews", "images", "error", "params",
+                         "unknown_words", "model", "created_at", "started_at", "finished_at"}
+    assert view["status"] == "running"
+    assert view["queue_position"] is None
+    assert view["progress"] == {"step": 4, "total_steps": 25}
+    assert view["unknown_words"] == ["zorp"]
+    assert view["model"] == "tiny"
+    assert view["started_at"].endswith("Z") and view["finished_at"] is None
+    assert view["error"] is None
+    assert client.get(f"/v1/jobs/{ids[1]}").json()["queue_position"] == 1
+
+
+def test_previews_and_images_served_with_content_types(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: previews/images unreachable, served with the wrong content type, or 500 when absent."""
+    job_id = submit(client, output_format="webp", num_images=2, seed=10)["id"]
+    assert client.get(f"/v1/jobs/{job_id}/previews/latest").status_code == 404
+    r = client.get(f"/v1/jobs/{job_id}/images/0")
+    assert r.status_code == 409 and "not ready" in r.json()["detail"]
+
+    start_job(redis_conn, job_id)
+    for step in (5, 10):
+        redis_conn.set(Keys.preview(job_id, step), b"\xff\xd8jpeg%d" % step, ex=60)
+        redis_conn.zadd(Keys.previews(job_id), {str(step): step})
+    redis_conn.zadd(Keys.previews(job_id), {"15": 15})  # listed, bytes expired
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert view["previews"] == [{"step": 5, "url": f"/v1/jobs/{job_id}/previews/5"},
+                                {"step": 10, "url": f"/v1/jobs/{job_id}/previews/10"}]
+    r = client.get(f"/v1/jobs/{job_id}/previews/5")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content == b"\xff\xd8jpeg5"
+    r = client.get(f"/v1/jobs/{job_id}/previews/latest")
+    assert r.status_code == 200 and r.content == b"\xff\xd8jpeg10" and r.headers["x-bailan-step"] == "10"
+    assert client.get(f"/v1/jobs/{job_id}/previews/7").status_code == 404
+
+    redis_conn.set(Keys.image(job_id, 0), b"RIFFwebp0")
+    redis_conn.set(Keys.image(job_id, 1), b"RIFFwebp1")
+    redis_conn.hset(Keys.job(job_id), mapping={
+        RecordField.images: json.dumps([{"index": 0, "seed": 10}, {"index": 1, "seed": 11}]),
+        RecordField.finished_at: repr(now()), RecordField.step: "25",
+    })
+    Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).set_status(JobStatus.FINISHED)
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert view["status"] == "succeeded"
+    assert view["images"] == [{"index": 0, "url": f"/v1/jobs/{job_id}/images/0", "seed": 10},
+                              {"index": 1, "url": f"/v1/jobs/{job_id}/images/1", "seed": 11}]
+    r = client.get(view["images"][1]["url"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/webp" and r.content == b"RIFFwebp1"
+    assert client.get(f"/v1/jobs/{job_id}/images/2").status_code == 404
+
+
+def test_previews_disabled_says_so(client: TestClient) -> None:
+    """Guards: a client polling forever for previews of a job submitted with preview_every=0."""
+    job_id = submit(client, preview_every=0)["id"]
+    r = client.get(f"/v1/jobs/{job_id}/previews/latest")
+    assert r.status_code == 404 and "preview_every=0" in r.json()["detail"]
+
+
+def test_failed_job_error_from_rq_exception(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a job that died with an exception (no error code in the record) showing error: null or a 500."""
+    job_id = submit(client)["id"]
+    start_job(redis_conn, job_id)
+    job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
+    Result.create_failure(job, 60, "Traceback (most recent call last):\n  ...\nValueError: bad latent\n")
+    job.set_status(JobStatus.FAILED)
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert view["status"] == "failed"
+    assert view["error"] == {"code": "internal", "message": "ValueError: bad latent"}
+
+
+def test_failed_job_error_from_record(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: the worker's own error code being replaced by a generic one."""
+    job_id = submit(client)["id"]
+    start_job(redis_conn, job_id)
+    redis_conn.hset(Keys.job(job_id), mapping={RecordField.error_code: "out_of_memory",
+                                              RecordField.error_message: "CUDA OOM at 1024x1024",
+                                              RecordField.finished_at: repr(now())})
+    Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).set_status(JobStatus.FAILED)
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert view["error"] == {"code": "out_of_memory", "message": "CUDA OOM at 1024x1024"}
+    r = client.get(f"/v1/jobs/{job_id}/images/0")
+    assert r.status_code == 404 and "failed" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("job_id", ["0" * 32, "nope", "../../etc"])
+def test_unknown_job_is_404(client: TestClient, job_id: str) -> None:
+    """Guards: unknown or malformed ids answered 500/422 instead of 404 with a reason."""
+    for path in ("", "/previews/latest", "/previews/3", "/images/0"):
+        r = client.get(f"/v1/jobs/{job_id}{path}")
+        assert r.status_code == 404, (path, r.text)
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
+
+
+def test_expired_job_404_mentions_retention(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: an expired job answered as if it never existed, without saying how long results are kept."""
+    job_id = submit(client)["id"]
+    redis_conn.delete(Keys.job(job_id))
+    r = client.get(f"/v1/jobs/{job_id}")
+    assert r.status_code == 404
+    assert "86400" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------- cancel
+
+
+def test_cancel_queued_job(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a canceled queued job still being run by a worker, or still shown queued."""
+    job_id = submit(client)["id"]
+    other = submit(client)["id"]
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200
+    view = r.json()
+    assert view["status"] == "canceled" and view["cancel_requested"] is True
+    assert view["finished_at"] is not None and view["queue_position"] is None
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [other.encode()]
+    job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.CANCELED
+    assert job_id in queue_of(redis_conn).canceled_job_registry.get_job_ids()
+    assert client.get(f"/v1/jobs/{other}").json()["queue_position"] == 1
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+
+
+def test_cancel_running_job_sets_flag(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: cancel of a running job doing nothing, or yanking RQ state under a live worker.
+
+    Only the request side is checked here; the worker stopping at its next
+    step belongs to the end-to-end tests.
+    """
+    job_id = submit(client)["id"]
+    start_job(redis_conn, job_id)
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 202
+    assert r.json()["status"] == "running" and r.json()["cancel_requested"] is True
+    first = redis_conn.hget(Keys.job(job_id), RecordField.cancel_requested)
+    assert first
+    assert Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.STARTED
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202  # idempotent
+    assert redis_conn.hget(Keys.job(job_id), RecordField.cancel_requested) == first
+
+
+@pytest.mark.parametrize("rq_status", [JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED])
+def test_cancel_ended_job_is_409(client: TestClient, redis_conn: redis.Redis, rq_status: JobStatus) -> None:
+    """Guards: cancel of an ended job rewriting its outcome."""
+    job_id = submit(client)["id"]
+    start_job(redis_conn, job_id)
+    redis_conn.hset(Keys.job(job_id), RecordField.finished_at, repr(now()))
+    Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).set_status(rq_status)
+    before = redis_conn.hgetall(Keys.job(job_id))
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 409
+    assert "already ended" in r.json()["detail"]
+    assert redis_conn.hgetall(Keys.job(job_id)) == before
+
+
+# ---------------------------------------------------------------- service
+
+
+def test_redis_down_is_503_fast() -> None:
+    """Guards: a dead Redis hanging requests or answering 500."""
+    settings = ApiSettings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", queue_name=QUEUE, reap_interval_s=3600)
+    with client_for(settings) as c:
+        for method, path, body in [
+            ("POST", "/v1/jobs", {"prompt": "x"}),
+            ("GET", "/v1/jobs/" + "a" * 32, None),
+            ("POST", "/v1/jobs/" + "a" * 32 + "/cancel", None),
+            ("GET", "/v1/models", None),
+            ("GET", "/readyz", None),
+        ]:
+            t0 = time.monotonic()
+            r = c.request(method, path, json=body)
+            assert r.status_code == 503, (path, r.text)
+            assert time.monotonic() - t0 < 3
+            assert "Redis" in r.json()["detail"]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_readyz_needs_a_live_worker(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: reporting ready while no worker would ever run a job."""
+    r = client.get("/readyz")
+    assert r.status_code == 503 and "worker" in r.json()["detail"]
+    publish_worker(redis_conn)
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["workers"] == 1
+
+
+def test_models_lists_live_workers(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: /v1/models not reflecting what the live workers serve, or 500 on a malformed worker key."""
+    assert client.get("/v1/models").json() == {"models": []}
+    publish_worker(redis_conn, "w1")
+    publish_worker(redis_conn, "w2", max_batch=16, device="cuda:1")
+    redis_conn.set(Keys.worker("junk"), b"not json", ex=30)
+    models = client.get("/v1/models").json()["models"]
+    assert models == [{"model": "tiny", "width": 512, "height": 512, "workers": 2,
+                       "devices": ["cuda:0", "cuda:1"], "dtypes": ["float16"], "max_batch": 16}]
+
+
+def test_healthz(client: TestClient) -> None:
+    """Guards: the liveness probe depending on anything but the process."""
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_cors_only_when_configured(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: CORS open by default, or configured origins not honoured."""
+    with client_for(make_settings(redis_url)) as c:
+        r = c.get("/healthz", headers={"Origin": "https://ui.example"})
+        assert "access-control-allow-origin" not in r.headers
+    with client_for(make_settings(redis_url, cors_origins=["https://ui.example"])) as c:
+        r = c.get("/healthz", headers={"Origin": "https://ui.example"})
+        assert r.headers["access-control-allow-origin"] == "https://ui.example"
+        r = c.post("/v1/jobs", json={"prompt": "x"}, headers={"Origin": "https://ui.example"})
+        assert "location" in r.headers["access-control-expose-headers"].lower()
+
+
+def test_settings_from_env_and_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: comma-separated CORS origins misparsed, or nonsensical caps accepted at start-up."""
+    monkeypatch.setenv("BAILAN_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("BAILAN_MAX_STEPS", "50")
+    s = ApiSettings()
+    assert s.cors_origins == ["https://a.example", "https://b.example"] and s.max_steps == 50
+    monkeypatch.delenv("BAILAN_CORS_ORIGINS")
+    assert ApiSettings().cors_origins == []
+    for bad in ({"max_pixels": 1000}, {"max_width": 1001}, {"max_steps": 0}, {"max_queue_depth": -1},
+                {"reap_interval_s": 0}, {"abandoned_retries": -1}):
+        with pytest.raises(ValueError):
+            ApiSettings(**bad)
+
+
+def test_openapi_documents_configured_caps(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: /docs advertising limits other than the ones this server enforces."""
+    with client_for(make_settings(redis_url, max_width=768, max_steps=60, max_prompt_chars=300)) as c:
+        assert c.get("/docs").status_code == 200
+        schema = c.get("/openapi.json").json()["components"]["schemas"]["JobRequest"]["properties"]
+        assert schema["width"]["anyOf"][0]["maximum"] == 768
+        assert "768" in schema["width"]["description"]
+        assert schema["steps"]["maximum"] == 60
+        assert schema["prompt"]["maxLength"] == 300
+        assert c.post("/v1/jobs", json={"prompt": "x", "steps": 61}).status_code == 422
+
+
+# ---------------------------------------------------------------- reaper
+
+
+def test_reaper_fails_job_of_dead_worker(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: a kill -9'ed worker's job staying 'running' forever when no other worker is alive."""
+    settings = make_settings(redis_url, reap_interval_s=0.05, abandoned_retries=0)
+    with client_for(settings) as c:
+        job_id = submit(c)["id"]
+        start_job(redis_conn, job_id, execution_score=time.time() - 100)
+        assert c.get(f"/v1/jobs/{job_id}").json()["status"] in ("running", "failed")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            view = c.get(f"/v1/jobs/{job_id}").json()
+            if view["status"] == "failed":
+                break
+            time.sleep(0.05)
+        assert view["status"] == "failed"
+        assert view["error"]["code"] == "worker_lost"
+        assert view["finished_at"] is not None
+
+
+def test_reaper_requeues_while_retries_left(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a job lost to a dying worker failing at once although abandoned_retries allows a rerun."""
+    job_id = submit(client)["id"]
+    start_job(redis_conn, job_id, execution_score=time.time() - 100)
+    assert Reaper(redis_conn, QUEUE, 1).sweep() == [job_id]
+    view = client.get(f"/v1/jobs/{job_id}").json()
+    assert view["status"] == "queued" and view["queue_position"] == 1
+
+
+def test_reaper_survives_redis_down() -> None:
+    """Guards: the reaper thread dying (and never reaping again) after one Redis outage."""
+    conn = redis.Redis(port=closed_port(), socket_connect_timeout=0.5)
+    assert Reaper(conn, QUEUE, 1).sweep() == []
+
+
+def test_app_never_imports_torch() -> None:
+    """Guards: the API process pulling in torch/diffusers (seconds of start-up, GPU libraries on the front end)."""
+    code = "import app.main, sys; app.main.create_app(); assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
