@@ -72,8 +72,16 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             headers={"Retry-After": str(settings.retry_after_s)},
         )
 
-    app.add_exception_handler(redis.ConnectionError, redis_unavailable)
-    app.add_exception_handler(redis.TimeoutError, redis_unavailable)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Still a 500, but JSON like every other error, and logged with its traceback.
+        log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error; it has been logged"}, status_code=500)
+
+    # Connection and timeout errors are the common case; any other Redis error
+    # (out of memory under noeviction, a read-only replica) also means the
+    # store cannot serve right now, which is a 503, not a bug in the request.
+    app.add_exception_handler(redis.RedisError, redis_unavailable)
+    app.add_exception_handler(Exception, unexpected)
 
     # Added last = outermost, so 413 answers also carry CORS headers.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

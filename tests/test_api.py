@@ -510,3 +510,26 @@ def test_app_never_imports_torch() -> None:
     """Guards: the API process pulling in torch/diffusers (seconds of start-up, GPU libraries on the front end)."""
     code = "import app.main, sys; app.main.create_app(); assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_non_json_content_type_is_422(client: TestClient) -> None:
+    """Guards: a form or plain-text body answered 500 instead of 422."""
+    r = client.post("/v1/jobs", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 422, r.text
+    r = client.post("/v1/jobs", data={"prompt": "x"})
+    assert r.status_code == 422, r.text
+
+
+def test_redis_out_of_memory_is_503(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a Redis refusing writes (OOM under noeviction) surfacing as a 500."""
+    try:
+        original = redis_conn.config_get("maxmemory")["maxmemory"]
+        redis_conn.config_set("maxmemory", "1")
+    except redis.ResponseError:
+        pytest.skip("this Redis does not allow CONFIG SET")
+    try:
+        r = client.post("/v1/jobs", json={"prompt": "x"})
+    finally:
+        redis_conn.config_set("maxmemory", original)
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"]
