@@ -533,3 +533,15 @@ def test_redis_out_of_memory_is_503(client: TestClient, redis_conn: redis.Redis)
         redis_conn.config_set("maxmemory", original)
     assert r.status_code == 503, r.text
     assert r.headers["retry-after"]
+
+
+def test_dependencies_can_be_overridden(redis_conn: redis.Redis) -> None:
+    """Guards: routes reaching Redis around the injected dependency (tests and tools could not swap it)."""
+    from app.deps import get_redis
+
+    app = create_app(ApiSettings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", queue_name=QUEUE))
+    app.dependency_overrides[get_redis] = lambda: redis_conn
+    with TestClient(app) as c:
+        job_id = submit(c)["id"]
+        assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+    assert redis_conn.exists(Keys.job(job_id))
