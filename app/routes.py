@@ -6,7 +6,7 @@ from the settings at run time, and FastAPI must see it as a real class.
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Path, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -17,6 +17,19 @@ from app.settings import ApiSettings
 from bailan.jobs import CONTENT_TYPES, PREVIEW_FORMAT, JobRequest, JobState
 
 JobId = Annotated[str, Path(description="Job id as returned by POST /v1/jobs.")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description=(
+            "Makes retries safe: a repeat of the same request with the same key returns the job the "
+            "first one created (200, header Idempotent-Replayed: true) instead of queuing another. "
+            "The same key with a different body is refused (422)."
+        ),
+    ),
+]
 
 
 def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
@@ -54,6 +67,32 @@ def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None,
             }
         ]
     )
+
+
+def _claim(
+    settings: ApiSettings, conn: Any, body: JobRequest, idempotency_key: str | None
+) -> store.IdempotencyClaim | None:
+    if idempotency_key is None:
+        return None
+    try:
+        return store.claim_idempotency(settings, conn, idempotency_key, store.request_fingerprint(body))
+    except store.IdempotencyMismatch:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "idempotency_key_reused",
+                    "loc": ("header", "Idempotency-Key"),
+                    "msg": "this Idempotency-Key was already used with a different request body",
+                    "input": idempotency_key,
+                }
+            ]
+        ) from None
+    except store.IdempotencyInFlight:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            "a request with this Idempotency-Key is still being processed; retry in a moment",
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 def build_router(settings: ApiSettings) -> APIRouter:
@@ -98,6 +137,8 @@ def build_router(settings: ApiSettings) -> APIRouter:
             "workers serve. " + limits
         ),
         responses={
+            200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key."},
+            409: {"model": Detail, "description": "A request with this Idempotency-Key is still in flight."},
             413: {"model": Detail, "description": "Body too large."},
             429: {"model": Detail, "description": "Queue full; retry after `Retry-After` seconds."},
             503: {"model": Detail, "description": "Redis unavailable."},
@@ -109,17 +150,29 @@ def build_router(settings: ApiSettings) -> APIRouter:
         settings: SettingsDep,
         conn: RedisDep,
         queue: QueueDep,
+        idempotency_key: IdempotencyKey = None,
     ) -> JobOut:
         params = store.resolve_params(body, conn)
         _check_pixels(settings, body, params.width, params.height)
-        try:
-            job_id = store.submit(settings, conn, queue, params)
-        except store.QueueFull as exc:
-            raise HTTPException(
-                status.HTTP_429_TOO_MANY_REQUESTS,
-                f"the queue is full ({exc.depth} jobs waiting, limit {settings.max_queue_depth}); retry later",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            ) from None
+        claim = _claim(settings, conn, body, idempotency_key)
+        if claim is not None and not claim.fresh:
+            job_id = claim.job_id
+            response.status_code = status.HTTP_200_OK
+            response.headers["Idempotent-Replayed"] = "true"
+        else:
+            try:
+                job_id = store.submit(settings, conn, queue, params, job_id=claim.job_id if claim else None)
+            except Exception as exc:
+                if claim is not None:
+                    store.release_idempotency(conn, claim)
+                if isinstance(exc, store.QueueFull):
+                    raise HTTPException(
+                        status.HTTP_429_TOO_MANY_REQUESTS,
+                        f"the queue is full ({exc.depth} jobs waiting, limit {settings.max_queue_depth}); "
+                        "retry later",
+                        headers={"Retry-After": str(settings.retry_after_s)},
+                    ) from None
+                raise
         response.headers["Location"] = f"/v1/jobs/{job_id}"
         snap = store.snapshot(conn, job_id)
         if snap is None:  # only if Redis lost it within milliseconds

@@ -6,6 +6,7 @@ lives here. Nothing here imports worker code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -33,6 +34,7 @@ from bailan.jobs import (
     Keys,
     RecordField,
     decode_record,
+    dumps,
     now,
     public_state,
 )
@@ -181,7 +183,9 @@ def resolve_params(request: JobRequest, conn: redis.Redis) -> JobParams:
     return JobParams.model_validate(values)
 
 
-def submit(settings: ApiSettings, conn: redis.Redis, queue: Queue, params: JobParams) -> str:
+def submit(
+    settings: ApiSettings, conn: redis.Redis, queue: Queue, params: JobParams, job_id: str | None = None
+) -> str:
     """Write the record and enqueue the job in one transaction; returns the id.
 
     One MULTI/EXEC means a worker never pops a job without its record, and a
@@ -190,7 +194,7 @@ def submit(settings: ApiSettings, conn: redis.Redis, queue: Queue, params: JobPa
     depth = queue.count
     if depth >= settings.max_queue_depth:
         raise QueueFull(depth)
-    job_id = new_job_id()
+    job_id = job_id or new_job_id()
     record: dict[str, str] = {
         RecordField.params: params.model_dump_json(),
         RecordField.created_at: repr(now()),
@@ -218,6 +222,68 @@ def submit(settings: ApiSettings, conn: redis.Redis, queue: Queue, params: JobPa
     )
     pipe.execute()
     return job_id
+
+
+# ---------------------------------------------------------------- idempotency
+
+# A claim whose job record is missing is a submit still in flight for this
+# long (its MULTI has not run yet); after that the job expired and the key may
+# start a new one.
+IDEMPOTENCY_IN_FLIGHT_S = 10.0
+
+
+class IdempotencyMismatch(Exception):
+    pass
+
+
+class IdempotencyInFlight(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    redis_key: str
+    job_id: str
+    fresh: bool  # False: an earlier request with this key created job_id
+
+
+def request_fingerprint(request: JobRequest) -> str:
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+def claim_idempotency(
+    settings: ApiSettings, conn: redis.Redis, header: str, fingerprint: str
+) -> IdempotencyClaim:
+    """Bind an Idempotency-Key to a new job id, or return the job it already names."""
+    redis_key = Keys.idempotency(hashlib.sha256(header.encode()).hexdigest())
+    ttl = settings.result_ttl_s + RECORD_TTL_MARGIN_S
+    for _ in range(3):
+        job_id = new_job_id()
+        value = dumps({"job_id": job_id, "fingerprint": fingerprint, "claimed_at": now()})
+        if conn.set(redis_key, value, nx=True, ex=ttl):
+            return IdempotencyClaim(redis_key, job_id, fresh=True)
+        existing = _json((conn.get(redis_key) or b"").decode(), None)
+        if not isinstance(existing, dict) or not looks_like_job_id(str(existing.get("job_id"))):
+            conn.delete(redis_key)  # expired meanwhile, or garbage: claim afresh
+            continue
+        if existing.get("fingerprint") != fingerprint:
+            raise IdempotencyMismatch()
+        if conn.exists(Keys.job(existing["job_id"])):
+            return IdempotencyClaim(redis_key, existing["job_id"], fresh=False)
+        if now() - float(existing.get("claimed_at") or 0) < IDEMPOTENCY_IN_FLIGHT_S:
+            raise IdempotencyInFlight()
+        conn.delete(redis_key)  # its job expired: the key may start a new one
+    raise IdempotencyInFlight()
+
+
+def release_idempotency(conn: redis.Redis, claim: IdempotencyClaim) -> None:
+    """Undo a fresh claim whose submit failed, so a retry with the key can succeed."""
+    try:
+        current = _json((conn.get(claim.redis_key) or b"").decode(), None)
+        if isinstance(current, dict) and current.get("job_id") == claim.job_id:
+            conn.delete(claim.redis_key)
+    except redis.RedisError:
+        pass  # a retry gets 409 for IDEMPOTENCY_IN_FLIGHT_S, then claims the key afresh
 
 
 # ---------------------------------------------------------------- read

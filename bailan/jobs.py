@@ -130,6 +130,12 @@ class Keys:
 
     WORKER_PATTERN = f"{KEY_PREFIX}:worker:*"
 
+    @staticmethod
+    def idempotency(key_digest: str) -> str:
+        """String with a TTL: JSON {job_id, fingerprint} of the job a client's
+        Idempotency-Key created (API only; key_digest = sha256 of the header)."""
+        return f"{KEY_PREFIX}:idempotency:{key_digest}"
+
 
 class RecordField:
     """Fields of the job hash. Written by the API at submit and the worker afterwards."""

@@ -545,3 +545,59 @@ def test_dependencies_can_be_overridden(redis_conn: redis.Redis) -> None:
         job_id = submit(c)["id"]
         assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
     assert redis_conn.exists(Keys.job(job_id))
+
+
+def test_idempotency_key_replays_instead_of_queuing_twice(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a client retrying a timed-out submit getting (and paying for) a second job."""
+    headers = {"Idempotency-Key": "order-42"}
+    first = client.post("/v1/jobs", json={"prompt": "x"}, headers=headers)
+    assert first.status_code == 202
+    again = client.post("/v1/jobs", json={"prompt": "x"}, headers=headers)
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["params"]["seed"] == first.json()["params"]["seed"]
+    assert again.headers["location"] == first.headers["location"]
+    assert redis_conn.llen(f"rq:queue:{QUEUE}") == 1
+    r = client.post("/v1/jobs", json={"prompt": "y"}, headers=headers)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert client.post("/v1/jobs", json={"prompt": "x"}).json()["id"] != first.json()["id"]
+
+
+def test_idempotency_key_released_when_submit_fails(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: a key burnt by a 429, so the client's retry with it can never succeed."""
+    with client_for(make_settings(redis_url, max_queue_depth=1)) as c:
+        blocker = submit(c)["id"]
+        headers = {"Idempotency-Key": "k1"}
+        assert c.post("/v1/jobs", json={"prompt": "x"}, headers=headers).status_code == 429
+        assert c.post(f"/v1/jobs/{blocker}/cancel").status_code == 200
+        r = c.post("/v1/jobs", json={"prompt": "x"}, headers=headers)
+        assert r.status_code == 202
+
+
+def test_idempotency_key_of_expired_job_starts_a_new_one(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a key whose job expired answering 409 'in progress' forever."""
+    headers = {"Idempotency-Key": "k2"}
+    first = client.post("/v1/jobs", json={"prompt": "x"}, headers=headers).json()["id"]
+    redis_conn.delete(Keys.job(first))
+    key = next(iter(redis_conn.scan_iter("bailan:idempotency:*")))
+    value = json.loads(redis_conn.get(key))
+    value["claimed_at"] = now() - 3600
+    redis_conn.set(key, json.dumps(value))
+    r = client.post("/v1/jobs", json={"prompt": "x"}, headers=headers)
+    assert r.status_code == 202 and r.json()["id"] != first
+
+
+def test_idempotency_key_in_flight_is_409(client: TestClient, settings: ApiSettings, redis_conn: redis.Redis) -> None:
+    """Guards: two concurrent requests with one key both queuing a job, or the second seeing a 404."""
+    import hashlib
+
+    from app.schemas import make_request_model
+    from app.store import request_fingerprint
+
+    fingerprint = request_fingerprint(make_request_model(settings)(prompt="x"))
+    value = {"job_id": "f" * 32, "fingerprint": fingerprint, "claimed_at": now()}
+    redis_conn.set(Keys.idempotency(hashlib.sha256(b"k3").hexdigest()), json.dumps(value))
+    r = client.post("/v1/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": "k3"})
+    assert r.status_code == 409 and r.headers["retry-after"] == "1"
+    assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
