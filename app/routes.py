@@ -4,17 +4,27 @@ No `from __future__ import annotations` here: the request body's type is built
 from the settings at run time, and FastAPI must see it as a real class.
 """
 
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
+
+import anyio
+import redis
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import store
 from app.deps import QueueDep, RedisDep, SettingsDep
 from app.schemas import Detail, JobOut, ModelsOut, make_request_model
 from app.settings import ApiSettings
-from bailan.jobs import CONTENT_TYPES, PREVIEW_FORMAT, JobRequest, JobState
+from bailan.jobs import CONTENT_TYPES, PREVIEW_FORMAT, TERMINAL_STATES, JobRequest, JobState
+
+# Proxies drop idle connections after about a minute; a comment line this
+# often keeps an event stream open while a job waits in the queue.
+EVENTS_KEEPALIVE_S = 15.0
 
 JobId = Annotated[str, Path(description="Job id as returned by POST /v1/jobs.")]
 IdempotencyKey = Annotated[
@@ -188,6 +198,63 @@ def build_router(settings: ApiSettings) -> APIRouter:
     )
     def get_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> JobOut:
         return store.job_view(conn, queue, _load(settings, conn, job_id))
+
+    @router.get(
+        "/v1/jobs/{job_id}/events",
+        tags=["jobs"],
+        summary="Follow a job as a server-sent event stream",
+        description=(
+            "A `text/event-stream` that sends `event: job` with the job view (as GET /v1/jobs/{id}) "
+            "whenever it changes: queue position, step, new preview, status. It ends after the "
+            "view with a final status (succeeded, failed, canceled). `event: gone` means the job "
+            "expired; `event: error` that the job store became unreachable. Comment lines keep "
+            f"the connection alive every {EVENTS_KEEPALIVE_S:.0f} s."
+        ),
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
+            404: {"model": Detail, "description": "Unknown or expired job."},
+        },
+    )
+    async def job_events(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> StreamingResponse:
+        def view() -> JobOut | None:
+            snap = store.snapshot(conn, job_id) if store.looks_like_job_id(job_id) else None
+            return store.job_view(conn, queue, snap) if snap is not None else None
+
+        first = await run_in_threadpool(view)
+        if first is None:
+            raise _not_found(settings, job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            current: JobOut | None = first
+            last_data = ""
+            last_sent = time.monotonic()
+            while True:
+                if current is None:
+                    yield f"event: gone\ndata: {_not_found(settings, job_id).detail}\n\n"
+                    return
+                data = current.model_dump_json()
+                if data != last_data:
+                    yield f"event: job\ndata: {data}\n\n"
+                    last_data, last_sent = data, time.monotonic()
+                elif time.monotonic() - last_sent >= EVENTS_KEEPALIVE_S:
+                    yield ": keepalive\n\n"
+                    last_sent = time.monotonic()
+                if current.status in TERMINAL_STATES:
+                    return
+                await anyio.sleep(settings.events_poll_interval_s)
+                try:
+                    current = await run_in_threadpool(view)
+                except redis.RedisError as exc:
+                    # The response has started, so a 503 is no longer possible.
+                    yield f"event: error\ndata: the job store (Redis) is unavailable: {exc}\n\n"
+                    return
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
 
     @router.post(
         "/v1/jobs/{job_id}/cancel",

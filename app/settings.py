@@ -61,6 +61,9 @@ class ApiSettings(BaseSettings):
     abandoned_retries: int = Field(
         1, ge=0, description="Times a job whose worker died is requeued before it fails with worker_lost."
     )
+    events_poll_interval_s: float = Field(
+        0.25, gt=0, le=10, description="How often an event stream (GET /v1/jobs/{id}/events) checks its job."
+    )
     retry_after_s: int = Field(
         10, ge=1, description="Retry-After sent with 429 (queue full) and 503 (Redis down)."
     )

@@ -601,3 +601,58 @@ def test_idempotency_key_in_flight_is_409(client: TestClient, settings: ApiSetti
     r = client.post("/v1/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": "k3"})
     assert r.status_code == 409 and r.headers["retry-after"] == "1"
     assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
+
+
+def read_events(client: TestClient, path: str, timeout_s: float = 5) -> list[tuple[str, str]]:
+    events: list[tuple[str, str]] = []
+    name = ""
+    deadline = time.monotonic() + timeout_s
+    with client.stream("GET", path) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((name, line[len("data: "):]))
+            assert time.monotonic() < deadline, events
+    return events
+
+
+def test_event_stream_follows_job_to_the_end(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: the push stream missing progress, never ending after a final status, or 500 on unknown ids."""
+    import threading
+
+    with client_for(make_settings(redis_url, events_poll_interval_s=0.02)) as c:
+        job_id = submit(c)["id"]
+
+        def worker() -> None:
+            time.sleep(0.2)
+            start_job(redis_conn, job_id)
+            redis_conn.hset(Keys.job(job_id), RecordField.step, "7")
+            time.sleep(0.2)
+            redis_conn.hset(Keys.job(job_id), mapping={RecordField.step: "25", RecordField.finished_at: repr(now())})
+            Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).set_status(JobStatus.FINISHED)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        events = read_events(c, f"/v1/jobs/{job_id}/events")
+        thread.join()
+        views = [json.loads(data) for name, data in events if name == "job"]
+        assert views[0]["status"] == "queued"
+        assert any(v["status"] == "running" and v["progress"]["step"] == 7 for v in views)
+        assert views[-1]["status"] == "succeeded"
+        assert c.get(f"/v1/jobs/{'0' * 32}/events").status_code == 404
+
+
+def test_event_stream_reports_expiry(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: a stream spinning forever on a job whose record expired under it."""
+    import threading
+
+    with client_for(make_settings(redis_url, events_poll_interval_s=0.02)) as c:
+        job_id = submit(c)["id"]
+        timer = threading.Timer(0.2, redis_conn.delete, args=(Keys.job(job_id),))
+        timer.start()
+        events = read_events(c, f"/v1/jobs/{job_id}/events")
+        timer.join()
+        assert events[0][0] == "job" and events[-1][0] == "gone"
