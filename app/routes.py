@@ -10,10 +10,9 @@ from typing import Annotated, Any
 
 import anyio
 import redis
-
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Response, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import store
@@ -50,7 +49,7 @@ def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
     )
 
 
-def _load(settings: ApiSettings, conn: Any, job_id: str) -> store.JobSnapshot:
+def _load(settings: ApiSettings, conn: redis.Redis, job_id: str) -> store.JobSnapshot:
     snap = store.snapshot(conn, job_id) if store.looks_like_job_id(job_id) else None
     if snap is None:
         raise _not_found(settings, job_id)
@@ -80,7 +79,7 @@ def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None,
 
 
 def _claim(
-    settings: ApiSettings, conn: Any, body: JobRequest, idempotency_key: str | None
+    settings: ApiSettings, conn: redis.Redis, body: JobRequest, idempotency_key: str | None
 ) -> store.IdempotencyClaim | None:
     if idempotency_key is None:
         return None
