@@ -1,0 +1,158 @@
+"""Does the built-in model do what the prompt says? Measured, not eyeballed.
+
+    python bench/prompt_following.py --model models/bailan-shapes [--k 4] [--json out.json]
+
+For a fixed prompt suite — seen combinations, held-out combinations (colour×shape
+and shape×position pairs that never appear in training) and paraphrases of seen
+ones — it generates K images per prompt with different seeds at the service's
+defaults (25 steps, DPM-Solver++ 2M) with guidance 7.5 and with guidance 1.0
+(none), reads every attribute back with the pixel/geometry classifier of
+worker/builtin/evaluate.py (no learned parts), and prints per-attribute accuracy.
+It also times one image at the defaults, batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.builtin import data  # noqa: E402
+from worker.builtin.evaluate import ATTRIBUTES, read_attributes, score  # noqa: E402
+
+STEPS = 25
+GUIDANCES = (7.5, 1.0)
+TARGETS = {"seen": {"colour": 0.95, "background": 0.95, "shape": 0.85, "size": 0.85, "position": 0.85}, "held-out": dict.fromkeys(ATTRIBUTES, 0.80)}
+
+
+def _paraphrase(rng: random.Random, s: data.Shape, bg: str) -> str:
+    size = rng.choice(data.SIZE_WORDS[s.size])
+    shape = rng.choice(data.SHAPE_WORDS[s.shape])
+    pos = rng.choice(data.POSITION_WORDS[s.position])
+    t = rng.randrange(3)
+    if t == 0:
+        return f"{size} {s.colour} {shape}, {bg} backdrop, {pos}"
+    if t == 1:
+        return f"{'an' if bg[0] in 'aeiou' else 'a'} {bg} background with a {size} {s.colour} {shape} at the {pos}"
+    return f"{pos}: {size} {s.colour} {shape} on {bg}"
+
+
+def prompt_suite(n_seen: int = 20, n_heldout: int = 16, n_para: int = 10) -> list[tuple[str, str, dict[str, str]]]:
+    """→ [(group, prompt, expected attributes)], the same on every run."""
+    rng = random.Random(2026)
+    suite = []
+
+    def add(group: str, scene: data.Scene, prompt: str) -> None:
+        s = scene.shapes[0]
+        expected = {"colour": s.colour, "background": scene.background, "shape": s.shape, "size": s.size, "position": s.position}
+        suite.append((group, prompt, expected))
+
+    for _ in range(n_seen):
+        sc = data.sample_scene(rng, "train", two_shapes=False)
+        add("seen", sc, data.canonical_prompt(sc.shapes[0], sc.background))
+    # Every held-out pair at least twice, with other attributes drawn at random.
+    pairs = sorted(data.HELDOUT_COLOUR_SHAPE) + sorted(data.HELDOUT_SHAPE_POSITION)
+    for i in range(n_heldout):
+        while True:
+            sc = data.sample_scene(rng, "heldout", two_shapes=False)
+            s = sc.shapes[0]
+            want = pairs[i % len(pairs)]
+            if want in ((s.colour, s.shape), (s.shape, s.position)):
+                break
+        add("held-out", sc, data.canonical_prompt(s, sc.background))
+    for _ in range(n_para):
+        sc = data.sample_scene(rng, "train", two_shapes=False)
+        add("paraphrase", sc, _paraphrase(rng, sc.shapes[0], sc.background))
+    return suite
+
+
+def load_pipeline(model: str) -> object:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, torch_dtype=torch.float32)
+    # The service's "dpmpp_2m": DPM-Solver++ 2M built from the model's own config.
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe: object, prompts: list[str], seeds: list[int], guidance: float) -> list[object]:
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        out = pipe(prompt=prompts, num_inference_steps=STEPS, guidance_scale=guidance, generator=gens, output_type="pil")
+    return out.images
+
+
+def run(model: str, k: int, chunk: int = 16) -> dict[str, object]:
+    pipe = load_pipeline(model)
+    suite = prompt_suite()
+    jobs = [(g, p, e, seed) for g, p, e in suite for seed in range(k)]
+    results: dict[str, dict[str, list[bool]]] = {}
+    for guidance in GUIDANCES:
+        for i in range(0, len(jobs), chunk):
+            part = jobs[i : i + chunk]
+            images = generate(pipe, [p for _, p, _, _ in part], [1000 + s for *_, s in part], guidance)
+            for (group, _, expected, _), img in zip(part, images):
+                for attr, ok in score(read_attributes(img), expected).items():
+                    results.setdefault(f"{group}@{guidance}", {}).setdefault(attr, []).append(ok)
+            print(f"guidance {guidance}: {min(i + chunk, len(jobs))}/{len(jobs)} images", file=sys.stderr, flush=True)
+    table = {key: {a: sum(v) / len(v) for a, v in attrs.items()} | {"n": len(attrs["colour"])} for key, attrs in results.items()}
+    # Default settings, batch 1, after a warm-up: what one job costs on this machine.
+    generate(pipe, ["a red circle"], [0], 7.5)
+    t0 = time.perf_counter()
+    for s in range(3):
+        generate(pipe, [suite[s][1]], [s], 7.5)
+    sec = (time.perf_counter() - t0) / 3
+    return {
+        "model": model,
+        "k": k,
+        "steps": STEPS,
+        "scheduler": "dpmpp_2m",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "seconds_per_image": round(sec, 3),
+        "prompts": [{"group": g, "prompt": p, "expected": e} for g, p, e in suite],
+        "accuracy": table,
+    }
+
+
+def markdown(report: dict[str, object]) -> str:
+    rows = ["| prompts | guidance | n | shape colour | background | shape | size | position |", "|---|---|---|---|---|---|---|---|"]
+    for group in ("seen", "held-out", "paraphrase"):
+        for g in GUIDANCES:
+            row = report["accuracy"].get(f"{group}@{g}")
+            if row:
+                rows.append(f"| {group} | {g} | {row['n']} | " + " | ".join(f"{100 * row[a]:.0f} %" for a in ATTRIBUTES) + " |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/bailan-shapes")
+    ap.add_argument("--k", type=int, default=4, help="images (seeds) per prompt")
+    ap.add_argument("--json", type=Path, help="also write the full report here")
+    a = ap.parse_args()
+    report = run(a.model, a.k)
+    print(markdown(report))
+    print(f"\none image, {STEPS} steps, guidance 7.5, batch 1: {report['seconds_per_image']} s ({report['machine']})")
+    misses = []
+    for group, targets in TARGETS.items():
+        row = report["accuracy"][f"{group}@7.5"]
+        misses += [f"{group} {attr} {100 * row[attr]:.0f} % < {100 * t:.0f} %" for attr, t in targets.items() if row[attr] < t]
+    print("targets met" if not misses else "targets missed: " + "; ".join(misses))
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
