@@ -1,0 +1,26 @@
+"""`python -m worker`: load the model once and serve the queue until signalled."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from worker.settings import WorkerSettings
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = WorkerSettings()
+    except ValidationError as exc:
+        print(f"invalid worker settings:\n{exc}", file=sys.stderr)
+        return 2
+    from worker.runtime import serve
+
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

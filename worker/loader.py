@@ -1,0 +1,144 @@
+"""Load a Stable Diffusion directory once, onto the worker's device.
+
+The built-in model, the tiny test pipelines and a real SD 1.x/2.x directory all
+go through `load_model`, so what the tests exercise is what production runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+log = logging.getLogger(__name__)
+
+# ComfyUI's latent->RGB factors for the SD 1.x/2.x VAE (latent channel x RGB).
+SD_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    pipe: StableDiffusionPipeline
+    device: torch.device
+    dtype: torch.dtype
+    vae_scale_factor: int
+    native_width: int
+    native_height: int
+    latent_channels: int
+    scheduler_config: dict[str, Any]
+    # (C, 3) factors and (3,) bias mapping sampler latents to RGB in [-1, 1].
+    latent_rgb: torch.Tensor
+    latent_rgb_bias: torch.Tensor
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "width": self.native_width,
+            "height": self.native_height,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "size_multiple": self.vae_scale_factor,
+        }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("BAILAN_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and name != "float32":
+        raise RuntimeError(f"BAILAN_DTYPE={name} is not supported on the CPU; use float32")
+    return getattr(torch, name)
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, compile_unet: bool = False) -> LoadedModel:
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, local_files_only=True, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    if device.type == "cuda":
+        # Convolutions in NHWC are faster on tensor cores.
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile_unet and device.type == "cuda":
+        pipe.unet = torch.compile(pipe.unet)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    sample = pipe.unet.config.sample_size
+    sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
+    latent_channels = pipe.unet.config.in_channels
+    factors, bias = _latent_rgb(path, pipe, latent_channels, device)
+    return LoadedModel(
+        name=path.name,
+        path=path,
+        pipe=pipe,
+        device=device,
+        dtype=dtype,
+        vae_scale_factor=vae_scale,
+        native_width=sample_w * vae_scale,
+        native_height=sample_h * vae_scale,
+        latent_channels=latent_channels,
+        scheduler_config=dict(pipe.scheduler.config),
+        latent_rgb=factors.to(device=device, dtype=torch.float32),
+        latent_rgb_bias=bias.to(device=device, dtype=torch.float32),
+    )
+
+
+def _latent_rgb(
+    path: Path, pipe: StableDiffusionPipeline, channels: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shipped = path / "latent_rgb.json"
+    if shipped.is_file():
+        data = json.loads(shipped.read_text())
+        return torch.tensor(data["factors"], dtype=torch.float32), torch.tensor(
+            data.get("bias", [0.0, 0.0, 0.0]), dtype=torch.float32
+        )
+    if channels == 4 and abs(pipe.vae.config.scaling_factor - 0.18215) < 1e-6:
+        return torch.tensor(SD_LATENT_RGB), torch.zeros(3)
+    log.info("no latent_rgb.json in %s: fitting preview factors from the VAE", path)
+    return fit_latent_rgb(pipe, device)
+
+
+@torch.no_grad()
+def fit_latent_rgb(pipe: StableDiffusionPipeline, device: torch.device, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares from (latent, image) pairs: encode random blocky colour
+    images, pool each image to latent resolution, solve [latent, 1] @ W = rgb."""
+    vae = pipe.vae
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = 8 * scale
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.rand(n, 3, 4, 4, generator=gen) * 2 - 1
+    images = torch.nn.functional.interpolate(blocks, size=(side, side), mode="nearest")
+    latents = vae.encode(images.to(device=device, dtype=vae.dtype)).latent_dist.mean.float()
+    latents = latents * vae.config.scaling_factor
+    target = torch.nn.functional.avg_pool2d(images, scale).to(device)
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    x = torch.cat([x, torch.ones(x.shape[0], 1, device=device)], dim=1)
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(x.cpu(), y.cpu()).solution
+    return solution[:-1], solution[-1]

@@ -1,0 +1,456 @@
+"""The sampling engine: every job on this worker, denoised through one UNet call per step.
+
+This is Bailan's one sampling loop. For each job:
+
+    encode prompt (and negative prompt) -> seeded initial latents
+    per step: UNet with classifier-free guidance -> scheduler step -> progress, preview, cancel check
+    VAE decode -> images
+
+What makes it an engine rather than a pipeline is that the loop runs over
+*samples* (one per requested image) from many jobs at once, as LLM servers do
+with tokens ("continuous" or iteration-level batching):
+
+* a job joins the running batch at the next step and leaves as soon as it is
+  done or canceled;
+* every sample carries its own timestep, scheduler state, seed, prompt
+  embeddings and guidance scale, so the UNet sees a batch of unrelated rows;
+  the per-sample scheduler step then runs on each sample's slice;
+* guidance-free samples (guidance <= 1) contribute one row, guided ones two.
+
+A sample's result does not depend on its batch-mates (tested), so batching is
+invisible to clients except in throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from worker.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# Scheduler names clients may ask for -> the diffusers class and the overrides
+# applied on top of the model's own scheduler config.
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
+
+
+class JobCanceled(Exception):
+    """The client canceled the job; it stopped at a step boundary."""
+
+
+class InvalidForModel(ValueError):
+    """The request is well-formed but this model cannot serve it (e.g. a size it cannot divide)."""
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+@dataclass(eq=False)
+class GenerationJob:
+    """One client job as the engine sees it. Image i is sampled from seed + i."""
+
+    id: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str = "dpmpp_2m"
+    negative_prompt: str = ""
+    num_images: int = 1
+    preview_every: int = 0
+    preview_full_decode: bool = False
+    # Called from the engine thread: keep them cheap and non-blocking.
+    on_progress: Callable[["GenerationJob", int], None] = _noop
+    on_preview: Callable[["GenerationJob", int, np.ndarray], None] = _noop
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)
+    unknown_words: list[str] = field(default_factory=list)
+    images: list[np.ndarray | None] = field(default_factory=list)
+    step: int = 0
+
+
+@dataclass(eq=False)
+class _Sample:
+    job: GenerationJob
+    index: int
+    scheduler: SchedulerMixin
+    timesteps: torch.Tensor
+    latents: torch.Tensor  # (1, C, h, w) float32, in the scheduler's space
+    generator: torch.Generator
+    cond: torch.Tensor  # (1, L, D) text embeddings
+    uncond: torch.Tensor | None  # None when guidance is off
+    step: int = 0
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.guided else 1
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+
+class Engine:
+    """Owns the model. `submit` from any thread; `run` (or `step_once`) on one."""
+
+    def __init__(self, model: LoadedModel, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.model = model
+        self.max_batch = max_batch
+        self._incoming: queue.SimpleQueue[GenerationJob] = queue.SimpleQueue()
+        self._waiting: deque[GenerationJob] = deque()
+        self._active: list[_Sample] = []
+        self._wake = threading.Event()
+        self._last_group: tuple[int, int] | None = None
+        self.iterations = 0
+
+    # ---- public API -------------------------------------------------------
+
+    def submit(self, job: GenerationJob) -> Future:
+        self.validate(job)
+        job.images = [None] * job.num_images
+        self._incoming.put(job)
+        self._wake.set()
+        return job.future
+
+    def validate(self, job: GenerationJob) -> None:
+        multiple = self.model.vae_scale_factor
+        for name, value in (("width", job.width), ("height", job.height)):
+            if value % multiple:
+                raise InvalidForModel(f"{name} must be a multiple of {multiple} for model {self.model.name}")
+        if job.scheduler not in SCHEDULERS:
+            raise InvalidForModel(f"unknown scheduler {job.scheduler!r}; choose from {sorted(SCHEDULERS)}")
+        if job.num_images > self.max_batch:
+            raise InvalidForModel(f"num_images {job.num_images} exceeds this worker's batch of {self.max_batch}")
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._active or self._waiting or not self._incoming.empty())
+
+    def active_jobs(self) -> list[GenerationJob]:
+        seen: dict[int, GenerationJob] = {}
+        for sample in self._active:
+            seen.setdefault(id(sample.job), sample.job)
+        return list(seen.values())
+
+    def run(self, stop: threading.Event) -> None:
+        """The engine thread. Returns when `stop` is set and nothing is in flight."""
+        while True:
+            worked = self.step_once()
+            if not worked:
+                if stop.is_set():
+                    return
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def run_until_idle(self) -> None:
+        while self.step_once():
+            pass
+
+    @torch.inference_mode()
+    def step_once(self) -> bool:
+        """Admit waiting jobs, drop canceled ones, advance one group one step."""
+        self._admit()
+        self._drop_canceled()
+        if not self._active:
+            return bool(self._waiting)
+        group = self._pick_group()
+        self._advance(group)
+        self.iterations += 1
+        return True
+
+    # ---- the loop's parts ---------------------------------------------------
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        used = len(self._active)
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancel_requested.is_set():
+                self._waiting.popleft()
+                job.future.set_exception(JobCanceled())
+                continue
+            if used + job.num_images > self.max_batch:
+                break
+            self._waiting.popleft()
+            try:
+                samples = self._start(job)
+            except Exception as exc:  # a bad job must not take the engine down
+                log.exception("job %s failed to start", job.id)
+                job.future.set_exception(exc)
+                continue
+            self._active.extend(samples)
+            used += len(samples)
+
+    def _start(self, job: GenerationJob) -> list[_Sample]:
+        model = self.model
+        guided = job.guidance_scale > 1.0
+        texts = [job.negative_prompt, job.prompt] if guided else [job.prompt]
+        embeds, unknown = encode_prompts(model, texts)
+        job.unknown_words = unknown[-1]
+        uncond, cond = (embeds[0:1], embeds[1:2]) if guided else (None, embeds[0:1])
+        cls, overrides = SCHEDULERS[job.scheduler]
+        shape = (1, model.latent_channels, job.height // model.vae_scale_factor, job.width // model.vae_scale_factor)
+        samples = []
+        for index in range(job.num_images):
+            scheduler = cls.from_config(model.scheduler_config, **overrides)
+            scheduler.set_timesteps(job.steps, device=model.device)
+            # CPU generators: the same seed gives the same image on any device.
+            generator = torch.Generator("cpu").manual_seed(job.seed + index)
+            latents = randn_tensor(shape, generator=generator, device=model.device, dtype=torch.float32)
+            latents = latents * scheduler.init_noise_sigma
+            samples.append(_Sample(job, index, scheduler, scheduler.timesteps, latents, generator, cond, uncond))
+        return samples
+
+    def _drop_canceled(self) -> None:
+        canceled = {id(s.job): s.job for s in self._active if s.job.cancel_requested.is_set()}
+        if not canceled:
+            return
+        self._active = [s for s in self._active if id(s.job) not in canceled]
+        for job in canceled.values():
+            job.future.set_exception(JobCanceled())
+
+    def _pick_group(self) -> list[_Sample]:
+        """Samples of one latent size go through the UNet together; sizes take turns."""
+        sizes: dict[tuple[int, int], list[_Sample]] = {}
+        for sample in self._active:
+            sizes.setdefault(tuple(sample.latents.shape[-2:]), []).append(sample)
+        keys = sorted(sizes)
+        if self._last_group in keys and len(keys) > 1:
+            key = keys[(keys.index(self._last_group) + 1) % len(keys)]
+        else:
+            key = keys[0]
+        self._last_group = key
+        return sizes[key]
+
+    def _advance(self, group: list[_Sample]) -> None:
+        try:
+            self._denoise(group)
+        except Exception as exc:
+            self._fail([s.job for s in group], exc)
+            return
+        # Jobs failed by an out-of-memory split are gone from the batch.
+        group = [s for s in group if not s.job.future.done()]
+        jobs = {id(s.job): s.job for s in group}.values()
+        for job in jobs:
+            job.step = max(s.step for s in group if s.job is job)
+            job.on_progress(job, job.step)
+        self._previews(group)
+        finished = [s for s in group if s.done]
+        if finished:
+            self._finish(finished)
+
+    def _denoise(self, group: list[_Sample]) -> None:
+        """One step for `group`. Out of memory halves the batch rather than failing
+        everyone; a single sample that still does not fit fails its own job."""
+        try:
+            noise = self._unet(group)
+        except OOM_ERRORS:
+            self._free_memory()
+            if len(group) == 1:
+                raise
+            half = len(group) // 2
+            for part in (group[:half], group[half:]):
+                alive = [s for s in part if not s.job.future.done()]
+                if not alive:
+                    continue
+                try:
+                    self._denoise(alive)
+                except OOM_ERRORS as exc:
+                    self._fail([s.job for s in alive], exc)
+            return
+        row = 0
+        for sample in group:
+            t = sample.timesteps[sample.step]
+            if sample.guided:
+                uncond, cond = noise[row : row + 1], noise[row + 1 : row + 2]
+                eps = uncond + sample.job.guidance_scale * (cond - uncond)
+            else:
+                eps = noise[row : row + 1]
+            row += sample.rows
+            sample.latents = sample.scheduler.step(
+                eps, t, sample.latents, generator=sample.generator, return_dict=False
+            )[0]
+            sample.step += 1
+
+    def _unet(self, group: list[_Sample]) -> torch.Tensor:
+        model = self.model
+        inputs, timesteps, embeds = [], [], []
+        for sample in group:
+            t = sample.timesteps[sample.step]
+            x = sample.scheduler.scale_model_input(sample.latents, t)
+            if sample.guided:
+                inputs += [x, x]
+                embeds += [sample.uncond, sample.cond]
+                timesteps += [float(t), float(t)]
+            else:
+                inputs.append(x)
+                embeds.append(sample.cond)
+                timesteps.append(float(t))
+        latent_in = torch.cat(inputs).to(model.dtype)
+        if model.device.type == "cuda":
+            latent_in = latent_in.contiguous(memory_format=torch.channels_last)
+        t_in = torch.tensor(timesteps, device=model.device, dtype=torch.float32)
+        out = model.unet(latent_in, t_in, encoder_hidden_states=torch.cat(embeds), return_dict=False)[0]
+        return out.float()
+
+    def _previews(self, group: list[_Sample]) -> None:
+        for sample in group:
+            job = sample.job
+            if (
+                sample.index != 0
+                or not job.preview_every
+                or sample.done
+                or sample.step % job.preview_every
+            ):
+                continue
+            try:
+                if job.preview_full_decode:
+                    rgb = self._decode([sample.latents / _sigma_scale(sample)])[0]
+                else:
+                    rgb = latent_to_rgb(self.model, sample.latents / _sigma_scale(sample))
+                job.on_preview(job, sample.step, rgb)
+            except Exception:  # a preview is never worth failing a job for
+                log.exception("preview of job %s at step %d failed", job.id, sample.step)
+
+    def _finish(self, finished: list[_Sample]) -> None:
+        done_ids = {id(s) for s in finished}
+        self._active = [s for s in self._active if id(s) not in done_ids]
+        pending = [s for s in finished if not s.job.future.done()]
+        try:
+            images = self._decode([s.latents for s in pending])
+        except OOM_ERRORS:
+            self._free_memory()
+            images = []
+            for sample in pending:
+                try:
+                    images.extend(self._decode([sample.latents]))
+                except OOM_ERRORS as exc:
+                    self._free_memory()
+                    self._fail([sample.job], exc)
+                    images.append(None)
+        except Exception as exc:
+            self._fail([s.job for s in pending], exc)
+            return
+        for sample, image in zip(pending, images):
+            job = sample.job
+            if image is None or job.future.done():
+                continue
+            job.images[sample.index] = image
+            if all(img is not None for img in job.images):
+                job.future.set_result(job.images)
+
+    def _decode(self, latents: list[torch.Tensor]) -> list[np.ndarray]:
+        model = self.model
+        batch = torch.cat(latents).to(model.dtype) / model.vae.config.scaling_factor
+        images = model.vae.decode(batch, return_dict=False)[0]
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return list(images.permute(0, 2, 3, 1).cpu().numpy())
+
+    def _fail(self, jobs: list[GenerationJob], exc: BaseException) -> None:
+        ids = {id(j) for j in jobs}
+        self._active = [s for s in self._active if id(s.job) not in ids]
+        for job in {id(j): j for j in jobs}.values():
+            if not job.future.done():
+                log.error("job %s failed: %s", job.id, exc)
+                job.future.set_exception(exc)
+
+    def _free_memory(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _sigma_scale(sample: _Sample) -> float:
+    """Euler-family latents carry sigma-scaled noise; bring them back to unit
+    variance so previews are not blown out early on."""
+    if sample.scheduler.init_noise_sigma <= 1.0 or sample.done:
+        return 1.0
+    sigma = float(sample.scheduler.sigmas[sample.step])
+    return (sigma**2 + 1) ** 0.5
+
+
+def latent_to_rgb(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
+    """Cheap preview: a linear map per pixel, (1, C, h, w) -> (h, w, 3) uint8."""
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), model.latent_rgb) + model.latent_rgb_bias
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def encode_prompts(model: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, list[list[str]]]:
+    """Text embeddings for `texts`, and the words of each that the vocabulary lacks.
+
+    Word-level vocabularies (the built-in model) map unknown words to [UNK];
+    they are dropped, not fed to the encoder, and reported to the client.
+    CLIP's byte-level BPE has no unknown words (its unk token is its end token).
+    """
+    tokenizer = model.pipe.tokenizer
+    max_len = tokenizer.model_max_length
+    unk = tokenizer.unk_token_id
+    droppable = unk is not None and unk not in {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    ids_batch: list[list[int]] = []
+    unknown: list[list[str]] = []
+    for text in texts:
+        if droppable:
+            enc = tokenizer(text, truncation=True, max_length=max_len, return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            unknown.append([text[a:b] for i, (a, b) in zip(ids, enc["offset_mapping"]) if i == unk])
+            ids = [i for i in ids if i != unk]
+        else:
+            ids = tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+            unknown.append([])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids_batch.append(ids + [pad] * (max_len - len(ids)))
+    input_ids = torch.tensor(ids_batch, device=model.device)
+    embeds = model.pipe.text_encoder(input_ids, return_dict=False)[0]
+    return embeds.to(model.dtype), unknown
+
+
+def default_max_batch(model: LoadedModel) -> int:
+    """Images per UNet call when BAILAN_MAX_BATCH is 0: bounded by device memory."""
+    if model.device.type != "cuda":
+        return 8
+    total_gib = torch.cuda.get_device_properties(model.device).total_memory / 2**30
+    if total_gib >= 60:
+        return 32
+    if total_gib >= 30:
+        return 16
+    if total_gib >= 14:
+        return 8
+    return 2
+
