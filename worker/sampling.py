@@ -94,6 +94,8 @@ class GenerationJob:
     future: Future = field(default_factory=Future)
     unknown_words: list[str] = field(default_factory=list)
     images: list[np.ndarray | None] = field(default_factory=list)
+    # The denoised latents of each image, before decoding (kept for tests and benchmarks).
+    latents: list[torch.Tensor | None] = field(default_factory=list)
     step: int = 0
 
 
@@ -142,6 +144,7 @@ class Engine:
     def submit(self, job: GenerationJob) -> Future:
         self.validate(job)
         job.images = [None] * job.num_images
+        job.latents = [None] * job.num_images
         self._incoming.put(job)
         self._wake.set()
         return job.future
@@ -374,6 +377,7 @@ class Engine:
             if image is None or job.future.done():
                 continue
             job.images[sample.index] = image
+            job.latents[sample.index] = sample.latents
             if all(img is not None for img in job.images):
                 job.future.set_result(job.images)
 

@@ -1,0 +1,232 @@
+"""The sampling engine on real (tiny, random-weight) diffusers components, on the CPU in fp32."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from tests.fixtures.oom_unet import OOMAboveRows
+from worker.loader import LoadedModel, fit_latent_rgb, load_model
+from worker.sampling import SCHEDULERS, Engine, GenerationJob, InvalidForModel, JobCanceled
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture
+def engine(model: LoadedModel) -> Iterator[Engine]:
+    yield Engine(model, max_batch=8)
+
+
+def make_job(job_id: str, **overrides: Any) -> GenerationJob:
+    fields: dict[str, Any] = dict(
+        id=job_id, prompt="a red circle", width=32, height=32, steps=6, guidance_scale=7.5, seed=7
+    )
+    fields.update(overrides)
+    return GenerationJob(**fields)
+
+
+def run_alone(engine: Engine, job: GenerationJob) -> GenerationJob:
+    engine.submit(job)
+    engine.run_until_idle()
+    job.future.result(timeout=0)
+    return job
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_batch_mates_do_not_change_a_job(engine: Engine, scheduler: str) -> None:
+    """Guards against batching leaking between jobs: per-sample timesteps, scheduler
+    state, seeds, guidance and prompts must keep each job identical to running alone."""
+    specs = [
+        dict(prompt="a red circle", seed=1),
+        dict(prompt="a blue square on a green background", seed=2, steps=4, guidance_scale=1.0),
+        dict(prompt="a small star", seed=3, num_images=2, width=48, negative_prompt="red"),
+        dict(prompt="a big yellow ring", seed=4, steps=9, guidance_scale=3.0),
+    ]
+    alone = [run_alone(engine, make_job(f"a{i}", scheduler=scheduler, **spec)) for i, spec in enumerate(specs)]
+    together = [make_job(f"b{i}", scheduler=scheduler, **spec) for i, spec in enumerate(specs)]
+    # Staggered joins: two start, the others join while those are mid-flight.
+    engine.submit(together[0])
+    engine.submit(together[1])
+    engine.step_once()
+    engine.step_once()
+    engine.submit(together[2])
+    engine.step_once()
+    engine.submit(together[3])
+    engine.run_until_idle()
+    for a, b in zip(alone, together):
+        b.future.result(timeout=0)
+        for la, lb in zip(a.latents, b.latents):
+            assert torch.allclose(la, lb, atol=1e-4), f"{a.prompt}: max diff {(la - lb).abs().max()}"
+
+
+def test_engine_matches_stock_pipeline(model: LoadedModel, engine: Engine) -> None:
+    """Guards against the project's own loop drifting from standard SD sampling
+    (guidance formula, noise scaling, scheduler use, VAE scaling)."""
+    pipe: StableDiffusionPipeline = model.pipe
+    for name in ("ddim", "dpmpp_2m", "euler_a"):
+        cls, overrides = SCHEDULERS[name]
+        stock_scheduler = cls.from_config(model.scheduler_config, **overrides)
+        stock = StableDiffusionPipeline(**{**pipe.components, "scheduler": stock_scheduler})
+        stock.set_progress_bar_config(disable=True)
+        expected = stock(
+            "a red circle",
+            height=32,
+            width=32,
+            num_inference_steps=6,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(11),
+            output_type="np",
+        ).images[0]
+        job = run_alone(engine, make_job("s", scheduler=name, seed=11))
+        got = job.images[0].astype(np.float32) / 255
+        assert np.abs(got - expected).max() < 2 / 255, name
+
+
+def test_same_seed_same_image_different_seed_different_image(engine: Engine) -> None:
+    """Guards against unseeded randomness: a seed must reproduce its image."""
+    first = run_alone(engine, make_job("x", seed=5, scheduler="euler_a"))
+    second = run_alone(engine, make_job("y", seed=5, scheduler="euler_a"))
+    other = run_alone(engine, make_job("z", seed=6, scheduler="euler_a"))
+    assert np.array_equal(first.images[0], second.images[0])
+    assert not np.array_equal(first.images[0], other.images[0])
+
+
+def test_image_i_uses_seed_plus_i(engine: Engine) -> None:
+    """Guards against the images of one job sharing a noise stream: image i must equal
+    a one-image job with seed + i."""
+    multi = run_alone(engine, make_job("m", seed=20, num_images=3, scheduler="euler_a"))
+    third = run_alone(engine, make_job("t", seed=22, scheduler="euler_a"))
+    assert torch.allclose(multi.latents[2], third.latents[0], atol=1e-4)
+    assert not torch.allclose(multi.latents[0], multi.latents[1], atol=1e-2)
+
+
+def test_guidance_free_jobs_use_one_row(model: LoadedModel) -> None:
+    """Guards against paying for an unconditional pass when guidance is off."""
+    counting = OOMAboveRows(model.pipe.unet, max_rows=1000)
+    engine = Engine(model, max_batch=8)
+    original = model.pipe.unet
+    model.pipe.unet = counting
+    try:
+        run_alone(engine, make_job("g", guidance_scale=1.0, steps=3))
+        assert counting.calls == [1, 1, 1]
+        counting.calls.clear()
+        run_alone(engine, make_job("h", guidance_scale=5.0, steps=2))
+        assert counting.calls == [2, 2]
+        counting.calls.clear()
+        engine.submit(make_job("i", guidance_scale=1.0, steps=2))
+        engine.submit(make_job("j", guidance_scale=5.0, steps=2, num_images=2))
+        engine.run_until_idle()
+        assert counting.calls == [5, 5]  # one UNet call per step for both jobs
+    finally:
+        model.pipe.unet = original
+
+
+def test_out_of_memory_fails_only_what_must_fail(model: LoadedModel) -> None:
+    """Guards against one oversized batch failing every job, or killing the engine:
+    the batch is split; only a job that cannot fit even alone fails."""
+    original = model.pipe.unet
+    model.pipe.unet = OOMAboveRows(original, max_rows=2)
+    engine = Engine(model, max_batch=8)
+    try:
+        jobs = [make_job(f"o{i}", seed=i, guidance_scale=5.0) for i in range(3)]
+        futures = [engine.submit(job) for job in jobs]
+        engine.run_until_idle()
+        for job, future in zip(jobs, futures):
+            assert future.result(timeout=0)
+        model.pipe.unet = OOMAboveRows(original, max_rows=1)
+        guided = make_job("big", guidance_scale=5.0)
+        unguided = make_job("small", guidance_scale=1.0)
+        engine.submit(guided)
+        engine.submit(unguided)
+        engine.run_until_idle()
+        with pytest.raises(torch.OutOfMemoryError):
+            guided.future.result(timeout=0)
+        assert unguided.future.result(timeout=0)
+        # The engine keeps serving afterwards.
+        model.pipe.unet = original
+        assert run_alone(engine, make_job("after")).images[0] is not None
+    finally:
+        model.pipe.unet = original
+    # Split batches still give each job the image it gets alone.
+    alone = run_alone(Engine(model, max_batch=8), make_job("o0", seed=0, guidance_scale=5.0))
+    assert torch.allclose(alone.latents[0], jobs[0].latents[0], atol=1e-4)
+
+
+def test_cancel_stops_a_running_job_at_the_next_step(engine: Engine) -> None:
+    """Guards against cancel being ignored until the job ends, or stopping its batch-mates."""
+    victim = make_job("v", steps=50)
+    bystander = make_job("b", steps=8)
+    engine.submit(victim)
+    engine.submit(bystander)
+    engine.step_once()
+    engine.step_once()
+    victim.cancel_requested.set()
+    engine.step_once()
+    with pytest.raises(JobCanceled):
+        victim.future.result(timeout=0)
+    assert victim.step == 2
+    engine.run_until_idle()
+    assert bystander.future.result(timeout=0)
+
+
+def test_cancel_before_admission_never_runs(engine: Engine) -> None:
+    """Guards against a canceled queued job still taking a batch slot."""
+    job = make_job("q")
+    job.cancel_requested.set()
+    engine.submit(job)
+    engine.run_until_idle()
+    with pytest.raises(JobCanceled):
+        job.future.result(timeout=0)
+    assert job.step == 0
+
+
+def test_previews_arrive_every_n_steps_and_vary(engine: Engine) -> None:
+    """Guards against previews at the wrong steps or stuck on one frame."""
+    frames: list[tuple[int, np.ndarray]] = []
+    job = make_job("p", steps=10, preview_every=3, on_preview=lambda j, step, rgb: frames.append((step, rgb)))
+    run_alone(engine, job)
+    assert [step for step, _ in frames] == [3, 6, 9]
+    assert all(rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8 for _, rgb in frames)
+    assert len({rgb.tobytes() for _, rgb in frames}) == 3
+
+
+def test_full_decode_previews_have_image_size(engine: Engine) -> None:
+    """Guards against preview_full_decode silently using the cheap path."""
+    frames: list[np.ndarray] = []
+    run_alone(engine, make_job("f", steps=4, preview_every=2, preview_full_decode=True,
+                               on_preview=lambda j, step, rgb: frames.append(rgb)))
+    assert [f.shape for f in frames] == [(32, 32, 3)]
+
+
+def test_unknown_words_are_reported_and_ignored(engine: Engine) -> None:
+    """Guards against out-of-vocabulary words reaching the text encoder as [UNK] noise."""
+    plain = run_alone(engine, make_job("u1", prompt="a red circle"))
+    noisy = run_alone(engine, make_job("u2", prompt="a red zebra circle, xylophone!"))
+    assert noisy.unknown_words == ["zebra", "xylophone"]
+    assert plain.unknown_words == []
+    assert np.array_equal(plain.images[0], noisy.images[0])
+
+
+def test_sizes_the_model_cannot_divide_are_rejected(engine: Engine) -> None:
+    """Guards against a shape error deep in the UNet instead of a clear message."""
+    with pytest.raises(InvalidForModel, match="width must be a multiple of 2"):
+        engine.submit(make_job("w", width=33))
+    with pytest.raises(InvalidForModel, match="scheduler"):
+        engine.submit(make_job("s", scheduler="lms"))
+
+
+def test_fitted_preview_factors_track_the_vae(model: LoadedModel) -> None:
+    """Guards against previews that ignore the latent: fitted factors must explain
+    decoded colour better than a constant."""
+    factors, bias = fit_latent_rgb(model.pipe, model.device)
+    assert factors.shape == (4, 3) and bias.shape == (3,)
+    assert factors.abs().sum() > 0
