@@ -1,0 +1,279 @@
+"""End to end: the real API (uvicorn) and real worker processes against a real Redis.
+
+Nothing is faked: jobs go over HTTP into RQ, a `python -m worker` process
+samples them with a tiny random-weight Stable Diffusion pipeline, and the test
+reads progress, previews and images back over HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+
+from tests.fixtures.kill_worker import kill_hard
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Service:
+    """One API process and the workers behind it, on one queue."""
+
+    def __init__(self, redis_url: str, model: Path, tmp: Path, queue: str, **settings: str) -> None:
+        self.env = {
+            "BAILAN_REDIS_URL": redis_url,
+            "BAILAN_QUEUE_NAME": queue,
+            "BAILAN_MODEL": str(model),
+            "BAILAN_HEARTBEAT_INTERVAL_S": "0.5",
+            "BAILAN_HEARTBEAT_TTL_S": "2",
+            "BAILAN_REAP_INTERVAL_S": "0.5",
+            "BAILAN_MAX_BATCH": "2",
+            "BAILAN_MAX_STEPS": "100000",
+            **settings,
+        }
+        self.tmp = tmp
+        self.port = free_port()
+        self.api = start(
+            ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            self.env,
+            tmp / f"api-{queue}.log",
+        )
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+        self.workers: list[subprocess.Popen] = []
+        wait_for(self._healthy, 60, "the API to answer /healthz")
+
+    def _healthy(self) -> bool:
+        try:
+            return self.http.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            if self.api.poll() is not None:
+                raise AssertionError("the API exited; see its log in " + str(self.tmp))
+            return False
+
+    def add_worker(self) -> subprocess.Popen:
+        n = len(self.workers)
+        worker = start(["-m", "worker"], {**self.env, "BAILAN_NAME": f"{self.env['BAILAN_QUEUE_NAME']}-w{n}"},
+                       self.tmp / f"worker-{self.env['BAILAN_QUEUE_NAME']}-{n}.log")
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: self.http.get("/readyz").status_code == 200, 120, "a live worker (/readyz)", 0.2)
+
+    def submit(self, **body: Any) -> dict[str, Any]:
+        response = self.http.post("/v1/jobs", json={"prompt": "a red circle", **body})
+        assert response.status_code == 202, response.text
+        assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
+        return response.json()
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_status(self, job_id: str, statuses: set[str], timeout: float = 60) -> dict[str, Any]:
+        return wait_for(lambda: (v := self.view(job_id))["status"] in statuses and v, timeout,
+                        f"job {job_id} to reach {statuses}")
+
+    def close(self) -> None:
+        for worker in self.workers:
+            stop(worker)
+        stop(self.api)
+        self.http.close()
+
+
+@pytest.fixture(scope="module")
+def service(redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    svc = Service(redis_url, tiny_model_dir, tmp_path_factory.mktemp("e2e"), queue="e2e")
+    svc.add_worker()
+    svc.wait_ready()
+    yield svc
+    svc.close()
+    conn.flushdb()
+
+
+def test_job_walks_from_noise_to_picture(service: Service) -> None:
+    """Guards the whole client path: queued -> running with rising steps -> previews -> image."""
+    job = service.submit(width=64, height=48, steps=150, preview_every=10, seed=3)
+    assert job["status"] == "queued" and job["params"]["seed"] == 3
+    seen: list[tuple[str, int]] = []
+
+    def finished() -> bool:
+        view = service.view(job["id"])
+        seen.append((view["status"], view["progress"]["step"]))
+        return view["status"] in {"succeeded", "failed", "canceled"}
+
+    wait_for(finished, 120, "the job to finish", interval=0.02)
+    view = service.view(job["id"])
+    assert view["status"] == "succeeded", view
+    running_steps = [step for status, step in seen if status == "running"]
+    assert len(set(running_steps)) >= 2 and running_steps == sorted(running_steps), seen
+    assert view["progress"] == {"step": 150, "total_steps": 150}
+    assert view["started_at"] and view["finished_at"] and view["error"] is None
+
+    steps = [p["step"] for p in view["previews"]]
+    assert steps == list(range(10, 150, 10))
+    frames = set()
+    for preview in view["previews"][:4]:
+        response = service.http.get(preview["url"])
+        assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+        frames.add(response.content)
+        assert Image.open(io.BytesIO(response.content)).format == "JPEG"
+    assert len(frames) >= 3, "previews must change as the mist clears"
+    latest = service.http.get(f"/v1/jobs/{job['id']}/previews/latest")
+    assert latest.status_code == 200 and latest.content == service.http.get(view["previews"][-1]["url"]).content
+
+    assert view["images"] == [{"index": 0, "url": f"/v1/jobs/{job['id']}/images/0", "seed": 3}]
+    image = service.http.get(view["images"][0]["url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    picture = Image.open(io.BytesIO(image.content))
+    assert picture.format == "PNG" and picture.size == (64, 48)
+
+
+def test_same_seed_same_image(service: Service) -> None:
+    """Guards against nondeterminism: same seed and parameters, same pixels; another seed differs."""
+    jobs = [service.submit(seed=seed, steps=8, output_format="png") for seed in (42, 42, 43)]
+    images = []
+    for job in jobs:
+        assert service.wait_status(job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+        images.append(Image.open(io.BytesIO(service.http.get(f"/v1/jobs/{job['id']}/images/0").content)).tobytes())
+    assert images[0] == images[1]
+    assert images[0] != images[2]
+
+
+def test_server_picks_and_reports_a_seed_and_formats(service: Service) -> None:
+    """Guards against unreported random seeds and ignored output formats."""
+    job = service.submit(steps=4, num_images=2, output_format="webp")
+    view = service.wait_status(job["id"], {"succeeded", "failed"})
+    seed = view["params"]["seed"]
+    assert isinstance(seed, int)
+    assert [img["seed"] for img in view["images"]] == [seed, seed + 1]
+    response = service.http.get(view["images"][1]["url"])
+    assert response.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(response.content)).format == "WEBP"
+
+
+def test_cancel_queued_and_running(service: Service) -> None:
+    """Guards against cancel that does not stop work: a queued job never runs, a
+    running one stops at its next step; both end canceled; finished jobs say 409."""
+    running = [service.submit(steps=3000, preview_every=0) for _ in range(2)]  # fills both slots
+    for job in running:
+        wait_for(lambda j=job: service.view(j["id"])["progress"]["step"] > 0, 60, "the job to run")
+    queued = service.submit(steps=5)
+    assert service.view(queued["id"])["status"] == "queued"
+    assert service.view(queued["id"])["queue_position"] == 1
+
+    response = service.http.post(f"/v1/jobs/{queued['id']}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "canceled"
+    response = service.http.post(f"/v1/jobs/{running[0]['id']}/cancel")
+    assert response.status_code == 202
+    stopped = service.wait_status(running[0]["id"], {"canceled", "succeeded", "failed"}, timeout=10)
+    assert stopped["status"] == "canceled"
+    assert 0 < stopped["progress"]["step"] < 3000
+    service.http.post(f"/v1/jobs/{running[1]['id']}/cancel")
+    assert service.wait_status(running[1]["id"], {"canceled", "succeeded", "failed"}, timeout=10)["status"] == "canceled"
+
+    # The canceled queued job never started, even now that slots are free.
+    time.sleep(0.5)
+    assert service.view(queued["id"])["started_at"] is None
+    assert service.view(queued["id"])["status"] == "canceled"
+    again = service.http.post(f"/v1/jobs/{running[0]['id']}/cancel")
+    assert again.status_code == 409 and "canceled" in again.text
+
+
+def test_bad_input_unknown_id_and_unknown_words(service: Service) -> None:
+    """Guards against 500s on bad input and silent handling of out-of-vocabulary words."""
+    response = service.http.post("/v1/jobs", json={"prompt": "x", "width": 63})
+    assert response.status_code == 422 and "width" in response.text
+    response = service.http.post("/v1/jobs", json={"prompt": "x", "steps": 100001})
+    assert response.status_code == 422 and "steps" in response.text
+    assert service.http.get("/v1/jobs/does-not-exist").status_code == 404
+    job = service.submit(prompt="a red zebra circle", steps=3)
+    view = service.wait_status(job["id"], {"succeeded", "failed"})
+    assert view["status"] == "succeeded" and view["unknown_words"] == ["zebra"]
+
+
+def test_models_and_readiness(service: Service) -> None:
+    """Guards against /readyz and /v1/models not reflecting the live worker."""
+    assert service.http.get("/readyz").status_code == 200
+    models = service.http.get("/v1/models").json()
+    text = str(models)
+    assert "tiny-random" in text and "32" in text
+
+
+def test_killed_worker_job_is_requeued_once_then_failed(
+    redis_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Guards against jobs stuck `running` forever after kill -9: the lease expires,
+    the API's reaper requeues the job once, and fails it when its second worker dies too."""
+    svc = Service(redis_url, tiny_model_dir, tmp_path, queue="kill", BAILAN_ABANDONED_RETRIES="1")
+    try:
+        first = svc.add_worker()
+        svc.wait_ready()
+        job = svc.submit(steps=100000, preview_every=0)
+        wait_for(lambda: svc.view(job["id"])["progress"]["step"] > 0, 60, "the job to run")
+        kill_hard(first)
+        killed_at = time.monotonic()
+        # Lease 2 s + reaper every 0.5 s: back in the queue well inside the bound.
+        svc.wait_status(job["id"], {"queued"}, timeout=15)
+        assert time.monotonic() - killed_at < 15
+
+        second = svc.add_worker()
+        wait_for(lambda: svc.view(job["id"])["status"] == "running", 120, "the retry to run")
+        kill_hard(second)
+        view = svc.wait_status(job["id"], {"failed"}, timeout=15)
+        assert view["error"]["code"] == "worker_lost"
+        assert view["finished_at"] is not None
+    finally:
+        svc.close()
