@@ -79,7 +79,16 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, compi
     pipe = StableDiffusionPipeline.from_pretrained(
         path, local_files_only=True, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
-    pipe.to(device)
+    return from_pipeline(pipe, path, device, dtype, compile_unet)
+
+
+def from_pipeline(
+    pipe: StableDiffusionPipeline, path: str | Path, device: torch.device, dtype: torch.dtype, compile_unet: bool = False
+) -> LoadedModel:
+    """Wrap a pipeline already in memory (`load_model`'s second half; benchmarks build
+    models in code). `path` names the model and is where `latent_rgb.json` is looked for."""
+    path = Path(path)
+    pipe.to(device=device, dtype=dtype)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
     if device.type == "cuda":
