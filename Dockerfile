@@ -22,7 +22,11 @@ RUN pip install --no-cache-dir -e .
 
 COPY models ./models
 
-RUN useradd --create-home --uid 10001 bailan
+# The code stays root-owned and read-only; .run is where the worker may write
+# (a tiny stand-in pipeline when no built-in model was copied).
+RUN useradd --create-home --uid 10001 bailan \
+    && mkdir -p /app/.run \
+    && chown 10001 /app/.run
 USER 10001
 
 EXPOSE 8000
