@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
+from worker.parts import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
 from worker.wordtok import build_word_tokenizer
 
 TINY_WORDS = (
@@ -28,19 +28,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusion
     """Native size is `sample_size` × 2 pixels (a 2-block VAE halves once)."""
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=16)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = clip_text_encoder(tokenizer, hidden=32, intermediate=37, layers=2, heads=4)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
@@ -63,24 +51,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusion
         norm_num_groups=32,
         sample_size=sample_size * 2,
     )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer, sd_noise_scheduler())
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
