@@ -137,6 +137,8 @@ class Engine:
         self._active: list[_Sample] = []
         self._wake = threading.Event()
         self._last_group: tuple[int, int] | None = None
+        # CUDA previews in flight to the host: (job, step, pinned uint8 array, copy-done event).
+        self._pending_previews: list[tuple[GenerationJob, int, torch.Tensor, Any]] = []
         self.iterations = 0
 
     # ---- public API -------------------------------------------------------
@@ -189,6 +191,7 @@ class Engine:
         self._admit()
         self._drop_canceled()
         if not self._active:
+            self._deliver_previews(block=True)
             return bool(self._waiting)
         group = self._pick_group()
         self._advance(group)
@@ -234,11 +237,13 @@ class Engine:
         samples = []
         for index in range(job.num_images):
             scheduler = cls.from_config(model.scheduler_config, **overrides)
-            scheduler.set_timesteps(job.steps, device=model.device)
+            # Timesteps (and the sigmas of Euler-family schedulers) stay on the CPU: reading
+            # one per step must not wait for the GPU, which would stall the launch queue.
+            scheduler.set_timesteps(job.steps, device="cpu")
             # CPU generators: the same seed gives the same image on any device.
             generator = torch.Generator("cpu").manual_seed(job.seed + index)
-            latents = randn_tensor(shape, generator=generator, device=model.device, dtype=torch.float32)
-            latents = latents * scheduler.init_noise_sigma
+            latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+            latents = _to_device(latents, model.device) * scheduler.init_noise_sigma
             samples.append(_Sample(job, index, scheduler, scheduler.timesteps, latents, generator, cond, uncond))
         return samples
 
@@ -330,7 +335,7 @@ class Engine:
         latent_in = torch.cat(inputs).to(model.dtype)
         if model.device.type == "cuda":
             latent_in = latent_in.contiguous(memory_format=torch.channels_last)
-        t_in = torch.tensor(timesteps, device=model.device, dtype=torch.float32)
+        t_in = _to_device(torch.tensor(timesteps, dtype=torch.float32), model.device)
         out = model.unet(latent_in, t_in, encoder_hidden_states=torch.cat(embeds), return_dict=False)[0]
         return out.float()
 
@@ -347,11 +352,37 @@ class Engine:
             try:
                 if job.preview_full_decode:
                     rgb = self._decode([sample.latents / _sigma_scale(sample)])[0]
+                elif self.model.device.type == "cuda":
+                    # Copy to the host without waiting: the preview is handed over once the
+                    # copy is done (a later iteration), so the GPU never idles on a preview.
+                    rgb_dev = _latent_to_rgb_tensor(self.model, sample.latents / _sigma_scale(sample))
+                    host = torch.empty(rgb_dev.shape, dtype=torch.uint8, pin_memory=True)
+                    host.copy_(rgb_dev, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    self._pending_previews.append((job, sample.step, host, event))
+                    continue
                 else:
                     rgb = latent_to_rgb(self.model, sample.latents / _sigma_scale(sample))
                 job.on_preview(job, sample.step, rgb)
             except Exception:  # a preview is never worth failing a job for
                 log.exception("preview of job %s at step %d failed", job.id, sample.step)
+        self._deliver_previews(block=False)
+
+    def _deliver_previews(self, block: bool) -> None:
+        """Hand over the CUDA previews whose copies are done, in order (all of them if `block`)."""
+        while self._pending_previews:
+            job, step, host, event = self._pending_previews[0]
+            if not block and not event.query():
+                return
+            event.synchronize()
+            self._pending_previews.pop(0)
+            if job.future.done():  # canceled or failed meanwhile
+                continue
+            try:
+                job.on_preview(job, step, host.numpy())
+            except Exception:
+                log.exception("preview of job %s at step %d failed", job.id, step)
 
     def _finish(self, finished: list[_Sample]) -> None:
         done_ids = {id(s) for s in finished}
@@ -372,6 +403,7 @@ class Engine:
         except Exception as exc:
             self._fail([s.job for s in pending], exc)
             return
+        self._deliver_previews(block=True)  # the decode synchronized: all copies are done
         for sample, image in zip(pending, images):
             job = sample.job
             if image is None or job.future.done():
@@ -412,8 +444,20 @@ def _sigma_scale(sample: _Sample) -> float:
 
 def latent_to_rgb(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
     """Cheap preview: a linear map per pixel, (1, C, h, w) -> (h, w, 3) uint8."""
+    return _latent_to_rgb_tensor(model, latents).cpu().numpy()
+
+
+def _latent_to_rgb_tensor(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     rgb = torch.einsum("chw,cr->hwr", latents[0].float(), model.latent_rgb) + model.latent_rgb_bias
-    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without waiting for the GPU's queue (a plain
+    `.to("cuda")` from pageable memory synchronizes)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def encode_prompts(model: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, list[list[str]]]:
@@ -440,7 +484,7 @@ def encode_prompts(model: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, 
             unknown.append([])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids_batch.append(ids + [pad] * (max_len - len(ids)))
-    input_ids = torch.tensor(ids_batch, device=model.device)
+    input_ids = _to_device(torch.tensor(ids_batch), model.device)
     embeds = model.pipe.text_encoder(input_ids, return_dict=False)[0]
     return embeds.to(model.dtype), unknown
 
