@@ -130,7 +130,6 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
         num_train_timesteps=1000,
         steps_offset=1,
         clip_sample=False,
-        set_alpha_to_one=False,
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
