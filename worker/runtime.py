@@ -405,15 +405,10 @@ def serve(settings: WorkerSettings) -> int:
         threading.Thread(target=runtime.io_loop, name="bailan-io", daemon=True),
         threading.Thread(target=runtime.liveness_loop, args=(slots,), name="bailan-liveness", daemon=True),
     ]
-    for thread in threads:
-        thread.start()
-    runtime.heartbeat(slots)
     slot_threads = [
         threading.Thread(target=slot.work, kwargs={"logging_level": "WARNING"}, name=slot.name, daemon=True)
         for slot in slots
     ]
-    for thread in slot_threads:
-        thread.start()
 
     stopping = threading.Event()
 
@@ -427,8 +422,15 @@ def serve(settings: WorkerSettings) -> int:
         for slot in slots:
             slot._stop_requested = True
 
+    # Handlers first: once the worker key is up, /readyz says 200, and a SIGTERM
+    # from then on must be a graceful stop.
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    for thread in threads:
+        thread.start()
+    runtime.heartbeat(slots)
+    for thread in slot_threads:
+        thread.start()
     print(f"worker {settings.name} ready: model {model.name} on {device}, batch {engine.max_batch}", flush=True)
     while any(t.is_alive() for t in slot_threads):
         for thread in slot_threads:
