@@ -140,7 +140,7 @@ class Engine:
         self._active: list[_Sample] = []
         self._wake = threading.Event()
         self._last_group: tuple[int, int] | None = None
-        # CUDA previews in flight to the host: (job, step, pinned uint8 array, copy-done event).
+        # Previews not yet handed over: (job, step, uint8 (h, w, 3), CUDA copy-done event or None).
         self._pending_previews: list[tuple[GenerationJob, int, torch.Tensor, Any]] = []
         self.iterations = 0
 
@@ -342,7 +342,7 @@ class Engine:
             embeds += [embeds[-1]] * pad
             timesteps += [timesteps[-1]] * pad
         latent_in = torch.cat(inputs).to(model.dtype)
-        if model.device.type == "cuda":
+        if model.channels_last:
             latent_in = latent_in.contiguous(memory_format=torch.channels_last)
         t_in = _to_device(torch.tensor(timesteps, dtype=torch.float32), model.device)
         out = model.unet(latent_in, t_in, encoder_hidden_states=torch.cat(embeds), return_dict=False)[0]
@@ -366,7 +366,7 @@ class Engine:
         rows = [b for b in self.batch_buckets if b <= 2 * self.max_batch] or [1, 2 * self.max_batch]
         for n in rows:
             x = torch.zeros((n, model.latent_channels, h, w), device=model.device, dtype=model.dtype)
-            if model.device.type == "cuda":
+            if model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             t = torch.full((n,), 500.0, device=model.device)
             model.unet(x, t, encoder_hidden_states=embed.expand(n, -1, -1), return_dict=False)
@@ -374,30 +374,37 @@ class Engine:
             self._decode([torch.zeros((n, model.latent_channels, h, w), device=model.device)])
 
     def _previews(self, group: list[_Sample]) -> None:
-        for sample in group:
-            job = sample.job
-            if (
-                sample.index != 0
-                or not job.preview_every
-                or sample.done
-                or sample.step % job.preview_every
-            ):
-                continue
+        due = [
+            s
+            for s in group
+            if s.index == 0 and s.job.preview_every and not s.done and not s.step % s.job.preview_every
+        ]
+        cheap = [s for s in due if not s.job.preview_full_decode]
+        if cheap:
             try:
-                if job.preview_full_decode:
-                    rgb = self._decode([sample.latents / _sigma_scale(sample)])[0]
-                elif self.model.device.type == "cuda":
-                    # Copy to the host without waiting: the preview is handed over once the
-                    # copy is done (a later iteration), so the GPU never idles on a preview.
-                    rgb_dev = _latent_to_rgb_tensor(self.model, sample.latents / _sigma_scale(sample))
-                    host = torch.empty(rgb_dev.shape, dtype=torch.uint8, pin_memory=True)
-                    host.copy_(rgb_dev, non_blocking=True)
+                # All of this step's cheap previews in one map and, on CUDA, one copy to the
+                # host that nothing waits for: they are handed over once it is done (usually
+                # a step later), so the GPU never idles on a preview.
+                scales = [_sigma_scale(s) for s in cheap]
+                latents = torch.cat([s.latents if k == 1.0 else s.latents / k for s, k in zip(cheap, scales)])
+                rgb = _latents_to_rgb(self.model, latents)
+                event = None
+                if self.model.device.type == "cuda":
+                    host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+                    host.copy_(rgb, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()
-                    self._pending_previews.append((job, sample.step, host, event))
-                    continue
-                else:
-                    rgb = latent_to_rgb(self.model, sample.latents / _sigma_scale(sample))
+                    rgb = host
+                for i, sample in enumerate(cheap):
+                    self._pending_previews.append((sample.job, sample.step, rgb[i], event))
+            except Exception:  # a preview is never worth failing a job for
+                log.exception("previews at step %d failed", cheap[0].step)
+        for sample in due:
+            if not sample.job.preview_full_decode:
+                continue
+            job = sample.job
+            try:
+                rgb = self._decode([sample.latents / _sigma_scale(sample)])[0]
                 job.on_preview(job, sample.step, rgb)
             except Exception:  # a preview is never worth failing a job for
                 log.exception("preview of job %s at step %d failed", job.id, sample.step)
@@ -407,9 +414,10 @@ class Engine:
         """Hand over the CUDA previews whose copies are done, in order (all of them if `block`)."""
         while self._pending_previews:
             job, step, host, event = self._pending_previews[0]
-            if not block and not event.query():
-                return
-            event.synchronize()
+            if event is not None:
+                if not block and not event.query():
+                    return
+                event.synchronize()
             self._pending_previews.pop(0)
             if job.future.done():  # canceled or failed meanwhile
                 continue
@@ -481,11 +489,12 @@ def _sigma_scale(sample: _Sample) -> float:
 
 def latent_to_rgb(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
     """Cheap preview: a linear map per pixel, (1, C, h, w) -> (h, w, 3) uint8."""
-    return _latent_to_rgb_tensor(model, latents).cpu().numpy()
+    return _latents_to_rgb(model, latents[:1])[0].cpu().numpy()
 
 
-def _latent_to_rgb_tensor(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), model.latent_rgb) + model.latent_rgb_bias
+def _latents_to_rgb(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """(n, C, h, w) -> (n, h, w, 3) uint8, on the latents' device."""
+    rgb = torch.einsum("nchw,cr->nhwr", latents.float(), model.latent_rgb) + model.latent_rgb_bias
     return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
