@@ -77,8 +77,12 @@ def test_model_loads_as_a_standard_pipeline() -> None:
     like a real Stable Diffusion directory, with preview factors beside it."""
     from diffusers import StableDiffusionPipeline
 
+    from safetensors import safe_open
+
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
-    assert pipe.unet.dtype == torch.float16  # shipped as fp16
+    for weights in MODEL.rglob("*.safetensors"):
+        with safe_open(weights, "pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys()), weights
     size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
     assert size <= 30 * 2**20
     rgb = json.loads((MODEL / "latent_rgb.json").read_text())
