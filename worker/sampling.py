@@ -210,6 +210,7 @@ class Engine:
             except queue.Empty:
                 break
         used = len(self._active)
+        admitted: list[GenerationJob] = []
         while self._waiting:
             job = self._waiting[0]
             if job.cancel_requested.is_set():
@@ -219,20 +220,37 @@ class Engine:
             if used + job.num_images > self.max_batch:
                 break
             self._waiting.popleft()
+            admitted.append(job)
+            used += job.num_images
+        if not admitted:
+            return
+        # One text-encoder call for every job admitted now (a burst of N jobs would
+        # otherwise cost N calls before the first step); alone if that fails.
+        texts = [_texts(job) for job in admitted]
+        try:
+            embeds, unknown = encode_prompts(self.model, [t for group in texts for t in group])
+        except Exception:
+            embeds, unknown = None, []
+        row = 0
+        for job, group in zip(admitted, texts):
+            encoded = None
+            if embeds is not None:
+                encoded = (embeds[row : row + len(group)], unknown[row : row + len(group)])
+            row += len(group)
             try:
-                samples = self._start(job)
+                samples = self._start(job, encoded)
             except Exception as exc:  # a bad job must not take the engine down
                 log.exception("job %s failed to start", job.id)
                 job.future.set_exception(exc)
                 continue
             self._active.extend(samples)
-            used += len(samples)
 
-    def _start(self, job: GenerationJob) -> list[_Sample]:
+    def _start(
+        self, job: GenerationJob, encoded: tuple[torch.Tensor, list[list[str]]] | None = None
+    ) -> list[_Sample]:
         model = self.model
         guided = job.guidance_scale > 1.0
-        texts = [job.negative_prompt, job.prompt] if guided else [job.prompt]
-        embeds, unknown = encode_prompts(model, texts)
+        embeds, unknown = encoded if encoded is not None else encode_prompts(model, _texts(job))
         job.unknown_words = unknown[-1]
         uncond, cond = (embeds[0:1], embeds[1:2]) if guided else (None, embeds[0:1])
         cls, overrides = SCHEDULERS[job.scheduler]
@@ -476,6 +494,11 @@ class Engine:
     def _free_memory(self) -> None:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _texts(job: GenerationJob) -> list[str]:
+    """The prompts a job's samples are conditioned on: negative then positive when guided."""
+    return [job.negative_prompt, job.prompt] if job.guidance_scale > 1.0 else [job.prompt]
 
 
 def _sigma_scale(sample: _Sample) -> float:
