@@ -326,18 +326,25 @@ class Engine:
                     self._fail([s.job for s in alive], exc)
             return
         row = 0
+        cohorts: dict[tuple[Any, ...], list[tuple[_Sample, torch.Tensor]]] = {}
         for sample in group:
-            t = sample.timesteps[sample.step]
             if sample.guided:
                 uncond, cond = noise[row : row + 1], noise[row + 1 : row + 2]
                 eps = uncond + sample.job.guidance_scale * (cond - uncond)
             else:
                 eps = noise[row : row + 1]
             row += sample.rows
-            sample.latents = sample.scheduler.step(
-                eps, t, sample.latents, generator=sample.generator, return_dict=False
-            )[0]
-            sample.step += 1
+            cohorts.setdefault(_cohort_key(sample), []).append((sample, eps))
+        for key, members in cohorts.items():
+            if key[0] is None or len(members) == 1:
+                for sample, eps in members:
+                    t = sample.timesteps[sample.step]
+                    sample.latents = sample.scheduler.step(
+                        eps, t, sample.latents, generator=sample.generator, return_dict=False
+                    )[0]
+                    sample.step += 1
+            else:
+                _dpm_step_together(members)
 
     def _unet(self, group: list[_Sample]) -> torch.Tensor:
         model = self.model
@@ -494,6 +501,51 @@ class Engine:
     def _free_memory(self) -> None:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _cohort_key(sample: _Sample) -> tuple[Any, ...]:
+    """Samples with equal keys are in the same scheduler state up to their tensors, so
+    one scheduler step on their concatenation does the work of one step each. Only
+    deterministic DPM-Solver++ qualifies; (None, id) keeps a sample to itself."""
+    scheduler = sample.scheduler
+    if type(scheduler) is not DPMSolverMultistepScheduler or scheduler.config.algorithm_type != "dpmsolver++":
+        return (None, id(sample))
+    return (
+        sample.job.scheduler,
+        tuple(sample.latents.shape),
+        len(sample.timesteps),
+        sample.step,
+        scheduler.step_index,
+        scheduler.lower_order_nums,
+        scheduler.begin_index,
+    )
+
+
+def _dpm_step_together(members: list[tuple[_Sample, torch.Tensor]]) -> None:
+    """One DPM-Solver++ step for samples of one cohort (see _cohort_key): the first
+    one's scheduler steps the concatenated batch, then every sample takes back its
+    slice of the new latents and of the solver's history. Elementwise arithmetic
+    on the concatenation gives each sample exactly what its own step would."""
+    samples = [sample for sample, _ in members]
+    lead = samples[0].scheduler
+    lead.model_outputs = [
+        None if out is None else torch.cat([s.scheduler.model_outputs[i] for s in samples])
+        for i, out in enumerate(lead.model_outputs)
+    ]
+    latents = lead.step(
+        torch.cat([eps for _, eps in members]),
+        samples[0].timesteps[samples[0].step],
+        torch.cat([s.latents for s in samples]),
+        return_dict=False,
+    )[0]
+    history = lead.model_outputs
+    for j, sample in enumerate(samples):
+        scheduler = sample.scheduler
+        scheduler.model_outputs = [None if out is None else out[j : j + 1] for out in history]
+        scheduler._step_index = lead.step_index
+        scheduler.lower_order_nums = lead.lower_order_nums
+        sample.latents = latents[j : j + 1]
+        sample.step += 1
 
 
 def _texts(job: GenerationJob) -> list[str]:
