@@ -380,7 +380,7 @@ def serve(settings: WorkerSettings) -> int:
     started = time.perf_counter()
     model = load_model(path, device, dtype, compile_unet=settings.compile)
     engine = Engine(model, settings.max_batch or default_max_batch(model))
-    warm_up(engine)
+    warm_up(engine, settings.compile)
     log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, time.perf_counter() - started,
              engine.max_batch)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
@@ -446,7 +446,7 @@ def serve(settings: WorkerSettings) -> int:
     return 0
 
 
-def warm_up(engine: Engine) -> None:
+def warm_up(engine: Engine, compile_unet: bool = False) -> None:
     """One short job through every path (kernels, autotuning, torch.compile) before taking work."""
     model = engine.model
     job = GenerationJob(id="warm-up", prompt="warm up", width=model.native_width, height=model.native_height,
@@ -455,4 +455,9 @@ def warm_up(engine: Engine) -> None:
     engine.run_until_idle()
     job.future.result()
     if model.device.type == "cuda":
+        # Every padded batch size once, so cuDNN picks kernels now and not under
+        # traffic. Compiled UNets would compile once per size (about a minute
+        # each), so those warm up on demand instead.
+        if not compile_unet:
+            engine.warm_up_shapes()
         torch.cuda.synchronize()
