@@ -74,9 +74,9 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
     is word-level (no CLIP vocabulary without a download); the text encoder keeps
     CLIP's 49,408-entry embedding table, of which it uses the first few ids.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from worker.parts import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
     from worker.wordtok import build_word_tokenizer
 
     torch.manual_seed(0)
@@ -104,43 +104,15 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
             sample_size=512,
             scaling_factor=0.18215,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        text_encoder = clip_text_encoder(
+            tokenizer, hidden=768, intermediate=3072, layers=12, heads=12, vocab_size=49408, hidden_act="quick_gelu"
         )
     with torch.no_grad():
         for module in (unet, vae):
             for p in module.parameters():
                 if p.dim() >= 2:
                     p.mul_(0.5)
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, sd_noise_scheduler())
     pipe.to(device=device, dtype=dtype)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
