@@ -277,3 +277,18 @@ def test_killed_worker_job_is_requeued_once_then_failed(
         assert view["finished_at"] is not None
     finally:
         svc.close()
+
+
+def test_worker_waits_for_redis_and_still_stops_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Guards against a worker that crashes when it starts before its Redis, or that
+    ignores SIGTERM while Redis is unreachable (RQ retries forever)."""
+    log = tmp_path / "worker.log"
+    worker = start(["-m", "worker"], {"BAILAN_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+                                      "BAILAN_MODEL": str(tiny_model_dir)}, log)
+    try:
+        wait_for(lambda: "waiting for Redis" in log.read_text(), 120, "the worker to wait for Redis", 0.2)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()

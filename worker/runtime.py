@@ -384,6 +384,11 @@ def serve(settings: WorkerSettings) -> int:
     log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, time.perf_counter() - started,
              engine.max_batch)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    early_stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: early_stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: early_stop.set())
+    if not wait_for_redis(connection, settings.redis_url, early_stop):
+        return 0
     runtime = Runtime(settings, model, engine, connection)
     _runtime = runtime
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
@@ -432,9 +437,21 @@ def serve(settings: WorkerSettings) -> int:
     for thread in slot_threads:
         thread.start()
     print(f"worker {settings.name} ready: model {model.name} on {device}, batch {engine.max_batch}", flush=True)
+    idle_since: float | None = None
     while any(t.is_alive() for t in slot_threads):
         for thread in slot_threads:
             thread.join(0.2)
+        if not stopping.is_set():
+            continue
+        # Idle slots leave their dequeue within seconds, except while Redis is
+        # unreachable (RQ retries forever): with no job in flight there is
+        # nothing to finish, so stop waiting for them.
+        if runtime.in_flight or engine.busy:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > 5:
+            break
     engine_stop.set()
     threads[0].join(10)
     runtime.stop.set()
@@ -444,6 +461,20 @@ def serve(settings: WorkerSettings) -> int:
     except redis.RedisError:
         pass
     return 0
+
+
+def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event) -> bool:
+    """Block until Redis answers (a worker may start before its Redis); False if told to stop."""
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            connection.ping()
+            return True
+        except redis.RedisError as exc:
+            log.warning("waiting for Redis at %s: %s", url, exc)
+            stopping.wait(delay)
+            delay = min(delay * 2, 10.0)
+    return False
 
 
 def warm_up(engine: Engine, compile_unet: bool = False) -> None:
