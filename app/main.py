@@ -45,7 +45,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s)
+        reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s)
         reaper.start()
         app.state.reaper = reaper
         try:

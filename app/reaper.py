@@ -17,8 +17,9 @@ log = logging.getLogger("bailan.api.reaper")
 
 
 class Reaper:
-    def __init__(self, conn: redis.Redis, queue_name: str, interval_s: float) -> None:
+    def __init__(self, conn: redis.Redis, queue_name: str, interval_s: float, keep_s: int = 86400) -> None:
         self.conn = conn
+        self.keep_s = keep_s
         self.queue_name = queue_name
         self.interval_s = interval_s
         self._stop = threading.Event()
@@ -27,7 +28,7 @@ class Reaper:
     def sweep(self) -> list[str]:
         """One pass; never raises, because a Redis outage must not kill the loop."""
         try:
-            reaped = reap_abandoned(self.conn, self.queue_name)
+            reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s)
         except redis.RedisError as exc:
             log.warning("reaper: Redis unavailable (%s); retrying in %.0f s", exc, self.interval_s)
             return []

@@ -275,7 +275,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
     def cancel_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> Any:
         snap = _load(settings, conn, job_id)
         try:
-            outcome = store.cancel(conn, queue, snap)
+            outcome = store.cancel(conn, queue, snap, settings.result_ttl_s)
         except store.AlreadyEnded as exc:
             raise HTTPException(
                 status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"

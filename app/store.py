@@ -438,7 +438,7 @@ class AlreadyEnded(Exception):
         self.state = state
 
 
-def cancel(conn: redis.Redis, queue: Queue, snap: JobSnapshot) -> str:
+def cancel(conn: redis.Redis, queue: Queue, snap: JobSnapshot, keep_s: int) -> str:
     """Cancel a job; raises AlreadyEnded when there is nothing to cancel."""
     state = snap.state
     if state in TERMINAL_STATES:
@@ -452,7 +452,10 @@ def cancel(conn: redis.Redis, queue: Queue, snap: JobSnapshot) -> str:
         if removed or snap.rq_status in ("deferred", "scheduled", None):
             if snap.rq_status is not None:
                 try:
-                    Job.fetch(snap.job_id, connection=conn, serializer=JSONSerializer).cancel()
+                    rq_job = Job.fetch(snap.job_id, connection=conn, serializer=JSONSerializer)
+                    rq_job.cancel()
+                    # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
+                    rq_job.cleanup(keep_s, remove_from_queue=False)
                 except (NoSuchJobError, InvalidJobOperation):
                     pass
             pipe = conn.pipeline(transaction=True)

@@ -351,6 +351,8 @@ def test_cancel_queued_job(client: TestClient, redis_conn: redis.Redis) -> None:
     assert job_id in queue_of(redis_conn).canceled_job_registry.get_job_ids()
     assert client.get(f"/v1/jobs/{other}").json()["queue_position"] == 1
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    # RQ keeps canceled jobs for ever unless told; with noeviction that is a leak.
+    assert 0 < redis_conn.ttl(f"rq:job:{job_id}") <= 86400
 
 
 def test_cancel_running_job_sets_flag(client: TestClient, redis_conn: redis.Redis) -> None:

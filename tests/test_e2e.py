@@ -230,6 +230,10 @@ def test_cancel_queued_and_running(service: Service) -> None:
     assert service.view(queued["id"])["status"] == "canceled"
     again = service.http.post(f"/v1/jobs/{running[0]['id']}/cancel")
     assert again.status_code == 409 and "canceled" in again.text
+    # Canceled jobs expire like any other (RQ alone would keep them for ever).
+    conn = redis.Redis.from_url(service.env["BAILAN_REDIS_URL"])
+    for job in (queued, *running):
+        assert conn.ttl(f"rq:job:{job['id']}") > 0
 
 
 def test_bad_input_unknown_id_and_unknown_words(service: Service) -> None:

@@ -257,3 +257,59 @@ def test_shared_dpm_step_equals_separate_steps(engine: Engine) -> None:
     for i in range(3):
         single = run_alone(engine, make_job(f"ds{i}", seed=30 + i, scheduler="dpmpp_2m", steps=8))
         assert torch.allclose(multi.latents[i], single.latents[0], atol=1e-4)
+
+
+def test_an_unexpected_engine_error_fails_jobs_instead_of_hanging_them(engine: Engine) -> None:
+    """Guards against an exception escaping a step killing the engine thread and
+    leaving every job on the worker waiting for ever."""
+    import threading
+
+    def explode(job: GenerationJob, step: int) -> None:
+        raise RuntimeError("boom")
+
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        broken = make_job("boom", on_progress=explode)
+        bystander = make_job("by", steps=30)
+        engine.submit(broken)
+        engine.submit(bystander)
+        with pytest.raises(RuntimeError, match="boom"):
+            broken.future.result(timeout=60)
+        with pytest.raises(RuntimeError, match="boom"):
+            bystander.future.result(timeout=60)
+        # The engine thread survived and serves the next job.
+        after = make_job("after")
+        engine.submit(after)
+        assert after.future.result(timeout=60)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_decode_failure_of_one_image_fails_only_its_job(model: LoadedModel) -> None:
+    """Guards against a VAE failure in the one-by-one fallback escaping the engine."""
+    engine = Engine(model, max_batch=8)
+    original = model.pipe.vae.decode
+    calls: list[int] = []
+
+    def flaky(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(latents.shape[0])
+        if latents.shape[0] > 1:
+            raise torch.OutOfMemoryError("injected: decode batch too big")
+        if len(calls) == 2:
+            raise RuntimeError("injected: cuDNN failure")
+        return original(latents, *args, **kwargs)
+
+    model.pipe.vae.decode = flaky
+    try:
+        first, second = make_job("d1", seed=1), make_job("d2", seed=2)
+        engine.submit(first)
+        engine.submit(second)
+        engine.run_until_idle()
+    finally:
+        model.pipe.vae.decode = original
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        first.future.result(timeout=0)
+    assert second.future.result(timeout=0)

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import redis
@@ -89,6 +89,8 @@ class SlotWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.lease_s = lease_s
         self.running_job: Job | None = None
+        self.has_room: Callable[[], bool] | None = None
+        self._last_wait_beat = 0.0
 
     def _install_signal_handlers(self) -> None:
         # The main thread owns signals and stops the slots itself.
@@ -103,6 +105,14 @@ class SlotWorker(SimpleWorker):
         # RQ's loop only leaves a blocking dequeue through a signal handler that
         # raises in the main thread; a slot thread polls its stop flag instead.
         while not self._stop_requested:
+            if self.has_room is not None and not self.has_room():
+                # Taking a job the engine cannot start yet would show it as running
+                # while it waits here, and keep it from idle workers elsewhere.
+                if time.monotonic() - self._last_wait_beat > 10:
+                    self._last_wait_beat = time.monotonic()
+                    self.heartbeat()
+                time.sleep(0.05)
+                continue
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=2)
             if result is not None:
                 return result
@@ -122,6 +132,8 @@ class SlotWorker(SimpleWorker):
             job.set_status(JobStatus.CANCELED, pipeline=pipe)
             self.cleanup_execution(job, pipeline=pipe)
             CanceledJobRegistry(job.origin, self.connection, serializer=self.serializer).add(job, pipeline=pipe)
+            # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
+            job.cleanup(job.get_result_ttl(self.default_result_ttl), pipeline=pipe, remove_from_queue=False)
             pipe.execute()
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "") -> None:
@@ -185,7 +197,9 @@ class Runtime:
             on_preview=self._on_preview,
         )
         pipe = self.connection.pipeline()
+        # A retried job starts afresh: no error, end time or previews of the attempt before.
         pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
+        pipe.delete(Keys.previews(job_id))
         pipe.hset(
             key,
             mapping={
@@ -283,6 +297,8 @@ class Runtime:
                 self.sync_jobs()
             except redis.RedisError as exc:
                 log.warning("progress/cancel sync failed: %s", exc)
+            except Exception:  # this thread must outlive any one bad round
+                log.exception("progress/cancel sync failed")
             self.stop.wait(0.05)
 
     def sync_jobs(self) -> None:
@@ -328,15 +344,23 @@ class Runtime:
     def liveness_loop(self, slots: list[SlotWorker]) -> None:
         last_reap = 0.0
         while not self.stop.is_set():
+            # Leases first and on their own: a failing sweep must never stop them.
             try:
                 self.heartbeat(slots)
-                if time.monotonic() - last_reap >= self.settings.reap_interval_s:
-                    last_reap = time.monotonic()
-                    lost = reap_abandoned(self.connection, self.settings.queue_name)
-                    if lost:
-                        log.warning("reaped abandoned jobs: %s", lost)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("heartbeat failed")
+            if time.monotonic() - last_reap >= self.settings.reap_interval_s:
+                last_reap = time.monotonic()
+                try:
+                    lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s)
+                    if lost:
+                        log.warning("reaped abandoned jobs: %s", lost)
+                except redis.RedisError as exc:
+                    log.warning("reaper: Redis unavailable: %s", exc)
+                except Exception:
+                    log.exception("reaper: sweep failed")
             self.stop.wait(min(self.settings.heartbeat_interval_s, self.settings.reap_interval_s))
 
 
@@ -404,6 +428,8 @@ def serve(settings: WorkerSettings) -> int:
         )
         for i in range(engine.max_batch)
     ]
+    for slot in slots:
+        slot.has_room = engine.has_room
     engine_stop = threading.Event()
     threads = [
         threading.Thread(target=engine.run, args=(engine_stop,), name="bailan-engine", daemon=True),
@@ -433,7 +459,10 @@ def serve(settings: WorkerSettings) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     for thread in threads:
         thread.start()
-    runtime.heartbeat(slots)
+    try:
+        runtime.heartbeat(slots)
+    except redis.RedisError as exc:  # the liveness thread retries
+        log.warning("first heartbeat failed: %s", exc)
     for thread in slot_threads:
         thread.start()
     print(f"worker {settings.name} ready: model {model.name} on {device}, batch {engine.max_batch}", flush=True)

@@ -161,6 +161,12 @@ class Engine:
                 raise InvalidForModel(f"{name} must be a multiple of {multiple} for model {self.model.name}")
         if job.scheduler not in SCHEDULERS:
             raise InvalidForModel(f"unknown scheduler {job.scheduler!r}; choose from {sorted(SCHEDULERS)}")
+        cls, overrides = SCHEDULERS[job.scheduler]
+        try:
+            # Some schedulers refuse some step counts (DDIM: more than the training steps).
+            cls.from_config(self.model.scheduler_config, **overrides).set_timesteps(job.steps)
+        except ValueError as exc:
+            raise InvalidForModel(f"steps={job.steps} with scheduler {job.scheduler}: {exc}") from exc
         if job.num_images > self.max_batch:
             raise InvalidForModel(f"num_images {job.num_images} exceeds this worker's batch of {self.max_batch}")
 
@@ -177,12 +183,37 @@ class Engine:
     def run(self, stop: threading.Event) -> None:
         """The engine thread. Returns when `stop` is set and nothing is in flight."""
         while True:
-            worked = self.step_once()
+            try:
+                worked = self.step_once()
+            except Exception as exc:
+                # Whatever broke, no job may wait on this engine for ever: fail
+                # everything in flight and keep serving (the next step starts clean).
+                log.exception("engine step failed; failing the jobs in flight")
+                self.fail_all(exc)
+                worked = True
             if not worked:
                 if stop.is_set():
                     return
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every admitted, waiting and incoming job."""
+        jobs = [s.job for s in self._active] + list(self._waiting)
+        while True:
+            try:
+                jobs.append(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        self._waiting.clear()
+        self._pending_previews.clear()
+        self._fail(jobs, exc)
+        self._free_memory()
+
+    def has_room(self) -> bool:
+        """Whether a new job could start now (read from other threads: approximate)."""
+        waiting = sum(job.num_images for job in list(self._waiting))
+        return len(self._active) + waiting + self._incoming.qsize() < self.max_batch
 
     def run_until_idle(self) -> None:
         while self.step_once():
@@ -463,7 +494,7 @@ class Engine:
             for sample in pending:
                 try:
                     images.extend(self._decode([sample.latents]))
-                except OOM_ERRORS as exc:
+                except Exception as exc:  # this image alone failed (OOM or worse)
                     self._free_memory()
                     self._fail([sample.job], exc)
                     images.append(None)
