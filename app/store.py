@@ -173,7 +173,8 @@ def resolve_params(request: JobRequest, conn: redis.Redis) -> JobParams:
     """Fill in what the client left to the server: seed and, if known, size."""
     values = request.model_dump()
     if values.get("seed") is None:
-        values["seed"] = secrets.randbelow(SEED_MAX + 1)
+        # Leave room for seed + i of every image (see JobRequest).
+        values["seed"] = secrets.randbelow(SEED_MAX + 2 - int(values.get("num_images") or 1))
     if values.get("width") is None or values.get("height") is None:
         native_w, native_h = native_size(live_workers(conn))
         if values.get("width") is None:

@@ -12,7 +12,7 @@ import time
 from enum import Enum
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The worker-side entry point, named by string so the API never imports it.
 RQ_FUNC = "worker.runtime.run_job"
@@ -92,6 +92,13 @@ class JobRequest(BaseModel):
         False, description="Decode previews with the full VAE instead of the cheap linear latent-to-RGB map (slower)."
     )
     output_format: OutputFormat = Field(OutputFormat.png, description="Encoding of the final images.")
+
+    @model_validator(mode="after")
+    def _every_image_seed_is_valid(self) -> "JobRequest":
+        # Image i uses seed + i, and each of those must be resubmittable as a seed.
+        if self.seed is not None and self.seed + self.num_images - 1 > SEED_MAX:
+            raise ValueError(f"seed + num_images - 1 must be at most {SEED_MAX} (image i uses seed + i)")
+        return self
 
 
 class JobParams(JobRequest):

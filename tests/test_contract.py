@@ -62,3 +62,12 @@ def test_worker_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("BAILAN_MAX_BATCH", "4")
     settings = WorkerSettings()
     assert settings.max_batch == 4 and settings.device == "cpu" and settings.model is None
+
+
+def test_seeds_of_every_image_stay_in_range() -> None:
+    """Guards against reporting an image seed (seed + i) that the API would refuse as input."""
+    from bailan.jobs import SEED_MAX, JobRequest
+
+    assert JobRequest(prompt="x", seed=SEED_MAX - 3, num_images=4).seed == SEED_MAX - 3
+    with pytest.raises(ValidationError, match="seed"):
+        JobRequest(prompt="x", seed=SEED_MAX - 2, num_images=4)
