@@ -260,7 +260,7 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
         self.vae_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def fit_scaling_factor(self) -> float:
@@ -306,7 +306,7 @@ class Trainer:
         with torch.no_grad():
             torch._foreach_lerp_(self.ema_unet, [p.detach() for p in self.unet.parameters()], 1 - decay)
             torch._foreach_lerp_(self.ema_te, [p.detach() for p in self.text_encoder.parameters()], 1 - decay)
-        return float(loss)
+        return float(loss.detach())
 
     def run(self, max_minutes: float | None) -> bool:
         """→ True when both phases are done; False when stopped by max_minutes
