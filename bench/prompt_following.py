@@ -78,7 +78,7 @@ def prompt_suite(n_seen: int = 20, n_heldout: int = 16, n_para: int = 10) -> lis
 def load_pipeline(model: str) -> object:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, dtype=torch.float32)
     # The service's "dpmpp_2m": DPM-Solver++ 2M built from the model's own config.
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
