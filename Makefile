@@ -48,7 +48,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 train: $(STAMP)
-	$(PY) -m worker.builtin.train --out models/bailan-shapes --device auto $(TRAIN_ARGS)
+	$(PY) -m worker.builtin.train --out models/bailan-shapes --device auto --resume $(TRAIN_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
