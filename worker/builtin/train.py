@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from worker.builtin import data
+from worker.parts import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
 from worker.wordtok import build_word_tokenizer
 
 MAX_TOKENS = 32  # the longest two-shape caption is 26 tokens with [BOS]/[EOS]
@@ -72,21 +73,7 @@ def build_tokenizer() -> Any:
 
 
 def build_text_encoder(tokenizer: Any) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return clip_text_encoder(tokenizer, hidden=128, intermediate=256, layers=2, heads=4)
 
 
 def build_vae(res: int) -> Any:
@@ -128,17 +115,7 @@ def build_unet(res: int) -> Any:
 
 
 def build_scheduler() -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-        prediction_type="epsilon",
-    )
+    return sd_noise_scheduler()
 
 
 def encode_text(tokenizer: Any, text_encoder: Any, prompts: list[str], device: torch.device) -> torch.Tensor:
@@ -362,8 +339,6 @@ class Trainer:
         return {"factors": sol[:-1].tolist(), "bias": sol[-1].tolist(), "rmse": round(resid, 4)}
 
     def export(self, out: Path) -> None:
-        from diffusers import StableDiffusionPipeline
-
         unet = build_unet(self.r.res)
         unet.load_state_dict(_with_ema(self.unet, self.ema_unet))
         te = build_text_encoder(self.tokenizer)
@@ -371,10 +346,7 @@ class Trainer:
         vae = build_vae(self.r.res)
         vae.load_state_dict({k: v.cpu() for k, v in self.vae.state_dict().items()})
         vae.register_to_config(scaling_factor=self.scaling_factor)
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=te, tokenizer=self.tokenizer, unet=unet, scheduler=self.scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        pipe = assemble_pipeline(unet, vae, te, self.tokenizer, self.scheduler)
         # Shipped in fp16: round now so the preview fit sees the shipped weights.
         pipe.to(dtype=torch.float16)
         pipe.to(dtype=torch.float32)
