@@ -13,7 +13,6 @@ from worker.builtin import data
 from worker.builtin.evaluate import ATTRIBUTES, read_attributes, score
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "bailan-shapes"
-needs_model = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="models/bailan-shapes not built")
 
 
 def test_evaluator_reads_ground_truth_images() -> None:
@@ -71,7 +70,6 @@ def test_batches_are_a_function_of_their_index() -> None:
     assert torch.equal(data.render(a[0]), data.render(b[0]))
 
 
-@needs_model
 def test_model_loads_as_a_standard_pipeline() -> None:
     """Guards the layout contract: the worker loads the built-in model exactly
     like a real Stable Diffusion directory, with preview factors beside it."""
@@ -90,7 +88,6 @@ def test_model_loads_as_a_standard_pipeline() -> None:
     assert pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == data.RES
 
 
-@needs_model
 def test_prompt_colours_reach_the_picture() -> None:
     """Guards a model that ignores its prompt (or swaps shape and background
     colours): on fixed prompts and seeds, the judge must read back the colours asked for."""
