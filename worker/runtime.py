@@ -9,7 +9,7 @@ in flight in one process that owns the model. So a worker process runs:
   forked child and reloading the model per job costs seconds). A slot dequeues
   a job, hands it to the engine and blocks until the engine is done with it,
   then lets RQ record the outcome as usual;
-* one engine thread (worker.sampling.Engine) that owns the GPU and steps every
+* the engine loop (worker.sampling.Engine), on the main thread, that owns the GPU and steps every
   admitted job through one UNet call per step;
 * an I/O thread that writes progress and reads cancel requests, and a small
   pool that encodes and stores previews, so Redis round trips and image

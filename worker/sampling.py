@@ -87,7 +87,7 @@ class GenerationJob:
     num_images: int = 1
     preview_every: int = 0
     preview_full_decode: bool = False
-    # Called from the engine thread: keep them cheap and non-blocking.
+    # Called from the engine loop: keep them cheap and non-blocking.
     on_progress: Callable[["GenerationJob", int], None] = _noop
     on_preview: Callable[["GenerationJob", int, np.ndarray], None] = _noop
     cancel_requested: threading.Event = field(default_factory=threading.Event)
@@ -181,7 +181,7 @@ class Engine:
         return list(seen.values())
 
     def run(self, stop: threading.Event) -> None:
-        """The engine thread. Returns when `stop` is set and nothing is in flight."""
+        """The engine loop (the worker runs it on its main thread). Returns when `stop` is set and nothing is in flight."""
         while True:
             try:
                 worked = self.step_once()
