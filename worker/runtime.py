@@ -43,6 +43,7 @@ from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
+from rq.utils import now as rq_now
 
 from bailan.jobs import (
     ErrorCode,
@@ -306,12 +307,7 @@ class Runtime:
             flights = list(self.in_flight.items())
         if not flights:
             return
-        pipe = self.connection.pipeline()
-        for job_id, flight in flights:
-            pipe.hget(Keys.job(job_id), RecordField.cancel_requested)
-        for (job_id, flight), canceled in zip(flights, pipe.execute()):
-            if canceled:
-                flight.job.cancel_requested.set()
+        # One round trip: this tick's progress out, every cancel flag in (read last).
         pipe = self.connection.pipeline()
         for job_id, flight in flights:
             step = flight.job.step
@@ -321,8 +317,12 @@ class Runtime:
             if flight.job.unknown_words and not flight.unknown_written:
                 pipe.hset(Keys.job(job_id), RecordField.unknown_words, dumps(flight.job.unknown_words))
                 flight.unknown_written = True
-        if len(pipe):
-            pipe.execute()
+        writes = len(pipe)
+        for job_id, _ in flights:
+            pipe.hget(Keys.job(job_id), RecordField.cancel_requested)
+        for (_, flight), canceled in zip(flights, pipe.execute()[writes:]):
+            if canceled:
+                flight.job.cancel_requested.set()
 
     # ---- liveness ---------------------------------------------------------------
 
@@ -338,7 +338,7 @@ class Runtime:
                 continue
             slot.heartbeat(lease + 60, pipeline=pipe)
             execution.heartbeat(job.started_job_registry, lease, pipeline=pipe)
-            job.heartbeat(now_dt(), lease, pipeline=pipe, xx=True)
+            job.heartbeat(rq_now(), lease, pipeline=pipe, xx=True)
         pipe.execute()
 
     def liveness_loop(self, slots: list[SlotWorker]) -> None:
@@ -362,12 +362,6 @@ class Runtime:
                 except Exception:
                     log.exception("reaper: sweep failed")
             self.stop.wait(min(self.settings.heartbeat_interval_s, self.settings.reap_interval_s))
-
-
-def now_dt() -> Any:
-    from rq.utils import now as rq_now
-
-    return rq_now()
 
 
 def encode_image(array: np.ndarray, fmt: str, quality: int = 95) -> bytes:

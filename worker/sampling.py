@@ -174,12 +174,6 @@ class Engine:
     def busy(self) -> bool:
         return bool(self._active or self._waiting or not self._incoming.empty())
 
-    def active_jobs(self) -> list[GenerationJob]:
-        seen: dict[int, GenerationJob] = {}
-        for sample in self._active:
-            seen.setdefault(id(sample.job), sample.job)
-        return list(seen.values())
-
     def run(self, stop: threading.Event) -> None:
         """The engine loop (the worker runs it on its main thread). Returns when `stop` is set and nothing is in flight."""
         while True:
@@ -591,11 +585,6 @@ def _sigma_scale(sample: _Sample) -> float:
         return 1.0
     sigma = float(sample.scheduler.sigmas[sample.step])
     return (sigma**2 + 1) ** 0.5
-
-
-def latent_to_rgb(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
-    """Cheap preview: a linear map per pixel, (1, C, h, w) -> (h, w, 3) uint8."""
-    return _latents_to_rgb(model, latents[:1])[0].cpu().numpy()
 
 
 def _latents_to_rgb(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
