@@ -91,6 +91,50 @@ def test_engine_matches_stock_pipeline(model: LoadedModel, engine: Engine) -> No
         assert np.abs(got - expected).max() < 2 / 255, name
 
 
+@pytest.fixture(scope="module")
+def vpred_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The tiny pipeline with the built-in model's schedule: v-prediction, zero terminal SNR, trailing steps."""
+    from worker.parts import sd_noise_scheduler
+    from worker.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    pipe.scheduler = sd_noise_scheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    path = tmp_path_factory.mktemp("models") / "tiny-vpred"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return load_model(path, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_engine_follows_a_v_prediction_zero_snr_model(vpred_model: LoadedModel, scheduler: str) -> None:
+    """Guards against the engine assuming SD's epsilon prediction or its noise schedule:
+    on a v-prediction, zero-terminal-SNR model (the built-in model's kind) every
+    scheduler must give the stock pipeline's image, batched with others or not."""
+    cls, overrides = SCHEDULERS[scheduler]
+    stock_scheduler = cls.from_config(vpred_model.scheduler_config, **overrides)
+    assert stock_scheduler.config.prediction_type == "v_prediction"
+    stock = StableDiffusionPipeline(**{**vpred_model.pipe.components, "scheduler": stock_scheduler})
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(
+        "a red circle",
+        height=32,
+        width=32,
+        num_inference_steps=6,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(11),
+        output_type="np",
+    ).images[0]
+    engine = Engine(vpred_model, max_batch=8)
+    job = make_job("v", scheduler=scheduler, seed=11)
+    mate = make_job("m", scheduler=scheduler, seed=12, prompt="a blue star")
+    engine.submit(job)
+    engine.submit(mate)
+    engine.run_until_idle()
+    job.future.result(timeout=0)
+    mate.future.result(timeout=0)
+    got = job.images[0].astype(np.float32) / 255
+    assert np.abs(got - expected).max() < 2 / 255, scheduler
+
+
 def test_same_seed_same_image_different_seed_different_image(engine: Engine) -> None:
     """Guards against unseeded randomness: a seed must reproduce its image."""
     first = run_alone(engine, make_job("x", seed=5, scheduler="euler_a"))
