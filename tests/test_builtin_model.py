@@ -115,7 +115,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     functions of the step, optimiser and EMA state are checkpointed)."""
     from worker.builtin.train import Recipe, Trainer
 
-    recipe = Recipe(vae_steps=2, vae_batch=4, unet_steps=2, lr_schedule_steps=2, batch=4, warmup=1, ckpt_every=1)
+    recipe = Recipe(vae_steps=2, vae_batch=4, unet_steps=2, batch=4, warmup=1, ckpt_every=1)
     cpu = torch.device("cpu")
     whole = Trainer(recipe, cpu, tmp_path / "whole")
     assert whole.run(None)
