@@ -68,24 +68,27 @@ def test_batch_mates_do_not_change_a_job(engine: Engine, scheduler: str) -> None
             assert torch.allclose(la, lb, atol=1e-4), f"{a.prompt}: max diff {(la - lb).abs().max()}"
 
 
+def stock_image(model: LoadedModel, scheduler: str, seed: int) -> np.ndarray:
+    """diffusers' own StableDiffusionPipeline on `model`, with the service's scheduler `scheduler`."""
+    cls, overrides = SCHEDULERS[scheduler]
+    stock = StableDiffusionPipeline(**{**model.pipe.components, "scheduler": cls.from_config(model.scheduler_config, **overrides)})
+    stock.set_progress_bar_config(disable=True)
+    return stock(
+        "a red circle",
+        height=32,
+        width=32,
+        num_inference_steps=6,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]
+
+
 def test_engine_matches_stock_pipeline(model: LoadedModel, engine: Engine) -> None:
     """Guards against the project's own loop drifting from standard SD sampling
     (guidance formula, noise scaling, scheduler use, VAE scaling)."""
-    pipe: StableDiffusionPipeline = model.pipe
     for name in ("ddim", "dpmpp_2m", "euler_a"):
-        cls, overrides = SCHEDULERS[name]
-        stock_scheduler = cls.from_config(model.scheduler_config, **overrides)
-        stock = StableDiffusionPipeline(**{**pipe.components, "scheduler": stock_scheduler})
-        stock.set_progress_bar_config(disable=True)
-        expected = stock(
-            "a red circle",
-            height=32,
-            width=32,
-            num_inference_steps=6,
-            guidance_scale=7.5,
-            generator=torch.Generator().manual_seed(11),
-            output_type="np",
-        ).images[0]
+        expected = stock_image(model, name, seed=11)
         job = run_alone(engine, make_job("s", scheduler=name, seed=11))
         got = job.images[0].astype(np.float32) / 255
         assert np.abs(got - expected).max() < 2 / 255, name
@@ -109,20 +112,8 @@ def test_engine_follows_a_v_prediction_zero_snr_model(vpred_model: LoadedModel, 
     """Guards against the engine assuming SD's epsilon prediction or its noise schedule:
     on a v-prediction, zero-terminal-SNR model (the built-in model's kind) every
     scheduler must give the stock pipeline's image, batched with others or not."""
-    cls, overrides = SCHEDULERS[scheduler]
-    stock_scheduler = cls.from_config(vpred_model.scheduler_config, **overrides)
-    assert stock_scheduler.config.prediction_type == "v_prediction"
-    stock = StableDiffusionPipeline(**{**vpred_model.pipe.components, "scheduler": stock_scheduler})
-    stock.set_progress_bar_config(disable=True)
-    expected = stock(
-        "a red circle",
-        height=32,
-        width=32,
-        num_inference_steps=6,
-        guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(11),
-        output_type="np",
-    ).images[0]
+    assert vpred_model.scheduler_config["prediction_type"] == "v_prediction"
+    expected = stock_image(vpred_model, scheduler, seed=11)
     engine = Engine(vpred_model, max_batch=8)
     job = make_job("v", scheduler=scheduler, seed=11)
     mate = make_job("m", scheduler=scheduler, seed=12, prompt="a blue star")
