@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     functions of the step, optimiser and EMA state are checkpointed)."""
     from worker.builtin.train import Recipe, Trainer
 
-    recipe = Recipe(vae_steps=2, vae_batch=4, unet_steps=2, batch=4, warmup=1, ckpt_every=1)
+    recipe = Recipe(vae_steps=2, vae_batch=4, unet_steps=2, lr_schedule_steps=2, batch=4, warmup=1, ckpt_every=1)
     cpu = torch.device("cpu")
     whole = Trainer(recipe, cpu, tmp_path / "whole")
     assert whole.run(None)
@@ -127,3 +128,41 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     for a, b in zip(whole.ema_unet + whole.ema_te, resumed.ema_unet + resumed.ema_te):
         assert torch.allclose(a, b, atol=1e-6)
     assert whole.scaling_factor == pytest.approx(resumed.scaling_factor)
+
+
+def test_zero_snr_v_prediction_option_exports_a_servable_model(tmp_path: Path) -> None:
+    """Guards the experimental recipe (`--set zero_terminal_snr=true --set
+    prediction_type=v_prediction --set vae_rgb_weight=0.25`) from rotting: it
+    must train with finite losses and export a pipeline whose scheduler config
+    tells every sampler to start from pure noise and read v."""
+    from diffusers import StableDiffusionPipeline
+
+    from worker.builtin.train import Recipe, Trainer
+
+    recipe = Recipe(
+        vae_steps=2, vae_batch=4, unet_steps=2, lr_schedule_steps=2, batch=4, warmup=1, ckpt_every=1,
+        zero_terminal_snr=True, prediction_type="v_prediction", vae_rgb_weight=0.25,
+    )
+    trainer = Trainer(recipe, torch.device("cpu"), tmp_path / "ckpt")
+    assert trainer.run(None)
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.log)
+    trainer.export(tmp_path / "model")
+    config = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True).scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing")
+    with pytest.raises(ValueError, match="v_prediction"):
+        Recipe(zero_terminal_snr=True)
+
+
+def test_set_overrides_are_typed_and_checked() -> None:
+    """Guards `train --set`: values must take the recipe field's type, and a
+    misspelt field must stop the run instead of being ignored."""
+    from worker.builtin.train import _parse_sets
+
+    assert _parse_sets(["zero_terminal_snr=true", "vae_rgb_weight=0.25", "unet_steps=10", "pyramid_scales=2,4"]) == {
+        "zero_terminal_snr": True,
+        "vae_rgb_weight": 0.25,
+        "unet_steps": 10,
+        "pyramid_scales": (2, 4),
+    }
+    with pytest.raises(SystemExit, match="zero_terminal_snrr"):
+        _parse_sets(["zero_terminal_snrr=true"])

@@ -37,39 +37,44 @@ MAX_TOKENS = 32  # the longest two-shape caption is 26 tokens with [BOS]/[EOS]
 class Recipe:
     seed: int = 0
     res: int = data.RES
-    # Sized so the whole recipe runs in about 95 min on the 2-core CPU
-    # (1.7 s per VAE step at batch 32, 3.1 s per UNet step at batch 64 measured
-    # there): smaller batches and more steps learn more per second at this scale.
-    vae_steps: int = 2000
-    vae_batch: int = 16
+    vae_steps: int = 3000
+    vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    # The learning rate follows a cosine down to a tenth over these steps.
-    unet_steps: int = 2500
-    batch: int = 32
+    # The committed run is the first 2,250 steps of a 6,000-step cosine
+    # schedule: its H200 time budget cut it there (EMA weights at that step).
+    unet_steps: int = 2250
+    lr_schedule_steps: int = 6000
+    batch: int = 64
     lr: float = 8e-4
     warmup: int = 300
     weight_decay: float = 0.01
     ema: float = 0.999
-    # Zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
-    # Sample Steps are Flawed"): SD's scaled-linear schedule keeps 7 % of the image
-    # at t=999, enough for the shape's quadrant to leak through the noise. A
-    # model trained that way reads the position from the noise instead of the
-    # prompt (the first committed run: position at chance, 22 %; an unconditional
-    # probe found the quadrant from x_t alone 47 % of the time at t=999). With
-    # the terminal step at pure noise only the words can say where the shape
-    # goes. At SNR 0 the noise is no longer predictable, so the model predicts v.
-    # Offset and pyramid noise, earlier patches for the same leak, are not needed.
-    zero_terminal_snr: bool = True
-    prediction_type: str = "v_prediction"
-    # Min-SNR-γ in x0 terms, floored at 1 so the pure-noise step (SNR 0), which
-    # decides the layout, still learns: v-loss weight min(SNR + 1, γ) / (SNR + 1).
+    # Offset noise: the scaled-linear schedule never reaches pure noise, so
+    # without it the model reads the background from the noise's mean instead
+    # of from the prompt.
+    noise_offset: float = 0.1
+    # Optional low-frequency (pyramid) noise at these latent grid sizes; off in
+    # the recipe. Tried against the position failure (quadrant-sized structure
+    # leaks through the noise down to t≈999, so an unconditional model finds the
+    # shape's quadrant from x_t alone: 47 % at t=999, 72 % at t=900). With
+    # (2, 4, 8) × 0.5 for 2,000 steps position stayed at chance and shape
+    # accuracy fell from 90 % to 28 %.
+    pyramid_scales: tuple[int, ...] = ()
+    pyramid_weight: float = 0.5
     min_snr_gamma: float = 5.0
-    # Keeps the VAE's latents linear in colour: a 1×1 linear head must recover
-    # the 4×-downsampled image from the latent mean. Without it the least-squares
-    # preview factors missed by 0.42 RMSE (on [-1, 1]) and previews showed the
-    # layout in the wrong colours.
-    vae_rgb_weight: float = 0.25
+    # Experimental, off in the committed recipe (`--set` turns them on); see
+    # README "Known limits". Zero terminal SNR (Lin et al. 2024) puts t=999 at
+    # pure noise, so the shape's quadrant can no longer leak through the noise
+    # and only the words can place it; at SNR 0 the model must predict v, and
+    # the min-SNR weight is floored at 1 there: min(SNR + 1, γ) / (SNR + 1).
+    # The VAE head makes latents linear in colour for the preview factors.
+    # Tried together on the 2-core CPU (2,000 VAE steps at batch 16, 2,500 UNet
+    # steps at batch 32): previews became right (fit RMSE 0.42 → 0.05) but at
+    # UNet step 1,500 samples were still textures without shapes.
+    zero_terminal_snr: bool = False
+    prediction_type: str = "epsilon"
+    vae_rgb_weight: float = 0.0
     ckpt_every: int = 250
 
     def __post_init__(self) -> None:
@@ -275,6 +280,13 @@ class Trainer:
             lat = self.vae.encode(x).latent_dist.mode() * self.scaling_factor
         B = lat.shape[0]
         noise = torch.randn(lat.shape, generator=g, device=self.device)
+        noise = noise + self.r.noise_offset * torch.randn((B, lat.shape[1], 1, 1), generator=g, device=self.device)
+        for size in self.r.pyramid_scales:
+            coarse = torch.randn((B, lat.shape[1], size, size), generator=g, device=self.device)
+            noise = noise + self.r.pyramid_weight * F.interpolate(coarse, size=lat.shape[-2:], mode="bilinear", align_corners=False)
+        if self.r.pyramid_scales:
+            # Back to about unit variance, which the samplers assume.
+            noise = noise / math.sqrt(1 + len(self.r.pyramid_scales) * self.r.pyramid_weight**2)
         t = torch.randint(0, 1000, (B,), generator=g, device=self.device)
         noisy = self.scheduler.add_noise(lat, noise, t)
         emb = encode_text(self.tokenizer, self.text_encoder, captions, self.device)
@@ -289,7 +301,7 @@ class Trainer:
             w = snr.clamp(max=self.r.min_snr_gamma) / snr
         loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         for grp in self.opt.param_groups:
-            grp["lr"] = self.r.lr * _lr_factor(self.step, self.r.unet_steps, self.r.warmup)
+            grp["lr"] = self.r.lr * _lr_factor(self.step, self.r.lr_schedule_steps, self.r.warmup)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
@@ -390,6 +402,24 @@ class Trainer:
         )
 
 
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set zero_terminal_snr=true` → {"zero_terminal_snr": True}, typed by the Recipe field's default."""
+    defaults = asdict(Recipe())
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in defaults:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            out[key] = raw.lower() in ("1", "true", "yes", "on")
+        elif kind is tuple:
+            out[key] = tuple(int(v) for v in raw.split(",") if v)
+        else:
+            out[key] = kind(raw)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models/bailan-shapes"))
@@ -406,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-steps", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any other Recipe field, for experiments")
     a = p.parse_args(argv)
-    overrides = {k: v for k, v in {"vae_steps": a.vae_steps, "unet_steps": a.unet_steps, "batch": a.batch, "ckpt_every": a.ckpt_every}.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {"vae_steps": a.vae_steps, "unet_steps": a.unet_steps, "batch": a.batch, "ckpt_every": a.ckpt_every}.items() if v is not None}
+    overrides.update(_parse_sets(a.set))
     recipe = Recipe(**overrides)
     device = pick_device(a.device)
     if device.type == "cuda":
