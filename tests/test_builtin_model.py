@@ -153,6 +153,25 @@ def test_zero_snr_v_prediction_option_exports_a_servable_model(tmp_path: Path) -
         Recipe(zero_terminal_snr=True)
 
 
+def test_fine_tuning_starts_from_the_given_pipeline(tmp_path: Path) -> None:
+    """Guards `train --init-from`: the UNet phase must start from that pipeline's
+    weights (and EMA), not from a fresh random UNet, and must then train."""
+    from diffusers import UNet2DConditionModel
+
+    from worker.builtin.train import Recipe, Trainer
+
+    recipe = Recipe(unet_steps=1, lr_schedule_steps=1, batch=2, warmup=1, zero_terminal_snr=True, prediction_type="v_prediction")
+    trainer = Trainer(recipe, torch.device("cpu"), tmp_path / "ckpt")
+    trainer.start_from(MODEL, fine_tune=True)
+    shipped = UNet2DConditionModel.from_pretrained(MODEL / "unet", local_files_only=True).float().state_dict()
+    start = trainer.unet.state_dict()
+    assert all(torch.equal(start[k], shipped[k]) for k in shipped)
+    assert (trainer.phase, trainer.step) == ("unet", 0)
+    assert trainer.scaling_factor == pytest.approx(json.loads((MODEL / "vae" / "config.json").read_text())["scaling_factor"])
+    assert trainer.run(None)
+    assert not torch.equal(trainer.unet.state_dict()["conv_in.weight"], shipped["conv_in.weight"])
+
+
 def test_set_overrides_are_typed_and_checked() -> None:
     """Guards `train --set`: values must take the recipe field's type, and a
     misspelt field must stop the run instead of being ignored."""

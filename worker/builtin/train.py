@@ -194,6 +194,7 @@ class Trainer:
         self.log: list[dict[str, float | int | str]] = []
         self.elapsed = 0.0
         self.vae_source = "trained in this run"
+        self.init_source = "random (seed)"
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
 
     # -- checkpoints
@@ -206,6 +207,7 @@ class Trainer:
             "log": self.log,
             "elapsed": self.elapsed,
             "vae_source": self.vae_source,
+            "init_source": self.init_source,
             "vae": self.vae.state_dict(),
             "vae_opt": self.vae_opt.state_dict(),
             "rgb_head": self.rgb_head.state_dict(),
@@ -231,6 +233,7 @@ class Trainer:
         self.phase, self.step = s["phase"], s["step"]
         self.scaling_factor, self.log, self.elapsed = s["scaling_factor"], s["log"], s["elapsed"]
         self.vae_source = s.get("vae_source", self.vae_source)
+        self.init_source = s.get("init_source", self.init_source)
         self.vae.load_state_dict(s["vae"])
         self.vae_opt.load_state_dict(s["vae_opt"])
         self.rgb_head.load_state_dict(s["rgb_head"])
@@ -239,6 +242,29 @@ class Trainer:
         self.ema_unet = [t.to(self.device) for t in s["ema_unet"]]
         self.ema_te = [t.to(self.device) for t in s["ema_te"]]
         self.opt.load_state_dict(s["opt"])
+
+    def start_from(self, pipeline_dir: Path, fine_tune: bool) -> None:
+        """Skip the VAE phase with `pipeline_dir`'s VAE (and scaling factor); with
+        `fine_tune`, also start the UNet and text encoder (and their EMA) from it."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        # A pipeline directory, or (as --vae-from always took) its vae/ folder.
+        vae_dir = pipeline_dir / "vae" if (pipeline_dir / "vae").is_dir() else pipeline_dir
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).float()
+        self.vae.load_state_dict(vae.state_dict())
+        self.vae.eval()
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.vae_source = f"{pipeline_dir} (VAE phase skipped)"
+        if fine_tune:
+            unet = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet", local_files_only=True).float()
+            te = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", local_files_only=True).float()
+            self.unet.load_state_dict(unet.state_dict())
+            self.text_encoder.load_state_dict(te.state_dict())
+            self.ema_unet = [p.detach().clone() for p in self.unet.parameters()]
+            self.ema_te = [p.detach().clone() for p in self.text_encoder.parameters()]
+            self.init_source = f"{pipeline_dir} (fine-tuned)"
+        self.phase, self.step = "unet", 0
 
     def _gen(self, stream: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.r.seed * 1_000_003 + self.step * 4 + stream)
@@ -393,6 +419,7 @@ class Trainer:
                     "stopped_at": {"phase": self.phase, "step": self.step},
                     "scaling_factor": self.scaling_factor,
                     "vae_source": self.vae_source,
+                    "init_source": self.init_source,
                     "torch": torch.__version__,
                     "log": self.log,
                 },
@@ -428,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/last.pt if present")
     p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop (exit 3) after this long")
     p.add_argument(
-        "--vae-from", type=Path, help="skip the VAE phase: use this trained VAE (a pipeline's vae/ folder) and its scaling factor"
+        "--vae-from", type=Path, help="skip the VAE phase: use this pipeline directory's trained VAE and its scaling factor"
+    )
+    p.add_argument(
+        "--init-from", type=Path, help="fine-tune: start from this pipeline directory's VAE, UNet and text encoder (implies --vae-from)"
     )
     p.add_argument("--export-only", action="store_true", help="export --ckpt-dir/last.pt as it is (EMA weights), even if unfinished")
     # Overrides for smoke tests only: the defaults are the committed recipe.
@@ -447,16 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     trainer = Trainer(recipe, device, a.ckpt_dir)
     ckpt = a.ckpt_dir / "last.pt"
-    if a.vae_from and not (a.resume and ckpt.exists()):
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(a.vae_from, local_files_only=True).float()
-        trainer.vae.load_state_dict(vae.state_dict())
-        trainer.vae.eval()
-        trainer.scaling_factor = float(vae.config.scaling_factor)
-        trainer.phase, trainer.step = "unet", 0
-        trainer.vae_source = f"{a.vae_from} (VAE phase skipped)"
-        print(f"VAE phase skipped: VAE and scaling factor {trainer.scaling_factor:.4f} from {a.vae_from}", file=sys.stderr)
+    start = a.init_from or a.vae_from
+    if start and not (a.resume and ckpt.exists()):
+        trainer.start_from(start, fine_tune=a.init_from is not None)
+        print(f"VAE phase skipped; VAE from {start}" + (", UNet and text encoder too (fine-tuning)" if a.init_from else ""), file=sys.stderr)
     if a.resume and ckpt.exists():
         trainer.load_checkpoint(ckpt)
         print(f"resumed from {ckpt}: phase {trainer.phase}, step {trainer.step}", file=sys.stderr)
