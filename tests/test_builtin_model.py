@@ -151,6 +151,8 @@ def test_zero_snr_v_prediction_option_exports_a_servable_model(tmp_path: Path) -
     assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing")
     with pytest.raises(ValueError, match="v_prediction"):
         Recipe(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="prediction_type"):
+        Recipe(prediction_type="sample")
 
 
 def test_fine_tuning_starts_from_the_given_pipeline(tmp_path: Path) -> None:
@@ -185,3 +187,5 @@ def test_set_overrides_are_typed_and_checked() -> None:
     }
     with pytest.raises(SystemExit, match="zero_terminal_snrr"):
         _parse_sets(["zero_terminal_snrr=true"])
+    with pytest.raises(SystemExit, match="not a bool"):
+        _parse_sets(["zero_terminal_snr=ture"])

@@ -78,6 +78,8 @@ class Recipe:
     ckpt_every: int = 250
 
     def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {self.prediction_type!r}")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
             raise ValueError("zero_terminal_snr needs prediction_type='v_prediction': noise cannot be predicted from pure noise")
 
@@ -277,9 +279,11 @@ class Trainer:
         z = post.sample(generator=self._gen(0))
         recon = self.vae.decode(z).sample
         kl = post.kl().mean()
-        rgb = F.mse_loss(self.rgb_head(post.mean), F.avg_pool2d(x, x.shape[-1] // z.shape[-1]))
         # L1 keeps edges crisp; MSE keeps colours exact.
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + self.r.kl_weight * kl + self.r.vae_rgb_weight * rgb
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + self.r.kl_weight * kl
+        if self.r.vae_rgb_weight:
+            rgb = F.mse_loss(self.rgb_head(post.mean), F.avg_pool2d(x, x.shape[-1] // z.shape[-1]))
+            loss = loss + self.r.vae_rgb_weight * rgb
         for g in self.vae_opt.param_groups:
             g["lr"] = self.r.vae_lr * _lr_factor(self.step, self.r.vae_steps, 100)
         self.vae_opt.zero_grad(set_to_none=True)
@@ -438,12 +442,15 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
         if not sep or key not in defaults:
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(defaults)}")
         kind = type(defaults[key])
-        if kind is bool:
-            out[key] = raw.lower() in ("1", "true", "yes", "on")
-        elif kind is tuple:
-            out[key] = tuple(int(v) for v in raw.split(",") if v)
-        else:
-            out[key] = kind(raw)
+        try:
+            if kind is bool:
+                out[key] = {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+            elif kind is tuple:
+                out[key] = tuple(int(v) for v in raw.split(",") if v)
+            else:
+                out[key] = kind(raw)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--set {item!r}: {raw!r} is not a {kind.__name__}") from None
     return out
 
 
@@ -470,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     overrides: dict[str, Any] = {k: v for k, v in {"vae_steps": a.vae_steps, "unet_steps": a.unet_steps, "batch": a.batch, "ckpt_every": a.ckpt_every}.items() if v is not None}
     overrides.update(_parse_sets(a.set))
-    recipe = Recipe(**overrides)
+    try:
+        recipe = Recipe(**overrides)
+    except ValueError as exc:
+        raise SystemExit(f"recipe: {exc}") from None
     device = pick_device(a.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
