@@ -5,10 +5,13 @@
 For a fixed prompt suite — seen combinations, held-out combinations (colour×shape
 and shape×position pairs that never appear in training) and paraphrases of seen
 ones — it generates K images per prompt with different seeds at the service's
-defaults (25 steps, DPM-Solver++ 2M) with guidance 7.5 and with guidance 1.0
+defaults (25 steps, DPM-Solver++ 2M) with guidance 7.5, 3.0 and 1.0
 (none), reads every attribute back with the pixel/geometry classifier of
-worker/builtin/evaluate.py (no learned parts), and prints per-attribute accuracy.
-It also times one image at the defaults, batch 1.
+worker/builtin/evaluate.py (no learned parts), and prints per-attribute accuracy
+and the mean "colour error": the RGB distance (0–441) from the measured shape
+colour to the palette colour asked for, which shows over-saturation that a
+right-or-wrong colour reading hides. It also times one image at the defaults,
+batch 1.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.builtin import data  # noqa: E402
-from worker.builtin.evaluate import ATTRIBUTES, read_attributes, score  # noqa: E402
+from worker.builtin.evaluate import ATTRIBUTES, colour_error, read_attributes, score  # noqa: E402
 
 STEPS = 25
-GUIDANCES = (7.5, 1.0)
+# The service default, a little, and none (the unconditional branch unused).
+GUIDANCES = (7.5, 3.0, 1.0)
 TARGETS = {"seen": {"colour": 0.95, "background": 0.95, "shape": 0.85, "size": 0.85, "position": 0.85}, "held-out": dict.fromkeys(ATTRIBUTES, 0.80)}
 
 
@@ -102,9 +106,15 @@ def run(model: str, k: int, chunk: int = 16) -> dict[str, object]:
             part = jobs[i : i + chunk]
             images = generate(pipe, [p for _, p, _, _ in part], [1000 + s for *_, s in part], guidance)
             for (group, _, expected, _), img in zip(part, images):
-                for attr, ok in score(read_attributes(img), expected).items():
-                    results.setdefault(f"{group}@{guidance}", {}).setdefault(attr, []).append(ok)
+                reading = read_attributes(img)
+                row = results.setdefault(f"{group}@{guidance}", {})
+                for attr, ok in score(reading, expected).items():
+                    row.setdefault(attr, []).append(ok)
+                err = colour_error(reading, expected["colour"])
+                if err is not None:
+                    row.setdefault("colour_error", []).append(err)
             print(f"guidance {guidance}: {min(i + chunk, len(jobs))}/{len(jobs)} images", file=sys.stderr, flush=True)
+    # colour_error is a mean distance, the rest are fractions right.
     table = {key: {a: sum(v) / len(v) for a, v in attrs.items()} | {"n": len(attrs["colour"])} for key, attrs in results.items()}
     # Default settings, batch 1, after a warm-up: what one job costs on this machine.
     generate(pipe, ["a red circle"], [0], 7.5)
@@ -126,12 +136,16 @@ def run(model: str, k: int, chunk: int = 16) -> dict[str, object]:
 
 
 def markdown(report: dict[str, object]) -> str:
-    rows = ["| prompts | guidance | n | shape colour | background | shape | size | position |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| prompts | guidance | n | shape colour | background | shape | size | position | colour error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for group in ("seen", "held-out", "paraphrase"):
         for g in GUIDANCES:
             row = report["accuracy"].get(f"{group}@{g}")
             if row:
-                rows.append(f"| {group} | {g} | {row['n']} | " + " | ".join(f"{100 * row[a]:.0f} %" for a in ATTRIBUTES) + " |")
+                accuracy = " | ".join(f"{100 * row[a]:.0f} %" for a in ATTRIBUTES)
+                rows.append(f"| {group} | {g} | {row['n']} | {accuracy} | {row.get('colour_error', float('nan')):.1f} |")
     return "\n".join(rows)
 
 

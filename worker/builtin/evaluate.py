@@ -28,6 +28,9 @@ class Reading:
     shape: str | None
     size: str | None
     position: str | None
+    # The measured shape colour (median of the core pixels, RGB 0–255): how far
+    # it lies from the palette entry says how faithful, not just how right, it is.
+    colour_rgb: tuple[float, float, float] | None = None
 
     def get(self, attribute: str) -> str | None:
         return getattr(self, attribute)
@@ -79,7 +82,8 @@ def read_attributes(image: object) -> Reading:
         return Reading(None, background, None, None, None)
     mask = dist > 0.5 * peak
     core = dist > 0.75 * peak
-    colour = _nearest_colour(img[core].median(0).values)
+    colour_rgb = img[core].median(0).values
+    colour = _nearest_colour(colour_rgb)
 
     ys, xs = torch.nonzero(mask, as_tuple=True)
     # Robust extent: a few stray pixels must not move the box.
@@ -101,8 +105,15 @@ def read_attributes(image: object) -> Reading:
         iou = float((moved & mask).sum()) / max(1.0, float((moved | mask).sum()))
         if iou > best_iou:
             best, best_iou = label, iou
-    return Reading(colour, background, best[0], best[1], position)
+    return Reading(colour, background, best[0], best[1], position, tuple(colour_rgb.tolist()))
 
 
 def score(reading: Reading, expected: dict[str, str]) -> dict[str, bool]:
     return {a: reading.get(a) == expected[a] for a in ATTRIBUTES if a in expected}
+
+
+def colour_error(reading: Reading, colour: str) -> float | None:
+    """RGB distance (0–441) from the measured shape colour to `colour`'s palette entry."""
+    if reading.colour_rgb is None:
+        return None
+    return float(np.linalg.norm(np.subtract(reading.colour_rgb, PALETTE[colour])))
