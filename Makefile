@@ -18,7 +18,7 @@ TRAIN_ARGS ?=
 help:
 	@echo "make run     start Redis (embedded valkey), the API and a worker; Ctrl-C stops all"
 	@echo "make test    run the test suite"
-	@echo "make train   train the built-in model into models/bailan-shapes"
+	@echo "make train   train the built-in model (two stages) into models/bailan-shapes"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make lint    lint the Dockerfile and validate docker-compose.yml"
 	@echo "make install create $(VENV) and install the project (done by the others on first use)"
@@ -47,8 +47,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Two stages (worker/builtin/train.py RECIPES); --resume makes a rerun continue
+# whichever stage was stopped, and redo nothing that finished.
+BASE_MODEL := checkpoints/bailan-shapes-base
 train: $(STAMP)
-	$(PY) -m worker.builtin.train --out models/bailan-shapes --device auto --resume $(TRAIN_ARGS)
+	$(PY) -m worker.builtin.train --recipe base --out $(BASE_MODEL) --ckpt-dir checkpoints/base --device auto --resume $(TRAIN_ARGS)
+	$(PY) -m worker.builtin.train --recipe zsnr --init-from $(BASE_MODEL) --out models/bailan-shapes --ckpt-dir checkpoints/zsnr --device auto --resume $(TRAIN_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

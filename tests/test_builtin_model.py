@@ -164,7 +164,8 @@ def test_zero_snr_v_prediction_option_exports_a_servable_model(tmp_path: Path) -
 
 def test_fine_tuning_starts_from_the_given_pipeline(tmp_path: Path) -> None:
     """Guards `train --init-from`: the UNet phase must start from that pipeline's
-    weights (and EMA), not from a fresh random UNet, and must then train."""
+    weights (and EMA), not from a fresh random UNet, must then train, and its
+    export must keep the starting point's own train log (provenance)."""
     from diffusers import UNet2DConditionModel
 
     from worker.builtin.train import Recipe, Trainer
@@ -179,6 +180,19 @@ def test_fine_tuning_starts_from_the_given_pipeline(tmp_path: Path) -> None:
     assert trainer.scaling_factor == pytest.approx(json.loads((MODEL / "vae" / "config.json").read_text())["scaling_factor"])
     assert trainer.run(None)
     assert not torch.equal(trainer.unet.state_dict()["conv_in.weight"], shipped["conv_in.weight"])
+    trainer.export(tmp_path / "model")
+    log = json.loads((tmp_path / "model" / "train_log.json").read_text())
+    assert log["init_train_log"] == json.loads((MODEL / "train_log.json").read_text())
+
+
+def test_a_fine_tuning_recipe_refuses_to_start_from_scratch(tmp_path: Path) -> None:
+    """Guards `train --recipe zsnr` without `--init-from`: it would silently train
+    a whole new VAE and UNet under the fine-tune's short schedule."""
+    from worker.builtin.train import main
+
+    with pytest.raises(SystemExit, match="--init-from"):
+        main(["--recipe", "zsnr", "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "model")])
+    assert not (tmp_path / "model").exists()
 
 
 def test_set_overrides_are_typed_and_checked() -> None:

@@ -1,10 +1,13 @@
 """Trains the built-in model from scratch: a small VAE first, then the text
 encoder and UNet together, and saves a standard diffusers pipeline directory.
 
-    python -m worker.builtin.train --out models/bailan-shapes --device auto
+The committed weights come from two stages (`make train` runs both):
 
-The defaults are the recipe of the committed weights; the same recipe runs on
-the CPU and on a GPU (only floating-point rounding differs). Data come from a
+    python -m worker.builtin.train --recipe base --out checkpoints/bailan-shapes-base
+    python -m worker.builtin.train --recipe zsnr --init-from checkpoints/bailan-shapes-base --out models/bailan-shapes
+
+`RECIPES` holds both; the same recipe runs on the CPU and on a GPU (only
+floating-point rounding differs). Data come from a
 seeded procedural generator indexed by step, and each step's noise from a
 generator seeded by the step, so `--resume` continues exactly where a killed
 run stopped.
@@ -18,7 +21,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +66,14 @@ class Recipe:
     pyramid_scales: tuple[int, ...] = ()
     pyramid_weight: float = 0.5
     min_snr_gamma: float = 5.0
-    # Experimental, off in the committed recipe (`--set` turns them on); see
-    # README "Known limits". Zero terminal SNR (Lin et al. 2024) puts t=999 at
-    # pure noise, so the shape's quadrant can no longer leak through the noise
-    # and only the words can place it; at SNR 0 the model must predict v, and
-    # the min-SNR weight is floored at 1 there: min(SNR + 1, γ) / (SNR + 1).
-    # The VAE head makes latents linear in colour for the preview factors.
-    # Tried together on the 2-core CPU (2,000 VAE steps at batch 16, 2,500 UNet
-    # steps at batch 32): previews became right (fit RMSE 0.42 → 0.05) but at
-    # UNet step 1,500 samples were still textures without shapes.
+    # Zero terminal SNR (Lin et al. 2024) puts t=999 at pure noise, so the
+    # shape's quadrant can no longer leak through the noise and only the words
+    # can place it; at SNR 0 the model must predict v, and the min-SNR weight is
+    # floored at 1 there: min(SNR + 1, γ) / (SNR + 1). The "zsnr" stage turns
+    # both on. The VAE head (off in both stages) makes latents linear in colour
+    # for the preview factors: from scratch with zero SNR on the 2-core CPU it
+    # made previews right (fit RMSE 0.42 → 0.05), but at UNet step 1,500 samples
+    # were still textures without shapes (README "Known limits").
     zero_terminal_snr: bool = False
     prediction_type: str = "epsilon"
     vae_rgb_weight: float = 0.0
@@ -82,6 +84,22 @@ class Recipe:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {self.prediction_type!r}")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
             raise ValueError("zero_terminal_snr needs prediction_type='v_prediction': noise cannot be predicted from pure noise")
+
+
+# The committed model: "base" trains the VAE, then an ε-prediction UNet on SD's
+# scaled-linear schedule (colours, shape and size follow the words, position
+# does not); "zsnr" fine-tunes that UNet and text encoder into zero terminal SNR
+# with v-prediction, which makes position follow the words too (README "The
+# built-in model"). Fine-tuning is far cheaper than training zero-SNR from
+# scratch, which still drew textures after 1,500 CPU steps.
+RECIPES: dict[str, Recipe] = {
+    "base": Recipe(),
+    "zsnr": Recipe(
+        zero_terminal_snr=True, prediction_type="v_prediction", lr=3e-4, warmup=100, unet_steps=5000, lr_schedule_steps=5000
+    ),
+}
+# Recipes that only make sense as a fine-tune of another stage's export.
+FINE_TUNES = {"zsnr": "base"}
 
 
 # ---------------------------------------------------------------- the parts
@@ -197,6 +215,7 @@ class Trainer:
         self.elapsed = 0.0
         self.vae_source = "trained in this run"
         self.init_source = "random (seed)"
+        self.init_train_log: dict[str, Any] | None = None
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
 
     # -- checkpoints
@@ -210,6 +229,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "vae_source": self.vae_source,
             "init_source": self.init_source,
+            "init_train_log": self.init_train_log,
             "vae": self.vae.state_dict(),
             "vae_opt": self.vae_opt.state_dict(),
             "rgb_head": self.rgb_head.state_dict(),
@@ -236,6 +256,7 @@ class Trainer:
         self.scaling_factor, self.log, self.elapsed = s["scaling_factor"], s["log"], s["elapsed"]
         self.vae_source = s.get("vae_source", self.vae_source)
         self.init_source = s.get("init_source", self.init_source)
+        self.init_train_log = s.get("init_train_log")
         self.vae.load_state_dict(s["vae"])
         self.vae_opt.load_state_dict(s["vae_opt"])
         self.rgb_head.load_state_dict(s["rgb_head"])
@@ -266,6 +287,9 @@ class Trainer:
             self.ema_unet = [p.detach().clone() for p in self.unet.parameters()]
             self.ema_te = [p.detach().clone() for p in self.text_encoder.parameters()]
             self.init_source = f"{pipeline_dir} (fine-tuned)"
+            # The exported model then says how its starting point was made too.
+            log = pipeline_dir / "train_log.json"
+            self.init_train_log = json.loads(log.read_text()) if log.exists() else None
         self.phase, self.step = "unet", 0
 
     def _gen(self, stream: int) -> torch.Generator:
@@ -424,6 +448,7 @@ class Trainer:
                     "scaling_factor": self.scaling_factor,
                     "vae_source": self.vae_source,
                     "init_source": self.init_source,
+                    "init_train_log": self.init_train_log,
                     "torch": torch.__version__,
                     "log": self.log,
                 },
@@ -456,6 +481,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="base", help="the stage to run (default: base)")
     p.add_argument("--out", type=Path, default=Path("models/bailan-shapes"))
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda")
     p.add_argument("--ckpt-dir", type=Path, default=Path("checkpoints/bailan-shapes"))
@@ -468,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         "--init-from", type=Path, help="fine-tune: start from this pipeline directory's VAE, UNet and text encoder (implies --vae-from)"
     )
     p.add_argument("--export-only", action="store_true", help="export --ckpt-dir/last.pt as it is (EMA weights), even if unfinished")
-    # Overrides for smoke tests only: the defaults are the committed recipe.
+    # Overrides for smoke tests only: the defaults are the named recipe's.
     p.add_argument("--vae-steps", type=int)
     p.add_argument("--unet-steps", type=int)
     p.add_argument("--batch", type=int)
@@ -478,9 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {k: v for k, v in {"vae_steps": a.vae_steps, "unet_steps": a.unet_steps, "batch": a.batch, "ckpt_every": a.ckpt_every}.items() if v is not None}
     overrides.update(_parse_sets(a.set))
     try:
-        recipe = Recipe(**overrides)
+        recipe = replace(RECIPES[a.recipe], **overrides)
     except ValueError as exc:
         raise SystemExit(f"recipe: {exc}") from None
+    if a.recipe in FINE_TUNES and not (a.init_from or a.export_only) and not (a.resume and (a.ckpt_dir / "last.pt").exists()):
+        raise SystemExit(f"--recipe {a.recipe} fine-tunes the {FINE_TUNES[a.recipe]!r} stage: name its exported pipeline with --init-from")
     device = pick_device(a.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
