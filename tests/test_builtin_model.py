@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,11 @@ def test_model_loads_as_a_standard_pipeline() -> None:
     assert pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == data.RES
 
 
-def test_prompt_colours_reach_the_picture() -> None:
+def test_prompt_colours_and_position_reach_the_picture() -> None:
     """Guards a model that ignores its prompt (or swaps shape and background
-    colours): on fixed prompts and seeds, the judge must read back the colours asked for."""
+    colours, or lets the seed pick the place, as the ε-prediction model did): on
+    fixed prompts and seeds, the judge must read back the colours and the
+    position asked for."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("prompt_following", MODEL.parents[1] / "bench" / "prompt_following.py")
@@ -106,15 +109,28 @@ def test_prompt_colours_reach_the_picture() -> None:
     spec.loader.exec_module(bench)
     pipe = bench.load_pipeline(str(MODEL))
     cases = [
-        ("a large red circle in the center on a blue background", "red", "blue"),
-        ("a large yellow square in the top left on a black background", "yellow", "black"),
-        ("a large white triangle in the bottom right on a green background", "white", "green"),
-        ("a large purple cross in the top right on an orange background", "purple", "orange"),
+        ("a large red circle in the center on a blue background", "red", "blue", "center"),
+        ("a large yellow square in the top left on a black background", "yellow", "black", "top left"),
+        ("a large white triangle in the bottom right on a green background", "white", "green", "bottom right"),
+        ("a large purple cross in the top right on an orange background", "purple", "orange", "top right"),
+        ("a small green star in the bottom left on a white background", "green", "white", "bottom left"),
     ]
-    images = bench.generate(pipe, [p for p, _, _ in cases], [0] * len(cases), 7.5)
-    for (prompt, colour, background), image in zip(cases, images):
+    images = bench.generate(pipe, [c[0] for c in cases], [0] * len(cases), 7.5)
+    for (prompt, colour, background, position), image in zip(cases, images):
         r = read_attributes(image)
-        assert (r.colour, r.background) == (colour, background), prompt
+        assert (r.colour, r.background, r.position) == (colour, background, position), prompt
+
+
+def test_committed_weights_name_the_recipes_that_made_them() -> None:
+    """Guards `make train` drifting from the committed weights: the shipped
+    model's log must record exactly the "zsnr" recipe, fine-tuned from a
+    pipeline whose own log is kept, so the two stages can be rerun."""
+    from worker.builtin.train import RECIPES
+
+    log = json.loads((MODEL / "train_log.json").read_text())
+    assert log["recipe"] == json.loads(json.dumps(asdict(RECIPES["zsnr"])))
+    assert log["stopped_at"] == {"phase": "unet", "step": RECIPES["zsnr"].unet_steps}
+    assert log["init_source"].endswith("(fine-tuned)") and log["init_train_log"]["stopped_at"]["phase"] == "unet"
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
