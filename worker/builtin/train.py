@@ -507,14 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe = replace(RECIPES[a.recipe], **overrides)
     except ValueError as exc:
         raise SystemExit(f"recipe: {exc}") from None
-    if a.recipe in FINE_TUNES and not (a.init_from or a.export_only) and not (a.resume and (a.ckpt_dir / "last.pt").exists()):
+    ckpt = a.ckpt_dir / "last.pt"
+    if a.recipe in FINE_TUNES and not (a.init_from or a.export_only) and not (a.resume and ckpt.exists()):
         raise SystemExit(f"--recipe {a.recipe} fine-tunes the {FINE_TUNES[a.recipe]!r} stage: name its exported pipeline with --init-from")
     device = pick_device(a.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     trainer = Trainer(recipe, device, a.ckpt_dir)
-    ckpt = a.ckpt_dir / "last.pt"
     start = a.init_from or a.vae_from
     if start and not (a.resume and ckpt.exists()):
         trainer.start_from(start, fine_tune=a.init_from is not None)
