@@ -211,6 +211,19 @@ def test_a_fine_tuning_recipe_refuses_to_start_from_scratch(tmp_path: Path) -> N
     assert not (tmp_path / "model").exists()
 
 
+def test_a_wrong_starting_pipeline_is_named(tmp_path: Path) -> None:
+    """Guards `--init-from`/`--vae-from` with a wrong path: it must stop with a
+    message naming the flag and what is missing, not a loader traceback."""
+    from worker.builtin.train import main
+
+    args = ["--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "model")]
+    with pytest.raises(SystemExit, match=r"--init-from: .*no config.json in .*unet"):
+        main(["--recipe", "zsnr", "--init-from", str(MODEL / "vae"), *args])
+    with pytest.raises(SystemExit, match=r"--vae-from: .*not a trained pipeline directory"):
+        main(["--vae-from", str(tmp_path / "nowhere"), *args])
+    assert not (tmp_path / "model").exists()
+
+
 def test_set_overrides_are_typed_and_checked() -> None:
     """Guards `train --set`: values must take the recipe field's type, and a
     misspelt field must stop the run instead of being ignored."""

@@ -274,6 +274,11 @@ class Trainer:
 
         # A pipeline directory, or (as --vae-from always took) its vae/ folder.
         vae_dir = pipeline_dir / "vae" if (pipeline_dir / "vae").is_dir() else pipeline_dir
+        # Checked up front so a wrong path is named, not met as a loader traceback.
+        parts = [vae_dir] + ([pipeline_dir / "unet", pipeline_dir / "text_encoder"] if fine_tune else [])
+        missing = [str(d) for d in parts if not (d / "config.json").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{pipeline_dir} is not a trained pipeline directory: no config.json in {', '.join(missing)}")
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).float()
         self.vae.load_state_dict(vae.state_dict())
         self.vae.eval()
@@ -517,7 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(recipe, device, a.ckpt_dir)
     start = a.init_from or a.vae_from
     if start and not (a.resume and ckpt.exists()):
-        trainer.start_from(start, fine_tune=a.init_from is not None)
+        try:
+            trainer.start_from(start, fine_tune=a.init_from is not None)
+        except FileNotFoundError as exc:
+            raise SystemExit(f"{'--init-from' if a.init_from else '--vae-from'}: {exc}") from None
         print(f"VAE phase skipped; VAE from {start}" + (", UNet and text encoder too (fine-tuning)" if a.init_from else ""), file=sys.stderr)
     if a.resume and ckpt.exists():
         trainer.load_checkpoint(ckpt)
