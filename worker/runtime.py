@@ -57,7 +57,8 @@ from bailan.jobs import (
     reap_abandoned,
 )
 from worker.loader import LoadedModel, load_model, pick_device, pick_dtype
-from worker.sampling import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled, default_max_batch
+from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled, RunnerOptions
+from worker.runners.sd import default_max_batch
 from worker.settings import BUILTIN_MODEL, REPO_ROOT, WorkerSettings
 
 log = logging.getLogger("bailan.worker")
@@ -396,9 +397,10 @@ def serve(settings: WorkerSettings) -> int:
     dtype = pick_dtype(settings.dtype, device)
     path = resolve_model_path(settings)
     started = time.perf_counter()
-    model = load_model(path, device, dtype, compile_unet=settings.compile)
-    engine = Engine(model, settings.max_batch or default_max_batch(model))
-    warm_up(engine, settings.compile)
+    model = load_model(path, device, dtype)
+    options = RunnerOptions(compile_unet=settings.compile, compile_vae=settings.compile)
+    engine = Engine(model, settings.max_batch or default_max_batch(device), options=options)
+    warm_up(engine)
     log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, time.perf_counter() - started,
              engine.max_batch)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
@@ -506,18 +508,14 @@ def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event)
     return False
 
 
-def warm_up(engine: Engine, compile_unet: bool = False) -> None:
-    """One short job through every path (kernels, autotuning, torch.compile) before taking work."""
+def warm_up(engine: Engine) -> None:
+    """Before taking work: every batch shape's kernels, compiled code and CUDA graphs
+    (Engine.warm_up), then one short job through every path."""
+    timings = engine.warm_up()
+    log.info("warm-up: %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     model = engine.model
     job = GenerationJob(id="warm-up", prompt="warm up", width=model.native_width, height=model.native_height,
                         steps=2, guidance_scale=2.0, seed=0, preview_every=1)
     engine.submit(job)
     engine.run_until_idle()
     job.future.result()
-    if model.device.type == "cuda":
-        # Every padded batch size once, so cuDNN picks kernels now and not under
-        # traffic. Compiled UNets would compile once per size (about a minute
-        # each), so those warm up on demand instead.
-        if not compile_unet:
-            engine.warm_up_shapes()
-        torch.cuda.synchronize()
