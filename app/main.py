@@ -20,9 +20,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from app.middleware import BodySizeLimit
-from app.reaper import Reaper
 from app.routes import build_router
 from app.settings import ApiSettings
+from bailan.reaper import Reaper
 
 log = logging.getLogger("bailan.api")
 

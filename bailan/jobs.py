@@ -204,53 +204,5 @@ def public_state(rq_status: str | None, record: Mapping[str, str]) -> JobState:
     return JobState.queued
 
 
-def reap_abandoned(connection: Any, queue_name: str, keep_s: int = 86400) -> list[str]:
-    """Fail (or requeue, while retries are left) jobs whose worker stopped heartbeating.
-
-    A running job's entry in RQ's started registry is scored with the time its
-    worker's heartbeat expires; RQ's own cleanup moves expired entries on. RQ
-    runs it only every ten minutes, so the API and every worker call this on a
-    short interval instead. Returns the ids it found abandoned. Also forgets
-    canceled jobs older than `keep_s` (RQ never trims that registry).
-    """
-    from rq.registry import CanceledJobRegistry, StartedJobRegistry
-    from rq.serializers import JSONSerializer
-
-    # One sweeper at a time: two concurrent RQ cleanups would both requeue a job.
-    lock = f"{KEY_PREFIX}:reaper-lock:{queue_name}"
-    if not connection.set(lock, "1", nx=True, px=30_000):
-        return []
-    try:
-        connection.zremrangebyscore(CanceledJobRegistry(queue_name, connection=connection).key, 0, now() - keep_s)
-        registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
-        expired = registry.get_expired_job_ids(now())
-        if not expired:
-            return []
-        registry.cleanup()
-        check = connection.pipeline()
-        for job_id in expired:
-            check.hget(f"rq:job:{job_id}", "status")
-            check.exists(Keys.job(job_id))
-        answers = check.execute()
-        pipe = connection.pipeline()
-        for job_id, status, exists in zip(expired, answers[::2], answers[1::2]):
-            key = Keys.job(job_id)
-            if not exists:
-                continue  # the record already expired; don't recreate a stub of it
-            if status in (b"failed", "failed"):
-                pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
-                pipe.hsetnx(key, RecordField.error_message, "the worker running this job stopped responding")
-                pipe.hsetnx(key, RecordField.finished_at, str(now()))
-                pipe.expire(key, keep_s)
-            else:
-                # Requeued: it runs afresh, so the dead attempt's traces go.
-                pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
-                pipe.delete(Keys.previews(job_id))
-        pipe.execute()
-        return expired
-    finally:
-        connection.delete(lock)
-
-
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))

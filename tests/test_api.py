@@ -24,9 +24,9 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from app.main import create_app
-from app.reaper import Reaper
 from app.settings import ApiSettings
 from bailan.jobs import RQ_FUNC, Keys, RecordField, now
+from bailan.reaper import Reaper
 
 QUEUE = "bailan-test"
 REPO = Path(__file__).resolve().parents[1]

@@ -151,7 +151,12 @@ def launch(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Launch]:
 
 
 def test_launch_does_not_import_torch() -> None:
-    code = "import sys, bailan.launch; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    """Guards: the launcher, or any shared bailan/ module the API imports, pulling in torch/diffusers."""
+    code = (
+        "import importlib, pkgutil, sys, bailan, bailan.launch\n"
+        "for m in pkgutil.iter_modules(bailan.__path__): importlib.import_module(f'bailan.{m.name}')\n"
+        "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

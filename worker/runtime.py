@@ -54,8 +54,8 @@ from bailan.jobs import (
     decode_record,
     dumps,
     now,
-    reap_abandoned,
 )
+from bailan.reaper import reap_abandoned
 from worker.loader import LoadedModel, load_model, pick_device, pick_dtype
 from worker.sampling import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled, default_max_batch
 from worker.settings import BUILTIN_MODEL, REPO_ROOT, WorkerSettings
