@@ -19,7 +19,15 @@ from app import store
 from app.deps import QueueDep, RedisDep, SettingsDep
 from app.schemas import Detail, JobOut, ModelsOut, make_request_model
 from app.settings import ApiSettings
-from bailan.jobs import CONTENT_TYPES, PREVIEW_FORMAT, TERMINAL_STATES, JobRequest, JobState
+from bailan.jobs import (
+    CONTENT_TYPES,
+    DEFAULT_STEPS,
+    MAX_IMAGES,
+    PREVIEW_FORMAT,
+    TERMINAL_STATES,
+    JobRequest,
+    JobState,
+)
 
 # Proxies drop idle connections after about a minute; a comment line this
 # often keeps an event stream open while a job waits in the queue.
@@ -110,7 +118,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
     limits = (
         f"Limits on this server: width ≤ {settings.max_width}, height ≤ {settings.max_height}, "
         f"width × height ≤ {settings.max_pixels}, steps ≤ {settings.max_steps}, prompt ≤ "
-        f"{settings.max_prompt_chars} characters, num_images 1–4, body ≤ {settings.max_body_bytes} bytes, "
+        f"{settings.max_prompt_chars} characters, num_images 1–{MAX_IMAGES}, body ≤ {settings.max_body_bytes} bytes, "
         f"at most {settings.max_queue_depth} queued jobs."
     )
     examples = {
@@ -122,7 +130,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
                 "negative_prompt": "blurry",
                 "width": 512,
                 "height": 512,
-                "steps": 25,
+                "steps": DEFAULT_STEPS,
                 "guidance_scale": 7.5,
                 "seed": 1234,
                 "scheduler": "dpmpp_2m",

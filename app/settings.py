@@ -11,11 +11,9 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from bailan.jobs import SIZE_MULTIPLE
 from bailan.settings import SharedSettings
 
-# Latents are 1/8 of the image size, so a size cap that is not a multiple of 8
-# would advertise a maximum no request could reach.
-SIZE_MULTIPLE = 8
 MIN_PIXELS = 64 * 64
 
 
@@ -72,7 +70,7 @@ class ApiSettings(SharedSettings):
 
     @field_validator("max_width", "max_height")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
+    def _size_multiple(cls, value: int) -> int:
         if value % SIZE_MULTIPLE:
             raise ValueError(f"must be a multiple of {SIZE_MULTIPLE}")
         return value

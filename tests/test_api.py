@@ -472,6 +472,56 @@ def test_openapi_documents_configured_caps(redis_url: str, redis_conn: redis.Red
         assert c.post("/v1/jobs", json={"prompt": "x", "steps": 61}).status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("setting", "cap", "field", "value", "schema_key"),
+    [
+        ("max_width", 512, "width", 1024, "maximum"),
+        ("max_height", 256, "height", 512, "maximum"),
+        ("max_steps", 20, "steps", 150, "maximum"),
+        ("max_prompt_chars", 10, "prompt", "x" * 1000, "maxLength"),
+        ("max_prompt_chars", 10, "negative_prompt", "y" * 1000, "maxLength"),
+    ],
+)
+def test_caps_follow_the_settings_of_each_app(
+    redis_url: str, redis_conn: redis.Redis, setting: str, cap: int, field: str, value: Any, schema_key: str
+) -> None:
+    """Guards: the request model's caps fixed at import, or copied from the defaults, so an app built
+    with smaller caps still accepts (and documents) what only the default app should accept."""
+    body = {"prompt": "x", field: value}
+    with client_for(make_settings(redis_url)) as c:
+        assert c.post("/v1/jobs", json=body).status_code == 202
+    with client_for(make_settings(redis_url, **{setting: cap})) as c:
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 422, r.text
+        assert ["body", field] in [e["loc"] for e in r.json()["detail"]]
+        prop = c.get("/openapi.json").json()["components"]["schemas"]["JobRequest"]["properties"][field]
+        constraints = prop["anyOf"][0] if "anyOf" in prop else prop
+        assert constraints[schema_key] == cap
+        assert str(cap) in prop["description"]
+
+
+def test_request_model_is_job_request_narrowed_only_by_the_caps() -> None:
+    """Guards: the API's request model re-declaring JobRequest's fields and drifting from the shared
+    contract (a default, a hard bound or the size multiple written twice and changed once)."""
+    from app.schemas import make_request_model
+    from bailan.jobs import DEFAULT_STEPS, JobRequest
+
+    model = make_request_model(ApiSettings(max_steps=10, max_width=512))
+    assert issubclass(model, JobRequest)
+    assert list(model.model_fields) == list(JobRequest.model_fields)
+    for name, base in JobRequest.model_fields.items():
+        field = model.model_fields[name]
+        assert field.annotation == base.annotation, name
+        assert all(m in field.metadata for m in base.metadata), name
+        assert field.examples == base.examples, name
+        if name != "steps":
+            assert field.default == base.default, name
+    # The default follows a cap below it, so an empty request stays valid.
+    assert model(prompt="x").steps == 10
+    assert make_request_model(ApiSettings())(prompt="x").steps == DEFAULT_STEPS
+    assert model(prompt="x", width=512).width == 512
+
+
 # ---------------------------------------------------------------- reaper
 
 
