@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from rq import Queue
 
 from app.settings import ApiSettings
-from app.store import make_queue
+from app.store.records import make_queue
 
 
 def get_settings(request: Request) -> ApiSettings:

@@ -10,15 +10,17 @@ from typing import Annotated, Any
 
 import anyio
 import redis
-from fastapi import APIRouter, Body, Header, HTTPException, Path, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app import store
+from app import views
 from app.deps import QueueDep, RedisDep, SettingsDep
 from app.schemas import Detail, JobOut, ModelsOut, make_request_model
 from app.settings import ApiSettings
+from app.store import idempotency, records, workers
+from app.store.common import looks_like_job_id
 from bailan.jobs import (
     CONTENT_TYPES,
     DEFAULT_STEPS,
@@ -57,8 +59,8 @@ def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
     )
 
 
-def _load(settings: ApiSettings, conn: redis.Redis, job_id: str) -> store.JobSnapshot:
-    snap = store.snapshot(conn, job_id) if store.looks_like_job_id(job_id) else None
+def _load(settings: ApiSettings, conn: redis.Redis, job_id: str) -> records.JobSnapshot:
+    snap = records.snapshot(conn, job_id) if looks_like_job_id(job_id) else None
     if snap is None:
         raise _not_found(settings, job_id)
     return snap
@@ -88,12 +90,12 @@ def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None,
 
 def _claim(
     settings: ApiSettings, conn: redis.Redis, body: JobRequest, idempotency_key: str | None
-) -> store.IdempotencyClaim | None:
+) -> idempotency.IdempotencyClaim | None:
     if idempotency_key is None:
         return None
     try:
-        return store.claim_idempotency(settings, conn, idempotency_key, store.request_fingerprint(body))
-    except store.IdempotencyMismatch:
+        return idempotency.claim_idempotency(settings, conn, idempotency_key, idempotency.request_fingerprint(body))
+    except idempotency.IdempotencyMismatch:
         raise RequestValidationError(
             [
                 {
@@ -104,7 +106,7 @@ def _claim(
                 }
             ]
         ) from None
-    except store.IdempotencyInFlight:
+    except idempotency.IdempotencyInFlight:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             "a request with this Idempotency-Key is still being processed; retry in a moment",
@@ -163,13 +165,14 @@ def build_router(settings: ApiSettings) -> APIRouter:
     )
     def submit_job(
         body: Annotated[request_model, Body(openapi_examples=examples)],  # type: ignore[valid-type]
+        request: Request,
         response: Response,
         settings: SettingsDep,
         conn: RedisDep,
         queue: QueueDep,
         idempotency_key: IdempotencyKey = None,
     ) -> JobOut:
-        params = store.resolve_params(body, conn)
+        params = records.resolve_params(body, conn)
         _check_pixels(settings, body, params.width, params.height)
         claim = _claim(settings, conn, body, idempotency_key)
         if claim is not None and not claim.fresh:
@@ -178,11 +181,11 @@ def build_router(settings: ApiSettings) -> APIRouter:
             response.headers["Idempotent-Replayed"] = "true"
         else:
             try:
-                job_id = store.submit(settings, conn, queue, params, job_id=claim.job_id if claim else None)
+                job_id = records.submit(settings, conn, queue, params, job_id=claim.job_id if claim else None)
             except Exception as exc:
                 if claim is not None:
-                    store.release_idempotency(conn, claim)
-                if isinstance(exc, store.QueueFull):
+                    idempotency.release_idempotency(conn, claim)
+                if isinstance(exc, records.QueueFull):
                     raise HTTPException(
                         status.HTTP_429_TOO_MANY_REQUESTS,
                         f"the queue is full ({exc.depth} jobs waiting, limit {settings.max_queue_depth}); "
@@ -190,21 +193,22 @@ def build_router(settings: ApiSettings) -> APIRouter:
                         headers={"Retry-After": str(settings.retry_after_s)},
                     ) from None
                 raise
-        response.headers["Location"] = f"/v1/jobs/{job_id}"
-        snap = store.snapshot(conn, job_id)
+        response.headers["Location"] = views.job_path(request.app.url_path_for, job_id)
+        snap = records.snapshot(conn, job_id)
         if snap is None:  # only if Redis lost it within milliseconds
             raise _not_found(settings, job_id)
-        return store.job_view(conn, queue, snap)
+        return views.job_view(conn, queue, snap, request.app.url_path_for)
 
     @router.get(
         "/v1/jobs/{job_id}",
+        name=views.JOB_ROUTE,
         response_model=JobOut,
         tags=["jobs"],
         summary="A job's status, progress, previews and images",
         responses={404: {"model": Detail, "description": "Unknown or expired job."}},
     )
-    def get_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> JobOut:
-        return store.job_view(conn, queue, _load(settings, conn, job_id))
+    def get_job(job_id: JobId, request: Request, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> JobOut:
+        return views.job_view(conn, queue, _load(settings, conn, job_id), request.app.url_path_for)
 
     @router.get(
         "/v1/jobs/{job_id}/events",
@@ -223,10 +227,12 @@ def build_router(settings: ApiSettings) -> APIRouter:
             404: {"model": Detail, "description": "Unknown or expired job."},
         },
     )
-    async def job_events(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> StreamingResponse:
+    async def job_events(
+        job_id: JobId, request: Request, settings: SettingsDep, conn: RedisDep, queue: QueueDep
+    ) -> StreamingResponse:
         def view() -> JobOut | None:
-            snap = store.snapshot(conn, job_id) if store.looks_like_job_id(job_id) else None
-            return store.job_view(conn, queue, snap) if snap is not None else None
+            snap = records.snapshot(conn, job_id) if looks_like_job_id(job_id) else None
+            return views.job_view(conn, queue, snap, request.app.url_path_for) if snap is not None else None
 
         first = await run_in_threadpool(view)
         if first is None:
@@ -280,16 +286,16 @@ def build_router(settings: ApiSettings) -> APIRouter:
             409: {"model": Detail, "description": "The job already ended."},
         },
     )
-    def cancel_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> Any:
+    def cancel_job(job_id: JobId, request: Request, settings: SettingsDep, conn: RedisDep, queue: QueueDep) -> Any:
         snap = _load(settings, conn, job_id)
         try:
-            outcome = store.cancel(conn, queue, snap, settings.result_ttl_s)
-        except store.AlreadyEnded as exc:
+            outcome = records.cancel(conn, queue, snap, settings.result_ttl_s)
+        except records.AlreadyEnded as exc:
             raise HTTPException(
                 status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"
             ) from None
-        view = store.job_view(conn, queue, _load(settings, conn, job_id))
-        code = status.HTTP_200_OK if outcome == store.CancelOutcome.canceled else status.HTTP_202_ACCEPTED
+        view = views.job_view(conn, queue, _load(settings, conn, job_id), request.app.url_path_for)
+        code = status.HTTP_200_OK if outcome == records.CancelOutcome.canceled else status.HTTP_202_ACCEPTED
         return JSONResponse(view.model_dump(mode="json"), status_code=code)
 
     @router.get(
@@ -304,7 +310,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
     )
     def latest_preview(job_id: JobId, settings: SettingsDep, conn: RedisDep) -> Response:
         snap = _load(settings, conn, job_id)
-        found = store.latest_preview(conn, snap)
+        found = records.latest_preview(conn, snap)
         if found is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, None))
         step, data = found
@@ -316,6 +322,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
 
     @router.get(
         "/v1/jobs/{job_id}/previews/{step}",
+        name=views.PREVIEW_ROUTE,
         tags=["jobs"],
         summary="The preview taken after a given step",
         response_class=Response,
@@ -331,7 +338,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
         conn: RedisDep,
     ) -> Response:
         snap = _load(settings, conn, job_id)
-        data = store.preview_bytes(conn, job_id, step)
+        data = records.preview_bytes(conn, job_id, step)
         if data is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, step))
         return Response(
@@ -342,6 +349,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
 
     @router.get(
         "/v1/jobs/{job_id}/images/{index}",
+        name=views.IMAGE_ROUTE,
         tags=["jobs"],
         summary="A final image",
         response_class=Response,
@@ -369,7 +377,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"job {job_id} has {params.num_images} image(s); no index {index}"
             )
-        data = store.image_bytes(conn, job_id, index)
+        data = records.image_bytes(conn, job_id, index)
         if data is not None:
             fmt = params.output_format.value if params is not None else "png"
             return Response(
@@ -391,7 +399,7 @@ def build_router(settings: ApiSettings) -> APIRouter:
 
     @router.get("/v1/models", response_model=ModelsOut, tags=["service"], summary="Models the live workers serve")
     def models(conn: RedisDep) -> ModelsOut:
-        return ModelsOut(models=store.models_served(store.live_workers(conn)))
+        return ModelsOut(models=workers.models_served(workers.live_workers(conn)))
 
     @router.get("/healthz", tags=["service"], summary="Liveness: the API process answers")
     def healthz() -> dict[str, str]:
@@ -406,17 +414,17 @@ def build_router(settings: ApiSettings) -> APIRouter:
     def readyz(conn: RedisDep) -> Any:
         try:
             conn.ping()
-            workers = store.live_workers(conn)
+            live = workers.live_workers(conn)
         except Exception as exc:  # any Redis failure means not ready, never a 500
             return JSONResponse({"detail": f"Redis unreachable: {exc}"}, status_code=503)
-        if not workers:
+        if not live:
             return JSONResponse({"detail": "no live worker: jobs would wait in the queue"}, status_code=503)
-        return {"status": "ready", "workers": len(workers)}
+        return {"status": "ready", "workers": len(live)}
 
     return router
 
 
-def _no_preview_reason(snap: store.JobSnapshot, step: int | None) -> str:
+def _no_preview_reason(snap: records.JobSnapshot, step: int | None) -> str:
     params = snap.params
     if params is not None and params.preview_every == 0:
         return f"job {snap.job_id} was submitted with preview_every=0: it has no previews"

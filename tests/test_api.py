@@ -282,6 +282,29 @@ def test_previews_and_images_served_with_content_types(client: TestClient, redis
     assert client.get(f"/v1/jobs/{job_id}/images/2").status_code == 404
 
 
+def test_every_link_in_a_view_is_served(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a view or a Location header linking to a path no route serves (a path written
+    in a view and in a route, then changed in one of them)."""
+    r = client.post("/v1/jobs", json={"prompt": "a lighthouse", "num_images": 2})
+    job_id = r.json()["id"]
+    start_job(redis_conn, job_id)
+    redis_conn.set(Keys.preview(job_id, 5), b"\xff\xd8jpeg", ex=60)
+    redis_conn.zadd(Keys.previews(job_id), {"5": 5})
+    for index in (0, 1):
+        redis_conn.set(Keys.image(job_id, index), b"png%d" % index)
+    redis_conn.hset(Keys.job(job_id), mapping={
+        RecordField.images: json.dumps([{"index": 0, "seed": 1}, {"index": 1, "seed": 2}]),
+        RecordField.finished_at: repr(now()),
+    })
+    Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).set_status(JobStatus.FINISHED)
+    view = client.get(r.headers["location"]).json()
+    links = [p["url"] for p in view["previews"]] + [i["url"] for i in view["images"]]
+    assert len(links) == 3
+    for link in links:
+        assert link.startswith(f"/v1/jobs/{job_id}/")
+        assert client.get(link).status_code == 200, link
+
+
 def test_previews_disabled_says_so(client: TestClient) -> None:
     """Guards: a client polling forever for previews of a job submitted with preview_every=0."""
     job_id = submit(client, preview_every=0)["id"]
@@ -645,7 +668,7 @@ def test_idempotency_key_in_flight_is_409(client: TestClient, settings: ApiSetti
     import hashlib
 
     from app.schemas import make_request_model
-    from app.store import request_fingerprint
+    from app.store.idempotency import request_fingerprint
 
     fingerprint = request_fingerprint(make_request_model(settings)(prompt="x"))
     value = {"job_id": "f" * 32, "fingerprint": fingerprint, "claimed_at": now()}
