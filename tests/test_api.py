@@ -581,6 +581,24 @@ def test_reaper_survives_redis_down() -> None:
     assert Reaper(conn, QUEUE, 1).sweep() == []
 
 
+def test_every_area_router_is_served(settings: ApiSettings) -> None:
+    """Guards: a new area module in app/routes/ whose module-level router was never included in
+    app.api, so its routes answer 404 and are missing from /openapi.json."""
+    import importlib
+    import pkgutil
+
+    import app.routes
+
+    paths = create_app(settings).openapi()["paths"]
+    served = {(path, method.upper()) for path, operations in paths.items() for method in operations}
+    areas = [importlib.import_module(f"app.routes.{m.name}") for m in pkgutil.iter_modules(app.routes.__path__)]
+    assert {area.__name__ for area in areas} >= {"app.routes.jobs", "app.routes.service"}
+    for area in areas:
+        routes = {(route.path, method) for route in area.router.routes for method in route.methods}
+        assert routes and routes <= served, area.__name__
+    assert ("/v1/jobs", "POST") in served  # the one route create_app adds itself
+
+
 def test_app_never_imports_torch() -> None:
     """Guards: the API process pulling in torch/diffusers (seconds of start-up, GPU libraries on the front end)."""
     code = "import app.main, sys; app.main.create_app(); assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
