@@ -54,8 +54,8 @@ from bailan.jobs import (
     decode_record,
     dumps,
     now,
-    reap_abandoned,
 )
+from bailan.reaper import reap_abandoned
 from worker.loader import LoadedModel, load_model, pick_device, pick_dtype
 from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled, RunnerOptions
 from worker.runners.sd import default_max_batch
