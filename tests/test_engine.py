@@ -349,3 +349,55 @@ def test_decode_failure_of_one_image_fails_only_its_job(model: LoadedModel) -> N
     with pytest.raises(RuntimeError, match="cuDNN"):
         first.future.result(timeout=0)
     assert second.future.result(timeout=0)
+
+
+class _Replay:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: replaying re-runs the captured body
+    on the same static tensors, which is what a graph replay does on the GPU."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.body()
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
+def test_graph_replay_protocol_matches_the_direct_step(model: LoadedModel, scheduler: str) -> None:
+    """Guards against the CUDA-graph path reading stale inputs: a captured step only sees
+    its static index and noise buffers, so every replay must refill them (slots, steps,
+    padding, Euler a's per-step noise) and give what the direct step gives."""
+    from worker.runners import sd
+
+    def capturing(runner: sd.SDRunner) -> list[_Replay]:
+        made: list[_Replay] = []
+
+        def capture(pool: Any, index: torch.Tensor, noise: torch.Tensor, unet: Any) -> Any:
+            replay = _Replay(lambda: runner._body(pool, index, noise, runner.model.unet))
+            made.append(replay)
+            return sd._Graph(replay, index, noise)  # type: ignore[arg-type]
+
+        runner._capture = capture  # type: ignore[method-assign]
+        runner.options = sd.RunnerOptions(cuda_graphs=True, max_steps=runner.options.max_steps)
+        return made
+
+    specs = [dict(seed=1), dict(seed=2, guidance_scale=1.0, steps=4), dict(seed=3, num_images=2, prompt="a blue star")]
+    results = []
+    for graphs in (False, True):
+        engine = Engine(model, max_batch=4, batch_buckets=(2, 4, 8))
+        replays = capturing(engine.runner) if graphs else []
+        engine.warm_up()
+        jobs = [make_job(f"g{i}", scheduler=scheduler, **spec) for i, spec in enumerate(specs)]
+        engine.submit(jobs[0])
+        engine.step_once()
+        engine.submit(jobs[1])
+        engine.submit(jobs[2])
+        engine.run_until_idle()
+        results.append(jobs)
+        if graphs:
+            assert len(replays) == 3 and sum(r.replays for r in replays) > 6
+    for a, b in zip(*results):
+        for la, lb in zip(a.latents, b.latents):
+            assert torch.allclose(la, lb, atol=1e-5), f"{a.id}: max diff {(la - lb).abs().max()}"

@@ -23,6 +23,7 @@ in flight in one process that owns the model. So a worker process runs:
 from __future__ import annotations
 
 import io
+import os
 import json
 import logging
 import signal
@@ -398,7 +399,7 @@ def serve(settings: WorkerSettings) -> int:
     path = resolve_model_path(settings)
     started = time.perf_counter()
     model = load_model(path, device, dtype)
-    options = RunnerOptions(compile_unet=settings.compile, compile_vae=settings.compile)
+    options = runner_options(settings, device)
     engine = Engine(model, settings.max_batch or default_max_batch(device), options=options)
     warm_up(engine)
     log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, time.perf_counter() - started,
@@ -506,6 +507,20 @@ def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event)
             stopping.wait(delay)
             delay = min(delay * 2, 10.0)
     return False
+
+
+def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOptions:
+    """The engine's use of the device: CUDA graphs and torch.compile on CUDA unless turned off."""
+    cuda = device.type == "cuda"
+    compile_ = cuda if settings.compile == "auto" else bool(settings.compile) and cuda
+    graphs = cuda if settings.cuda_graphs == "auto" else bool(settings.cuda_graphs) and cuda
+    if compile_:
+        # Compiled kernels outlive the process here, so a restart skips most of the compile.
+        settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir.resolve()))
+    # NHWC and fused attention projections pay only under compile (eager NHWC GroupNorms convert back).
+    return RunnerOptions(cuda_graphs=graphs, compile_unet=compile_, compile_vae=compile_,
+                         channels_last=compile_, fuse_qkv=compile_)
 
 
 def warm_up(engine: Engine) -> None:

@@ -36,7 +36,6 @@ class WorkerSettings(SharedSettings):
     max_batch: int = Field(
         0, ge=0, le=256, description="Images denoised together in one UNet call; 0 = pick from the device's memory."
     )
-    compile: bool = Field(False, description="torch.compile the UNet (CUDA only; slow start-up, faster steps).")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a worker proves it is alive.")
     heartbeat_ttl_s: int = Field(
         30, ge=2, description="A running job whose worker is silent this long is failed or requeued by the reaper."
@@ -45,6 +44,21 @@ class WorkerSettings(SharedSettings):
     name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}.{os.getpid()}",
         description="Worker name prefix, unique per process.",
+    )
+    # CUDA-only machinery is switched on by the device: "auto" means on with CUDA, off on the CPU.
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto", description="Capture each padded batch shape's denoising step as a CUDA graph (CUDA only)."
+    )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "torch.compile the UNet and the VAE decoder (CUDA only): faster steps, a slower first start "
+            "(later starts reuse BAILAN_COMPILE_CACHE_DIR)."
+        ),
+    )
+    compile_cache_dir: Path = Field(
+        Path(".run/compile-cache"),
+        description="Where torch.compile keeps its compiled kernels across restarts (TORCHINDUCTOR_CACHE_DIR).",
     )
 
     @model_validator(mode="after")

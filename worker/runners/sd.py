@@ -147,7 +147,8 @@ class SDRunner:
 
     def _prepare_model(self) -> None:
         opts, unet = self.options, self.model.unet
-        if opts.fuse_qkv and hasattr(unet, "fuse_qkv_projections"):
+        # Both change the module in place; a second runner on the same model keeps them.
+        if opts.fuse_qkv and getattr(unet, "original_attn_processors", None) is None:
             unet.fuse_qkv_projections()
         if opts.channels_last:
             unet.to(memory_format=torch.channels_last)
@@ -288,7 +289,7 @@ class SDRunner:
         """Advance the plan's samples one step each; nothing waits for the device."""
         pool = self._pool(plan.size)
         graph = pool.graphs.get(plan.bucket)
-        width = plan.bucket if graph is not None else max(plan.rows, len(plan))
+        width = plan.bucket  # >= rows >= samples; padding reads and writes the scratch slot
         stochastic = bool(pool.stochastic[plan.slots].any())
         packed = torch.from_numpy(_pack(plan, pool, width, self.options.max_steps, stochastic))
         if graph is not None:

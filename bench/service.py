@@ -1,0 +1,237 @@
+"""The whole service under load, measured as its clients see it: over HTTP.
+
+Each client submits a job (POST /v1/jobs), polls its status (GET /v1/jobs/{id})
+until it ends, then fetches its image; latency is submit -> `succeeded` seen,
+and submit -> image bytes in hand. Modes, in one run against one service:
+
+  single     one client alone, one job after another (`--single-reps` of them);
+  clients N  N clients at once, one job each (for every N in `--clients`);
+  staggered  N clients arriving `--stagger` s apart with mixed step counts.
+
+Images/s is images over the makespan (first submit -> last image fetched).
+
+    python bench/service.py --url http://127.0.0.1:8000              # a running service
+    python bench/service.py --start --json out.json                  # start `make run`'s launcher here, measure, stop
+
+With `--start` it also measures the worker's start: seconds from launching the
+service until /readyz answers 200 (model load, compile, CUDA graph capture).
+Settings for the started service come from the environment (BAILAN_MODEL, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def prompt(i: int) -> str:
+    fg, bg = COLOURS[i % len(COLOURS)], COLOURS[(i * 3 + 1) % len(COLOURS)]
+    return f"a {('small', 'large', 'big', 'tiny')[i % 4]} {fg} {SHAPES[i % len(SHAPES)]} on a {bg} background"
+
+
+class Client:
+    """One client: its own connection, one job at a time."""
+
+    def __init__(self, base: str, poll_s: float, body: dict[str, Any]) -> None:
+        self.http = httpx.Client(base_url=base, timeout=120)
+        self.poll_s = poll_s
+        self.body = body
+
+    def generate(self, i: int, steps: int) -> dict[str, float | str]:
+        t0 = time.perf_counter()
+        r = self.http.post("/v1/jobs", json={**self.body, "prompt": prompt(i), "seed": i, "steps": steps})
+        r.raise_for_status()
+        job = r.json()
+        while job["status"] not in TERMINAL:
+            time.sleep(self.poll_s)
+            job = self.http.get(f"/v1/jobs/{job['id']}").json()
+        done = time.perf_counter()
+        if job["status"] != "succeeded":
+            return {"submitted": t0, "done": done, "image": done, "status": job["status"], "error": str(job.get("error"))}
+        image = self.http.get(job["images"][0]["url"])
+        image.raise_for_status()
+        return {"submitted": t0, "done": done, "image": time.perf_counter(), "status": "succeeded",
+                "bytes": len(image.content)}
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def run_mode(name: str, base: str, body: dict[str, Any], steps: list[int], poll_s: float,
+             interval: float = 0.0) -> dict[str, Any]:
+    """len(steps) clients, client i submitting at i * interval (all at once when 0)."""
+    clients = [Client(base, poll_s, body) for _ in steps]
+    start = time.perf_counter()
+
+    def one(i: int) -> dict[str, Any]:
+        delay = start + i * interval - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        return clients[i].generate(i, steps[i])
+
+    with ThreadPoolExecutor(len(steps)) as pool:
+        results = list(pool.map(one, range(len(steps))))
+    for client in clients:
+        client.close()
+    return summarise(name, results, poll_s, steps, interval)
+
+
+def run_single(base: str, body: dict[str, Any], steps: int, reps: int, poll_s: float) -> dict[str, Any]:
+    client = Client(base, poll_s, body)
+    results = [client.generate(i, steps) for i in range(reps)]
+    client.close()
+    row = summarise("single_client", results, poll_s, [steps] * reps, 0.0)
+    # One after another: throughput is one over the latency, not images over the makespan.
+    row["images_per_s"] = round(1 / row["latency_p50_s"], 3)
+    return row
+
+
+def summarise(name: str, results: list[dict[str, Any]], poll_s: float, steps: list[int],
+              interval: float) -> dict[str, Any]:
+    failed = [r for r in results if r["status"] != "succeeded"]
+    lat = sorted(r["done"] - r["submitted"] for r in results)
+    img = sorted(r["image"] - r["submitted"] for r in results)
+    makespan = max(r["image"] for r in results) - min(r["submitted"] for r in results)
+    return {
+        "mode": name,
+        "clients": len(results),
+        "images": len(results) - len(failed),
+        "failed": len(failed),
+        "errors": sorted({str(r.get("error") or r["status"]) for r in failed})[:3],
+        "makespan_s": round(makespan, 4),
+        "images_per_s": round((len(results) - len(failed)) / makespan, 3),
+        "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
+        "latency_p95_s": round(float(np.percentile(lat, 95)), 4),
+        "image_latency_p50_s": round(float(np.percentile(img, 50)), 4),
+        "poll_s": poll_s,
+        "steps": sorted(set(steps)),
+        **({"arrival_interval_s": interval} if interval else {}),
+    }
+
+
+# ---- starting and stopping the service ----------------------------------------------------
+
+
+def start_service(port: int, log_path: Path | None) -> tuple[subprocess.Popen[bytes], Any]:
+    env = dict(os.environ, BAILAN_PORT=str(port), PYTHONUNBUFFERED="1")
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen([sys.executable, "-m", "bailan.launch"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
+    return process, log
+
+
+def wait_ready(base: str, process: subprocess.Popen[bytes], timeout_s: float) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"the service exited with code {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"the service was not ready after {timeout_s:.0f} s")
+
+
+def stop_service(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--start", action="store_true", help="start the service (python -m bailan.launch) here first")
+    p.add_argument("--port", type=int, default=8000, help="with --start: the API's port")
+    p.add_argument("--ready-timeout", type=float, default=600)
+    p.add_argument("--service-log", type=Path, help="with --start: where the service's output goes")
+    p.add_argument("--clients", default="16,32", help="concurrent client counts")
+    p.add_argument("--stagger-clients", type=int, default=16)
+    p.add_argument("--stagger", type=float, help="arrival interval, s (default: half the single-client latency)")
+    p.add_argument("--mixed-steps", default="15,25,40")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--size", type=int, help="width = height (default: the model's native size)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--single-reps", type=int, default=5)
+    p.add_argument("--poll", type=float, help="seconds between a client's polls (default 10 ms, 2.5 ms x clients above 4)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    base = f"http://127.0.0.1:{args.port}" if args.start else args.url.rstrip("/")
+    body: dict[str, Any] = {"guidance_scale": args.guidance, "scheduler": "dpmpp_2m"}
+    if args.size:
+        body["width"] = body["height"] = args.size
+    results: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(["bench/service.py", *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {"steps": args.steps, "guidance": args.guidance, "size": args.size or "native",
+                     "preview_every": "service default (5)"},
+        "environment": {k: v for k, v in os.environ.items() if k.startswith("BAILAN_")},
+        "modes": {},
+    }
+
+    def poll_for(clients: int) -> float:
+        return args.poll if args.poll is not None else max(0.01, 0.0025 * clients)
+
+    def record(row: dict[str, Any]) -> None:
+        results["modes"][row["mode"]] = row
+        print(f"  {row['mode']:<24} {row['images_per_s']:8.3f} img/s  p50 {row['latency_p50_s']:.3f} s  "
+              f"p95 {row['latency_p95_s']:.3f} s  failed {row['failed']}", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+    process = log = None
+    try:
+        if args.start:
+            process, log = start_service(args.port, args.service_log)
+            results["time_to_ready_s"] = round(wait_ready(base, process, args.ready_timeout), 2)
+            print(f"service ready in {results['time_to_ready_s']} s", flush=True)
+        results["models"] = httpx.get(f"{base}/v1/models", timeout=10).json()
+        # Warm-up: the first requests through every process path.
+        run_mode("warm-up", base, body, [2] * 4, 0.01)
+        record(run_single(base, body, args.steps, args.single_reps, poll_for(1)))
+        for n in [int(c) for c in args.clients.split(",") if c]:
+            record(run_mode(f"clients_{n}", base, body, [args.steps] * n, poll_for(n)))
+        mixed = [int(s) for s in args.mixed_steps.split(",")]
+        single = results["modes"]["single_client"]["latency_p50_s"]
+        interval = args.stagger if args.stagger is not None else single / 2
+        n = args.stagger_clients
+        record(run_mode(f"staggered_{n}_mixed_steps", base, body, [mixed[i % len(mixed)] for i in range(n)],
+                        poll_for(n), interval=interval))
+    finally:
+        if process is not None:
+            stop_service(process)
+        if log not in (None, subprocess.DEVNULL):
+            log.close()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
