@@ -47,3 +47,9 @@ timeout "${STAGE2_S:-240}" $PY bench/service.py --start --port 8017 --clients "$
 echo "stage 2 exit: $?" | tee -a "$LOG"
 du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
 grep -E "warm-up|ready|compil|graph" "$OUT/service_gpu.log" | tail -8 | tee -a "$LOG"
+# The compile cache, brought home when small enough (SAVE_CACHE=1): a later run that carries
+# it back measures a warm worker start on a fresh machine.
+if [ -n "${SAVE_CACHE:-}" ] && [ "$(du -sm "$TORCHINDUCTOR_CACHE_DIR" | cut -f1)" -lt 58 ]; then
+  tar -C "$(dirname "$TORCHINDUCTOR_CACHE_DIR")" -czf - "$(basename "$TORCHINDUCTOR_CACHE_DIR")" | split -b 15M - "$OUT/cache.tgz.part-"
+  ls -la "$OUT" | tee -a "$LOG"
+fi
