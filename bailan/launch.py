@@ -48,6 +48,15 @@ class LaunchSettings(SharedSettings):
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
     workers: int = Field(1, ge=1, description="Worker processes to start.")
+    api_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "API processes behind the one port (uvicorn --workers): the API is Python, so one "
+            "process serves requests one core at a time; more take more clients."
+        ),
+    )
     valkey_dir: Path = Field(
         Path(".run/valkey"), description="Data directory of the embedded server (its AOF survives restarts)."
     )
@@ -309,7 +318,8 @@ def main() -> int:
         children.append(
             spawn(
                 "API",
-                [python, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port)],
+                [python, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port),
+                 *(["--workers", str(settings.api_processes)] if settings.api_processes > 1 else [])],
                 env,
             )
         )

@@ -374,8 +374,9 @@ class SDRunner:
             batch = torch.cat([batch, batch[-1:].expand(target - count, -1, -1, -1)])
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        decode = self._compiled_vae or model.vae.decode
-        if decode is self._compiled_vae:
+        # `is not None`, never `or`: truth-testing a module asks it for its length.
+        decode = self._compiled_vae if self._compiled_vae is not None else model.vae.decode
+        if self._compiled_vae is not None:
             torch._dynamo.maybe_mark_dynamic(batch, 0)
         images = decode(batch, return_dict=False)[0][:count]
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -394,7 +395,7 @@ class SDRunner:
         bucket. Returns seconds spent per phase."""
         timings: dict[str, float] = {}
         pool = self._pool(size)
-        unet = self._compiled_unet or self.model.unet
+        unet = self._compiled_unet if self._compiled_unet is not None else self.model.unet
         started = time.perf_counter()
         for bucket in buckets:
             if bucket > 2 * self.max_batch:
