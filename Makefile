@@ -47,12 +47,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Two stages (worker/builtin/train.py RECIPES); --resume makes a rerun continue
+# Two stages (world/train.py RECIPES); --resume makes a rerun continue
 # whichever stage was stopped, and redo nothing that finished.
 BASE_MODEL := checkpoints/bailan-shapes-base
 train: $(STAMP)
-	$(PY) -m worker.builtin.train --recipe base --out $(BASE_MODEL) --ckpt-dir checkpoints/base --device auto --resume $(TRAIN_ARGS)
-	$(PY) -m worker.builtin.train --recipe zsnr --init-from $(BASE_MODEL) --out models/bailan-shapes --ckpt-dir checkpoints/zsnr --device auto --resume $(TRAIN_ARGS)
+	$(PY) -m world.train --recipe base --out $(BASE_MODEL) --ckpt-dir checkpoints/base --device auto --resume $(TRAIN_ARGS)
+	$(PY) -m world.train --recipe zsnr --init-from $(BASE_MODEL) --out models/bailan-shapes --ckpt-dir checkpoints/zsnr --device auto --resume $(TRAIN_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

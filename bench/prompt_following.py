@@ -7,7 +7,7 @@ and shape×position pairs that never appear in training) and paraphrases of seen
 ones — it generates K images per prompt with different seeds at the service's
 defaults (25 steps, DPM-Solver++ 2M) with guidance 7.5, 3.0 and 1.0
 (none), reads every attribute back with the pixel/geometry classifier of
-worker/builtin/evaluate.py (no learned parts), and prints per-attribute accuracy
+world/evaluate.py (no learned parts), and prints per-attribute accuracy
 and the mean "colour error": the RGB distance (0–441) from the measured shape
 colour to the palette colour asked for, which shows over-saturation that a
 right-or-wrong colour reading hides. It also times one image at the defaults,
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.builtin import data  # noqa: E402
-from worker.builtin.evaluate import ATTRIBUTES, colour_error, read_attributes, score  # noqa: E402
+from world import data  # noqa: E402
+from world.evaluate import ATTRIBUTES, colour_error, read_attributes, score  # noqa: E402
 
 STEPS = 25
 # The service default, a little, and none (the unconditional branch unused).

@@ -47,7 +47,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline  # no
 
 from worker.loader import LoadedModel, from_pipeline  # noqa: E402
 from worker.sampling import Engine, GenerationJob  # noqa: E402
-from worker.tiny import TINY_WORDS, build_tiny_pipeline  # noqa: E402
+from world.tiny import TINY_WORDS, build_tiny_pipeline  # noqa: E402
 
 BUILTIN = REPO / "models" / "bailan-shapes"
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
@@ -76,8 +76,8 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from worker.parts import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
-    from worker.wordtok import build_word_tokenizer
+    from world.sd_components import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
+    from world.wordtok import build_word_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=77)
@@ -132,7 +132,7 @@ def build_pipeline(
         return pipe.to(device), name, path
     if device.type == "cuda":
         return build_sd15_random(device, dtype), "sd15-architecture-random (built in code)", Path("sd15-random")
-    return build_tiny_pipeline().to(device=device, dtype=dtype), "tiny random pipeline (worker/tiny.py)", Path("tiny")
+    return build_tiny_pipeline().to(device=device, dtype=dtype), "tiny random pipeline (world/tiny.py)", Path("tiny")
 
 
 # ---- measuring ------------------------------------------------------------------------

@@ -381,7 +381,7 @@ def resolve_model_path(settings: WorkerSettings) -> Path:
         return Path(settings.model)
     if (BUILTIN_MODEL / "model_index.json").is_file():
         return BUILTIN_MODEL
-    from worker.tiny import save_tiny_pipeline
+    from world.tiny import save_tiny_pipeline
 
     tiny = REPO_ROOT / ".run" / "models" / "tiny-random"
     if not (tiny / "model_index.json").is_file():

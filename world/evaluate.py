@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from worker.builtin.data import ANCHORS, PALETTE, RADIUS, SHAPES, SIZES, shape_alpha
+from world.data import ANCHORS, PALETTE, RADIUS, SHAPES, SIZES, shape_alpha
 
 ATTRIBUTES = ("colour", "background", "shape", "size", "position")
 
