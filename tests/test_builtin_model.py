@@ -102,12 +102,9 @@ def test_prompt_colours_and_position_reach_the_picture() -> None:
     colours, or lets the seed pick the place, as the ε-prediction model did): on
     fixed prompts and seeds, the judge must read back the colours and the
     position asked for."""
-    import importlib.util
+    from world.stock import generate, load_pipeline
 
-    spec = importlib.util.spec_from_file_location("prompt_following", MODEL.parents[1] / "bench" / "prompt_following.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    pipe = bench.load_pipeline(str(MODEL))
+    pipe = load_pipeline(str(MODEL))
     cases = [
         ("a large red circle in the center on a blue background", "red", "blue", "center"),
         ("a large yellow square in the top left on a black background", "yellow", "black", "top left"),
@@ -115,7 +112,7 @@ def test_prompt_colours_and_position_reach_the_picture() -> None:
         ("a large purple cross in the top right on an orange background", "purple", "orange", "top right"),
         ("a small green star in the bottom left on a white background", "green", "white", "bottom left"),
     ]
-    images = bench.generate(pipe, [c[0] for c in cases], [0] * len(cases), 7.5)
+    images = generate(pipe, [c[0] for c in cases], [0] * len(cases), 7.5)
     for (prompt, colour, background, position), image in zip(cases, images):
         r = read_attributes(image)
         assert (r.colour, r.background, r.position) == (colour, background, position), prompt

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from bench.prompt_following import STEPS, load_pipeline
+from world.stock import STEPS, load_pipeline
 
 GRID_PROMPTS = (
     "a large red circle in the center on a blue background",
