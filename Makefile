@@ -35,9 +35,11 @@ $(STAMP): pyproject.toml
 		echo "==> no GPU: installing $(CPU_TORCH) (CPU build) first; this takes a minute"; \
 		$(PY) -m pip install --quiet --disable-pip-version-check "$(CPU_TORCH)"; \
 	fi
-	@echo "==> installing bailan and its test tools into $(VENV)"
+	@echo "==> installing bailan, its trainer's and test tools into $(VENV)"
+	@# One venv serves run, test and train: the train extra is the trainer's
+	@# (tqdm), which the service itself never imports.
 	@# The setuptools notice about editable installs is noise here.
-	@PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install --quiet --disable-pip-version-check -e '.[train,test]'
 	@touch $@
 	@echo "==> $(VENV) is ready"
 
