@@ -30,7 +30,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
@@ -58,7 +57,7 @@ from bailan.jobs import (
 )
 from worker.loader import LoadedModel, load_model, pick_device, pick_dtype
 from worker.sampling import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled, default_max_batch
-from worker.settings import BUILTIN_MODEL, REPO_ROOT, WorkerSettings
+from worker.settings import WorkerSettings
 
 log = logging.getLogger("bailan.worker")
 
@@ -376,27 +375,12 @@ def encode_image(array: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def resolve_model_path(settings: WorkerSettings) -> Path:
-    if settings.model:
-        return Path(settings.model)
-    if (BUILTIN_MODEL / "model_index.json").is_file():
-        return BUILTIN_MODEL
-    from world.tiny import save_tiny_pipeline
-
-    tiny = REPO_ROOT / ".run" / "models" / "tiny-random"
-    if not (tiny / "model_index.json").is_file():
-        log.warning("built-in model missing: building a tiny random-weight pipeline at %s", tiny)
-        save_tiny_pipeline(tiny)
-    return tiny
-
-
 def serve(settings: WorkerSettings) -> int:
     global _runtime
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    path = resolve_model_path(settings)
     started = time.perf_counter()
-    model = load_model(path, device, dtype, compile_unet=settings.compile)
+    model = load_model(settings.model, device, dtype, compile_unet=settings.compile)
     engine = Engine(model, settings.max_batch or default_max_batch(model))
     warm_up(engine, settings.compile)
     log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, time.perf_counter() - started,
