@@ -29,12 +29,14 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable
 
 import numpy as np
 import redis
+import rq
 import torch
 from PIL import Image
 from rq import Queue, SimpleWorker
@@ -61,11 +63,35 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger("bailan.worker")
 
-# What a slot's job returns when the client canceled it; SlotWorker turns it
-# into RQ's canceled status instead of finished.
+# What a runner returns for a job the client canceled; its slot records it as
+# RQ's canceled status instead of finished.
 CANCELED_RESULT: dict[str, Any] = {"canceled": True}
 
-_runtime: "Runtime | None" = None
+# Runs one job by id on the calling slot's thread and returns RQ's result.
+JobRunner = Callable[[str], dict[str, Any]]
+
+# RQ's work loop installs SIGINT/SIGTERM handlers through this hook, which only
+# the main thread may do, so slots override it. RQ has no public switch for it:
+# fail here, at start-up, rather than with a ValueError in every slot thread.
+if not callable(getattr(SimpleWorker, "_install_signal_handlers", None)):
+    raise ImportError(
+        f"rq {rq.__version__} has no Worker._install_signal_handlers hook, which Bailan's slots override; "
+        "install the rq version pyproject.toml names"
+    )
+
+# The slot running a job on the current thread. RQ calls the entry point by
+# name with the job's arguments alone; each slot sets this in its own thread's
+# context around a job, so run_job reaches the slot that dequeued the job
+# without a process-wide global.
+_running_slot: ContextVar[SlotWorker] = ContextVar("bailan_running_slot")
+
+
+def run_job(job_id: str) -> dict[str, Any]:
+    """RQ's entry point (bailan.jobs.RQ_FUNC), called on the slot thread that dequeued the job."""
+    slot = _running_slot.get(None)
+    if slot is None:
+        raise RuntimeError("run_job needs a Bailan worker process (python -m worker)")
+    return slot.run(job_id)
 
 
 class NoDeathPenalty(BaseDeathPenalty):
@@ -80,31 +106,58 @@ class NoDeathPenalty(BaseDeathPenalty):
 
 
 class SlotWorker(SimpleWorker):
-    """An RQ worker that runs in a thread of the engine's process."""
+    """An RQ worker that runs in a thread of the engine's process.
+
+    `runner` runs each job (the bridge's `run`); `stop` is the process's
+    shutdown event; `has_room` says whether the engine can start another job;
+    `lease_s` is the lease a running job holds in RQ's started registry. They
+    default so that RQ's own constructor calls (e.g. `Worker.all`) still work.
+    """
 
     death_penalty_class = NoDeathPenalty
-    lease_s: int = 30
 
-    def __init__(self, *args: Any, lease_s: int = 30, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        runner: JobRunner | None = None,
+        stop: threading.Event | None = None,
+        has_room: Callable[[], bool] | None = None,
+        lease_s: int = 30,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.runner = runner
+        self.stop = stop if stop is not None else threading.Event()
+        self.has_room = has_room
         self.lease_s = lease_s
         self.running_job: Job | None = None
-        self.has_room: Callable[[], bool] | None = None
+        # The runner's own answer for the running job, so the outcome never has
+        # to be read back from RQ's private copy of the return value.
+        self.job_was_canceled = False
         self._last_wait_beat = 0.0
 
     def _install_signal_handlers(self) -> None:
-        # The main thread owns signals and stops the slots itself.
+        # The main thread owns signals and sets `stop` itself (worker.process).
         return None
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         return self.lease_s
 
+    def run(self, job_id: str) -> dict[str, Any]:
+        """Hand the job to the runner; called by run_job while RQ performs it."""
+        if self.runner is None:
+            raise RuntimeError(f"slot {self.name} has no runner")
+        result = self.runner(job_id)
+        self.job_was_canceled = result == CANCELED_RESULT
+        return result
+
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
         # RQ's loop only leaves a blocking dequeue through a signal handler that
-        # raises in the main thread; a slot thread polls its stop flag instead.
-        while not self._stop_requested:
+        # raises in the main thread; a slot polls the stop event instead, and
+        # returning None ends RQ's work loop.
+        while not self.stop.is_set():
             if self.has_room is not None and not self.has_room():
                 # Taking a job the engine cannot start yet would show it as running
                 # while it waits here, and keep it from idle workers elsewhere.
@@ -120,13 +173,16 @@ class SlotWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.running_job = job
+        self.job_was_canceled = False
+        token = _running_slot.set(self)
         try:
             super().execute_job(job, queue)
         finally:
+            _running_slot.reset(token)
             self.running_job = None
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
-        if job._result != CANCELED_RESULT:
+        if not self.job_was_canceled:
             return super().handle_job_success(job, queue, started_job_registry)
         with self.connection.pipeline() as pipe:
             job.set_status(JobStatus.CANCELED, pipeline=pipe)
@@ -141,13 +197,6 @@ class SlotWorker(SimpleWorker):
         # worker died under them (see bailan.jobs.reap_abandoned).
         job.retries_left = 0
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
-
-
-def run_job(job_id: str) -> dict[str, Any]:
-    """RQ's entry point (bailan.jobs.RQ_FUNC). Runs inside a slot thread."""
-    if _runtime is None:
-        raise RuntimeError("run_job needs a Bailan worker process (python -m worker)")
-    return _runtime.run(job_id)
 
 
 @dataclass(eq=False)
@@ -376,7 +425,6 @@ def encode_image(array: np.ndarray, fmt: str, quality: int = 95) -> bytes:
 
 
 def serve(settings: WorkerSettings) -> int:
-    global _runtime
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     started = time.perf_counter()
@@ -392,7 +440,7 @@ def serve(settings: WorkerSettings) -> int:
     if not wait_for_redis(connection, settings.redis_url, early_stop):
         return 0
     runtime = Runtime(settings, model, engine, connection)
-    _runtime = runtime
+    stopping = threading.Event()
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
     slots = [
         SlotWorker(
@@ -403,11 +451,12 @@ def serve(settings: WorkerSettings) -> int:
             # The dequeue blocks for worker_ttl - 15 s; keep it short so shutdown is prompt.
             worker_ttl=20,
             lease_s=settings.heartbeat_ttl_s,
+            runner=runtime.run,
+            stop=stopping,
+            has_room=engine.has_room,
         )
         for i in range(engine.max_batch)
     ]
-    for slot in slots:
-        slot.has_room = engine.has_room
     engine_stop = threading.Event()
     threads = [
         threading.Thread(target=runtime.io_loop, name="bailan-io", daemon=True),
@@ -418,17 +467,14 @@ def serve(settings: WorkerSettings) -> int:
         for slot in slots
     ]
 
-    stopping = threading.Event()
-
     def request_stop(signum: int, frame: FrameType | None) -> None:
         if stopping.is_set():
             # Second signal: leave now; the reaper requeues what was running.
             log.warning("forced shutdown")
             raise SystemExit(1)
         log.info("shutting down: finishing running jobs (signal again to force)")
+        # Every slot polls this event and stops dequeuing.
         stopping.set()
-        for slot in slots:
-            slot._stop_requested = True
 
     # Handlers first: once the worker key is up, /readyz says 200, and a SIGTERM
     # from then on must be a graceful stop.
