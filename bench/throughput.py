@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline  # noqa: E402
 
+from worker.imaging import encode_preview  # noqa: E402
 from worker.loader import LoadedModel, from_pipeline  # noqa: E402
 from worker.sampling import Engine, GenerationJob  # noqa: E402
 from world.tiny import TINY_WORDS, build_tiny_pipeline  # noqa: E402
@@ -299,20 +300,6 @@ class EngineBench:
         if preview_every:
             extra["previews"] = self.preview_count
         return summary(name, latencies, makespan, len(texts), self.meter.peak_gib(), **extra)
-
-
-def encode_preview(rgb: np.ndarray) -> int:
-    import io
-
-    from PIL import Image
-
-    image = Image.fromarray(rgb)
-    scale = 256 / max(image.size)
-    if scale > 1:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=80)
-    return len(buf.getvalue())
 
 
 # ---- the run -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 
 from bailan.jobs import RQ_FUNC
-from worker.runtime import CANCELED_RESULT, SlotWorker, run_job
+from worker.slots import CANCELED_RESULT, SlotWorker, run_job
 
 QUEUE = "slots-test"
 
