@@ -10,7 +10,8 @@ from fastapi import Depends, Request
 from rq import Queue
 
 from app.settings import ApiSettings
-from app.store import make_queue
+from app.store.records import make_queue
+from app.views import PathFor
 
 
 def get_settings(request: Request) -> ApiSettings:
@@ -30,3 +31,11 @@ def get_queue(settings: SettingsDep, conn: RedisDep) -> Queue:
 
 
 QueueDep = Annotated[Queue, Depends(get_queue)]
+
+
+def get_path_for(request: Request) -> PathFor:
+    """How views link to routes: the app's url_path_for (relative paths)."""
+    return request.app.url_path_for
+
+
+PathForDep = Annotated[PathFor, Depends(get_path_for)]

@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from app.api import api_router
 from app.middleware import BodySizeLimit
-from app.reaper import Reaper
-from app.routes import build_router
+from app.routes.jobs import submit_router
 from app.settings import ApiSettings
+from bailan.reaper import Reaper
 
 log = logging.getLogger("bailan.api")
 
@@ -62,7 +63,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = conn
-    app.include_router(build_router(settings))
+    # The one route built per app: its body type carries this server's caps.
+    app.include_router(submit_router(settings))
+    app.include_router(api_router)
 
     async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("Redis unavailable during %s %s: %s", request.method, request.url.path, exc)

@@ -1,99 +1,63 @@
 """Request and response bodies of the HTTP API.
 
-The request model is built from the settings so that the configured caps are
-enforced by validation (422 naming the field) and shown in the OpenAPI docs.
+The request model is JobRequest narrowed by the settings, so that the
+configured caps are enforced by validation (422 naming the field) and shown
+in the OpenAPI docs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, create_model
 
 from app.settings import ApiSettings
-from bailan.jobs import JobParams, JobRequest, JobState, SchedulerName
+from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState
 
-DEFAULT_STEPS = 25
+
+def _narrowed(name: str, **overrides: Any) -> Any:
+    """JobRequest's field `name` with `overrides` on top; its other bounds, default and examples stay.
+
+    A FieldInfo taken from model_fields, placed first in Annotated, is merged
+    whole by pydantic; the Field after it adds a constraint or replaces a text.
+    """
+    inherited = JobRequest.model_fields[name]
+    return Annotated[inherited.annotation, inherited, Field(**overrides)]
 
 
 def make_request_model(settings: ApiSettings) -> type[JobRequest]:
-    """JobRequest narrowed by this deployment's caps; still a JobRequest."""
-    steps_default = min(DEFAULT_STEPS, settings.max_steps)
+    """JobRequest narrowed by this deployment's caps; still a JobRequest.
+
+    Only the caps, and the descriptions that state them, are set here.
+    """
     chars = settings.max_prompt_chars
+    pixels = settings.max_pixels
+    steps: dict[str, Any] = {"le": settings.max_steps, "description": f"Denoising steps, 1–{settings.max_steps}."}
+    if settings.max_steps < DEFAULT_STEPS:
+        # The default must itself be a request this server accepts.
+        steps["default"] = settings.max_steps
+
+    def side(name: str, cap: int) -> Any:
+        return _narrowed(
+            name,
+            le=cap,
+            description=(
+                f"Image {name} in pixels: a multiple of {SIZE_MULTIPLE}, {SIZE_MULTIPLE}–{cap}, and "
+                f"width × height ≤ {pixels}. Omit for the model's native {name}."
+            ),
+        )
+
+    preview_every = JobRequest.model_fields["preview_every"].description
     fields: dict[str, Any] = {
-        "prompt": (
-            str,
-            Field(
-                min_length=1,
-                max_length=chars,
-                description=f"What to paint. 1–{chars} characters.",
-                examples=["a watercolor lighthouse at dawn"],
-            ),
+        "prompt": _narrowed("prompt", max_length=chars, description=f"What to paint. 1–{chars} characters."),
+        "negative_prompt": _narrowed(
+            "negative_prompt", max_length=chars, description=f"What to steer away from. At most {chars} characters."
         ),
-        "negative_prompt": (
-            str,
-            Field(
-                "",
-                max_length=chars,
-                description=f"What to steer away from. At most {chars} characters.",
-                examples=["blurry"],
-            ),
-        ),
-        "width": (
-            int | None,
-            Field(
-                None,
-                ge=8,
-                le=settings.max_width,
-                multiple_of=8,
-                description=(
-                    f"Image width in pixels: a multiple of 8, 8–{settings.max_width}, and "
-                    f"width × height ≤ {settings.max_pixels}. Omit for the model's native width."
-                ),
-                examples=[512],
-            ),
-        ),
-        "height": (
-            int | None,
-            Field(
-                None,
-                ge=8,
-                le=settings.max_height,
-                multiple_of=8,
-                description=(
-                    f"Image height in pixels: a multiple of 8, 8–{settings.max_height}, and "
-                    f"width × height ≤ {settings.max_pixels}. Omit for the model's native height."
-                ),
-                examples=[512],
-            ),
-        ),
-        "steps": (
-            int,
-            Field(
-                steps_default,
-                ge=1,
-                le=settings.max_steps,
-                description=f"Denoising steps, 1–{settings.max_steps}.",
-            ),
-        ),
-        "scheduler": (
-            SchedulerName,
-            Field(SchedulerName.dpmpp_2m, description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)),
-        ),
-        "num_images": (
-            int,
-            Field(1, ge=1, le=4, description="Images to generate, 1–4; image i uses seed + i."),
-        ),
-        "preview_every": (
-            int,
-            Field(
-                5,
-                ge=0,
-                description=(
-                    "Steps between intermediate JPEG previews; 0 disables them. "
-                    f"Previews are kept {settings.preview_ttl_s} s."
-                ),
-            ),
+        "width": side("width", settings.max_width),
+        "height": side("height", settings.max_height),
+        "steps": _narrowed("steps", **steps),
+        "preview_every": _narrowed(
+            "preview_every", description=f"{preview_every} Previews are kept {settings.preview_ttl_s} s."
         ),
     }
     return create_model("JobRequest", __base__=JobRequest, __module__=__name__, **fields)

@@ -9,29 +9,27 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-# Latents are 1/8 of the image size, so a size cap that is not a multiple of 8
-# would advertise a maximum no request could reach.
-SIZE_MULTIPLE = 8
+from bailan.jobs import SIZE_MULTIPLE
+from bailan.settings import SharedSettings
+
 MIN_PIXELS = 64 * 64
 
 
-class ApiSettings(BaseSettings):
-    """Settings of the Bailan API process (environment variables prefixed BAILAN_)."""
+class ApiSettings(SharedSettings):
+    """Settings of the Bailan API process (environment variables prefixed BAILAN_).
 
-    model_config = SettingsConfigDict(env_prefix="BAILAN_", extra="ignore", frozen=True)
+    Redis, the queue, the TTLs and the reap interval come from SharedSettings.
+    The address and port are not here: uvicorn takes --host/--port, and under
+    `make run` the launcher reads BAILAN_HOST/BAILAN_PORT (bailan.launch).
+    """
 
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0",
-        description="Redis holding the RQ queue and job records; the launcher sets it.",
-    )
+    model_config = SettingsConfigDict(frozen=True)
+
     redis_timeout_s: float = Field(
         2.0, gt=0, le=60, description="Connect and read timeout for Redis; requests fail with 503 after it."
     )
-    queue_name: str = Field("bailan", min_length=1, description="RQ queue the workers listen on.")
-    host: str = Field("127.0.0.1", description="Address uvicorn binds to (used by the launcher).")
-    port: int = Field(8000, ge=1, le=65535, description="Port uvicorn binds to (used by the launcher).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Browser origins allowed by CORS, comma-separated; empty (the default) disables CORS.",
@@ -48,15 +46,8 @@ class ApiSettings(BaseSettings):
     max_queue_depth: int = Field(
         1000, ge=1, description="Queued jobs beyond which submissions get 429 instead of waiting forever."
     )
-    result_ttl_s: int = Field(
-        86400, ge=60, description="Seconds finished jobs, their records and images are kept."
-    )
-    preview_ttl_s: int = Field(3600, ge=1, description="Seconds intermediate previews are kept.")
     max_body_bytes: int = Field(
         65536, ge=1024, description="Largest request body accepted; larger ones get 413."
-    )
-    reap_interval_s: float = Field(
-        10.0, gt=0, description="Seconds between sweeps that fail jobs whose worker died."
     )
     abandoned_retries: int = Field(
         1, ge=0, description="Times a job whose worker died is requeued before it fails with worker_lost."
@@ -79,7 +70,7 @@ class ApiSettings(BaseSettings):
 
     @field_validator("max_width", "max_height")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
+    def _size_multiple(cls, value: int) -> int:
         if value % SIZE_MULTIPLE:
             raise ValueError(f"must be a multiple of {SIZE_MULTIPLE}")
         return value

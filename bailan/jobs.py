@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 RQ_FUNC = "worker.slots.run_job"
 KEY_PREFIX = "bailan"
 SEED_MAX = 2**32 - 1
+# Latents are 1/8 of the image size, so every side is a multiple of 8; a
+# size cap that is not one would advertise a maximum no request could reach.
+SIZE_MULTIPLE = 8
+DEFAULT_STEPS = 25
+MAX_IMAGES = 4
 
 
 class JobState(str, Enum):
@@ -63,30 +68,46 @@ class ErrorCode(str, Enum):
 
 
 class JobRequest(BaseModel):
-    """What a client may ask for. Hard bounds live here; configurable caps are
-    enforced by the API against its settings (see app.settings)."""
+    """What a client may ask for. Hard bounds and defaults live here, once; the
+    API narrows the configurable caps (app.schemas.make_request_model)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, description="What to paint.")
-    negative_prompt: str = Field("", description="What to steer away from (replaces the empty unconditional prompt).")
+    prompt: str = Field(min_length=1, description="What to paint.", examples=["a watercolor lighthouse at dawn"])
+    negative_prompt: str = Field(
+        "",
+        description="What to steer away from (replaces the empty unconditional prompt).",
+        examples=["blurry"],
+    )
     width: int | None = Field(
-        None, ge=8, description="Image width in pixels, a multiple of 8. Defaults to the model's native width."
+        None,
+        ge=SIZE_MULTIPLE,
+        multiple_of=SIZE_MULTIPLE,
+        description=f"Image width in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native width.",
+        examples=[512],
     )
     height: int | None = Field(
-        None, ge=8, description="Image height in pixels, a multiple of 8. Defaults to the model's native height."
+        None,
+        ge=SIZE_MULTIPLE,
+        multiple_of=SIZE_MULTIPLE,
+        description=f"Image height in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native height.",
+        examples=[512],
     )
-    steps: int = Field(25, ge=1, description="Denoising steps.")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(
         7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale; values <= 1 disable guidance (faster)."
     )
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="Random seed; the server picks and reports one when absent."
     )
-    scheduler: SchedulerName = Field(SchedulerName.dpmpp_2m, description="Sampling scheduler.")
-    num_images: int = Field(1, ge=1, le=4, description="Images to generate; image i uses seed + i.")
+    scheduler: SchedulerName = Field(
+        SchedulerName.dpmpp_2m, description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
+    )
+    num_images: int = Field(
+        1, ge=1, le=MAX_IMAGES, description=f"Images to generate, 1–{MAX_IMAGES}; image i uses seed + i."
+    )
     preview_every: int = Field(
-        5, ge=0, description="Steps between intermediate previews; 0 disables previews."
+        5, ge=0, description="Steps between intermediate JPEG previews; 0 disables them."
     )
     preview_full_decode: bool = Field(
         False, description="Decode previews with the full VAE instead of the cheap linear latent-to-RGB map (slower)."
@@ -202,54 +223,6 @@ def public_state(rq_status: str | None, record: Mapping[str, str]) -> JobState:
     if record.get(RecordField.started_at):
         return JobState.running
     return JobState.queued
-
-
-def reap_abandoned(connection: Any, queue_name: str, keep_s: int = 86400) -> list[str]:
-    """Fail (or requeue, while retries are left) jobs whose worker stopped heartbeating.
-
-    A running job's entry in RQ's started registry is scored with the time its
-    worker's heartbeat expires; RQ's own cleanup moves expired entries on. RQ
-    runs it only every ten minutes, so the API and every worker call this on a
-    short interval instead. Returns the ids it found abandoned. Also forgets
-    canceled jobs older than `keep_s` (RQ never trims that registry).
-    """
-    from rq.registry import CanceledJobRegistry, StartedJobRegistry
-    from rq.serializers import JSONSerializer
-
-    # One sweeper at a time: two concurrent RQ cleanups would both requeue a job.
-    lock = f"{KEY_PREFIX}:reaper-lock:{queue_name}"
-    if not connection.set(lock, "1", nx=True, px=30_000):
-        return []
-    try:
-        connection.zremrangebyscore(CanceledJobRegistry(queue_name, connection=connection).key, 0, now() - keep_s)
-        registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
-        expired = registry.get_expired_job_ids(now())
-        if not expired:
-            return []
-        registry.cleanup()
-        check = connection.pipeline()
-        for job_id in expired:
-            check.hget(f"rq:job:{job_id}", "status")
-            check.exists(Keys.job(job_id))
-        answers = check.execute()
-        pipe = connection.pipeline()
-        for job_id, status, exists in zip(expired, answers[::2], answers[1::2]):
-            key = Keys.job(job_id)
-            if not exists:
-                continue  # the record already expired; don't recreate a stub of it
-            if status in (b"failed", "failed"):
-                pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
-                pipe.hsetnx(key, RecordField.error_message, "the worker running this job stopped responding")
-                pipe.hsetnx(key, RecordField.finished_at, str(now()))
-                pipe.expire(key, keep_s)
-            else:
-                # Requeued: it runs afresh, so the dead attempt's traces go.
-                pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
-                pipe.delete(Keys.previews(job_id))
-        pipe.execute()
-        return expired
-    finally:
-        connection.delete(lock)
 
 
 def dumps(value: Any) -> str:

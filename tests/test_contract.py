@@ -1,14 +1,20 @@
-"""The shared contract: RQ status -> job state, and worker settings that fail fast."""
+"""The shared contract: RQ status -> job state, settings shared by every process, and worker settings that fail fast."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from app.settings import ApiSettings
 from bailan.jobs import JobState, RecordField, public_state
+from bailan.launch import LaunchSettings
+from bailan.settings import SharedSettings
 from worker.settings import WorkerSettings
+
+PROCESS_SETTINGS = (ApiSettings, WorkerSettings, LaunchSettings)
 
 
 @pytest.mark.parametrize(
@@ -73,3 +79,37 @@ def test_seeds_of_every_image_stay_in_range() -> None:
     assert JobRequest(prompt="x", seed=SEED_MAX - 3, num_images=4).seed == SEED_MAX - 3
     with pytest.raises(ValidationError, match="seed"):
         JobRequest(prompt="x", seed=SEED_MAX - 2, num_images=4)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("BAILAN_RESULT_TTL_S", "60", True),
+        ("BAILAN_RESULT_TTL_S", "59", False),
+        ("BAILAN_RESULT_TTL_S", "1", False),
+        ("BAILAN_PREVIEW_TTL_S", "1", True),
+        ("BAILAN_PREVIEW_TTL_S", "0", False),
+        ("BAILAN_REAP_INTERVAL_S", "0.5", True),
+        ("BAILAN_REAP_INTERVAL_S", "0", False),
+        ("BAILAN_QUEUE_NAME", "jobs", True),
+        ("BAILAN_QUEUE_NAME", "", False),
+        ("BAILAN_REDIS_URL", "redis://queue-host:6379/3", True),
+    ],
+)
+def test_processes_accept_and_refuse_the_same_shared_values(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, accepted: bool
+) -> None:
+    """Guards: the API and the workers validating a shared setting differently (result_ttl_s was
+    ge=60 in the API and ge=1 in the worker), so one process starts with a value the other refuses."""
+    for name in [n for n in os.environ if n.startswith("BAILAN_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(variable, value)
+    field = variable.removeprefix("BAILAN_").lower()
+    for settings_class in PROCESS_SETTINGS:
+        assert issubclass(settings_class, SharedSettings)
+        if accepted:
+            read = getattr(settings_class(), field)
+            assert str(read) == value or read == float(value), settings_class
+        else:
+            with pytest.raises(ValidationError, match=field):
+                settings_class()

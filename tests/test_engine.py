@@ -13,7 +13,8 @@ from diffusers import StableDiffusionPipeline
 
 from tests.fixtures.oom_unet import OOMAboveRows
 from worker.loader import LoadedModel, fit_latent_rgb, load_model
-from worker.sampling import SCHEDULERS, Engine, GenerationJob, InvalidForModel, JobCanceled
+from worker.engine import Engine, GenerationJob, InvalidForModel, JobCanceled
+from worker.samplers import SCHEDULERS
 
 
 @pytest.fixture(scope="module")

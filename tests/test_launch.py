@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from bailan.launch import start_valkey
+from bailan.launch import LaunchSettings, start_valkey
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 240.0
@@ -151,7 +151,12 @@ def launch(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Launch]:
 
 
 def test_launch_does_not_import_torch() -> None:
-    code = "import sys, bailan.launch; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    """Guards: the launcher, or any shared bailan/ module the API imports, pulling in torch/diffusers."""
+    code = (
+        "import importlib, pkgutil, sys, bailan, bailan.launch\n"
+        "for m in pkgutil.iter_modules(bailan.__path__): importlib.import_module(f'bailan.{m.name}')\n"
+        "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -164,6 +169,27 @@ def test_invalid_settings_stop_the_launch_with_a_message() -> None:
     )
     assert result.returncode == 2
     assert "invalid settings" in result.stderr and "workers" in result.stderr
+
+
+def test_invalid_shared_settings_stop_the_launch_before_any_child() -> None:
+    """Guards: `make run` starting the API and workers with a shared setting they would refuse
+    (result_ttl_s below a minute), so the launch dies later, child by child."""
+    env = dict(os.environ, BAILAN_RESULT_TTL_S="59")
+    result = subprocess.run(
+        [sys.executable, "-m", "bailan.launch"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "invalid settings" in result.stderr and "result_ttl_s" in result.stderr
+
+
+def test_embedded_server_only_without_a_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: the launcher starting its own valkey although BAILAN_REDIS_URL names a Redis (or
+    not starting one when it is unset), now that the URL has the shared default."""
+    monkeypatch.delenv("BAILAN_REDIS_URL", raising=False)
+    assert LaunchSettings().embedded_redis
+    monkeypatch.setenv("BAILAN_REDIS_URL", "redis://queue-host:6379/0")
+    settings = LaunchSettings()
+    assert not settings.embedded_redis and settings.redis_url == "redis://queue-host:6379/0"
 
 
 def test_embedded_valkey_keeps_data_across_restarts(tmp_path: Path) -> None:

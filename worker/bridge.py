@@ -22,7 +22,7 @@ import redis
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
 from worker.imaging import encode_image, encode_preview
 from worker.loader import LoadedModel
-from worker.sampling import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled
+from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled
 from worker.settings import WorkerSettings
 from worker.slots import CANCELED_RESULT
 

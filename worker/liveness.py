@@ -2,7 +2,7 @@
 
 A SimpleWorker sends no heartbeat while a job runs, so this thread extends
 every running job's lease in RQ's started registry. A killed process stops
-extending them, and the reaper (bailan.jobs.reap_abandoned, run here and in
+extending them, and the reaper (bailan.reaper.reap_abandoned, run here and in
 the API) fails or requeues its jobs once the lease expires. The worker key
 (bailan.jobs.Keys.worker) tells the API's /readyz and /v1/models that this
 worker is alive and what it serves.
@@ -20,7 +20,8 @@ from typing import Any
 import redis
 from rq.utils import now as rq_now
 
-from bailan.jobs import Keys, reap_abandoned
+from bailan.jobs import Keys
+from bailan.reaper import reap_abandoned
 from worker.settings import WorkerSettings
 from worker.slots import SlotWorker
 

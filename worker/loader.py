@@ -36,8 +36,6 @@ class LoadedModel:
     # (C, 3) factors and (3,) bias mapping sampler latents to RGB in [-1, 1].
     latent_rgb: torch.Tensor
     latent_rgb_bias: torch.Tensor
-    # UNet and VAE weights in NHWC; the engine then feeds NHWC latents.
-    channels_last: bool = False
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -74,42 +72,25 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_model(
-    path: str | Path, device: torch.device, dtype: torch.dtype, compile_unet: bool = False, channels_last: bool = False
-) -> LoadedModel:
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     pipe = StableDiffusionPipeline.from_pretrained(
         path, local_files_only=True, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
-    return from_pipeline(pipe, path, device, dtype, compile_unet, channels_last)
+    return from_pipeline(pipe, path, device, dtype)
 
 
-def from_pipeline(
-    pipe: StableDiffusionPipeline,
-    path: str | Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    compile_unet: bool = False,
-    channels_last: bool = False,
-) -> LoadedModel:
+def from_pipeline(pipe: StableDiffusionPipeline, path: str | Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Wrap a pipeline already in memory (`load_model`'s second half; benchmarks build
     models in code). `path` names the model and is where `latent_rgb.json` is looked for.
-
-    `channels_last` (CUDA only) is off by default: on an H200 with torch 2.11 fp16 the
-    SD1.5 UNet in NHWC ran 10 % slower than stock NCHW (bench/throughput.py, README
-    "Performance"); the eager GroupNorms convert back to NCHW."""
+    How the device runs it (CUDA graphs, torch.compile, memory layout) is the model
+    runner's business (worker.runners.sd.RunnerOptions)."""
     path = Path(path)
     pipe.to(device=device, dtype=dtype)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
-    channels_last = channels_last and device.type == "cuda"
-    if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    if compile_unet and device.type == "cuda":
-        pipe.unet = torch.compile(pipe.unet)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     sample = pipe.unet.config.sample_size
     sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
@@ -128,7 +109,6 @@ def from_pipeline(
         scheduler_config=dict(pipe.scheduler.config),
         latent_rgb=factors.to(device=device, dtype=torch.float32),
         latent_rgb_bias=bias.to(device=device, dtype=torch.float32),
-        channels_last=channels_last,
     )
 
 

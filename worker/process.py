@@ -2,7 +2,7 @@
 
 One process owns one model and runs these threads:
 
-* the engine loop (worker.sampling.Engine) on the main thread, which owns the
+* the engine loop (worker.engine.Engine) on the main thread, which owns the
   GPU and steps every admitted job through one UNet call per step;
 * `max_batch` slot threads (worker.slots), in-process RQ workers that each
   hand one job at a time to the bridge (worker.bridge) and wait for it;
@@ -23,15 +23,15 @@ import time
 from types import FrameType
 
 import redis
-import torch
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from bailan.jobs import Keys
 from worker.bridge import JobBridge
+from worker.engine import Engine, GenerationJob, RunnerOptions
 from worker.liveness import Liveness
 from worker.loader import load_model, pick_device, pick_dtype
-from worker.sampling import Engine, GenerationJob, default_max_batch
+from worker.runners.sd import default_max_batch
 from worker.settings import WorkerSettings
 from worker.slots import SlotWorker
 
@@ -63,9 +63,10 @@ def serve(settings: WorkerSettings) -> int:
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     started = time.perf_counter()
-    model = load_model(settings.model, device, dtype, compile_unet=settings.compile)
-    engine = Engine(model, settings.max_batch or default_max_batch(model))
-    warm_up(engine, settings.compile)
+    model = load_model(settings.model, device, dtype)
+    options = RunnerOptions(compile_unet=settings.compile, compile_vae=settings.compile)
+    engine = Engine(model, settings.max_batch or default_max_batch(device), options=options)
+    warm_up(engine)
     log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, time.perf_counter() - started,
              engine.max_batch)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
@@ -171,18 +172,14 @@ def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event)
     return False
 
 
-def warm_up(engine: Engine, compile_unet: bool = False) -> None:
-    """One short job through every path (kernels, autotuning, torch.compile) before taking work."""
+def warm_up(engine: Engine) -> None:
+    """Before taking work: every batch shape's kernels, compiled code and CUDA graphs
+    (Engine.warm_up), then one short job through every path."""
+    timings = engine.warm_up()
+    log.info("warm-up: %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     model = engine.model
     job = GenerationJob(id="warm-up", prompt="warm up", width=model.native_width, height=model.native_height,
                         steps=2, guidance_scale=2.0, seed=0, preview_every=1)
     engine.submit(job)
     engine.run_until_idle()
     job.future.result()
-    if model.device.type == "cuda":
-        # Every padded batch size once, so cuDNN picks kernels now and not under
-        # traffic. Compiled UNets would compile once per size (about a minute
-        # each), so those warm up on demand instead.
-        if not compile_unet:
-            engine.warm_up_shapes()
-        torch.cuda.synchronize()

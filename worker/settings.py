@@ -1,4 +1,8 @@
-"""The worker process's settings: one class, BAILAN_ environment variables."""
+"""The worker process's settings: one class, BAILAN_ environment variables.
+
+Redis, the queue, the TTLs and the reap interval are bailan.settings.SharedSettings,
+declared once for the API and the worker.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,13 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bailan.settings import SharedSettings
 
 
-class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BAILAN_", extra="ignore")
+class WorkerSettings(SharedSettings):
+    """Settings of one worker process (environment variables prefixed BAILAN_)."""
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue and job records.")
-    queue_name: str = Field("bailan", description="RQ queue this worker serves.")
     model: Path = Field(
         Path("models/bailan-shapes"),
         description=(
@@ -36,9 +39,6 @@ class WorkerSettings(BaseSettings):
     heartbeat_ttl_s: int = Field(
         30, ge=2, description="A running job whose worker is silent this long is failed or requeued by the reaper."
     )
-    reap_interval_s: float = Field(10.0, gt=0, description="How often this worker looks for abandoned jobs.")
-    preview_ttl_s: int = Field(3600, ge=1, description="How long previews are kept.")
-    result_ttl_s: int = Field(86400, ge=1, description="How long final images and job records are kept.")
     preview_max_side: int = Field(256, ge=16, le=1024, description="Longest side of a preview image in pixels.")
     name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}.{os.getpid()}",

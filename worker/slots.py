@@ -159,6 +159,6 @@ class SlotWorker(SimpleWorker):
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "") -> None:
         # A job that raised would raise again: retries are kept for jobs whose
-        # worker died under them (see bailan.jobs.reap_abandoned).
+        # worker died under them (see bailan.reaper.reap_abandoned).
         job.retries_left = 0
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)

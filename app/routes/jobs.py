@@ -1,0 +1,445 @@
+"""Jobs: submit, read, follow, cancel, and fetch previews and images.
+
+Every route here is module-level except POST /v1/jobs, whose body type is the
+request model narrowed by this server's caps: `submit_router(settings)` builds
+it, and create_app includes it.
+
+No `from __future__ import annotations` here: the request body's type is built
+from the settings at run time, and FastAPI must see it as a real class.
+"""
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+import redis
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from rq import Queue
+
+from app import views
+from app.deps import PathForDep, QueueDep, RedisDep, SettingsDep
+from app.schemas import Detail, JobOut, make_request_model
+from app.settings import ApiSettings
+from app.store import idempotency, records
+from app.store.common import looks_like_job_id
+from bailan.jobs import (
+    CONTENT_TYPES,
+    DEFAULT_STEPS,
+    MAX_IMAGES,
+    PREVIEW_FORMAT,
+    TERMINAL_STATES,
+    JobRequest,
+    JobState,
+)
+
+PREFIX = "/v1/jobs"
+# Proxies drop idle connections after about a minute; a comment line this
+# often keeps an event stream open while a job waits in the queue.
+EVENTS_KEEPALIVE_S = 15.0
+
+JobId = Annotated[str, Path(description="Job id as returned by POST /v1/jobs.")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description=(
+            "Makes retries safe: a repeat of the same request with the same key returns the job the "
+            "first one created (200, header Idempotent-Replayed: true) instead of queuing another. "
+            "The same key with a different body is refused (422)."
+        ),
+    ),
+]
+
+SUBMIT_EXAMPLES: dict[str, Any] = {
+    "minimal": {"summary": "Just a prompt", "value": {"prompt": "a watercolor lighthouse at dawn"}},
+    "full": {
+        "summary": "Every option",
+        "value": {
+            "prompt": "a watercolor lighthouse at dawn",
+            "negative_prompt": "blurry",
+            "width": 512,
+            "height": 512,
+            "steps": DEFAULT_STEPS,
+            "guidance_scale": 7.5,
+            "seed": 1234,
+            "scheduler": "dpmpp_2m",
+            "num_images": 1,
+            "preview_every": 5,
+            "output_format": "png",
+        },
+    },
+}
+
+router = APIRouter(prefix=PREFIX, tags=["jobs"])
+
+
+def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_404_NOT_FOUND,
+        f"job {job_id} not found: no such job, or it expired (jobs and their images are kept "
+        f"{settings.result_ttl_s} s after they end)",
+    )
+
+
+def _load(settings: ApiSettings, conn: redis.Redis, job_id: str) -> records.JobSnapshot:
+    snap = records.snapshot(conn, job_id) if looks_like_job_id(job_id) else None
+    if snap is None:
+        raise _not_found(settings, job_id)
+    return snap
+
+
+def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None, height: int | None) -> None:
+    """The one cap that spans two fields, checked after defaults are known."""
+    if width is None or height is None or width * height <= settings.max_pixels:
+        return
+    # Blame the field the client sent, so the error points at what to change.
+    field = "height" if request.width is None and request.height is not None else "width"
+    raise RequestValidationError(
+        [
+            {
+                "type": "value_error",
+                "loc": ("body", field),
+                "msg": (
+                    f"Value error, width × height = {width} × {height} = {width * height} pixels "
+                    f"exceeds the limit of {settings.max_pixels}"
+                ),
+                "input": getattr(request, field),
+                "ctx": {"max_pixels": settings.max_pixels},
+            }
+        ]
+    )
+
+
+def _claim(
+    settings: ApiSettings, conn: redis.Redis, body: JobRequest, idempotency_key: str | None
+) -> idempotency.IdempotencyClaim | None:
+    if idempotency_key is None:
+        return None
+    try:
+        return idempotency.claim_idempotency(
+            settings, conn, idempotency_key, idempotency.request_fingerprint(body)
+        )
+    except idempotency.IdempotencyMismatch:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "idempotency_key_reused",
+                    "loc": ("header", "Idempotency-Key"),
+                    "msg": "this Idempotency-Key was already used with a different request body",
+                    "input": idempotency_key,
+                }
+            ]
+        ) from None
+    except idempotency.IdempotencyInFlight:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            "a request with this Idempotency-Key is still being processed; retry in a moment",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+def _no_preview_reason(snap: records.JobSnapshot, step: int | None) -> str:
+    params = snap.params
+    if params is not None and params.preview_every == 0:
+        return f"job {snap.job_id} was submitted with preview_every=0: it has no previews"
+    if step is None:
+        return f"job {snap.job_id} has no preview yet"
+    return f"job {snap.job_id} has no preview for step {step} (not reached yet, not a preview step, or expired)"
+
+
+# ---------------------------------------------------------------- submit
+
+
+def _submit(
+    body: JobRequest,
+    response: Response,
+    settings: ApiSettings,
+    conn: redis.Redis,
+    queue: Queue,
+    path_for: views.PathFor,
+    idempotency_key: str | None,
+) -> JobOut:
+    """POST /v1/jobs once FastAPI has validated the body against this server's request model."""
+    params = records.resolve_params(body, conn)
+    _check_pixels(settings, body, params.width, params.height)
+    claim = _claim(settings, conn, body, idempotency_key)
+    if claim is not None and not claim.fresh:
+        job_id = claim.job_id
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        try:
+            job_id = records.submit(settings, conn, queue, params, job_id=claim.job_id if claim else None)
+        except Exception as exc:
+            if claim is not None:
+                idempotency.release_idempotency(conn, claim)
+            if isinstance(exc, records.QueueFull):
+                raise HTTPException(
+                    status.HTTP_429_TOO_MANY_REQUESTS,
+                    f"the queue is full ({exc.depth} jobs waiting, limit {settings.max_queue_depth}); "
+                    "retry later",
+                    headers={"Retry-After": str(settings.retry_after_s)},
+                ) from None
+            raise
+    response.headers["Location"] = views.job_path(path_for, job_id)
+    snap = records.snapshot(conn, job_id)
+    if snap is None:  # only if Redis lost it within milliseconds
+        raise _not_found(settings, job_id)
+    return views.job_view(conn, queue, snap, path_for)
+
+
+def submit_router(settings: ApiSettings) -> APIRouter:
+    """POST /v1/jobs, whose body type (and so its 422s and OpenAPI schema) carries `settings`' caps."""
+    submit = APIRouter(prefix=PREFIX, tags=["jobs"])
+    request_model = make_request_model(settings)
+    limits = (
+        f"Limits on this server: width ≤ {settings.max_width}, height ≤ {settings.max_height}, "
+        f"width × height ≤ {settings.max_pixels}, steps ≤ {settings.max_steps}, prompt ≤ "
+        f"{settings.max_prompt_chars} characters, num_images 1–{MAX_IMAGES}, body ≤ {settings.max_body_bytes} bytes, "
+        f"at most {settings.max_queue_depth} queued jobs."
+    )
+
+    @submit.post(
+        "",
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=JobOut,
+        summary="Submit a generation job",
+        description=(
+            "Queues a job and answers 202 with its view and a `Location` header to poll. "
+            "The seed, when omitted, is chosen by the server and reported in `params.seed`; "
+            "width and height, when omitted, default to the native size of the model the live "
+            "workers serve. " + limits
+        ),
+        responses={
+            200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key."},
+            409: {"model": Detail, "description": "A request with this Idempotency-Key is still in flight."},
+            413: {"model": Detail, "description": "Body too large."},
+            429: {"model": Detail, "description": "Queue full; retry after `Retry-After` seconds."},
+            503: {"model": Detail, "description": "Redis unavailable."},
+        },
+    )
+    def submit_job(
+        body: Annotated[request_model, Body(openapi_examples=SUBMIT_EXAMPLES)],  # type: ignore[valid-type]
+        response: Response,
+        settings: SettingsDep,
+        conn: RedisDep,
+        queue: QueueDep,
+        path_for: PathForDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JobOut:
+        return _submit(body, response, settings, conn, queue, path_for, idempotency_key)
+
+    return submit
+
+
+# ---------------------------------------------------------------- read
+
+
+@router.get(
+    "/{job_id}",
+    name=views.JOB_ROUTE,
+    response_model=JobOut,
+    summary="A job's status, progress, previews and images",
+    responses={404: {"model": Detail, "description": "Unknown or expired job."}},
+)
+def get_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep, path_for: PathForDep) -> JobOut:
+    return views.job_view(conn, queue, _load(settings, conn, job_id), path_for)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job as a server-sent event stream",
+    description=(
+        "A `text/event-stream` that sends `event: job` with the job view (as GET /v1/jobs/{id}) "
+        "whenever it changes: queue position, step, new preview, status. It ends after the "
+        "view with a final status (succeeded, failed, canceled). `event: gone` means the job "
+        "expired; `event: error` that the job store became unreachable. Comment lines keep "
+        f"the connection alive every {EVENTS_KEEPALIVE_S:.0f} s."
+    ),
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
+        404: {"model": Detail, "description": "Unknown or expired job."},
+    },
+)
+async def job_events(
+    job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep, path_for: PathForDep
+) -> StreamingResponse:
+    def view() -> JobOut | None:
+        snap = records.snapshot(conn, job_id) if looks_like_job_id(job_id) else None
+        return views.job_view(conn, queue, snap, path_for) if snap is not None else None
+
+    first = await run_in_threadpool(view)
+    if first is None:
+        raise _not_found(settings, job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        current: JobOut | None = first
+        last_data = ""
+        last_sent = time.monotonic()
+        while True:
+            if current is None:
+                yield f"event: gone\ndata: {_not_found(settings, job_id).detail}\n\n"
+                return
+            data = current.model_dump_json()
+            if data != last_data:
+                yield f"event: job\ndata: {data}\n\n"
+                last_data, last_sent = data, time.monotonic()
+            elif time.monotonic() - last_sent >= EVENTS_KEEPALIVE_S:
+                yield ": keepalive\n\n"
+                last_sent = time.monotonic()
+            if current.status in TERMINAL_STATES:
+                return
+            await anyio.sleep(settings.events_poll_interval_s)
+            try:
+                current = await run_in_threadpool(view)
+            except redis.RedisError as exc:
+                # The response has started, so a 503 is no longer possible.
+                yield f"event: error\ndata: the job store (Redis) is unavailable: {exc}\n\n"
+                return
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+# ---------------------------------------------------------------- cancel
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    summary="Cancel a job",
+    description=(
+        "A queued job is removed from the queue and never runs: 200, status `canceled`. "
+        "A running job is asked to stop; its worker does so at its next step: 202, "
+        "status still `running` with `cancel_requested: true` until it stops. "
+        "A job that already ended: 409, nothing changes."
+    ),
+    responses={
+        202: {"model": JobOut, "description": "Running job asked to stop."},
+        404: {"model": Detail, "description": "Unknown or expired job."},
+        409: {"model": Detail, "description": "The job already ended."},
+    },
+)
+def cancel_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep, path_for: PathForDep) -> Any:
+    snap = _load(settings, conn, job_id)
+    try:
+        outcome = records.cancel(conn, queue, snap, settings.result_ttl_s)
+    except records.AlreadyEnded as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"
+        ) from None
+    view = views.job_view(conn, queue, _load(settings, conn, job_id), path_for)
+    code = status.HTTP_200_OK if outcome == records.CancelOutcome.canceled else status.HTTP_202_ACCEPTED
+    return JSONResponse(view.model_dump(mode="json"), status_code=code)
+
+
+# ---------------------------------------------------------------- previews and images
+
+
+@router.get(
+    "/{job_id}/previews/latest",
+    summary="The newest preview of a job",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "JPEG; header X-Bailan-Step names its step."},
+        404: {"model": Detail, "description": "Unknown job, or no preview yet."},
+    },
+)
+def latest_preview(job_id: JobId, settings: SettingsDep, conn: RedisDep) -> Response:
+    snap = _load(settings, conn, job_id)
+    found = records.latest_preview(conn, snap)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, None))
+    step, data = found
+    return Response(
+        data,
+        media_type=CONTENT_TYPES[PREVIEW_FORMAT],
+        headers={"X-Bailan-Step": str(step), "Cache-Control": "no-store"},
+    )
+
+
+@router.get(
+    "/{job_id}/previews/{step}",
+    name=views.PREVIEW_ROUTE,
+    summary="The preview taken after a given step",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "JPEG preview."},
+        404: {"model": Detail, "description": "Unknown job, or no preview for that step (yet or any more)."},
+    },
+)
+def preview(
+    job_id: JobId,
+    step: Annotated[int, Path(ge=0, description="Step number, as listed in the job's previews.")],
+    settings: SettingsDep,
+    conn: RedisDep,
+) -> Response:
+    snap = _load(settings, conn, job_id)
+    data = records.preview_bytes(conn, job_id, step)
+    if data is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, step))
+    return Response(
+        data,
+        media_type=CONTENT_TYPES[PREVIEW_FORMAT],
+        headers={"X-Bailan-Step": str(step), "Cache-Control": f"private, max-age={settings.preview_ttl_s}"},
+    )
+
+
+@router.get(
+    "/{job_id}/images/{index}",
+    name=views.IMAGE_ROUTE,
+    summary="A final image",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {ct: {} for ct in CONTENT_TYPES.values()},
+            "description": "Image bytes, encoded as the job's output_format.",
+        },
+        404: {
+            "model": Detail,
+            "description": "Unknown job, index out of range, job failed or canceled, or image expired.",
+        },
+        409: {"model": Detail, "description": "Job still queued or running: the image is not ready yet."},
+    },
+)
+def image(
+    job_id: JobId,
+    index: Annotated[int, Path(ge=0, description="0-based image index, below num_images.")],
+    settings: SettingsDep,
+    conn: RedisDep,
+) -> Response:
+    snap = _load(settings, conn, job_id)
+    params = snap.params
+    if params is not None and index >= params.num_images:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"job {job_id} has {params.num_images} image(s); no index {index}"
+        )
+    data = records.image_bytes(conn, job_id, index)
+    if data is not None:
+        fmt = params.output_format.value if params is not None else "png"
+        return Response(
+            data,
+            media_type=CONTENT_TYPES[fmt],
+            headers={
+                "Cache-Control": f"private, max-age={settings.result_ttl_s}, immutable",
+                "Content-Disposition": f'inline; filename="{job_id}-{index}.{fmt}"',
+            },
+        )
+    state = snap.state
+    if state in (JobState.queued, JobState.running):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job_id} is {state.value}: image {index} is not ready yet"
+        )
+    if state is JobState.succeeded:
+        raise _not_found(settings, job_id)
+    raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} {state.value}: it has no images")

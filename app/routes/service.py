@@ -1,0 +1,40 @@
+"""The service itself: the models the live workers serve, liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.deps import RedisDep
+from app.schemas import Detail, ModelsOut
+from app.store import workers
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/v1/models", response_model=ModelsOut, summary="Models the live workers serve")
+def models(conn: RedisDep) -> ModelsOut:
+    return ModelsOut(models=workers.models_served(workers.live_workers(conn)))
+
+
+@router.get("/healthz", summary="Liveness: the API process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: Redis reachable and at least one live worker",
+    responses={503: {"model": Detail, "description": "Not ready; detail says why."}},
+)
+def readyz(conn: RedisDep) -> Any:
+    try:
+        conn.ping()
+        live = workers.live_workers(conn)
+    except Exception as exc:  # any Redis failure means not ready, never a 500
+        return JSONResponse({"detail": f"Redis unreachable: {exc}"}, status_code=503)
+    if not live:
+        return JSONResponse({"detail": "no live worker: jobs would wait in the queue"}, status_code=503)
+    return {"status": "ready", "workers": len(live)}

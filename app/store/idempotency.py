@@ -1,0 +1,71 @@
+"""Idempotency-Key claims: a retried submit finds the job its first attempt created."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import redis
+
+from app.settings import ApiSettings
+from app.store.common import RECORD_TTL_MARGIN_S, looks_like_job_id, new_job_id, parse_json
+from bailan.jobs import JobRequest, Keys, dumps, now
+
+# A claim whose job record is missing is a submit still in flight for this
+# long (its MULTI has not run yet); after that the job expired and the key may
+# start a new one.
+IDEMPOTENCY_IN_FLIGHT_S = 10.0
+
+
+class IdempotencyMismatch(Exception):
+    pass
+
+
+class IdempotencyInFlight(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    redis_key: str
+    job_id: str
+    fresh: bool  # False: an earlier request with this key created job_id
+
+
+def request_fingerprint(request: JobRequest) -> str:
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
+def claim_idempotency(
+    settings: ApiSettings, conn: redis.Redis, header: str, fingerprint: str
+) -> IdempotencyClaim:
+    """Bind an Idempotency-Key to a new job id, or return the job it already names."""
+    redis_key = Keys.idempotency(hashlib.sha256(header.encode()).hexdigest())
+    ttl = settings.result_ttl_s + RECORD_TTL_MARGIN_S
+    for _ in range(3):
+        job_id = new_job_id()
+        value = dumps({"job_id": job_id, "fingerprint": fingerprint, "claimed_at": now()})
+        if conn.set(redis_key, value, nx=True, ex=ttl):
+            return IdempotencyClaim(redis_key, job_id, fresh=True)
+        existing = parse_json((conn.get(redis_key) or b"").decode(), None)
+        if not isinstance(existing, dict) or not looks_like_job_id(str(existing.get("job_id"))):
+            conn.delete(redis_key)  # expired meanwhile, or garbage: claim afresh
+            continue
+        if existing.get("fingerprint") != fingerprint:
+            raise IdempotencyMismatch()
+        if conn.exists(Keys.job(existing["job_id"])):
+            return IdempotencyClaim(redis_key, existing["job_id"], fresh=False)
+        if now() - float(existing.get("claimed_at") or 0) < IDEMPOTENCY_IN_FLIGHT_S:
+            raise IdempotencyInFlight()
+        conn.delete(redis_key)  # its job expired: the key may start a new one
+    raise IdempotencyInFlight()
+
+
+def release_idempotency(conn: redis.Redis, claim: IdempotencyClaim) -> None:
+    """Undo a fresh claim whose submit failed, so a retry with the key can succeed."""
+    try:
+        current = parse_json((conn.get(claim.redis_key) or b"").decode(), None)
+        if isinstance(current, dict) and current.get("job_id") == claim.job_id:
+            conn.delete(claim.redis_key)
+    except redis.RedisError:
+        pass  # a retry gets 409 for IDEMPOTENCY_IN_FLIGHT_S, then claims the key afresh

@@ -1,0 +1,95 @@
+"""The live workers, as they describe themselves in Redis, and the models they serve."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from app.schemas import ModelOut
+from app.store.common import parse_json
+from bailan.jobs import Keys
+
+log = logging.getLogger("bailan.api")
+
+WORKER_SCAN_COUNT = 200
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    name: str
+    model: str
+    width: int | None
+    height: int | None
+    device: str | None
+    dtype: str | None
+    max_batch: int | None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
+    """Workers whose heartbeat key has not expired, as they describe themselves."""
+    keys = list(conn.scan_iter(match=Keys.WORKER_PATTERN, count=WORKER_SCAN_COUNT))
+    if not keys:
+        return []
+    workers = []
+    for key, raw in zip(keys, conn.mget(keys)):
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        info = parse_json(raw.decode() if isinstance(raw, bytes) else raw, None)
+        if not isinstance(info, dict):
+            log.warning("ignoring malformed worker key %r", key)
+            continue
+        key_name = key.decode() if isinstance(key, bytes) else key
+        workers.append(
+            WorkerInfo(
+                name=str(info.get("worker") or key_name.rsplit(":", 1)[-1]),
+                model=str(info.get("model") or "unknown"),
+                width=_int_or_none(info.get("width")),
+                height=_int_or_none(info.get("height")),
+                device=str(info["device"]) if info.get("device") is not None else None,
+                dtype=str(info["dtype"]) if info.get("dtype") is not None else None,
+                max_batch=_int_or_none(info.get("max_batch")),
+            )
+        )
+    return workers
+
+
+def models_served(workers: list[WorkerInfo]) -> list[ModelOut]:
+    by_model: dict[str, list[WorkerInfo]] = {}
+    for w in workers:
+        by_model.setdefault(w.model, []).append(w)
+    out = []
+    for name, group in sorted(by_model.items()):
+        sizes = {(w.width, w.height) for w in group if w.width and w.height}
+        width, height = sizes.pop() if len(sizes) == 1 else (None, None)
+        batches = [w.max_batch for w in group if w.max_batch]
+        out.append(
+            ModelOut(
+                model=name,
+                width=width,
+                height=height,
+                workers=len(group),
+                devices=sorted({w.device for w in group if w.device}),
+                dtypes=sorted({w.dtype for w in group if w.dtype}),
+                max_batch=max(batches) if batches else None,
+            )
+        )
+    return out
+
+
+def native_size(workers: list[WorkerInfo]) -> tuple[int | None, int | None]:
+    """The default size, when every live worker agrees on one.
+
+    Workers of different models share one queue, so when they disagree the
+    API cannot know which will run the job; the worker then resolves it.
+    """
+    sizes = {(w.width, w.height) for w in workers if w.width and w.height}
+    if len(sizes) == 1:
+        return sizes.pop()
+    return None, None

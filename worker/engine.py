@@ -1,0 +1,310 @@
+"""The sampling engine: every job on this worker, denoised through one UNet call per step.
+
+For each job the work is Stable Diffusion's:
+
+    encode prompt (and negative prompt) -> seeded initial latents
+    per step: UNet with classifier-free guidance -> sampler update -> progress, preview, cancel check
+    VAE decode -> images
+
+What makes it an engine rather than a pipeline is that the loop runs over
+*samples* (one per requested image) from many jobs at once, as LLM servers do
+with tokens ("continuous" or iteration-level batching): a job joins the running
+batch at the next step and leaves as soon as it is done or canceled; every
+sample carries its own timestep, schedule, seed, prompt and guidance scale.
+
+The work is split as vLLM splits it:
+
+* `worker.batching.BatchScheduler` decides (admission, cancel, grouping by
+  size, padding to warmed batch shapes) and never touches a tensor;
+* `worker.runners.sd.SDRunner` owns the tensors and runs a plan on the device
+  (on CUDA, each padded batch shape's step is one captured graph);
+* `Engine.step_once` reads as plan -> run -> update.
+
+A sample's result does not depend on its batch-mates (tested), so batching is
+invisible to clients except in throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.batching import Admission, BatchScheduler, StepPlan
+from worker.generation import GenerationJob, InvalidForModel, JobCanceled
+from worker.loader import LoadedModel
+from worker.runners.sd import RunnerOptions, SDRunner, default_batch_buckets
+
+log = logging.getLogger(__name__)
+
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
+# Steps launched ahead of the device: enough to keep the GPU fed while the host
+# prepares the next step, few enough that progress, previews and cancel stay current.
+MAX_STEPS_IN_FLIGHT = 2
+
+__all__ = ["Engine", "GenerationJob", "InvalidForModel", "JobCanceled", "OOM_ERRORS", "RunnerOptions"]
+
+
+class Engine:
+    """Owns the model. `submit` from any thread; `run` (or `step_once`) on one."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_batch: int,
+        batch_buckets: tuple[int, ...] | None = None,
+        options: RunnerOptions | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.runner = SDRunner(model, max_batch, options)
+        if batch_buckets is None:
+            batch_buckets = default_batch_buckets(model.device, max_batch, self.runner.options.compile_unet)
+        self.scheduler = BatchScheduler(max_batch, batch_buckets)
+        self._wake = threading.Event()
+        # Launched steps whose device work may still run: (event or None, [(job, step)]).
+        self._in_flight: deque[tuple[Any, list[tuple[GenerationJob, int]]]] = deque()
+        # Previews not yet handed over: (job, step, uint8 (h, w, 3), CUDA copy-done event or None).
+        self._pending_previews: deque[tuple[GenerationJob, int, torch.Tensor, Any]] = deque()
+        self.iterations = 0
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        return self.scheduler.buckets
+
+    # ---- public API -------------------------------------------------------
+
+    def submit(self, job: GenerationJob) -> Future:
+        self.validate(job)
+        job.images = [None] * job.num_images
+        job.latents = [None] * job.num_images
+        self.scheduler.submit(job, self.runner.latent_size(job))
+        self._wake.set()
+        return job.future
+
+    def validate(self, job: GenerationJob) -> None:
+        """Raise InvalidForModel for a job this model and worker cannot run."""
+        self.runner.validate(job)
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.busy or bool(self._in_flight)
+
+    def has_room(self) -> bool:
+        """Whether a new job could start now (read from other threads: approximate)."""
+        return self.scheduler.has_room()
+
+    def run(self, stop: threading.Event) -> None:
+        """The engine loop (the worker runs it on its main thread). Returns when `stop` is set and nothing is in flight."""
+        while True:
+            try:
+                worked = self.step_once()
+            except Exception as exc:
+                # Whatever broke, no job may wait on this engine for ever: fail
+                # everything in flight and keep serving (the next step starts clean).
+                log.exception("engine step failed; failing the jobs in flight")
+                self.fail_all(exc)
+                worked = True
+            if not worked:
+                if stop.is_set():
+                    return
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def run_until_idle(self) -> None:
+        while self.step_once():
+            pass
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every admitted, waiting and incoming job."""
+        jobs = self.scheduler.active_jobs() + self.scheduler.drain()
+        self.scheduler.remove(jobs)
+        self._pending_previews.clear()
+        self._in_flight.clear()
+        self._fail(jobs, exc)
+        self.runner.free_memory()
+
+    @torch.inference_mode()
+    def step_once(self) -> bool:
+        """Admit and drop jobs, then one step for one group: plan -> run -> update."""
+        for admission in self.scheduler.admit():
+            self._start(admission)
+        for job in self.scheduler.canceled():
+            job.future.set_exception(JobCanceled())
+        plan = self.scheduler.plan()
+        if plan is None:
+            self._settle(0)
+            self._deliver_previews(block=True)
+            return self.scheduler.waiting
+        for part in self._run(plan):
+            self._update(part)
+        self.iterations += 1
+        return True
+
+    @torch.inference_mode()
+    def warm_up(self, width: int | None = None, height: int | None = None) -> dict[str, float]:
+        """Compile, select kernels and capture the step at every bucket of one size (the
+        model's native size by default) before the worker takes traffic."""
+        model = self.model
+        size = ((height or model.native_height) // model.vae_scale_factor,
+                (width or model.native_width) // model.vae_scale_factor)
+        return self.runner.warm_up(size, self.batch_buckets)
+
+    # ---- the loop's parts ---------------------------------------------------
+
+    def _start(self, admission: Admission) -> None:
+        try:
+            self.runner.start(admission)
+            return
+        except Exception as exc:
+            # One call set up every admitted job; find the bad one(s) by starting each alone.
+            if len(admission.jobs) == 1:
+                self._fail_to_start(admission.jobs[0], exc)
+                return
+        for job, slots in zip(admission.jobs, admission.slots):
+            try:
+                self.runner.start(Admission(admission.size, [job], [slots]))
+            except Exception as exc:  # a bad job must not take the engine down
+                self._fail_to_start(job, exc)
+
+    def _fail_to_start(self, job: GenerationJob, exc: BaseException) -> None:
+        log.error("job %s failed to start: %s", job.id, exc, exc_info=exc)
+        self._fail([job], exc)
+
+    def _run(self, plan: StepPlan) -> list[StepPlan]:
+        """Run a plan on the device. Out of memory halves it rather than failing everyone;
+        a single sample that still does not fit fails its own job. Returns what ran."""
+        try:
+            self.runner.step(plan)
+            return [plan]
+        except OOM_ERRORS as exc:
+            self.runner.free_memory()
+            if len(plan) == 1:
+                job = self.scheduler.job_of(plan.size, int(plan.slots[0]))
+                self._fail([job] if job is not None else [], exc)
+                return []
+        ran: list[StepPlan] = []
+        for part in self.scheduler.split(plan):
+            alive = self.scheduler.restrict(part, np.ones(len(part), dtype=bool))
+            if alive is not None:
+                ran.extend(self._run(alive))
+        return ran
+
+    def _update(self, plan: StepPlan) -> None:
+        """Count the step, report progress and previews, finish what is done."""
+        finished = self.scheduler.advance(plan)
+        pool = self.scheduler.pools[plan.size]
+        leads = plan.slots[pool.image[plan.slots] == 0]
+        progress = [(pool.jobs[s], int(pool.step[s])) for s in leads]
+        event = None
+        if self.model.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._in_flight.append((event, [(job, step) for job, step in progress if job is not None]))
+        self._previews(plan)
+        self._settle(MAX_STEPS_IN_FLIGHT)
+        if finished:
+            self._finish(plan, finished)
+
+    def _settle(self, keep: int) -> None:
+        """Report progress of steps the device has finished; wait while more than `keep` are queued."""
+        while self._in_flight:
+            event, progress = self._in_flight[0]
+            if event is not None and len(self._in_flight) <= keep and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self._in_flight.popleft()
+            for job, step in progress:
+                if job.future.done():
+                    continue
+                job.step = step
+                job.on_progress(job, step)
+
+    def _previews(self, plan: StepPlan) -> None:
+        pool = self.scheduler.pools[plan.size]
+        if len(plan.previews):
+            try:
+                found = self.runner.cheap_previews(plan)
+                if found is not None:
+                    rgb, event = found
+                    for i, position in enumerate(plan.previews):
+                        job = pool.jobs[plan.slots[position]]
+                        if job is not None:
+                            self._pending_previews.append((job, int(plan.steps[position]) + 1, rgb[i], event))
+            except Exception:  # a preview is never worth failing a job for
+                log.exception("previews failed")
+        if len(plan.full_previews):
+            try:
+                images = self.runner.decode_previews(plan)
+                for position, rgb in zip(plan.full_previews, images):
+                    job = pool.jobs[plan.slots[position]]
+                    if job is not None:
+                        job.on_preview(job, int(plan.steps[position]) + 1, rgb)
+            except Exception:  # a preview is never worth failing a job for
+                log.exception("full-decode previews failed")
+        self._deliver_previews(block=False)
+
+    def _deliver_previews(self, block: bool) -> None:
+        """Hand over the previews whose copies are done, in order (all of them if `block`)."""
+        while self._pending_previews:
+            job, step, host, event = self._pending_previews[0]
+            if event is not None:
+                if not block and not event.query():
+                    return
+                event.synchronize()
+            self._pending_previews.popleft()
+            if job.future.done():  # canceled or failed meanwhile
+                continue
+            try:
+                job.on_preview(job, step, host.numpy())
+            except Exception:
+                log.exception("preview of job %s at step %d failed", job.id, step)
+
+    def _finish(self, plan: StepPlan, finished: list[tuple[GenerationJob, int, int]]) -> None:
+        """Decode the samples whose last step this was and hand finished jobs their images."""
+        finished = [(job, image, slot) for job, image, slot in finished if not job.future.done()]
+        slots = [slot for _, _, slot in finished]
+        pool = self.scheduler.pools[plan.size]
+        try:
+            latents = self.runner.final_latents(plan.size, slots)
+            try:
+                images: list[np.ndarray | None] = list(self.runner.decode(latents))
+            except OOM_ERRORS:
+                self.runner.free_memory()
+                images = []
+                for i, (job, _, _) in enumerate(finished):
+                    try:
+                        images.extend(self.runner.decode(latents[i : i + 1]))
+                    except Exception as exc:  # this image alone failed (OOM or worse)
+                        self.runner.free_memory()
+                        self._fail([job], exc)
+                        images.append(None)
+        except Exception as exc:
+            pool.release(slots)
+            self._fail([job for job, _, _ in finished], exc)
+            return
+        pool.release(slots)
+        self._settle(0)  # the decode synchronized: every step before it is done
+        self._deliver_previews(block=True)
+        for i, ((job, image_index, _), image) in enumerate(zip(finished, images)):
+            if image is None or job.future.done():
+                continue
+            job.images[image_index] = image
+            job.latents[image_index] = latents[i : i + 1]
+            if all(img is not None for img in job.images):
+                job.future.set_result(job.images)
+
+    def _fail(self, jobs: list[GenerationJob], exc: BaseException) -> None:
+        self.scheduler.remove(jobs)
+        for job in {id(j): j for j in jobs}.values():
+            if not job.future.done():
+                log.error("job %s failed: %s", job.id, exc)
+                job.future.set_exception(exc)

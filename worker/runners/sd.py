@@ -1,0 +1,559 @@
+"""The model runner for Stable Diffusion 1.x/2.x pipelines: it owns every tensor.
+
+The batch scheduler (worker.batching) decides which slots take a step; this
+runner turns a plan into device work. For each latent size it keeps a pool of
+persistent buffers, one row per slot:
+
+    latents        (slots + 1, C, h, w)  float32  the sampler's state
+    x0             (slots + 1, C, h, w)  float32  last clean-latent estimate (DPM-Solver++ history)
+    embeds         (2 (slots + 1), L, D) dtype    negative and positive prompt embeddings
+    guidance       (slots + 1,)          float32
+    coefficients   ((slots + 1) S, K)    float32  each slot's schedule (worker.samplers), S = max steps
+    noise bank     (slots + 1, S', C, h, w)       Euler a only: each sample's per-step noise, drawn
+                                                  from its seed's CPU generator at admission
+
+The last slot is scratch: padding rows read zeros from it and write into it.
+One step is then: gather the plan's rows, UNet, classifier-free guidance, the
+vectorised sampler update of every sample at its own step, scatter back. It
+reads only device tensors and small index vectors uploaded without waiting, so
+nothing synchronises the host with the GPU, and on CUDA the whole step at each
+padded batch size ("bucket") is captured once as a CUDA graph and replayed:
+one launch per step instead of about a thousand. With `compile_unet`, the UNet
+inside those graphs is torch.compile'd (batch dimension dynamic, so one compile
+serves every bucket).
+
+Other model families (SDXL, img2img inputs) get their own runner file beside
+this one with the same methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from worker import samplers
+from worker.batching import Admission, Size, StepPlan
+from worker.generation import GenerationJob, InvalidForModel
+from worker.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# Rows of the packed index tensor uploaded before each step.
+ROW_SLOT, ROW_COEF, ROW_EMBED, SAMPLE_SLOT, SAMPLE_UNCOND, SAMPLE_COND, SAMPLE_COEF, NOISE = range(8)
+INDEX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How the runner uses the device. None = decided by the device (see `resolve`)."""
+
+    cuda_graphs: bool | None = None  # capture each bucket's step as a CUDA graph (CUDA only)
+    compile_unet: bool = False  # torch.compile the UNet (CUDA only)
+    compile_vae: bool = False  # torch.compile the VAE decoder (CUDA only)
+    channels_last: bool = False  # NHWC weights and activations
+    fuse_qkv: bool = False  # one projection for attention's q, k and v
+    sdpa_backend: str | None = None  # force one attention kernel: flash, efficient, cudnn, math
+    max_steps: int = 1000  # rows of each slot's coefficient table
+
+    def resolve(self, device: torch.device) -> "RunnerOptions":
+        cuda = device.type == "cuda"
+        return RunnerOptions(
+            cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda),
+            compile_unet=self.compile_unet and cuda,
+            compile_vae=self.compile_vae and cuda,
+            channels_last=self.channels_last and cuda,
+            fuse_qkv=self.fuse_qkv,
+            sdpa_backend=self.sdpa_backend if cuda else None,
+            max_steps=self.max_steps,
+        )
+
+
+@dataclass(eq=False)
+class _Pool:
+    size: Size
+    slots: int  # real slots; index `slots` is scratch
+    latents: torch.Tensor
+    x0: torch.Tensor
+    embeds: torch.Tensor
+    guidance: torch.Tensor
+    coefficients: torch.Tensor
+    noise_bank: torch.Tensor | None = None
+    graphs: dict[int, "_Graph"] = field(default_factory=dict)
+    stochastic: np.ndarray = field(init=False)  # host copy: which slots draw noise every step
+
+    def __post_init__(self) -> None:
+        self.stochastic = np.zeros(self.slots + 1, dtype=bool)
+
+    @property
+    def scratch(self) -> int:
+        return self.slots
+
+
+@dataclass(eq=False)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    index: torch.Tensor  # (INDEX_ROWS, bucket) int64, filled before each replay
+    noise: torch.Tensor  # (bucket, C, h, w) float32, filled before replays that need noise
+
+
+def default_batch_buckets(device: torch.device, max_batch: int, compiled: bool = False) -> tuple[int, ...]:
+    """On CUDA, UNet row counts 1, 2, 4, then multiples of 8 up to 2 x max_batch: each is a
+    captured graph (and kernel selection) made at start-up, so staggered arrivals never
+    pay for a new shape mid-request; padding wastes < 1/2 of a small batch and < 1/5 of
+    a large one. A compiled UNet starts at 2 (batch 1 would be its own compile). On the
+    CPU there is nothing to amortize."""
+    if device.type != "cuda":
+        return ()
+    top = 2 * max_batch
+    small = {2, 4} if compiled else {1, 2, 4}
+    return tuple(sorted({b for b in small if b < top} | {min(b, top) for b in range(8, top + 8, 8)}))
+
+
+def default_max_batch(device: torch.device) -> int:
+    """Images per UNet call when BAILAN_MAX_BATCH is 0: bounded by device memory."""
+    if device.type != "cuda":
+        return 8
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if total_gib >= 30:
+        return 16
+    if total_gib >= 14:
+        return 8
+    return 2
+
+
+class SDRunner:
+    """Owns the model's tensors; every method runs on the engine's thread."""
+
+    def __init__(self, model: LoadedModel, max_batch: int, options: RunnerOptions | None = None) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.options = (options or RunnerOptions()).resolve(model.device)
+        self.device = model.device
+        self.pools: dict[Size, _Pool] = {}
+        self._graph_pool: Any = None
+        self._compiled_unet: Any = None
+        self._compiled_vae: Any = None
+        self.vae_buckets: tuple[int, ...] = ()
+        self._prepare_model()
+
+    # ---- set-up ------------------------------------------------------------------
+
+    def _prepare_model(self) -> None:
+        opts, unet = self.options, self.model.unet
+        if opts.fuse_qkv and hasattr(unet, "fuse_qkv_projections"):
+            unet.fuse_qkv_projections()
+        if opts.channels_last:
+            unet.to(memory_format=torch.channels_last)
+            self.model.vae.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            # cuDNN times its convolution algorithms once per shape; shapes are few (buckets).
+            torch.backends.cudnn.benchmark = True
+        if opts.compile_unet:
+            import torch._inductor.config as inductor
+
+            # 1x1 convolutions as matrix products: measured faster for SD's UNet under inductor.
+            inductor.conv_1x1_as_mm = True
+            self._compiled_unet = torch.compile(unet, fullgraph=False)
+        if opts.compile_vae:
+            self._compiled_vae = torch.compile(self.model.vae.decode)
+        if self.device.type == "cuda":
+            top = self.max_batch
+            small = [2] if opts.compile_vae else [1, 2]
+            self.vae_buckets = tuple(sorted({b for b in small + [4, 8] if b < top} | {b for b in range(16, top + 16, 16) if b < top} | {top}))
+
+    def latent_size(self, job: GenerationJob) -> Size:
+        scale = self.model.vae_scale_factor
+        return (job.height // scale, job.width // scale)
+
+    def validate(self, job: GenerationJob) -> samplers.Schedule:
+        multiple = self.model.vae_scale_factor
+        for name, value in (("width", job.width), ("height", job.height)):
+            if value % multiple:
+                raise InvalidForModel(f"{name} must be a multiple of {multiple} for model {self.model.name}")
+        if job.steps > self.options.max_steps:
+            raise InvalidForModel(f"steps={job.steps} exceeds this worker's limit of {self.options.max_steps}")
+        if job.num_images > self.max_batch:
+            raise InvalidForModel(f"num_images {job.num_images} exceeds this worker's batch of {self.max_batch}")
+        try:
+            return samplers.schedule(job.scheduler, self.model.scheduler_config, job.steps)
+        except samplers.UnsupportedSchedule as exc:
+            raise InvalidForModel(str(exc)) from exc
+
+    def _pool(self, size: Size) -> _Pool:
+        pool = self.pools.get(size)
+        if pool is not None:
+            return pool
+        model, n = self.model, self.max_batch + 1
+        h, w = size
+        text = model.pipe.text_encoder.config
+        length = model.pipe.tokenizer.model_max_length
+        pool = _Pool(
+            size=size,
+            slots=self.max_batch,
+            latents=torch.zeros((n, model.latent_channels, h, w), device=self.device),
+            x0=torch.zeros((n, model.latent_channels, h, w), device=self.device),
+            embeds=torch.zeros((2 * n, length, text.hidden_size), device=self.device, dtype=model.dtype),
+            guidance=torch.ones(n, device=self.device),
+            coefficients=torch.zeros((n * self.options.max_steps, samplers.NUM_COEFFICIENTS), device=self.device),
+        )
+        self.pools[size] = pool
+        return pool
+
+    # ---- admission -------------------------------------------------------------------
+
+    def start(self, admission: Admission) -> None:
+        """Set up the slots of newly admitted jobs: prompts, seeded noise, schedules.
+        One text-encoder call and one upload per buffer for all of them."""
+        pool = self._pool(admission.size)
+        texts = [t for job in admission.jobs for t in job.texts()]
+        embeds, unknown = encode_prompts(self.model, texts)
+        slots: list[int] = []
+        uncond_rows: list[int] = []
+        cond_rows: list[int] = []
+        guidance: list[float] = []
+        latents: list[torch.Tensor] = []
+        tables: list[np.ndarray] = []
+        noise: list[tuple[int, torch.Tensor]] = []
+        row = 0
+        shape = (1, self.model.latent_channels, *admission.size)
+        for job, job_slots in zip(admission.jobs, admission.slots):
+            sched = self.validate(job)
+            n_texts = len(job.texts())
+            job.unknown_words = unknown[row + n_texts - 1]
+            for index, slot in enumerate(job_slots):
+                if job.guided:
+                    uncond_rows.append(row)
+                    cond_rows.append(row + 1)
+                else:
+                    uncond_rows.append(-1)
+                    cond_rows.append(row)
+                slots.append(slot)
+                guidance.append(job.guidance_scale if job.guided else 1.0)
+                # CPU generators: the same seed gives the same image on any device, and
+                # the stock pipeline's image for one-image jobs.
+                generator = torch.Generator("cpu").manual_seed(job.seed + index)
+                latents.append(randn_tensor(shape, generator=generator, dtype=torch.float32) * sched.init_noise_sigma)
+                if sched.stochastic:
+                    draws = [randn_tensor(shape, generator=generator, dtype=torch.float32) for _ in range(sched.steps)]
+                    noise.append((slot, torch.cat(draws)))
+                tables.append(sched.coefficients)
+            row += n_texts
+        index = self._ints(slots)
+        pool.embeds.index_copy_(0, self._ints([2 * s + 1 for s in slots]), embeds.index_select(0, self._ints(cond_rows)))
+        guided = [i for i, r in enumerate(uncond_rows) if r >= 0]
+        if guided:
+            pool.embeds.index_copy_(
+                0,
+                self._ints([2 * slots[i] for i in guided]),
+                embeds.index_select(0, self._ints([uncond_rows[i] for i in guided])),
+            )
+        pool.guidance.index_copy_(0, index, _upload(torch.tensor(guidance, dtype=torch.float32), self.device))
+        pool.latents.index_copy_(0, index, _upload(torch.cat(latents), self.device))
+        pool.x0.index_fill_(0, index, 0.0)
+        steps = self.options.max_steps
+        table = np.zeros((len(slots), steps, samplers.NUM_COEFFICIENTS), dtype=np.float32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        rows = self._ints((np.asarray(slots)[:, None] * steps + np.arange(steps)).ravel())
+        pool.coefficients.index_copy_(0, rows, _upload(torch.from_numpy(table.reshape(-1, samplers.NUM_COEFFICIENTS)), self.device))
+        pool.stochastic[slots] = False
+        for slot, draws in noise:
+            bank = self._noise_bank(pool, len(draws))
+            bank[slot, : len(draws)] = _upload(draws, self.device)
+            pool.stochastic[slot] = True
+
+    def _ints(self, values: list[int] | np.ndarray) -> torch.Tensor:
+        return _upload(torch.from_numpy(np.asarray(values, dtype=np.int64)), self.device)
+
+    def _noise_bank(self, pool: _Pool, steps: int) -> torch.Tensor:
+        bank = pool.noise_bank
+        if bank is None or bank.shape[1] < steps:
+            # Grown rarely (a longer Euler a job than any before); read outside the graphs.
+            grown = torch.zeros((pool.slots + 1, steps, *pool.latents.shape[1:]), device=self.device)
+            if bank is not None:
+                grown[:, : bank.shape[1]] = bank
+            pool.noise_bank = bank = grown
+        return bank
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def step(self, plan: StepPlan) -> None:
+        """Advance the plan's samples one step each; nothing waits for the device."""
+        pool = self._pool(plan.size)
+        graph = pool.graphs.get(plan.bucket)
+        width = plan.bucket if graph is not None else max(plan.rows, len(plan))
+        stochastic = bool(pool.stochastic[plan.slots].any())
+        packed = torch.from_numpy(_pack(plan, pool, width, self.options.max_steps, stochastic))
+        if graph is not None:
+            graph.index.copy_(_pinned(packed, self.device), non_blocking=True)
+            if stochastic:
+                _gather_noise(pool, graph.index[NOISE], out=graph.noise)
+            graph.graph.replay()
+            return
+        index = _upload(packed, self.device)
+        noise = _gather_noise(pool, index[NOISE]) if stochastic else None
+        self._body(pool, index, noise, self.model.unet)
+
+    def _body(self, pool: _Pool, index: torch.Tensor, noise: torch.Tensor | None, unet: Any) -> None:
+        """The step itself, from device tensors only (so it can be captured as a graph)."""
+        model = self.model
+        coef_rows = pool.coefficients.index_select(0, index[ROW_COEF])
+        x = pool.latents.index_select(0, index[ROW_SLOT])
+        x_in = (x * coef_rows[:, samplers.C_IN].view(-1, 1, 1, 1)).to(model.dtype)
+        if self.options.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        t = coef_rows[:, samplers.T]
+        embeds = pool.embeds.index_select(0, index[ROW_EMBED])
+        if unet is self._compiled_unet:
+            # One compiled graph for every bucket: the batch dimension stays symbolic.
+            for tensor in (x_in, t, embeds):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        out = unet(x_in, t, encoder_hidden_states=embeds, return_dict=False)[0].float()
+        uncond = out.index_select(0, index[SAMPLE_UNCOND])
+        cond = out.index_select(0, index[SAMPLE_COND])
+        slots = index[SAMPLE_SLOT]
+        scale = pool.guidance.index_select(0, slots).view(-1, 1, 1, 1)
+        # Unguided samples point both at their one row with scale 1: cond + 1 * 0.
+        m = uncond + scale * (cond - uncond)
+        coefficients = pool.coefficients.index_select(0, index[SAMPLE_COEF])
+        x_next, x0 = samplers.update(
+            pool.latents.index_select(0, slots), m, pool.x0.index_select(0, slots), noise, coefficients
+        )
+        pool.latents.index_copy_(0, slots, x_next)
+        pool.x0.index_copy_(0, slots, x0)
+
+    # ---- previews and images --------------------------------------------------------------
+
+    def cheap_previews(self, plan: StepPlan) -> tuple[torch.Tensor, Any] | None:
+        """(k, h, w, 3) uint8 of the plan's due previews, mapped linearly from latents, and
+        the CUDA event after which the host copy is complete (None on the CPU)."""
+        if not len(plan.previews):
+            return None
+        rgb = _latents_to_rgb(self.model, self._preview_latents(plan, plan.previews))
+        if self.device.type != "cuda":
+            return rgb, None
+        # One copy to pinned memory that nothing waits for: handed over once done (usually a
+        # step later), so the GPU never idles on a preview.
+        host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(rgb, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def decode_previews(self, plan: StepPlan) -> list[np.ndarray]:
+        """Full VAE decodes of the plan's due full-decode previews."""
+        return self.decode(self._preview_latents(plan, plan.full_previews))
+
+    def _preview_latents(self, plan: StepPlan, positions: np.ndarray) -> torch.Tensor:
+        """The latents after this step, brought back to unit variance (Euler-family
+        latents carry sigma-scaled noise, which would blow previews out early on)."""
+        pool = self.pools[plan.size]
+        slots = plan.slots[positions]
+        index = self._ints(np.stack([slots, slots * self.options.max_steps + plan.steps[positions]]))
+        scale = pool.coefficients.index_select(0, index[1])[:, samplers.PREVIEW].view(-1, 1, 1, 1)
+        return pool.latents.index_select(0, index[0]) * scale
+
+    def final_latents(self, size: Size, slots: list[int]) -> torch.Tensor:
+        return self.pools[size].latents.index_select(0, self._ints(slots))
+
+    def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """Latents -> uint8 (h, w, 3) images on the host; padded to a warmed batch size."""
+        model = self.model
+        batch = latents.to(model.dtype) / model.vae.config.scaling_factor
+        count = batch.shape[0]
+        target = next((b for b in self.vae_buckets if b >= count), count)
+        if target > count:
+            batch = torch.cat([batch, batch[-1:].expand(target - count, -1, -1, -1)])
+        if self.options.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        decode = self._compiled_vae or model.vae.decode
+        if decode is self._compiled_vae:
+            torch._dynamo.maybe_mark_dynamic(batch, 0)
+        images = decode(batch, return_dict=False)[0][:count]
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return list(images.permute(0, 2, 3, 1).cpu().numpy())
+
+    def free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warm_up(self, size: Size, buckets: tuple[int, ...]) -> dict[str, float]:
+        """Before the worker says it is ready: compile, select kernels and capture a CUDA
+        graph of the step at every bucket of the native size, and decode at every VAE
+        bucket. Returns seconds spent per phase."""
+        timings: dict[str, float] = {}
+        pool = self._pool(size)
+        unet = self._compiled_unet or self.model.unet
+        started = time.perf_counter()
+        for bucket in buckets:
+            if bucket > 2 * self.max_batch:
+                continue
+            index = _scratch_index(pool, bucket, self.options.max_steps)
+            noise = torch.zeros((bucket, *pool.latents.shape[1:]), device=self.device)
+            if self.options.cuda_graphs:
+                try:
+                    pool.graphs[bucket] = self._capture(pool, index, noise, unet)
+                except Exception:
+                    # A model whose forward cannot be captured still runs, eagerly.
+                    log.exception("capturing the step at %d rows failed; running it eagerly", bucket)
+                    self._sync()
+                    break
+            else:
+                with self._sdpa():
+                    self._body(pool, index, noise, unet)
+            timings.setdefault("first_bucket_s", time.perf_counter() - started)
+        self._sync()
+        timings["unet_buckets_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for count in self.vae_buckets:
+            self.decode(torch.zeros((count, *pool.latents.shape[1:]), device=self.device))
+        self._sync()
+        timings["vae_buckets_s"] = time.perf_counter() - started
+        return timings
+
+    def _capture(self, pool: _Pool, index: torch.Tensor, noise: torch.Tensor, unet: Any) -> _Graph:
+        # Warm-up on a side stream first (compilation, cuDNN benchmarking and lazy
+        # initialisation must not happen inside the capture), as torch.cuda.graphs advises.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), self._sdpa():
+            for _ in range(2):
+                self._body(pool, index, noise, unet)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph_pool is None:
+            # Graphs replay one at a time on one stream, so they can share one memory pool.
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool), self._sdpa():
+            self._body(pool, index, noise, unet)
+        return _Graph(graph, index, noise)
+
+    def _sdpa(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.options.sdpa_backend:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[self.options.sdpa_backend]
+        return sdpa_kernel([backend])
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _pack(plan: StepPlan, pool: _Pool, width: int, max_steps: int, stochastic: bool) -> np.ndarray:
+    """The plan as one (INDEX_ROWS, width) int64 array: which slot, coefficient row and
+    embedding each UNet row reads, and where each sample's outputs and state live.
+    Padding points at the scratch slot."""
+    scratch = pool.scratch
+    n = len(plan)
+    guided = plan.guided
+    per_sample = 1 + guided.astype(np.int64)
+    first = np.cumsum(per_sample) - per_sample  # each sample's first UNet row
+    rows = int(per_sample.sum())
+    index = np.empty((INDEX_ROWS, width), dtype=np.int64)
+    coef = plan.slots * max_steps + plan.steps
+    index[ROW_SLOT, :rows] = np.repeat(plan.slots, per_sample)
+    index[ROW_COEF, :rows] = np.repeat(coef, per_sample)
+    embed = np.repeat(2 * plan.slots + 1, per_sample)
+    embed[first[guided]] -= 1  # a guided sample's first row is its negative prompt
+    index[ROW_EMBED, :rows] = embed
+    index[[ROW_SLOT, ROW_EMBED], rows:] = [[scratch], [2 * scratch + 1]]
+    index[ROW_COEF, rows:] = scratch * max_steps
+    index[SAMPLE_SLOT, :n] = plan.slots
+    index[SAMPLE_UNCOND, :n] = first
+    index[SAMPLE_COND, :n] = first + guided
+    index[SAMPLE_COEF, :n] = coef
+    index[SAMPLE_SLOT, n:] = scratch
+    index[[SAMPLE_UNCOND, SAMPLE_COND], n:] = width - 1
+    index[SAMPLE_COEF, n:] = scratch * max_steps
+    index[NOISE] = -1
+    if stochastic:
+        assert pool.noise_bank is not None
+        draws = pool.noise_bank.shape[1]
+        index[NOISE, :n] = np.where(pool.stochastic[plan.slots], plan.slots * draws + plan.steps, -1)
+    return index
+
+
+def _scratch_index(pool: _Pool, width: int, max_steps: int) -> torch.Tensor:
+    scratch = pool.scratch
+    row = [scratch, scratch * max_steps, 2 * scratch + 1, scratch, width - 1, width - 1, scratch * max_steps, -1]
+    return torch.tensor(row, device=pool.latents.device).view(INDEX_ROWS, 1).repeat(1, width).contiguous()
+
+
+def _gather_noise(pool: _Pool, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's noise for its step from the bank (zeros for samples that draw none)."""
+    bank = pool.noise_bank
+    assert bank is not None
+    flat = bank.view(-1, *bank.shape[2:])
+    # -1 (no noise) reads the scratch slot's first draw, which is always zero.
+    safe = torch.where(index >= 0, index, pool.scratch * bank.shape[1])
+    if out is None:
+        return flat.index_select(0, safe)
+    return torch.index_select(flat, 0, safe, out=out)
+
+
+def _pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without waiting for the GPU's queue (a plain
+    `.to("cuda")` from pageable memory synchronizes). PyTorch's pinned-memory cache
+    keeps the staging buffer until the copy has run."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _latents_to_rgb(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """(n, C, h, w) -> (n, h, w, 3) uint8, on the latents' device."""
+    rgb = torch.einsum("nchw,cr->nhwr", latents.float(), model.latent_rgb) + model.latent_rgb_bias
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def encode_prompts(model: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, list[list[str]]]:
+    """Text embeddings for `texts`, and the words of each that the vocabulary lacks.
+
+    Word-level vocabularies (the built-in model) map unknown words to [UNK];
+    they are dropped, not fed to the encoder, and reported to the client.
+    CLIP's byte-level BPE has no unknown words (its unk token is its end token).
+    """
+    tokenizer = model.pipe.tokenizer
+    max_len = tokenizer.model_max_length
+    unk = tokenizer.unk_token_id
+    droppable = unk is not None and unk not in {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    ids_batch: list[list[int]] = []
+    unknown: list[list[str]] = []
+    for text in texts:
+        if droppable:
+            enc = tokenizer(text, truncation=True, max_length=max_len, return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            unknown.append([text[a:b] for i, (a, b) in zip(ids, enc["offset_mapping"]) if i == unk])
+            ids = [i for i in ids if i != unk]
+        else:
+            ids = tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+            unknown.append([])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids_batch.append(ids + [pad] * (max_len - len(ids)))
+    input_ids = _upload(torch.tensor(ids_batch), model.device)
+    embeds = model.pipe.text_encoder(input_ids, return_dict=False)[0]
+    return embeds.to(model.dtype), unknown
