@@ -16,17 +16,14 @@ COPY pyproject.toml README.md ./
 COPY bailan ./bailan
 COPY app ./app
 COPY worker ./worker
-# Installed in place (editable) so the worker finds the built-in model in
-# /app/models, next to its code, as it does in a checkout.
+# Installed in place (editable): what runs is the code copied here.
 RUN pip install --no-cache-dir -e .
 
+# The worker's default BAILAN_MODEL, models/bailan-shapes, is relative to WORKDIR.
 COPY models ./models
 
-# The code stays root-owned and read-only; .run is where the worker may write
-# (a tiny stand-in pipeline when no built-in model was copied).
-RUN useradd --create-home --uid 10001 bailan \
-    && mkdir -p /app/.run \
-    && chown 10001 /app/.run
+# The code and the model stay root-owned and read-only.
+RUN useradd --create-home --uid 10001 bailan
 USER 10001
 
 EXPOSE 8000

@@ -35,9 +35,11 @@ $(STAMP): pyproject.toml
 		echo "==> no GPU: installing $(CPU_TORCH) (CPU build) first; this takes a minute"; \
 		$(PY) -m pip install --quiet --disable-pip-version-check "$(CPU_TORCH)"; \
 	fi
-	@echo "==> installing bailan and its test tools into $(VENV)"
+	@echo "==> installing bailan, its trainer's and test tools into $(VENV)"
+	@# One venv serves run, test and train: the train extra is the trainer's
+	@# (tqdm), which the service itself never imports.
 	@# The setuptools notice about editable installs is noise here.
-	@PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install --quiet --disable-pip-version-check -e '.[train,test]'
 	@touch $@
 	@echo "==> $(VENV) is ready"
 
@@ -47,12 +49,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Two stages (worker/builtin/train.py RECIPES); --resume makes a rerun continue
+# Two stages (world/train.py RECIPES); --resume makes a rerun continue
 # whichever stage was stopped, and redo nothing that finished.
 BASE_MODEL := checkpoints/bailan-shapes-base
 train: $(STAMP)
-	$(PY) -m worker.builtin.train --recipe base --out $(BASE_MODEL) --ckpt-dir checkpoints/base --device auto --resume $(TRAIN_ARGS)
-	$(PY) -m worker.builtin.train --recipe zsnr --init-from $(BASE_MODEL) --out models/bailan-shapes --ckpt-dir checkpoints/zsnr --device auto --resume $(TRAIN_ARGS)
+	$(PY) -m world.train --recipe base --out $(BASE_MODEL) --ckpt-dir checkpoints/base --device auto --resume $(TRAIN_ARGS)
+	$(PY) -m world.train --recipe zsnr --init-from $(BASE_MODEL) --out models/bailan-shapes --ckpt-dir checkpoints/zsnr --device auto --resume $(TRAIN_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

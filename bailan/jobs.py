@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The worker-side entry point, named by string so the API never imports it.
-RQ_FUNC = "worker.runtime.run_job"
+RQ_FUNC = "worker.slots.run_job"
 KEY_PREFIX = "bailan"
 SEED_MAX = 2**32 - 1
 # Latents are 1/8 of the image size, so every side is a multiple of 8; a

@@ -7,7 +7,7 @@ and shape×position pairs that never appear in training) and paraphrases of seen
 ones — it generates K images per prompt with different seeds at the service's
 defaults (25 steps, DPM-Solver++ 2M) with guidance 7.5, 3.0 and 1.0
 (none), reads every attribute back with the pixel/geometry classifier of
-worker/builtin/evaluate.py (no learned parts), and prints per-attribute accuracy
+world/evaluate.py (no learned parts), and prints per-attribute accuracy
 and the mean "colour error": the RGB distance (0–441) from the measured shape
 colour to the palette colour asked for, which shows over-saturation that a
 right-or-wrong colour reading hides. It also times one image at the defaults,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import sys
 import time
 from datetime import date
@@ -27,73 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from world.evaluate import ATTRIBUTES, colour_error, prompt_suite, read_attributes, score
+from world.stock import STEPS, generate, load_pipeline
 
-from worker.builtin import data  # noqa: E402
-from worker.builtin.evaluate import ATTRIBUTES, colour_error, read_attributes, score  # noqa: E402
-
-STEPS = 25
 # The service default, a little, and none (the unconditional branch unused).
 GUIDANCES = (7.5, 3.0, 1.0)
 TARGETS = {"seen": {"colour": 0.95, "background": 0.95, "shape": 0.85, "size": 0.85, "position": 0.85}, "held-out": dict.fromkeys(ATTRIBUTES, 0.80)}
-
-
-def _paraphrase(rng: random.Random, s: data.Shape, bg: str) -> str:
-    size = rng.choice(data.SIZE_WORDS[s.size])
-    shape = rng.choice(data.SHAPE_WORDS[s.shape])
-    pos = rng.choice(data.POSITION_WORDS[s.position])
-    t = rng.randrange(3)
-    if t == 0:
-        return f"{size} {s.colour} {shape}, {bg} backdrop, {pos}"
-    if t == 1:
-        return f"{'an' if bg[0] in 'aeiou' else 'a'} {bg} background with a {size} {s.colour} {shape} at the {pos}"
-    return f"{pos}: {size} {s.colour} {shape} on {bg}"
-
-
-def prompt_suite(n_seen: int = 20, n_heldout: int = 16, n_para: int = 10) -> list[tuple[str, str, dict[str, str]]]:
-    """→ [(group, prompt, expected attributes)], the same on every run."""
-    rng = random.Random(2026)
-    suite = []
-
-    def add(group: str, scene: data.Scene, prompt: str) -> None:
-        s = scene.shapes[0]
-        expected = {"colour": s.colour, "background": scene.background, "shape": s.shape, "size": s.size, "position": s.position}
-        suite.append((group, prompt, expected))
-
-    for _ in range(n_seen):
-        sc = data.sample_scene(rng, "train", two_shapes=False)
-        add("seen", sc, data.canonical_prompt(sc.shapes[0], sc.background))
-    # Every held-out pair at least twice, with other attributes drawn at random.
-    pairs = sorted(data.HELDOUT_COLOUR_SHAPE) + sorted(data.HELDOUT_SHAPE_POSITION)
-    for i in range(n_heldout):
-        while True:
-            sc = data.sample_scene(rng, "heldout", two_shapes=False)
-            s = sc.shapes[0]
-            want = pairs[i % len(pairs)]
-            if want in ((s.colour, s.shape), (s.shape, s.position)):
-                break
-        add("held-out", sc, data.canonical_prompt(s, sc.background))
-    for _ in range(n_para):
-        sc = data.sample_scene(rng, "train", two_shapes=False)
-        add("paraphrase", sc, _paraphrase(rng, sc.shapes[0], sc.background))
-    return suite
-
-
-def load_pipeline(model: str) -> object:
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, dtype=torch.float32)
-    # The service's "dpmpp_2m": DPM-Solver++ 2M built from the model's own config.
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(pipe: object, prompts: list[str], seeds: list[int], guidance: float) -> list[object]:
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    with torch.no_grad():
-        out = pipe(prompt=prompts, num_inference_steps=STEPS, guidance_scale=guidance, generator=gens, output_type="pil")
-    return out.images
 
 
 def run(model: str, k: int, chunk: int = 16) -> dict[str, object]:

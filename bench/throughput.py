@@ -31,7 +31,6 @@ writes it with save_pretrained for the whole-service benchmark (bench/service.py
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -48,11 +47,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-from PIL import Image
 
 from worker.engine import Engine, GenerationJob, RunnerOptions
 from worker.loader import LoadedModel, from_pipeline
-from worker.tiny import TINY_WORDS, build_tiny_pipeline
+from worker.imaging import encode_preview
+from world.tiny import TINY_WORDS, build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = REPO / "models" / "bailan-shapes"
@@ -83,8 +82,8 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from worker.parts import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
-    from worker.wordtok import build_word_tokenizer
+    from world.sd_components import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
+    from world.wordtok import build_word_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=77)
@@ -139,7 +138,7 @@ def build_pipeline(
         return pipe.to(device), name, path
     if device.type == "cuda":
         return build_sd15_random(device, dtype), "sd15-architecture-random (built in code)", Path("sd15-random")
-    return build_tiny_pipeline().to(device=device, dtype=dtype), "tiny random pipeline (worker/tiny.py)", Path("tiny")
+    return build_tiny_pipeline().to(device=device, dtype=dtype), "tiny random pipeline (world/tiny.py)", Path("tiny")
 
 
 # ---- measuring ------------------------------------------------------------------------
@@ -311,16 +310,6 @@ class EngineBench:
         if preview_every:
             extra["previews"] = self.preview_count
         return summary(name, latencies, makespan, len(texts), self.meter.peak_gib(), **extra)
-
-
-def encode_preview(rgb: np.ndarray) -> int:
-    image = Image.fromarray(rgb)
-    scale = 256 / max(image.size)
-    if scale > 1:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=80)
-    return len(buf.getvalue())
 
 
 @torch.inference_mode()

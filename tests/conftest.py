@@ -58,6 +58,6 @@ def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight SD pipeline saved in the standard layout."""
-    from worker.tiny import save_tiny_pipeline
+    from world.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-random")

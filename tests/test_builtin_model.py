@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.builtin import data
-from worker.builtin.evaluate import ATTRIBUTES, colour_error, read_attributes, score
+from world import data
+from world.evaluate import ATTRIBUTES, colour_error, read_attributes, score
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "bailan-shapes"
 
@@ -60,7 +60,7 @@ def test_heldout_pairs_never_reach_training() -> None:
 def test_captions_stay_inside_the_vocabulary() -> None:
     """Guards [UNK] in training captions: the worker drops unknown words, so a
     caption word missing from the tokenizer would train on text it never sees."""
-    from worker.builtin.train import build_tokenizer
+    from world.train import build_tokenizer
 
     tok = build_tokenizer()
     for index in range(20):
@@ -102,12 +102,9 @@ def test_prompt_colours_and_position_reach_the_picture() -> None:
     colours, or lets the seed pick the place, as the ε-prediction model did): on
     fixed prompts and seeds, the judge must read back the colours and the
     position asked for."""
-    import importlib.util
+    from world.stock import generate, load_pipeline
 
-    spec = importlib.util.spec_from_file_location("prompt_following", MODEL.parents[1] / "bench" / "prompt_following.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    pipe = bench.load_pipeline(str(MODEL))
+    pipe = load_pipeline(str(MODEL))
     cases = [
         ("a large red circle in the center on a blue background", "red", "blue", "center"),
         ("a large yellow square in the top left on a black background", "yellow", "black", "top left"),
@@ -115,7 +112,7 @@ def test_prompt_colours_and_position_reach_the_picture() -> None:
         ("a large purple cross in the top right on an orange background", "purple", "orange", "top right"),
         ("a small green star in the bottom left on a white background", "green", "white", "bottom left"),
     ]
-    images = bench.generate(pipe, [c[0] for c in cases], [0] * len(cases), 7.5)
+    images = generate(pipe, [c[0] for c in cases], [0] * len(cases), 7.5)
     for (prompt, colour, background, position), image in zip(cases, images):
         r = read_attributes(image)
         assert (r.colour, r.background, r.position) == (colour, background, position), prompt
@@ -125,7 +122,7 @@ def test_committed_weights_name_the_recipes_that_made_them() -> None:
     """Guards `make train` drifting from the committed weights: the shipped
     model's log must record exactly the "zsnr" recipe, fine-tuned from a
     pipeline whose own log is kept, so the two stages can be rerun."""
-    from worker.builtin.train import RECIPES
+    from world.train import RECIPES
 
     log = json.loads((MODEL / "train_log.json").read_text())
     assert log["recipe"] == json.loads(json.dumps(asdict(RECIPES["zsnr"])))
@@ -137,7 +134,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     """Guards `make train --resume`: a run stopped at a checkpoint and resumed
     must end with the same weights as an unbroken run (data and noise are
     functions of the step, optimiser and EMA state are checkpointed)."""
-    from worker.builtin.train import Recipe, Trainer
+    from world.train import Recipe, Trainer
 
     recipe = Recipe(vae_steps=2, vae_batch=4, unet_steps=2, lr_schedule_steps=2, batch=4, warmup=1, ckpt_every=1)
     cpu = torch.device("cpu")
@@ -160,7 +157,7 @@ def test_zero_snr_v_prediction_option_exports_a_servable_model(tmp_path: Path) -
     tells every sampler to start from pure noise and read v."""
     from diffusers import StableDiffusionPipeline
 
-    from worker.builtin.train import Recipe, Trainer
+    from world.train import Recipe, Trainer
 
     recipe = Recipe(
         vae_steps=2, vae_batch=4, unet_steps=2, lr_schedule_steps=2, batch=4, warmup=1, ckpt_every=1,
@@ -184,7 +181,7 @@ def test_fine_tuning_starts_from_the_given_pipeline(tmp_path: Path) -> None:
     export must keep the starting point's own train log (provenance)."""
     from diffusers import UNet2DConditionModel
 
-    from worker.builtin.train import Recipe, Trainer
+    from world.train import Recipe, Trainer
 
     recipe = Recipe(unet_steps=1, lr_schedule_steps=1, batch=2, warmup=1, zero_terminal_snr=True, prediction_type="v_prediction")
     trainer = Trainer(recipe, torch.device("cpu"), tmp_path / "ckpt")
@@ -204,7 +201,7 @@ def test_fine_tuning_starts_from_the_given_pipeline(tmp_path: Path) -> None:
 def test_a_fine_tuning_recipe_refuses_to_start_from_scratch(tmp_path: Path) -> None:
     """Guards `train --recipe zsnr` without `--init-from`: it would silently train
     a whole new VAE and UNet under the fine-tune's short schedule."""
-    from worker.builtin.train import main
+    from world.train import main
 
     with pytest.raises(SystemExit, match="--init-from"):
         main(["--recipe", "zsnr", "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "model")])
@@ -214,7 +211,7 @@ def test_a_fine_tuning_recipe_refuses_to_start_from_scratch(tmp_path: Path) -> N
 def test_a_wrong_starting_pipeline_is_named(tmp_path: Path) -> None:
     """Guards `--init-from`/`--vae-from` with a wrong path: it must stop with a
     message naming the flag and what is missing, not a loader traceback."""
-    from worker.builtin.train import main
+    from world.train import main
 
     args = ["--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "model")]
     with pytest.raises(SystemExit, match=r"--init-from: .*no config.json in .*unet"):
@@ -227,7 +224,7 @@ def test_a_wrong_starting_pipeline_is_named(tmp_path: Path) -> None:
 def test_set_overrides_are_typed_and_checked() -> None:
     """Guards `train --set`: values must take the recipe field's type, and a
     misspelt field must stop the run instead of being ignored."""
-    from worker.builtin.train import _parse_sets
+    from world.train import _parse_sets
 
     assert _parse_sets(["zero_terminal_snr=true", "vae_rgb_weight=0.25", "unet_steps=10", "pyramid_scales=2,4"]) == {
         "zero_terminal_snr": True,

@@ -52,6 +52,8 @@ def test_record_decides_when_rq_forgot_the_job(record: dict[str, str], expected:
 
 def test_worker_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Guards against a worker starting with settings that cannot work (silent misconfiguration)."""
+    # The default model path is relative to the working directory: the repository root.
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     monkeypatch.setenv("BAILAN_MODEL", str(tmp_path / "missing"))
     with pytest.raises(ValidationError, match="BAILAN_MODEL"):
         WorkerSettings()
@@ -67,7 +69,7 @@ def test_worker_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("BAILAN_DEVICE", "cpu")
     monkeypatch.setenv("BAILAN_MAX_BATCH", "4")
     settings = WorkerSettings()
-    assert settings.max_batch == 4 and settings.device == "cpu" and settings.model is None
+    assert settings.max_batch == 4 and settings.device == "cpu" and settings.model == Path("models/bailan-shapes")
 
 
 def test_seeds_of_every_image_stay_in_range() -> None:

@@ -296,3 +296,24 @@ def test_worker_waits_for_redis_and_still_stops_on_sigterm(tiny_model_dir: Path,
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+@pytest.mark.parametrize("model", ["missing", "not-a-pipeline", "default"])
+def test_worker_without_a_model_stops_with_a_message(tmp_path: Path, model: str) -> None:
+    """Guards against a worker that starts on a missing or wrong model directory,
+    or that builds random weights in the built-in model's place when the default
+    path is absent (it once did): it must exit at start-up with code 2 and a
+    message naming BAILAN_MODEL, and write nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAILAN_")}
+    expected = {"missing": "does not exist", "not-a-pipeline": "has no model_index.json",
+                "default": "start the worker from the repository root"}[model]
+    if model == "not-a-pipeline":
+        (tmp_path / model).mkdir()
+    if model != "default":
+        env["BAILAN_MODEL"] = str(tmp_path / model)
+    # From an empty directory, so the default path models/bailan-shapes is absent too.
+    result = subprocess.run([sys.executable, "-m", "worker"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "BAILAN_MODEL" in result.stderr and expected in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([model] if model == "not-a-pipeline" else [])

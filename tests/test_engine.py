@@ -98,8 +98,8 @@ def test_engine_matches_stock_pipeline(model: LoadedModel, engine: Engine) -> No
 @pytest.fixture(scope="module")
 def vpred_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The tiny pipeline with the built-in model's schedule: v-prediction, zero terminal SNR, trailing steps."""
-    from worker.parts import sd_noise_scheduler
-    from worker.tiny import build_tiny_pipeline
+    from world.sd_components import sd_noise_scheduler
+    from world.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     pipe.scheduler = sd_noise_scheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")

@@ -15,7 +15,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from worker import samplers
-from worker.parts import sd_noise_scheduler  # MERGE: moves with issue 9
+from world.sd_components import sd_noise_scheduler
 
 SHAPE = (1, 4, 6, 5)
 

@@ -17,7 +17,8 @@ def main() -> int:
     except ValidationError as exc:
         print(f"invalid worker settings:\n{exc}", file=sys.stderr)
         return 2
-    from worker.runtime import serve
+    # Imported once the settings are valid, so a bad setting stops the worker before torch loads.
+    from worker.process import serve
 
     return serve(settings)
 

@@ -11,22 +11,20 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from bailan.settings import SharedSettings
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_MODEL = REPO_ROOT / "models" / "bailan-shapes"
 
 
 class WorkerSettings(SharedSettings):
     """Settings of one worker process (environment variables prefixed BAILAN_)."""
 
-    model: str | None = Field(
-        None,
+    model: Path = Field(
+        Path("models/bailan-shapes"),
         description=(
-            "Path to a local diffusers Stable Diffusion directory. Default: the built-in model "
-            "(models/bailan-shapes), or a tiny random-weight pipeline built locally when that is absent."
+            "Path to a local diffusers Stable Diffusion directory. Default: the built-in model, "
+            "models/bailan-shapes, relative to the working directory (the repository root under "
+            "`make run`, /app in the image)."
         ),
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
@@ -61,10 +59,21 @@ class WorkerSettings(SharedSettings):
         description="Where torch.compile keeps its compiled kernels across restarts (TORCHINDUCTOR_CACHE_DIR).",
     )
 
+    @field_validator("model")
+    @classmethod
+    def _model_is_a_pipeline_directory(cls, path: Path) -> Path:
+        # Checked with the settings, before torch loads, so a wrong path stops the
+        # worker at once with what to do; the worker never serves a stand-in.
+        if not (path / "model_index.json").is_file():
+            problem = "does not exist" if not path.exists() else "has no model_index.json"
+            fix = "set BAILAN_MODEL to a local diffusers Stable Diffusion directory"
+            if path == cls.model_fields["model"].default:
+                fix += " or start the worker from the repository root, where the built-in model lives"
+            raise ValueError(f"BAILAN_MODEL={str(path)!r} ({path.resolve()}) {problem}: {fix}")
+        return path
+
     @model_validator(mode="after")
     def _ttls_outlive_heartbeats(self) -> "WorkerSettings":
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("BAILAN_HEARTBEAT_TTL_S must exceed BAILAN_HEARTBEAT_INTERVAL_S")
-        if self.model is not None and not Path(self.model).is_dir():
-            raise ValueError(f"BAILAN_MODEL={self.model!r} is not a directory")
         return self

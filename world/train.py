@@ -3,8 +3,8 @@ encoder and UNet together, and saves a standard diffusers pipeline directory.
 
 The committed weights come from two stages (`make train` runs both):
 
-    python -m worker.builtin.train --recipe base --out checkpoints/bailan-shapes-base
-    python -m worker.builtin.train --recipe zsnr --init-from checkpoints/bailan-shapes-base --out models/bailan-shapes
+    python -m world.train --recipe base --out checkpoints/bailan-shapes-base
+    python -m world.train --recipe zsnr --init-from checkpoints/bailan-shapes-base --out models/bailan-shapes
 
 `RECIPES` holds both; the same recipe runs on the CPU and on a GPU (only
 floating-point rounding differs). Data come from a
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from worker.builtin import data
-from worker.parts import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
-from worker.wordtok import build_word_tokenizer
+from world import data
+from world.sd_components import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
+from world.wordtok import build_word_tokenizer
 
 MAX_TOKENS = 32  # the longest two-shape caption is 26 tokens with [BOS]/[EOS]
 

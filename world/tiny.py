@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-from worker.parts import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
-from worker.wordtok import build_word_tokenizer
+from world.sd_components import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
+from world.wordtok import build_word_tokenizer
 
 TINY_WORDS = (
     "a an the of on in at with and small large big tiny red green blue yellow white black orange purple "

@@ -6,17 +6,23 @@ every pixel far from it, colours are the nearest palette entry, and shape and
 size are the best intersection-over-union among rendered templates aligned on
 the foreground's bounding box. Position is the nearest anchor to that box's
 centre (the renderer centres every shape's bounding box on its anchor).
+
+`prompt_suite` is what the prompt benchmark (bench/prompt_following.py) asks
+the model: seen combinations, held-out pairs and paraphrases, each with the
+attributes this judge must read back.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from worker.builtin.data import ANCHORS, PALETTE, RADIUS, SHAPES, SIZES, shape_alpha
+from world import data
+from world.data import ANCHORS, PALETTE, RADIUS, SHAPES, SIZES, shape_alpha
 
 ATTRIBUTES = ("colour", "background", "shape", "size", "position")
 
@@ -117,3 +123,48 @@ def colour_error(reading: Reading, colour: str) -> float | None:
     if reading.colour_rgb is None:
         return None
     return float(np.linalg.norm(np.subtract(reading.colour_rgb, PALETTE[colour])))
+
+
+# ---------------------------------------------------------------- what the benchmark asks
+
+
+def _paraphrase(rng: random.Random, s: data.Shape, bg: str) -> str:
+    """One of three sentence shapes with synonyms, so wording, not the canonical caption, is tested."""
+    size = rng.choice(data.SIZE_WORDS[s.size])
+    shape = rng.choice(data.SHAPE_WORDS[s.shape])
+    pos = rng.choice(data.POSITION_WORDS[s.position])
+    t = rng.randrange(3)
+    if t == 0:
+        return f"{size} {s.colour} {shape}, {bg} backdrop, {pos}"
+    if t == 1:
+        return f"{'an' if bg[0] in 'aeiou' else 'a'} {bg} background with a {size} {s.colour} {shape} at the {pos}"
+    return f"{pos}: {size} {s.colour} {shape} on {bg}"
+
+
+def prompt_suite(n_seen: int = 20, n_heldout: int = 16, n_para: int = 10) -> list[tuple[str, str, dict[str, str]]]:
+    """→ [(group, prompt, expected attributes)], the same on every run."""
+    rng = random.Random(2026)
+    suite = []
+
+    def add(group: str, scene: data.Scene, prompt: str) -> None:
+        s = scene.shapes[0]
+        expected = {"colour": s.colour, "background": scene.background, "shape": s.shape, "size": s.size, "position": s.position}
+        suite.append((group, prompt, expected))
+
+    for _ in range(n_seen):
+        sc = data.sample_scene(rng, "train", two_shapes=False)
+        add("seen", sc, data.canonical_prompt(sc.shapes[0], sc.background))
+    # Every held-out pair at least twice, with other attributes drawn at random.
+    pairs = sorted(data.HELDOUT_COLOUR_SHAPE) + sorted(data.HELDOUT_SHAPE_POSITION)
+    for i in range(n_heldout):
+        while True:
+            sc = data.sample_scene(rng, "heldout", two_shapes=False)
+            s = sc.shapes[0]
+            want = pairs[i % len(pairs)]
+            if want in ((s.colour, s.shape), (s.shape, s.position)):
+                break
+        add("held-out", sc, data.canonical_prompt(s, sc.background))
+    for _ in range(n_para):
+        sc = data.sample_scene(rng, "train", two_shapes=False)
+        add("paraphrase", sc, _paraphrase(rng, sc.shapes[0], sc.background))
+    return suite

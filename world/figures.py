@@ -1,6 +1,6 @@
 """Makes the README's pictures of the built-in model.
 
-    python -m worker.builtin.figures --model models/bailan-shapes --out docs/img
+    python -m world.figures --model models/bailan-shapes --out docs/img
 
 - builtin_grid.png: a few prompts (rows) × seeds (columns), service defaults;
 - builtin_previews.png: one job's per-step latent→RGB previews (the shipped
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from bench.prompt_following import STEPS, load_pipeline
+from world.stock import STEPS, load_pipeline
 
 GRID_PROMPTS = (
     "a large red circle in the center on a blue background",

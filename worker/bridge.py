@@ -1,0 +1,205 @@
+"""The bridge from RQ jobs to the engine: one job's record in, its results out.
+
+A slot (worker.slots) calls `JobBridge.run` with a job id. The bridge reads the
+job's record from Redis, submits a GenerationJob to the engine and waits for
+it, then stores the images and the record's final fields. While jobs run, the
+I/O thread (`io_loop`) writes their progress and reads cancel requests, and a
+one-thread pool encodes and stores previews, so Redis round trips and image
+encoding never sit between two denoising steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+
+from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
+from worker.imaging import encode_image, encode_preview
+from worker.loader import LoadedModel
+from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled
+from worker.settings import WorkerSettings
+from worker.slots import CANCELED_RESULT
+
+log = logging.getLogger("bailan.worker")
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A running job and what the I/O thread last wrote of it."""
+
+    job: GenerationJob
+    written_step: int = -1
+    unknown_written: bool = False
+
+
+@dataclass
+class JobBridge:
+    settings: WorkerSettings
+    model: LoadedModel
+    engine: Engine
+    connection: redis.Redis
+    in_flight: dict[str, _InFlight] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bailan-preview")
+        self.lock = threading.Lock()
+
+    # ---- one job, on a slot thread --------------------------------------------
+
+    def run(self, job_id: str) -> dict[str, Any]:
+        """Run one job to its end; RQ's result, or CANCELED_RESULT. Raises when the job failed."""
+        key = Keys.job(job_id)
+        record = decode_record(self.connection.hgetall(key))
+        if not record.get(RecordField.params):
+            raise RuntimeError(f"job {job_id} has no record (expired before it ran?)")
+        if record.get(RecordField.cancel_requested):
+            self._finish_record(job_id, {})
+            return CANCELED_RESULT
+        params = JobParams.model_validate_json(record[RecordField.params])
+        job = GenerationJob(
+            id=job_id,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            width=params.width or self.model.native_width,
+            height=params.height or self.model.native_height,
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            seed=params.seed,
+            scheduler=params.scheduler.value,
+            num_images=params.num_images,
+            preview_every=params.preview_every,
+            preview_full_decode=params.preview_full_decode,
+            on_preview=self._on_preview,
+        )
+        pipe = self.connection.pipeline()
+        # A retried job starts afresh: no error, end time or previews of the attempt before.
+        pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
+        pipe.delete(Keys.previews(job_id))
+        pipe.hset(
+            key,
+            mapping={
+                RecordField.started_at: now(),
+                RecordField.step: 0,
+                RecordField.total_steps: job.steps,
+                RecordField.width: job.width,
+                RecordField.height: job.height,
+                RecordField.model: self.model.name,
+                RecordField.worker: self.settings.name,
+            },
+        )
+        pipe.execute()
+        try:
+            future = self.engine.submit(job)
+        except InvalidForModel as exc:
+            self._finish_record(job_id, {RecordField.error_code: ErrorCode.invalid_for_model.value,
+                                         RecordField.error_message: str(exc)})
+            raise
+        with self.lock:
+            self.in_flight[job_id] = _InFlight(job)
+        try:
+            images = future.result()
+        except JobCanceled:
+            self._finish_record(job_id, {RecordField.step: job.step,
+                                         RecordField.unknown_words: dumps(job.unknown_words)})
+            return CANCELED_RESULT
+        except OOM_ERRORS as exc:
+            self._finish_record(job_id, {RecordField.error_code: ErrorCode.out_of_memory.value,
+                                         RecordField.error_message: f"out of GPU memory: {exc}".strip()[:500]})
+            raise
+        except Exception as exc:
+            self._finish_record(job_id, {RecordField.error_code: ErrorCode.internal.value,
+                                         RecordField.error_message: f"{type(exc).__name__}: {exc}"[:500]})
+            raise
+        finally:
+            with self.lock:
+                self.in_flight.pop(job_id, None)
+        self._store_images(job, params.output_format.value, images)
+        return {"images": len(images)}
+
+    def _store_images(self, job: GenerationJob, fmt: str, images: list[np.ndarray]) -> None:
+        ttl = self.settings.result_ttl_s
+        pipe = self.connection.pipeline()
+        for index, array in enumerate(images):
+            pipe.set(Keys.image(job.id, index), encode_image(array, fmt), ex=ttl)
+        self._finish_record(
+            job.id,
+            {
+                RecordField.step: job.steps,
+                RecordField.images: dumps([{"index": i, "seed": job.seed + i} for i in range(len(images))]),
+                RecordField.unknown_words: dumps(job.unknown_words),
+            },
+            pipe,
+        )
+
+    def _finish_record(self, job_id: str, fields: dict[str, Any], pipe: Any = None) -> None:
+        pipe = pipe if pipe is not None else self.connection.pipeline()
+        key = Keys.job(job_id)
+        pipe.hset(key, mapping={**fields, RecordField.finished_at: now()})
+        ttl = self.settings.result_ttl_s
+        pipe.expire(key, ttl)
+        pipe.expire(Keys.previews(job_id), ttl)
+        pipe.execute()
+
+    # ---- engine callbacks and the I/O thread ------------------------------------
+
+    def _on_preview(self, job: GenerationJob, step: int, rgb: np.ndarray) -> None:
+        # Called on the engine's thread: hand off at once, encode elsewhere.
+        self.previews.submit(self._store_preview, job.id, step, rgb)
+
+    def _store_preview(self, job_id: str, step: int, rgb: np.ndarray) -> None:
+        try:
+            data = encode_preview(rgb, self.settings.preview_max_side)
+            ttl = self.settings.preview_ttl_s
+            pipe = self.connection.pipeline()
+            pipe.set(Keys.preview(job_id, step), data, ex=ttl)
+            pipe.zadd(Keys.previews(job_id), {str(step): step})
+            pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))
+            pipe.execute()
+        except Exception:
+            log.exception("storing preview %s/%d failed", job_id, step)
+
+    def io_loop(self) -> None:
+        """Progress out, cancel requests in; every 50 ms rather than every step."""
+        while not self.stop.is_set():
+            try:
+                self.sync_jobs()
+            except redis.RedisError as exc:
+                log.warning("progress/cancel sync failed: %s", exc)
+            except Exception:  # this thread must outlive any one bad round
+                log.exception("progress/cancel sync failed")
+            self.stop.wait(0.05)
+
+    def sync_jobs(self) -> None:
+        """One tick of the I/O thread: every running job's new step out, its cancel flag in."""
+        with self.lock:
+            flights = list(self.in_flight.items())
+        if not flights:
+            return
+        # One round trip: this tick's progress out, every cancel flag in (read last).
+        pipe = self.connection.pipeline()
+        for job_id, flight in flights:
+            step = flight.job.step
+            if step != flight.written_step:
+                pipe.hset(Keys.job(job_id), RecordField.step, step)
+                flight.written_step = step
+            if flight.job.unknown_words and not flight.unknown_written:
+                pipe.hset(Keys.job(job_id), RecordField.unknown_words, dumps(flight.job.unknown_words))
+                flight.unknown_written = True
+        writes = len(pipe)
+        for job_id, _ in flights:
+            pipe.hget(Keys.job(job_id), RecordField.cancel_requested)
+        for (_, flight), canceled in zip(flights, pipe.execute()[writes:]):
+            if canceled:
+                flight.job.cancel_requested.set()
+
+    def close(self) -> None:
+        """Stop the I/O thread and wait for the previews still being stored."""
+        self.stop.set()
+        self.previews.shutdown(wait=True)

@@ -1,0 +1,201 @@
+"""A worker process from start to stop: load the model, serve the queue, stop cleanly.
+
+One process owns one model and runs these threads:
+
+* the engine loop (worker.engine.Engine) on the main thread, which owns the
+  GPU and steps every admitted job through one UNet call per step;
+* `max_batch` slot threads (worker.slots), in-process RQ workers that each
+  hand one job at a time to the bridge (worker.bridge) and wait for it;
+* the bridge's I/O thread and preview pool;
+* the liveness thread (worker.liveness): worker key, leases, reaper;
+* a supervisor that ends the engine loop once the slots have stopped.
+
+SIGINT and SIGTERM are handled here alone (`Shutdown`): the first lets running
+jobs finish, a second exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+
+import redis
+import torch
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from bailan.jobs import Keys
+from worker.bridge import JobBridge
+from worker.engine import Engine, GenerationJob, RunnerOptions
+from worker.liveness import Liveness
+from worker.loader import load_model, pick_device, pick_dtype
+from worker.runners.sd import default_max_batch
+from worker.settings import WorkerSettings
+from worker.slots import SlotWorker
+
+log = logging.getLogger("bailan.worker")
+
+
+class Shutdown:
+    """The process's one SIGINT/SIGTERM handler: the first signal sets `requested`
+    (slots stop dequeuing, running jobs finish); a second exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested.is_set():
+            # Second signal: leave now; the reaper requeues what was running.
+            log.warning("forced shutdown")
+            raise SystemExit(1)
+        log.info("shutting down: finishing running jobs (signal again to force)")
+        self.requested.set()
+
+
+def serve(settings: WorkerSettings) -> int:
+    """Serve the queue until SIGINT/SIGTERM; 0 after a clean stop."""
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    started = time.perf_counter()
+    model = load_model(settings.model, device, dtype)
+    options = runner_options(settings, device)
+    engine = Engine(model, settings.max_batch or default_max_batch(device), options=options)
+    warm_up(engine)
+    log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, time.perf_counter() - started,
+             engine.max_batch)
+    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    shutdown = Shutdown()
+    # Installed once, before Redis is even reached: a worker waiting for its
+    # Redis must stop on SIGTERM, and once the worker key is up (/readyz says
+    # 200) a SIGTERM must be a graceful stop.
+    shutdown.install()
+    if not wait_for_redis(connection, settings.redis_url, shutdown.requested):
+        return 0
+    bridge = JobBridge(settings, model, engine, connection)
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    slots = [
+        SlotWorker(
+            [queue],
+            name=f"{settings.name}.{i}",
+            connection=connection,
+            serializer=JSONSerializer,
+            # The dequeue blocks for worker_ttl - 15 s; keep it short so shutdown is prompt.
+            worker_ttl=20,
+            lease_s=settings.heartbeat_ttl_s,
+            runner=bridge.run,
+            stop=shutdown.requested,
+            has_room=engine.has_room,
+        )
+        for i in range(engine.max_batch)
+    ]
+    info = {**model.info(), "worker": settings.name, "max_batch": engine.max_batch, "slots": len(slots)}
+    liveness = Liveness(settings, connection, slots, info)
+    threads = [
+        threading.Thread(target=bridge.io_loop, name="bailan-io", daemon=True),
+        threading.Thread(target=liveness.loop, name="bailan-liveness", daemon=True),
+    ]
+    slot_threads = [
+        threading.Thread(target=slot.work, kwargs={"logging_level": "WARNING"}, name=slot.name, daemon=True)
+        for slot in slots
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        liveness.heartbeat()
+    except redis.RedisError as exc:  # the liveness thread retries
+        log.warning("first heartbeat failed: %s", exc)
+    for thread in slot_threads:
+        thread.start()
+    print(f"worker {settings.name} ready: model {model.name} on {device}, batch {engine.max_batch}", flush=True)
+
+    engine_stop = threading.Event()
+    threading.Thread(
+        target=supervise, args=(slot_threads, shutdown.requested, bridge, engine, engine_stop),
+        name="bailan-supervisor", daemon=True,
+    ).start()
+    # The engine runs on the main thread: PyTorch's CPU kernels measured 2.2x
+    # slower when launched from a secondary thread (OpenMP thread teams), and
+    # signal handlers still run between two steps.
+    engine.run(engine_stop)
+    liveness.stop.set()
+    bridge.close()
+    try:
+        connection.delete(Keys.worker(settings.name))
+    except redis.RedisError:
+        pass
+    return 0
+
+
+def supervise(
+    slot_threads: list[threading.Thread],
+    stopping: threading.Event,
+    bridge: JobBridge,
+    engine: Engine,
+    engine_stop: threading.Event,
+) -> None:
+    """Set `engine_stop` once every slot has stopped after a shutdown request."""
+    idle_since: float | None = None
+    while any(t.is_alive() for t in slot_threads):
+        for thread in slot_threads:
+            thread.join(0.2)
+        if not stopping.is_set():
+            continue
+        # Idle slots leave their dequeue within seconds, except while Redis is
+        # unreachable (RQ retries forever): with no job in flight there is
+        # nothing to finish, so stop waiting for them.
+        if bridge.in_flight or engine.busy:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > 5:
+            break
+    engine_stop.set()
+
+
+def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event) -> bool:
+    """Block until Redis answers (a worker may start before its Redis); False if told to stop."""
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            connection.ping()
+            return True
+        except redis.RedisError as exc:
+            log.warning("waiting for Redis at %s: %s", url, exc)
+            stopping.wait(delay)
+            delay = min(delay * 2, 10.0)
+    return False
+
+
+def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOptions:
+    """The engine's use of the device: CUDA graphs and torch.compile on CUDA unless turned off."""
+    cuda = device.type == "cuda"
+    compile_ = cuda if settings.compile == "auto" else bool(settings.compile) and cuda
+    graphs = cuda if settings.cuda_graphs == "auto" else bool(settings.cuda_graphs) and cuda
+    if compile_:
+        # Compiled kernels outlive the process here, so a restart skips most of the compile.
+        settings.compile_cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir.resolve()))
+    # NHWC and fused attention projections pay only under compile (eager NHWC GroupNorms convert back).
+    return RunnerOptions(cuda_graphs=graphs, compile_unet=compile_, compile_vae=compile_,
+                         channels_last=compile_, fuse_qkv=compile_)
+
+
+def warm_up(engine: Engine) -> None:
+    """Before taking work: every batch shape's kernels, compiled code and CUDA graphs
+    (Engine.warm_up), then one short job through every path."""
+    timings = engine.warm_up()
+    log.info("warm-up: %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    model = engine.model
+    job = GenerationJob(id="warm-up", prompt="warm up", width=model.native_width, height=model.native_height,
+                        steps=2, guidance_scale=2.0, seed=0, preview_every=1)
+    engine.submit(job)
+    engine.run_until_idle()
+    job.future.result()

@@ -1,0 +1,164 @@
+"""RQ's side of a worker process: slots, and the entry point RQ calls.
+
+RQ stays the queue of record: it owns job status, the registries, failures and
+retries. But an RQ worker runs one job at a time, and batching needs many jobs
+in flight in one process that owns the model. So a worker process runs
+`max_batch` slots, each an in-process RQ worker on its own thread
+(`SlotWorker`, a `SimpleWorker`: no fork per job, because CUDA cannot be
+re-initialised in a forked child and reloading the model per job costs
+seconds). A slot dequeues a job, hands it to its runner (the bridge to the
+engine, worker.bridge) and blocks until the engine is done with it, then lets
+RQ record the outcome as usual.
+
+Slots use RQ's public API, but for one hook that has no public equivalent
+(`_install_signal_handlers`); importing this module fails if RQ drops it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+import rq
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
+from rq.timeouts import BaseDeathPenalty
+
+# What a runner returns for a job the client canceled; its slot records it as
+# RQ's canceled status instead of finished.
+CANCELED_RESULT: dict[str, Any] = {"canceled": True}
+
+# Runs one job by id on the calling slot's thread and returns RQ's result.
+JobRunner = Callable[[str], dict[str, Any]]
+
+# RQ's work loop installs SIGINT/SIGTERM handlers through this hook, which only
+# the main thread may do, so slots override it. RQ has no public switch for it:
+# fail here, at start-up, rather than with a ValueError in every slot thread.
+if not callable(getattr(SimpleWorker, "_install_signal_handlers", None)):
+    raise ImportError(
+        f"rq {rq.__version__} has no Worker._install_signal_handlers hook, which Bailan's slots override; "
+        "install the rq version pyproject.toml names"
+    )
+
+# The slot running a job on the current thread. RQ calls the entry point by
+# name with the job's arguments alone; each slot sets this in its own thread's
+# context around a job, so run_job reaches the slot that dequeued the job
+# without a process-wide global.
+_running_slot: ContextVar[SlotWorker] = ContextVar("bailan_running_slot")
+
+
+def run_job(job_id: str) -> dict[str, Any]:
+    """RQ's entry point (bailan.jobs.RQ_FUNC), called on the slot thread that dequeued the job."""
+    slot = _running_slot.get(None)
+    if slot is None:
+        raise RuntimeError("run_job needs a Bailan worker process (python -m worker)")
+    return slot.run(job_id)
+
+
+class NoDeathPenalty(BaseDeathPenalty):
+    """RQ's timeouts use SIGALRM, which only the main thread can receive; a job's
+    duration is bounded by its step count instead."""
+
+    def setup_death_penalty(self) -> None:
+        return None
+
+    def cancel_death_penalty(self) -> None:
+        return None
+
+
+class SlotWorker(SimpleWorker):
+    """An RQ worker that runs in a thread of the engine's process.
+
+    `runner` runs each job (the bridge's `run`); `stop` is the process's
+    shutdown event; `has_room` says whether the engine can start another job;
+    `lease_s` is the lease a running job holds in RQ's started registry. They
+    default so that RQ's own constructor calls (e.g. `Worker.all`) still work.
+    """
+
+    death_penalty_class = NoDeathPenalty
+
+    def __init__(
+        self,
+        *args: Any,
+        runner: JobRunner | None = None,
+        stop: threading.Event | None = None,
+        has_room: Callable[[], bool] | None = None,
+        lease_s: int = 30,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.runner = runner
+        self.stop = stop if stop is not None else threading.Event()
+        self.has_room = has_room
+        self.lease_s = lease_s
+        self.running_job: Job | None = None
+        # The runner's own answer for the running job, so the outcome never has
+        # to be read back from RQ's private copy of the return value.
+        self.job_was_canceled = False
+        self._last_wait_beat = 0.0
+
+    def _install_signal_handlers(self) -> None:
+        # The main thread owns signals and sets `stop` itself (worker.process).
+        return None
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        return self.lease_s
+
+    def run(self, job_id: str) -> dict[str, Any]:
+        """Hand the job to the runner; called by run_job while RQ performs it."""
+        if self.runner is None:
+            raise RuntimeError(f"slot {self.name} has no runner")
+        result = self.runner(job_id)
+        self.job_was_canceled = result == CANCELED_RESULT
+        return result
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        # RQ's loop only leaves a blocking dequeue through a signal handler that
+        # raises in the main thread; a slot polls the stop event instead, and
+        # returning None ends RQ's work loop.
+        while not self.stop.is_set():
+            if self.has_room is not None and not self.has_room():
+                # Taking a job the engine cannot start yet would show it as running
+                # while it waits here, and keep it from idle workers elsewhere.
+                if time.monotonic() - self._last_wait_beat > 10:
+                    self._last_wait_beat = time.monotonic()
+                    self.heartbeat()
+                time.sleep(0.05)
+                continue
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=2)
+            if result is not None:
+                return result
+        return None
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self.running_job = job
+        self.job_was_canceled = False
+        token = _running_slot.set(self)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            _running_slot.reset(token)
+            self.running_job = None
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
+        if not self.job_was_canceled:
+            return super().handle_job_success(job, queue, started_job_registry)
+        with self.connection.pipeline() as pipe:
+            job.set_status(JobStatus.CANCELED, pipeline=pipe)
+            self.cleanup_execution(job, pipeline=pipe)
+            CanceledJobRegistry(job.origin, self.connection, serializer=self.serializer).add(job, pipeline=pipe)
+            # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
+            job.cleanup(job.get_result_ttl(self.default_result_ttl), pipeline=pipe, remove_from_queue=False)
+            pipe.execute()
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "") -> None:
+        # A job that raised would raise again: retries are kept for jobs whose
+        # worker died under them (see bailan.reaper.reap_abandoned).
+        job.retries_left = 0
+        super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
