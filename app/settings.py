@@ -39,7 +39,6 @@ class ApiSettings(SharedSettings):
     max_pixels: int = Field(
         1024 * 1024, ge=MIN_PIXELS, description="Largest width × height a request may ask for."
     )
-    max_steps: int = Field(150, ge=1, description="Most denoising steps a request may ask for.")
     max_prompt_chars: int = Field(
         1000, ge=1, description="Longest prompt (and negative prompt), in characters."
     )

@@ -31,6 +31,8 @@ class SharedSettings(BaseSettings):
         86400, ge=60, description="Seconds finished jobs, their records and images are kept."
     )
     preview_ttl_s: int = Field(3600, ge=1, description="Seconds intermediate previews are kept.")
+    # The API refuses more; the worker sizes each slot's schedule table by it.
+    max_steps: int = Field(150, ge=1, le=100_000, description="Most denoising steps a request may ask for.")
     reap_interval_s: float = Field(
         10.0, gt=0, description="Seconds between sweeps for jobs whose worker died (the API's and each worker's)."
     )

@@ -207,7 +207,8 @@ def test_server_picks_and_reports_a_seed_and_formats(service: Service) -> None:
 def test_cancel_queued_and_running(service: Service) -> None:
     """Guards against cancel that does not stop work: a queued job never runs, a
     running one stops at its next step; both end canceled; finished jobs say 409."""
-    running = [service.submit(steps=3000, preview_every=0) for _ in range(2)]  # fills both slots
+    # Long jobs that fill both slots (Euler: its schedule stays well defined at any step count).
+    running = [service.submit(steps=3000, scheduler="euler", preview_every=0) for _ in range(2)]
     for job in running:
         wait_for(lambda j=job: service.view(j["id"])["progress"]["step"] > 0, 60, "the job to run")
     queued = service.submit(steps=5)
@@ -265,7 +266,7 @@ def test_killed_worker_job_is_requeued_once_then_failed(
     try:
         first = svc.add_worker()
         svc.wait_ready()
-        job = svc.submit(steps=100000, preview_every=0)
+        job = svc.submit(steps=100000, scheduler="euler", preview_every=0)
         wait_for(lambda: svc.view(job["id"])["progress"]["step"] > 0, 60, "the job to run")
         kill_hard(first)
         killed_at = time.monotonic()

@@ -185,7 +185,7 @@ def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOpti
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir.resolve()))
     # NHWC and fused attention projections pay only under compile (eager NHWC GroupNorms convert back).
     return RunnerOptions(cuda_graphs=graphs, compile_unet=compile_, compile_vae=compile_,
-                         channels_last=compile_, fuse_qkv=compile_)
+                         channels_last=compile_, fuse_qkv=compile_, max_steps=settings.max_steps)
 
 
 def warm_up(engine: Engine) -> None:

@@ -101,9 +101,17 @@ def _schedule(name: str, config_json: str, steps: int) -> Schedule:
     except ValueError as exc:  # e.g. DDIM with more steps than training timesteps
         raise UnsupportedSchedule(f"steps={steps} with scheduler {name}: {exc}") from exc
     builder = {"ddim": _ddim, "euler": _euler, "euler_a": _euler, "dpmpp_2m": _dpmpp_2m}[name]
-    table = builder(scheduler, prediction, ancestral=name == "euler_a")
-    if not np.isfinite(table[:, [T, C_IN, PREVIEW]]).all():
-        raise UnsupportedSchedule(f"{name} with {steps} steps gives a non-finite schedule for this model")
+    try:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            table = builder(scheduler, prediction, ancestral=name == "euler_a")
+    except (IndexError, ZeroDivisionError, ValueError) as exc:  # diffusers' own step would fail the same way
+        raise UnsupportedSchedule(f"steps={steps} with scheduler {name} cannot be sampled on this model: {exc}") from exc
+    # NaN would poison the image (e.g. repeated timesteps when steps exceed the model's
+    # training steps); an infinite clamp bound is fine.
+    if np.isnan(table).any() or not np.isfinite(table[:, [T, C_IN, PREVIEW]]).all():
+        raise UnsupportedSchedule(
+            f"steps={steps} with scheduler {name} gives a degenerate schedule on this model (repeated timesteps?)"
+        )
     return Schedule(
         name=name,
         steps=len(table),
@@ -206,10 +214,9 @@ def _dpmpp_2m(scheduler: DPMSolverMultistepScheduler, prediction: str, ancestral
         alpha = 1.0 / np.sqrt(sigma**2 + 1)
         return alpha, sigma * alpha
 
-    def lam(sigma: float) -> float:
+    def lam(sigma: float) -> np.float64:
         alpha, s = alpha_sigma(sigma)
-        with np.errstate(divide="ignore"):
-            return float(np.log(alpha) - np.log(s))
+        return np.log(np.float64(alpha)) - np.log(np.float64(s))
 
     table = _blank(n)
     lower_order_nums = 0

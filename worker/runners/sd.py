@@ -60,7 +60,7 @@ class RunnerOptions:
     channels_last: bool = False  # NHWC weights and activations
     fuse_qkv: bool = False  # one projection for attention's q, k and v
     sdpa_backend: str | None = None  # force one attention kernel: flash, efficient, cudnn, math
-    max_steps: int = 1000  # rows of each slot's coefficient table
+    max_steps: int = 150  # rows of each slot's coefficient table: the most steps a job may take
 
     def resolve(self, device: torch.device) -> "RunnerOptions":
         cuda = device.type == "cuda"
@@ -179,13 +179,18 @@ class SDRunner:
             if value % multiple:
                 raise InvalidForModel(f"{name} must be a multiple of {multiple} for model {self.model.name}")
         if job.steps > self.options.max_steps:
-            raise InvalidForModel(f"steps={job.steps} exceeds this worker's limit of {self.options.max_steps}")
+            raise InvalidForModel(
+                f"steps={job.steps} exceeds this worker's limit of {self.options.max_steps} (BAILAN_MAX_STEPS)"
+            )
         if job.num_images > self.max_batch:
             raise InvalidForModel(f"num_images {job.num_images} exceeds this worker's batch of {self.max_batch}")
         try:
-            return samplers.schedule(job.scheduler, self.model.scheduler_config, job.steps)
+            schedule = samplers.schedule(job.scheduler, self.model.scheduler_config, job.steps)
         except samplers.UnsupportedSchedule as exc:
             raise InvalidForModel(str(exc)) from exc
+        if schedule.steps != job.steps:  # the batch scheduler counts job.steps
+            raise InvalidForModel(f"scheduler {job.scheduler} makes {schedule.steps} steps of the {job.steps} asked for")
+        return schedule
 
     def _pool(self, size: Size) -> _Pool:
         pool = self.pools.get(size)
@@ -259,11 +264,9 @@ class SDRunner:
         pool.latents.index_copy_(0, index, _upload(torch.cat(latents), self.device))
         pool.x0.index_fill_(0, index, 0.0)
         steps = self.options.max_steps
-        table = np.zeros((len(slots), steps, samplers.NUM_COEFFICIENTS), dtype=np.float32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = t
-        rows = self._ints((np.asarray(slots)[:, None] * steps + np.arange(steps)).ravel())
-        pool.coefficients.index_copy_(0, rows, _upload(torch.from_numpy(table.reshape(-1, samplers.NUM_COEFFICIENTS)), self.device))
+        rows = self._ints(np.concatenate([slot * steps + np.arange(len(t)) for slot, t in zip(slots, tables)]))
+        table = torch.from_numpy(np.concatenate(tables).astype(np.float32))
+        pool.coefficients.index_copy_(0, rows, _upload(table, self.device))
         pool.stochastic[slots] = False
         for slot, draws in noise:
             bank = self._noise_bank(pool, len(draws))
