@@ -401,3 +401,27 @@ def test_graph_replay_protocol_matches_the_direct_step(model: LoadedModel, sched
     for a, b in zip(*results):
         for la, lb in zip(a.latents, b.latents):
             assert torch.allclose(la, lb, atol=1e-5), f"{a.id}: max diff {(la - lb).abs().max()}"
+
+
+def test_a_slot_waiting_for_room_wakes_when_a_job_leaves(model: LoadedModel) -> None:
+    """Guards against RQ slots polling for room on a timer (a delay before every queued
+    job starts): a job leaving the batch must wake a waiter at once."""
+    import threading
+    import time
+
+    engine = Engine(model, max_batch=1)
+    engine.submit(make_job("full", steps=3))
+    engine.step_once()
+    assert not engine.has_room()
+    woke: list[tuple[bool, float]] = []
+
+    def waiter() -> None:
+        started = time.monotonic()
+        woke.append((engine.wait_for_room(20.0), time.monotonic() - started))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    engine.run_until_idle()
+    thread.join(30)
+    assert woke and woke[0][0] is True
+    assert woke[0][1] < 15, "woke only when the wait timed out"

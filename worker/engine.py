@@ -69,6 +69,9 @@ class Engine:
             batch_buckets = default_batch_buckets(model.device, max_batch, self.runner.options.compile_unet)
         self.scheduler = BatchScheduler(max_batch, batch_buckets)
         self._wake = threading.Event()
+        # Notified whenever samples leave the batch, so RQ slots waiting for room take
+        # the next job at once rather than on a polling tick.
+        self._room = threading.Condition()
         # Launched steps whose device work may still run: (event or None, [(job, step)]).
         self._in_flight: deque[tuple[Any, list[tuple[GenerationJob, int]]]] = deque()
         # Previews not yet handed over: (job, step, uint8 (h, w, 3), CUDA copy-done event or None).
@@ -100,6 +103,15 @@ class Engine:
     def has_room(self) -> bool:
         """Whether a new job could start now (read from other threads: approximate)."""
         return self.scheduler.has_room()
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Block until a new job could start, or `timeout` passes; returns has_room()."""
+        with self._room:
+            return self._room.wait_for(self.has_room, timeout)
+
+    def _room_freed(self) -> None:
+        with self._room:
+            self._room.notify_all()
 
     def run(self, stop: threading.Event) -> None:
         """The engine loop (the worker runs it on its main thread). Returns when `stop` is set and nothing is in flight."""
@@ -136,8 +148,11 @@ class Engine:
         """Admit and drop jobs, then one step for one group: plan -> run -> update."""
         for admission in self.scheduler.admit():
             self._start(admission)
-        for job in self.scheduler.canceled():
+        canceled = self.scheduler.canceled()
+        for job in canceled:
             job.future.set_exception(JobCanceled())
+        if canceled:
+            self._room_freed()
         plan = self.scheduler.plan()
         if plan is None:
             self._settle(0)
@@ -292,6 +307,7 @@ class Engine:
             self._fail([job for job, _, _ in finished], exc)
             return
         pool.release(slots)
+        self._room_freed()
         self._settle(0)  # the decode synchronized: every step before it is done
         self._deliver_previews(block=True)
         for i, ((job, image_index, _), image) in enumerate(zip(finished, images)):
@@ -304,6 +320,7 @@ class Engine:
 
     def _fail(self, jobs: list[GenerationJob], exc: BaseException) -> None:
         self.scheduler.remove(jobs)
+        self._room_freed()
         for job in {id(j): j for j in jobs}.values():
             if not job.future.done():
                 log.error("job %s failed: %s", job.id, exc)

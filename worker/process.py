@@ -93,7 +93,10 @@ def serve(settings: WorkerSettings) -> int:
             runner=bridge.run,
             stop=shutdown.requested,
             has_room=engine.has_room,
+            wait_for_room=engine.wait_for_room,
         )
+        # Exactly one slot per job the engine holds: a spare slot would sit in RQ's
+        # blocking dequeue and take a job the engine has no room for yet.
         for i in range(engine.max_batch)
     ]
     info = {**model.info(), "worker": settings.name, "max_batch": engine.max_batch, "slots": len(slots)}

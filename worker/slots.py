@@ -74,7 +74,8 @@ class SlotWorker(SimpleWorker):
     """An RQ worker that runs in a thread of the engine's process.
 
     `runner` runs each job (the bridge's `run`); `stop` is the process's
-    shutdown event; `has_room` says whether the engine can start another job;
+    shutdown event; `has_room` says whether the engine can start another job,
+    and `wait_for_room` blocks until it can (or a timeout passes);
     `lease_s` is the lease a running job holds in RQ's started registry. They
     default so that RQ's own constructor calls (e.g. `Worker.all`) still work.
     """
@@ -87,6 +88,7 @@ class SlotWorker(SimpleWorker):
         runner: JobRunner | None = None,
         stop: threading.Event | None = None,
         has_room: Callable[[], bool] | None = None,
+        wait_for_room: Callable[[float], bool] | None = None,
         lease_s: int = 30,
         **kwargs: Any,
     ) -> None:
@@ -94,6 +96,7 @@ class SlotWorker(SimpleWorker):
         self.runner = runner
         self.stop = stop if stop is not None else threading.Event()
         self.has_room = has_room
+        self.wait_for_room = wait_for_room
         self.lease_s = lease_s
         self.running_job: Job | None = None
         # The runner's own answer for the running job, so the outcome never has
@@ -129,7 +132,10 @@ class SlotWorker(SimpleWorker):
                 if time.monotonic() - self._last_wait_beat > 10:
                     self._last_wait_beat = time.monotonic()
                     self.heartbeat()
-                time.sleep(0.05)
+                if self.wait_for_room is not None:
+                    self.wait_for_room(0.5)
+                else:
+                    time.sleep(0.05)
                 continue
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=2)
             if result is not None:
