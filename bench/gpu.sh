@@ -33,7 +33,8 @@ if [ "$DEVICE" = cuda ]; then
   timeout "${STAGE1_S:-300}" $PY bench/throughput.py --device cuda --n 16 --stock-n 8 --levers \
     --save-model "$MODEL" --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
   echo "stage 1 exit: $?" | tee -a "$LOG"
-  export BAILAN_MODEL=$MODEL BAILAN_MAX_BATCH=16
+  # Four API processes: 16-32 polling clients would queue behind one (README "Scaling out").
+  export BAILAN_MODEL=$MODEL BAILAN_MAX_BATCH=16 BAILAN_API_PROCESSES=${API_PROCESSES:-4}
   # The worker compiles unless stage 1's compiled engine failed (then CUDA graphs alone).
   grep -q '"c1_engine_all_at_once_compiled"' "$OUT/throughput_gpu.json" 2>/dev/null || export BAILAN_COMPILE=false
 else

@@ -132,7 +132,7 @@ def build_pipeline(
     path = Path(args.model) if args.model else BUILTIN
     if args.model or (device.type == "cpu" and (BUILTIN / "model_index.json").is_file()):
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, local_files_only=True, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
         name = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
         return pipe.to(device), name, path
@@ -442,9 +442,6 @@ def main(argv: list[str] | None = None) -> int:
         direct.previews.shutdown(wait=True)
         del direct
 
-    if cuda and args.levers:
-        run_levers(model, args, meter, results)
-
     if cuda and not args.no_compile:
         options = RunnerOptions(compile_unet=True, compile_vae=True, channels_last=True, fuse_qkv=True)
         try:
@@ -452,14 +449,18 @@ def main(argv: list[str] | None = None) -> int:
             compiled = run_engine(engine, args, meter, results, record, texts, steps, mixed, "_compiled",
                                   warm_label="compiled")
             results["compiled_vs_eager_max_abs_diff"] = image_diff(compiled, eager_images)
-            if args.levers:
-                results["levers"]["compiled (fused QKV, channels_last)"] = {
-                    "2_rows_ms": round(1000 * step_time(engine, meter, args, 1, 20), 2),
-                    "32_rows_ms": round(1000 * step_time(engine, meter, args, 16, 10), 2),
-                }
+            results.setdefault("levers", {})["compiled (fused QKV, channels_last)"] = {
+                "2_rows_ms": round(1000 * step_time(engine, meter, args, 1, 20), 2),
+                "32_rows_ms": round(1000 * step_time(engine, meter, args, 16, 10), 2),
+            }
+            dump(results, args.json)
+            del engine
         except Exception as exc:  # report, keep the eager figures
             results["compile_error"] = f"{type(exc).__name__}: {exc}"[:1000]
             print(f"  compiled engine failed: {results['compile_error']}", flush=True)
+
+    if cuda and args.levers:
+        run_levers(model, args, meter, results)
 
     ratios(results)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -505,19 +506,18 @@ def run_engine(engine: Engine, args: argparse.Namespace, meter: Meter, results: 
 
 def run_levers(model: LoadedModel, args: argparse.Namespace, meter: Meter, results: dict) -> None:
     """One engine step at 2 rows (one guided image) and 32 rows (16) per lever, each alone,
-    with CUDA graphs (eager UNet). In-place changes (fused QKV, NHWC) come last."""
+    eager UNet. The UNet's layout (fused QKV, NHWC) is set explicitly for each."""
     levers = results.setdefault("levers", {})
     configs = [
-        ("graphs, SDPA default", RunnerOptions()),
-        ("graphs, flash attention", RunnerOptions(sdpa_backend="flash")),
-        ("graphs, memory-efficient attention", RunnerOptions(sdpa_backend="efficient")),
-        ("graphs, cuDNN attention", RunnerOptions(sdpa_backend="cudnn")),
-        ("graphs, fused QKV", RunnerOptions(fuse_qkv=True)),
-        ("graphs, fused QKV + channels_last", RunnerOptions(fuse_qkv=True, channels_last=True)),
-        ("no graphs, fused QKV + channels_last", RunnerOptions(cuda_graphs=False, fuse_qkv=True, channels_last=True)),
+        ("graphs, SDPA default", False, RunnerOptions()),
+        ("no graphs, SDPA default", False, RunnerOptions(cuda_graphs=False)),
+        ("graphs, flash attention", False, RunnerOptions(sdpa_backend="flash")),
+        ("graphs, cuDNN attention", False, RunnerOptions(sdpa_backend="cudnn")),
+        ("graphs, fused QKV + channels_last", True, RunnerOptions(fuse_qkv=True, channels_last=True)),
     ]
-    for name, options in configs:
+    for name, fused_nhwc, options in configs:
         try:
+            set_layout(model, fused_nhwc)
             engine = Engine(model, 16, batch_buckets=(2, 32), options=options)
             engine.warm_up(args.width, args.height)
             levers[name] = {
@@ -529,6 +529,22 @@ def run_levers(model: LoadedModel, args: argparse.Namespace, meter: Meter, resul
             levers[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         print(f"  lever {name}: {levers[name]}", flush=True)
         dump(results, args.json)
+
+
+def set_layout(model: LoadedModel, fused_nhwc: bool) -> None:
+    """Fused QKV projections and NHWC weights on or off (the runner only ever turns them on)."""
+    unet = model.unet
+    if fused_nhwc:
+        if getattr(unet, "original_attn_processors", None) is None:
+            unet.fuse_qkv_projections()
+        unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
+    else:
+        if getattr(unet, "original_attn_processors", None) is not None:
+            unet.unfuse_qkv_projections()
+            unet.original_attn_processors = None
+        unet.to(memory_format=torch.contiguous_format)
+        model.vae.to(memory_format=torch.contiguous_format)
 
 
 def image_diff(a: dict[int, np.ndarray] | list[np.ndarray], b: dict[int, np.ndarray] | list[np.ndarray]) -> dict:

@@ -77,7 +77,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Lo
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     pipe = StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=True, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
     return from_pipeline(pipe, path, device, dtype)
 
