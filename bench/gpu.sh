@@ -30,13 +30,16 @@ LOG=$OUT/throughput_gpu.log
 command -v nvidia-smi >/dev/null && nvidia-smi -L | tee "$LOG"
 
 if [ "$DEVICE" = cuda ]; then
-  timeout "${STAGE1_S:-300}" $PY bench/throughput.py --device cuda --n 16 --stock-n 8 --levers \
+  # SERVICE_ONLY=1: the stock baselines, then the service alone, its worker compiling cold.
+  timeout "${STAGE1_S:-300}" $PY bench/throughput.py --device cuda --n 16 --stock-n 8 \
+    $([ -n "${SERVICE_ONLY:-}" ] && echo --stock-only || echo --levers) \
     --save-model "$MODEL" --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
   echo "stage 1 exit: $?" | tee -a "$LOG"
   # Four API processes: 16-32 polling clients would queue behind one (README "Scaling out").
   export BAILAN_MODEL=$MODEL BAILAN_MAX_BATCH=16 BAILAN_API_PROCESSES=${API_PROCESSES:-4}
   # The worker compiles unless stage 1's compiled engine failed (then CUDA graphs alone).
-  grep -q '"c1_engine_all_at_once_compiled"' "$OUT/throughput_gpu.json" 2>/dev/null || export BAILAN_COMPILE=false
+  [ -n "${SERVICE_ONLY:-}" ] || grep -q '"c1_engine_all_at_once_compiled"' "$OUT/throughput_gpu.json" 2>/dev/null \
+    || export BAILAN_COMPILE=false
 else
   timeout "${STAGE1_S:-600}" $PY bench/throughput.py --device cpu --n 8 --stock-n 4 --single-reps 2 \
     --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"

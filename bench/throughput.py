@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stock-n", type=int, help="requests for (a) (default: --n)")
     p.add_argument("--single-reps", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="CUDA: skip the compiled engine")
+    p.add_argument("--stock-only", action="store_true", help="only (a) and (b), e.g. before bench/service.py")
     p.add_argument("--levers", action="store_true", help="CUDA: time one step per lever at 2 and 32 rows")
     p.add_argument("--save-model", type=Path, help="write the model here (save_pretrained) before measuring")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -425,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         record(stock.one_at_a_time(texts[: args.stock_n or n], steps))
         record(stock.static_batch(texts, steps))
     stock_images = stock.images
+    if args.stock_only:
+        results["total_s"] = round(time.perf_counter() - t_start, 1)
+        dump(results, args.json)
+        print_table(results)
+        return 0
 
     model = from_pipeline(pipe, model_path, device, dtype)
     max_batch = args.max_batch or n
