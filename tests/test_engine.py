@@ -426,35 +426,3 @@ def test_a_slot_waiting_for_room_wakes_when_a_job_leaves(model: LoadedModel) -> 
     assert woke and woke[0][0] is True
     assert woke[0][1] < 15, "woke only when the wait timed out"
 
-
-def test_a_burst_arriving_at_an_idle_engine_starts_together(model: LoadedModel) -> None:
-    """Guards against a burst of clients trickling into a running batch one step apart
-    (each late joiner then finishes a step late): an idle engine with a gather window
-    waits for the burst, and a lone job is not held back beyond the window's limit."""
-    import threading
-    import time
-
-    from worker.batching import GATHER_LIMIT
-
-    engine = Engine(model, max_batch=8, gather_s=0.05)
-    jobs = [make_job(f"b{i}", seed=i, steps=3) for i in range(4)]
-
-    def arrive() -> None:
-        for job in jobs[1:]:
-            time.sleep(0.02)  # each inside the window after the one before
-            engine.submit(job)
-
-    engine.submit(jobs[0])
-    feeder = threading.Thread(target=arrive)
-    feeder.start()
-    engine.step_once()
-    feeder.join()
-    assert [job.step for job in jobs] == [1, 1, 1, 1]
-    engine.run_until_idle()
-
-    lone = make_job("lone", steps=2)
-    engine.submit(lone)
-    started = time.monotonic()
-    engine.step_once()
-    assert lone.step == 1
-    assert time.monotonic() - started < GATHER_LIMIT * 0.05 + 5

@@ -16,7 +16,6 @@ so building a plan is a few vectorised operations whatever the batch size.
 from __future__ import annotations
 
 import queue
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -25,7 +24,6 @@ import numpy as np
 from worker.generation import GenerationJob, JobCanceled
 
 Size = tuple[int, int]  # latent (height, width)
-GATHER_LIMIT = 6
 
 
 @dataclass
@@ -111,16 +109,10 @@ class Pool:
 class BatchScheduler:
     """Admission, cancellation, grouping and padding; `submit` from any thread, the rest on the engine's."""
 
-    def __init__(self, max_batch: int, buckets: tuple[int, ...] = (), gather_s: float = 0.0) -> None:
+    def __init__(self, max_batch: int, buckets: tuple[int, ...] = ()) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        if gather_s < 0:
-            raise ValueError("gather_s must be at least 0")
         self.max_batch = max_batch
-        # An idle engine that gets a job waits until no other job has arrived for this
-        # long (at most GATHER_LIMIT times it) before its first step, so a burst of
-        # clients starts together instead of trickling into a running batch.
-        self.gather_s = gather_s
         # UNet row counts the runner has warmed (captured graphs, compiled kernels); a
         # step pads up to the next one. () pads nothing.
         self.buckets = tuple(sorted(buckets))
@@ -151,24 +143,6 @@ class BatchScheduler:
         return bool(self._waiting or not self._incoming.empty())
 
     # ---- on the engine thread -------------------------------------------------------
-
-    def gather(self) -> None:
-        """While nothing runs, give a burst of arriving jobs `gather_s` to finish arriving.
-
-        A job that joins a running batch a step late finishes a step late, so a
-        burst spread over a few milliseconds would otherwise cost whole steps at
-        the end. Running samples never wait for this: it applies only when idle.
-        """
-        if not self.gather_s or self.active_samples() or self._incoming.empty():
-            return
-        deadline = time.monotonic() + GATHER_LIMIT * self.gather_s
-        seen = self._incoming.qsize()
-        while time.monotonic() < deadline and seen + len(self._waiting) < self.max_batch:
-            time.sleep(self.gather_s)
-            now_seen = self._incoming.qsize()
-            if now_seen == seen:
-                return
-            seen = now_seen
 
     def admit(self) -> list[Admission]:
         """Move waiting jobs into free slots, oldest first, while the batch has room.

@@ -46,7 +46,6 @@ OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
 # Steps launched ahead of the device: enough to keep the GPU fed while the host
 # prepares the next step, few enough that progress, previews and cancel stay current.
 MAX_STEPS_IN_FLIGHT = 2
-DEFAULT_GATHER_S = 0.01
 
 __all__ = ["Engine", "GenerationJob", "InvalidForModel", "JobCanceled", "OOM_ERRORS", "RunnerOptions"]
 
@@ -60,7 +59,6 @@ class Engine:
         max_batch: int,
         batch_buckets: tuple[int, ...] | None = None,
         options: RunnerOptions | None = None,
-        gather_s: float | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -69,11 +67,7 @@ class Engine:
         self.runner = SDRunner(model, max_batch, options)
         if batch_buckets is None:
             batch_buckets = default_batch_buckets(model.device, max_batch, self.runner.options.compile_unet)
-        if gather_s is None:
-            # On a GPU a step of a part-filled batch costs about what a full one does, so a
-            # burst is worth a few milliseconds of waiting; on the CPU it is not.
-            gather_s = DEFAULT_GATHER_S if model.device.type == "cuda" else 0.0
-        self.scheduler = BatchScheduler(max_batch, batch_buckets, gather_s)
+        self.scheduler = BatchScheduler(max_batch, batch_buckets)
         self._wake = threading.Event()
         # Notified whenever samples leave the batch, so RQ slots waiting for room take
         # the next job at once rather than on a polling tick.
@@ -152,7 +146,6 @@ class Engine:
     @torch.inference_mode()
     def step_once(self) -> bool:
         """Admit and drop jobs, then one step for one group: plan -> run -> update."""
-        self.scheduler.gather()
         for admission in self.scheduler.admit():
             self._start(admission)
         canceled = self.scheduler.canceled()
