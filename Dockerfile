@@ -22,8 +22,11 @@ RUN pip install --no-cache-dir -e .
 # The worker's default BAILAN_MODEL, models/bailan-shapes, is relative to WORKDIR.
 COPY models ./models
 
-# The code and the model stay root-owned and read-only.
-RUN useradd --create-home --uid 10001 bailan
+# The code and the model stay root-owned and read-only; /cache (the compile
+# cache's volume, which takes this ownership when first created) is the worker's.
+RUN useradd --create-home --uid 10001 bailan \
+    && mkdir -p /cache \
+    && chown 10001 /cache
 USER 10001
 
 EXPOSE 8000

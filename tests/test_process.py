@@ -1,0 +1,40 @@
+"""How the worker process turns its settings into the engine's use of the device (pure logic)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.process import runner_options
+from worker.settings import WorkerSettings
+
+BUILTIN = Path(__file__).resolve().parent.parent / "models" / "bailan-shapes"
+
+
+def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against CUDA graphs or torch.compile needing a flag to be used on a GPU, or
+    being attempted on the CPU, and against a compile cache that does not outlive the process."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        # Set then deleted, so monkeypatch restores the original (absent) value afterwards.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    settings = WorkerSettings(model=BUILTIN, compile_cache_dir=tmp_path / "compile", max_steps=80)
+
+    cpu = runner_options(settings, torch.device("cpu"))
+    assert not cpu.cuda_graphs and not cpu.compile_unet and not cpu.compile_vae
+    assert cpu.max_steps == 80
+
+    cuda = runner_options(settings, torch.device("cuda"))
+    assert cuda.cuda_graphs and cuda.compile_unet and cuda.compile_vae
+    assert cuda.channels_last and cuda.fuse_qkv  # they pay only under compile
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == (tmp_path / "compile").resolve()
+    assert (tmp_path / "compile").is_dir()
+
+    off = runner_options(WorkerSettings(model=BUILTIN, compile=False, cuda_graphs=False), torch.device("cuda"))
+    assert not off.cuda_graphs and not off.compile_unet and not off.channels_last
+    forced = runner_options(WorkerSettings(model=BUILTIN, compile=True, cuda_graphs=True), torch.device("cpu"))
+    assert not forced.cuda_graphs and not forced.compile_unet
+
