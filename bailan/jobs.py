@@ -43,6 +43,13 @@ class SchedulerName(str, Enum):
     dpmpp_2m = "dpmpp_2m"
 
 
+class PreviewKind(str, Enum):
+    """What a preview shows."""
+
+    x0 = "x0"  # the model's current estimate of the finished picture
+    xt = "xt"  # the sampler's raw, still noisy state
+
+
 class OutputFormat(str, Enum):
     png = "png"
     webp = "webp"
@@ -109,8 +116,15 @@ class JobRequest(BaseModel):
     preview_every: int = Field(
         5, ge=0, description="Steps between intermediate JPEG previews; 0 disables them."
     )
+    preview_kind: PreviewKind = Field(
+        PreviewKind.x0,
+        description=(
+            "x0: each preview shows the model's current estimate of the finished picture (the picture "
+            "emerging); xt: the sampler's raw state, still covered in noise until the last steps."
+        ),
+    )
     preview_full_decode: bool = Field(
-        False, description="Decode previews with the full VAE instead of the cheap linear latent-to-RGB map (slower)."
+        False, description="Decode previews with the full VAE instead of the cheap latent-to-RGB map (slower)."
     )
     output_format: OutputFormat = Field(OutputFormat.png, description="Encoding of the final images.")
 

@@ -204,6 +204,29 @@ def test_server_picks_and_reports_a_seed_and_formats(service: Service) -> None:
     assert Image.open(io.BytesIO(response.content)).format == "WEBP"
 
 
+@pytest.mark.parametrize("output_format", ["png", "jpeg", "webp"])
+def test_every_image_carries_its_generation_parameters(service: Service, output_format: str) -> None:
+    """Guards against images that cannot be reproduced from the file alone: each image
+    carries AUTOMATIC1111's `parameters` text (PNG text chunk, EXIF UserComment in JPEG
+    and WebP) with its own seed, the size, sampler, guidance, model and model hash."""
+    from worker.imaging import read_parameters
+    from worker.loader import model_hash
+
+    job = service.submit(prompt="a red circle", negative_prompt="blue", steps=3, num_images=2, seed=41,
+                         guidance_scale=3.5, scheduler="euler_a", output_format=output_format)
+    view = service.wait_status(job["id"], {"succeeded", "failed"})
+    assert view["status"] == "succeeded", view
+    for index, seed in enumerate((41, 42)):
+        data = service.http.get(view["images"][index]["url"]).content
+        text = read_parameters(data)
+        assert text is not None, f"{output_format} image {index} carries no parameters"
+        prompt, negative, fields = text.split("\n")
+        assert prompt == "a red circle" and negative == "Negative prompt: blue"
+        size = f"{view['params']['width']}x{view['params']['height']}"
+        assert fields == (f"Steps: 3, Sampler: Euler a, CFG scale: 3.5, Seed: {seed}, Size: {size}, "
+                          f"Model hash: {model_hash(Path(service.env['BAILAN_MODEL']))}, Model: tiny-random")
+
+
 def test_cancel_queued_and_running(service: Service) -> None:
     """Guards against cancel that does not stop work: a queued job never runs, a
     running one stops at its next step; both end canceled; finished jobs say 409."""

@@ -37,6 +37,7 @@ class StepPlan:
     bucket: int  # UNet rows after padding (>= rows): the batch shape the runner runs
     previews: np.ndarray  # (k,) positions into `slots` whose cheap preview is due after this step
     full_previews: np.ndarray  # positions whose full-decode preview is due after this step
+    preview_x0: np.ndarray  # (n,) bool: that sample's previews show x0 (else x_t)
     finishing: np.ndarray  # positions for which this is the last step
 
     @property
@@ -69,6 +70,7 @@ class Pool:
     guided: np.ndarray = field(init=False)
     preview_every: np.ndarray = field(init=False)
     full_decode: np.ndarray = field(init=False)
+    preview_x0: np.ndarray = field(init=False)  # previews show the clean-picture estimate, not x_t
     active: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +82,7 @@ class Pool:
         self.guided = np.zeros(n, dtype=bool)
         self.preview_every = np.zeros(n, dtype=np.int64)
         self.full_decode = np.zeros(n, dtype=bool)
+        self.preview_x0 = np.zeros(n, dtype=bool)
         self.active = np.zeros(n, dtype=bool)
 
     @property
@@ -97,6 +100,7 @@ class Pool:
             # Previews show the job's first image only.
             self.preview_every[slot] = job.preview_every if image == 0 else 0
             self.full_decode[slot] = job.preview_full_decode
+            self.preview_x0[slot] = job.preview_kind == "x0"
             self.active[slot] = True
         return [int(s) for s in free]
 
@@ -261,5 +265,6 @@ class BatchScheduler:
             bucket=self.bucket(rows),
             previews=np.flatnonzero(due & ~full),
             full_previews=np.flatnonzero(due & full),
+            preview_x0=pool.preview_x0[slots].copy(),
             finishing=np.flatnonzero(done_after >= pool.total[slots]),
         )

@@ -20,7 +20,7 @@ import numpy as np
 import redis
 
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
-from worker.imaging import encode_image, encode_preview
+from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
 from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled
 from worker.settings import WorkerSettings
@@ -75,6 +75,7 @@ class JobBridge:
             scheduler=params.scheduler.value,
             num_images=params.num_images,
             preview_every=params.preview_every,
+            preview_kind=params.preview_kind.value,
             preview_full_decode=params.preview_full_decode,
             on_preview=self._on_preview,
         )
@@ -123,11 +124,16 @@ class JobBridge:
         self._store_images(job, params.output_format.value, images)
         return {"images": len(images)}
 
+    def _parameters(self, job: GenerationJob, index: int) -> str:
+        return parameters_text(job.prompt, job.negative_prompt, job.steps, job.scheduler, job.guidance_scale,
+                               job.seed + index, job.width, job.height, self.model.name, self.model.hash)
+
     def _store_images(self, job: GenerationJob, fmt: str, images: list[np.ndarray]) -> None:
         ttl = self.settings.result_ttl_s
         pipe = self.connection.pipeline()
         for index, array in enumerate(images):
-            pipe.set(Keys.image(job.id, index), encode_image(array, fmt), ex=ttl)
+            data = encode_image(array, fmt, parameters=self._parameters(job, index))
+            pipe.set(Keys.image(job.id, index), data, ex=ttl)
         self._finish_record(
             job.id,
             {

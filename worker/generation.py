@@ -38,6 +38,7 @@ class GenerationJob:
     negative_prompt: str = ""
     num_images: int = 1
     preview_every: int = 0
+    preview_kind: str = "x0"  # "x0": the estimate of the finished picture; "xt": the noisy state
     preview_full_decode: bool = False
     # Called from the engine loop: keep them cheap and non-blocking.
     on_progress: Callable[["GenerationJob", int], None] = _noop

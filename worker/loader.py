@@ -6,6 +6,7 @@ go through `load_model`, so what the tests exercise is what production runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
+
+from worker.previews import load_preview_decoder
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,10 @@ class LoadedModel:
     # (C, 3) factors and (3,) bias mapping sampler latents to RGB in [-1, 1].
     latent_rgb: torch.Tensor
     latent_rgb_bias: torch.Tensor
+    # A trained latents -> RGB decoder for previews, when the model directory ships one.
+    preview_decoder: torch.nn.Module | None = None
+    # First 10 hex digits of the sha256 of the weight files (see model_hash); None when built in memory.
+    hash: str | None = None
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -53,6 +60,7 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "size_multiple": self.vae_scale_factor,
+            "hash": self.hash,
         }
 
 
@@ -79,7 +87,21 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Lo
     pipe = StableDiffusionPipeline.from_pretrained(
         path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
-    return from_pipeline(pipe, path, device, dtype)
+    model = from_pipeline(pipe, path, device, dtype)
+    model.hash = model_hash(path)
+    return model
+
+
+def model_hash(path: Path) -> str:
+    """sha256 over the directory's weight files (UNet, text encoder, VAE; sorted by path),
+    first 10 hex digits: what images carry as `Model hash`, computed once at load."""
+    digest = hashlib.sha256()
+    for folder in ("unet", "text_encoder", "vae"):
+        for file in sorted((path / folder).glob("*.safetensors")) + sorted((path / folder).glob("*.bin")):
+            with open(file, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:10]
 
 
 def from_pipeline(pipe: StableDiffusionPipeline, path: str | Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -109,6 +131,7 @@ def from_pipeline(pipe: StableDiffusionPipeline, path: str | Path, device: torch
         scheduler_config=dict(pipe.scheduler.config),
         latent_rgb=factors.to(device=device, dtype=torch.float32),
         latent_rgb_bias=bias.to(device=device, dtype=torch.float32),
+        preview_decoder=load_preview_decoder(path, device, torch.float32),
     )
 
 

@@ -42,6 +42,7 @@ from worker import samplers
 from worker.batching import Admission, Size, StepPlan
 from worker.generation import GenerationJob, InvalidForModel
 from worker.loader import LoadedModel
+from worker.previews import linear_to_rgb, to_uint8_hwc
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +337,18 @@ class SDRunner:
     # ---- previews and images --------------------------------------------------------------
 
     def cheap_previews(self, plan: StepPlan) -> tuple[torch.Tensor, Any] | None:
-        """(k, h, w, 3) uint8 of the plan's due previews, mapped linearly from latents, and
-        the CUDA event after which the host copy is complete (None on the CPU)."""
+        """(k, h, w, 3) uint8 of the plan's due previews, from the model's preview decoder
+        or the linear latent->RGB map, and the CUDA event after which the host copy is
+        complete (None on the CPU)."""
         if not len(plan.previews):
             return None
-        rgb = _latents_to_rgb(self.model, self._preview_latents(plan, plan.previews))
+        latents = self._preview_latents(plan, plan.previews)
+        decoder = self.model.preview_decoder
+        if decoder is not None:
+            rgb = decoder(latents.float())
+        else:
+            rgb = linear_to_rgb(latents, self.model.latent_rgb, self.model.latent_rgb_bias)
+        rgb = to_uint8_hwc(rgb)
         if self.device.type != "cuda":
             return rgb, None
         # One copy to pinned memory that nothing waits for: handed over once done (usually a
@@ -356,13 +364,21 @@ class SDRunner:
         return self.decode(self._preview_latents(plan, plan.full_previews))
 
     def _preview_latents(self, plan: StepPlan, positions: np.ndarray) -> torch.Tensor:
-        """The latents after this step, brought back to unit variance (Euler-family
-        latents carry sigma-scaled noise, which would blow previews out early on)."""
+        """What each due preview shows, as latents: the model's clean-picture estimate x0
+        from this step, or the sampler's state x_t brought back to unit variance
+        (Euler-family latents carry sigma-scaled noise, which would blow previews out)."""
         pool = self.pools[plan.size]
         slots = plan.slots[positions]
         index = self._ints(np.stack([slots, slots * self.options.max_steps + plan.steps[positions]]))
         scale = pool.coefficients.index_select(0, index[1])[:, samplers.PREVIEW].view(-1, 1, 1, 1)
-        return pool.latents.index_select(0, index[0]) * scale
+        xt = pool.latents.index_select(0, index[0]) * scale
+        wants_x0 = plan.preview_x0[positions]
+        if not wants_x0.any():
+            return xt
+        x0 = pool.x0.index_select(0, index[0])
+        if wants_x0.all():
+            return x0
+        return torch.where(self._ints(wants_x0.astype(np.int64)).bool().view(-1, 1, 1, 1), x0, xt)
 
     def final_latents(self, size: Size, slots: list[int]) -> torch.Tensor:
         return self.pools[size].latents.index_select(0, self._ints(slots))
@@ -527,12 +543,6 @@ def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def _latents_to_rgb(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-    """(n, C, h, w) -> (n, h, w, 3) uint8, on the latents' device."""
-    rgb = torch.einsum("nchw,cr->nhwr", latents.float(), model.latent_rgb) + model.latent_rgb_bias
-    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def encode_prompts(model: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, list[list[str]]]:
