@@ -32,7 +32,7 @@ ASSET_HOSTS = ("cdn.jsdelivr.net", "unpkg.com", "cdnjs.cloudflare.com", "fonts.g
 # logo hides itself when it fails to load). Nothing else may be attempted.
 REDOCLY_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 SUBMIT_BLOCK = "#operations-jobs-submit_job_v1_jobs_post"
-RENDER_TIMEOUT_MS = 30_000
+RENDER_TIMEOUT_MS = 60_000  # generous: a loaded 2-core CI machine parses ReDoc slowly
 
 
 class ResourceLinks(HTMLParser):
