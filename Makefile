@@ -46,7 +46,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m bailan.launch
 
+# The page tests' browser (tests/browser.py); BAILAN_TEST_CHROMIUM overrides it.
+CHROMIUM := $(or $(BAILAN_TEST_CHROMIUM),/usr/bin/chromium)
+
 test: $(STAMP)
+	@test -x "$(CHROMIUM)" || echo "==> no Chromium at $(CHROMIUM): the page tests will fail. Install it (Debian, as root: apt-get install chromium) or set BAILAN_TEST_CHROMIUM; see README, Running the tests"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Two stages (world/train.py RECIPES); --resume makes a rerun continue

@@ -16,16 +16,20 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from app.api import api_router
-from app.middleware import BodySizeLimit
+from app.middleware import BodySizeLimit, SelfOnlyPages
 from app.routes.jobs import submit_router
 from app.settings import ApiSettings
 from bailan.reaper import Reaper
 
 log = logging.getLogger("bailan.api")
+
+# Where /docs and /redoc load Swagger UI's and ReDoc's files from: this process.
+DOCS_ASSETS_URL = "/docs-assets"
 
 
 def make_redis(settings: ApiSettings) -> redis.Redis:
@@ -55,11 +59,19 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             reaper.stop()
             conn.close()
 
-    app = FastAPI(
+    # FastAPI's own /docs and /redoc load their JavaScript, CSS and favicon
+    # from public CDNs, so without internet they are blank pages. FastAPIOffline
+    # is FastAPI with the same pages fed from the files fastapi-offline ships
+    # (served under DOCS_ASSETS_URL), ReDoc without Google Fonts included;
+    # SelfOnlyPages (below) keeps their pages from reaching any other host.
+    app = FastAPIOffline(
         title="Bailan",
         summary="Queued image generation over HTTP: submit, poll, preview, fetch, cancel.",
         version="1.0.0",
         lifespan=lifespan,
+        static_url=DOCS_ASSETS_URL,
+        # Swagger UI's default validator badge is an image from validator.swagger.io.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.redis = conn
@@ -86,6 +98,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_exception_handler(redis.RedisError, redis_unavailable)
     app.add_exception_handler(Exception, unexpected)
 
+    app.add_middleware(SelfOnlyPages)
     # Added last = outermost, so 413 answers also carry CORS headers.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:

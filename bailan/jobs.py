@@ -76,7 +76,12 @@ class ErrorCode(str, Enum):
 
 class JobRequest(BaseModel):
     """What a client may ask for. Hard bounds and defaults live here, once; the
-    API narrows the configurable caps (app.schemas.make_request_model)."""
+    API narrows the configurable caps (app.schemas.make_request_model).
+
+    Every numeric field is strict: pydantic's lax mode reads `true` as 1 and
+    "25" as 25, so a client's mistake would run as a job nobody asked for. A
+    strict float still takes an int (7 -> 7.0), and a JSON integer is an int.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -90,6 +95,7 @@ class JobRequest(BaseModel):
         None,
         ge=SIZE_MULTIPLE,
         multiple_of=SIZE_MULTIPLE,
+        strict=True,
         description=f"Image width in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native width.",
         examples=[512],
     )
@@ -97,24 +103,37 @@ class JobRequest(BaseModel):
         None,
         ge=SIZE_MULTIPLE,
         multiple_of=SIZE_MULTIPLE,
+        strict=True,
         description=f"Image height in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native height.",
         examples=[512],
     )
-    steps: int = Field(DEFAULT_STEPS, ge=1, description="Denoising steps.")
+    steps: int = Field(DEFAULT_STEPS, ge=1, strict=True, description="Denoising steps.")
     guidance_scale: float = Field(
-        7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale; values <= 1 disable guidance (faster)."
+        7.5,
+        ge=0.0,
+        le=50.0,
+        strict=True,
+        description="Classifier-free guidance scale; values <= 1 disable guidance (faster).",
     )
     seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, description="Random seed; the server picks and reports one when absent."
+        None,
+        ge=0,
+        le=SEED_MAX,
+        strict=True,
+        description="Random seed; the server picks and reports one when absent.",
     )
     scheduler: SchedulerName = Field(
         SchedulerName.dpmpp_2m, description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
     )
     num_images: int = Field(
-        1, ge=1, le=MAX_IMAGES, description=f"Images to generate, 1–{MAX_IMAGES}; image i uses seed + i."
+        1,
+        ge=1,
+        le=MAX_IMAGES,
+        strict=True,
+        description=f"Images to generate, 1–{MAX_IMAGES}; image i uses seed + i.",
     )
     preview_every: int = Field(
-        5, ge=0, description="Steps between intermediate JPEG previews; 0 disables them."
+        5, ge=0, strict=True, description="Steps between intermediate JPEG previews; 0 disables them."
     )
     preview_kind: PreviewKind = Field(
         PreviewKind.x0,
@@ -139,7 +158,7 @@ class JobRequest(BaseModel):
 class JobParams(JobRequest):
     """A request after the API resolved it: the seed is always set."""
 
-    seed: int = Field(ge=0, le=SEED_MAX)  # type: ignore[assignment]
+    seed: int = Field(ge=0, le=SEED_MAX, strict=True)  # type: ignore[assignment]
 
 
 class Keys:

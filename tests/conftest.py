@@ -5,6 +5,9 @@ binary), so `make test` passes on a fresh machine. Set BAILAN_TEST_REDIS_URL to
 run them against another server instead, e.g. redis://127.0.0.1:6379/13: the
 database must not be 0, and must be empty or already marked as the tests' own;
 the tests then flush only that database, which they own.
+
+Page tests get a headless Chromium and the real API in its own process
+(tests/browser.py).
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
+
+from tests.browser import CHROMIUM, MISSING_BROWSER, ApiProcess, chromium
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 OWNER_MARK = "bailan-tests:owned"
 
@@ -61,3 +70,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from world.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-random")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless Chromium for one test module (see tests/browser.py).
+
+    A missing browser fails the test instead of skipping it: a suite that
+    skipped its page tests would pass without ever rendering a page.
+    """
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(MISSING_BROWSER.format(path=CHROMIUM), pytrace=False)
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture(scope="module")
+def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
+    """The real API (uvicorn) on a free port, against the tests' Redis, on a queue of its own."""
+    api = ApiProcess(redis_url, tmp_path_factory.mktemp("pages") / "api.log", BAILAN_QUEUE_NAME="pages")
+    yield api
+    api.close()

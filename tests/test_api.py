@@ -172,6 +172,48 @@ def test_invalid_input_is_422_naming_the_field(
     assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
 
 
+# A valid value for every numeric field of a request, as a client would send it.
+NUMBERS: dict[str, int] = {
+    "width": 64, "height": 48, "steps": 8, "guidance_scale": 3, "seed": 7, "num_images": 2, "preview_every": 2,
+}
+
+
+@pytest.mark.parametrize("field", sorted(NUMBERS))
+@pytest.mark.parametrize("value", [True, False])
+def test_boolean_for_a_number_is_422_naming_the_field(
+    client: TestClient, redis_conn: redis.Redis, field: str, value: bool
+) -> None:
+    """Guards: `"steps": true` queued as a 1-step job (pydantic's lax mode reads JSON true as 1 and
+    false as 0) instead of a 422 naming the field."""
+    r = client.post("/v1/jobs", json={"prompt": "x", field: value})
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", field]]
+    assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
+
+
+@pytest.mark.parametrize("field", sorted(NUMBERS))
+def test_number_in_a_string_is_422_naming_the_field(client: TestClient, redis_conn: redis.Redis, field: str) -> None:
+    """Guards: `"steps": "8"` silently read as 8 (lax mode's string-to-number coercion), so a client's
+    type mistake passes here and breaks on a stricter server or in its own code later."""
+    r = client.post("/v1/jobs", json={"prompt": "x", field: str(NUMBERS[field])})
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", field]]
+    assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
+
+
+def test_strict_numbers_still_take_json_integers(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: strict types refusing ordinary requests: JSON integers for every numeric field, an
+    integer guidance scale (7 must become 7.0), a fractional one, and the values stored for the worker."""
+    view = submit(client, **NUMBERS)
+    assert {name: view["params"][name] for name in NUMBERS} == NUMBERS
+    stored = json.loads(redis_conn.hget(Keys.job(view["id"]), RecordField.params))
+    assert {name: stored[name] for name in NUMBERS} == NUMBERS
+    assert isinstance(stored["guidance_scale"], float) and isinstance(stored["steps"], int)
+    assert submit(client, guidance_scale=7)["params"]["guidance_scale"] == 7.0
+    assert submit(client, guidance_scale=1.25)["params"]["guidance_scale"] == 1.25
+    assert submit(client, seed=0, preview_every=0)["params"]["seed"] == 0
+
+
 def test_pixel_cap_is_422_naming_the_field(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards: width × height over max_pixels accepted, or its 422 not naming a field (cross-field cap)."""
     with client_for(make_settings(redis_url, max_pixels=512 * 512)) as c:

@@ -113,3 +113,23 @@ def test_processes_accept_and_refuse_the_same_shared_values(
         else:
             with pytest.raises(ValidationError, match=field):
                 settings_class()
+
+
+def test_job_params_read_back_as_the_api_stored_them() -> None:
+    """Guards: strict numeric types refusing the params record the API itself wrote (JSON in Redis),
+    so the worker (model_validate_json) or a job view (model_validate of json.loads) fails every job."""
+    import json
+
+    from bailan.jobs import JobParams
+
+    params = JobParams(prompt="x", seed=9, width=64, height=48, steps=8, guidance_scale=7, preview_every=0)
+    stored = params.model_dump_json()
+    assert JobParams.model_validate_json(stored) == params
+    assert JobParams.model_validate(json.loads(stored)) == params
+    # A record written before the types were strict: guidance as 7.0, sizes left to the worker.
+    old = '{"prompt":"x","negative_prompt":"","width":null,"height":null,"steps":25,"guidance_scale":7.0,' \
+          '"seed":1,"scheduler":"dpmpp_2m","num_images":1,"preview_every":5,"preview_full_decode":false,' \
+          '"output_format":"png"}'
+    assert JobParams.model_validate_json(old).guidance_scale == 7.0
+    with pytest.raises(ValidationError, match="steps"):
+        JobParams.model_validate_json(stored.replace('"steps":8', '"steps":true'))

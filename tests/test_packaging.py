@@ -116,3 +116,18 @@ def test_ci_runs_make_test() -> None:
     text = script.read_text()
     assert "set -euo pipefail" in text
     assert re.search(r"^make test\b", text, re.MULTILINE)
+
+
+def test_ci_installs_the_browser_before_the_tests() -> None:
+    """Guards: CI on a new machine without Chromium, where every page test fails (they never skip),
+    or an install step placed after `make test`, or one that reinstalls on every run."""
+    text = (ROOT / ".ci" / "run").read_text()
+    install = re.search(r"^\s*.*apt-get install -y\b.*\bchromium\b", text, re.MULTILINE)
+    guard = re.search(r"^if \[ ! -x /usr/bin/chromium \]; then$", text, re.MULTILINE)
+    make_test = re.search(r"^make test\b", text, re.MULTILINE)
+    assert install and guard and make_test
+    assert guard.start() < install.start() < make_test.start()
+    from tests.browser import CHROMIUM
+
+    # The path CI installs is the one the tests look for, unless a developer overrides it.
+    assert CHROMIUM == "/usr/bin/chromium" or "BAILAN_TEST_CHROMIUM" in os.environ
