@@ -46,7 +46,15 @@ class ApiSettings(SharedSettings):
         1000, ge=1, description="Queued jobs beyond which submissions get 429 instead of waiting forever."
     )
     max_body_bytes: int = Field(
-        65536, ge=1024, description="Largest request body accepted; larger ones get 413."
+        12 * 2**20,
+        ge=1024,
+        description="Largest request body accepted; larger ones get 413 (room for two base64 input images).",
+    )
+    max_image_bytes: int = Field(
+        4 * 2**20, ge=1024, description="Largest input image (init_image, mask_image), in bytes as decoded from base64."
+    )
+    max_image_pixels: int = Field(
+        2048 * 2048, ge=64 * 64, description="Most pixels an input image may have (checked before it is decoded)."
     )
     abandoned_retries: int = Field(
         1, ge=0, description="Times a job whose worker died is requeued before it fails with worker_lost."

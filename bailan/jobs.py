@@ -146,6 +146,37 @@ class JobRequest(BaseModel):
         False, description="Decode previews with the full VAE instead of the cheap latent-to-RGB map (slower)."
     )
     output_format: OutputFormat = Field(OutputFormat.png, description="Encoding of the final images.")
+    init_image: str | None = Field(
+        None,
+        description=(
+            "Start from this picture (image to image): a PNG, JPEG or WebP image as base64 or a "
+            "`data:` URL. Its size becomes the job's unless width/height are given; then it is resized "
+            "(params.init_image.resized says so)."
+        ),
+    )
+    strength: float = Field(
+        0.75,
+        gt=0.0,
+        le=1.0,
+        strict=True,
+        description=(
+            "With init_image: how much of the schedule to run, so how far the picture may move "
+            "(the last strength x steps steps run; 1 keeps only its size and, for inpainting, what the mask keeps)."
+        ),
+    )
+    mask_image: str | None = Field(
+        None,
+        description=(
+            "With init_image: inpaint. Same forms; white repaints, black keeps (grey counts as its "
+            "nearer end). Resized to the job's size."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _a_mask_needs_a_picture(self) -> "JobRequest":
+        if self.mask_image is not None and self.init_image is None:
+            raise ValueError("mask_image needs init_image: the mask says which parts of it to repaint")
+        return self
 
     @model_validator(mode="after")
     def _every_image_seed_is_valid(self) -> "JobRequest":
@@ -155,10 +186,23 @@ class JobRequest(BaseModel):
         return self
 
 
+class InputImage(BaseModel):
+    """An image a client sent with its job; its bytes live under Keys.input_image."""
+
+    width: int = Field(description="Width of the image as sent.")
+    height: int = Field(description="Height of the image as sent.")
+    format: str = Field(description="png, jpeg or webp.")
+    bytes: int = Field(description="Size of the encoded image.")
+    resized: bool = Field(description="Whether the worker resizes it to the job's width and height.")
+
+
 class JobParams(JobRequest):
-    """A request after the API resolved it: the seed is always set."""
+    """A request after the API resolved it: the seed is always set, and input images are
+    stored beside the record rather than carried in it."""
 
     seed: int = Field(ge=0, le=SEED_MAX, strict=True)  # type: ignore[assignment]
+    init_image: InputImage | None = Field(None, description="The picture the job starts from, if any.")  # type: ignore[assignment]
+    mask_image: InputImage | None = Field(None, description="The inpainting mask, if any.")  # type: ignore[assignment]
 
 
 class Keys:
@@ -183,6 +227,11 @@ class Keys:
     def image(job_id: str, index: int) -> str:
         """String: final image bytes."""
         return f"{KEY_PREFIX}:job:{job_id}:image:{index}"
+
+    @staticmethod
+    def input_image(job_id: str, name: str) -> str:
+        """String: an image the client sent (name: init_image or mask_image), as sent."""
+        return f"{KEY_PREFIX}:job:{job_id}:input:{name}"
 
     @staticmethod
     def worker(name: str) -> str:

@@ -235,12 +235,14 @@ def test_malformed_json_is_422(client: TestClient, payload: bytes) -> None:
     assert r.status_code == 422, r.text
 
 
-def test_oversized_body_is_413(client: TestClient, redis_conn: redis.Redis) -> None:
+def test_oversized_body_is_413(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards: a huge body read into memory and parsed (declared size or chunked stream)."""
-    big = json.dumps({"prompt": "x" * 70000}).encode()
+    cap = 65536
+    client = client_for(make_settings(redis_url, max_body_bytes=cap))
+    big = json.dumps({"prompt": "x" * (cap + 4464)}).encode()
     r = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413
-    assert "65536" in r.json()["detail"]
+    assert str(cap) in r.json()["detail"]
 
     def chunks() -> Iterator[bytes]:
         yield b'{"prompt": "'

@@ -341,3 +341,22 @@ def test_worker_without_a_model_stops_with_a_message(tmp_path: Path, model: str)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "BAILAN_MODEL" in result.stderr and expected in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ([model] if model == "not-a-pipeline" else [])
+
+
+def test_image_to_image_through_the_service(service: Service) -> None:
+    """Guards against an input image lost between the API and the worker: a job started
+    from a picture (and a mask) runs to the end at the picture's size, and its progress
+    counts only the steps it runs."""
+    import base64
+
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 24), (200, 30, 40)).save(picture, format="PNG")
+    mask = io.BytesIO()
+    Image.new("L", (40, 24), 255).save(mask, format="PNG")
+    job = service.submit(steps=8, strength=0.5, init_image=base64.b64encode(picture.getvalue()).decode(),
+                         mask_image=base64.b64encode(mask.getvalue()).decode())
+    view = service.wait_status(job["id"], {"succeeded", "failed"})
+    assert view["status"] == "succeeded", view
+    assert view["progress"] == {"step": 4, "total_steps": 4}
+    image = Image.open(io.BytesIO(service.http.get(view["images"][0]["url"]).content))
+    assert image.size == (40, 24)

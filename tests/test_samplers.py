@@ -15,6 +15,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from worker import samplers
+from worker.generation import img2img_start
 from world.sd_components import sd_noise_scheduler
 
 SHAPE = (1, 4, 6, 5)
@@ -122,3 +123,65 @@ def test_unsupported_configurations_are_refused_with_a_reason() -> None:
         samplers.schedule("lms", sd_config(), 10)
     with pytest.raises(samplers.UnsupportedSchedule, match="steps=2000"):
         samplers.schedule("ddim", sd_config(), 2000)
+
+
+@pytest.mark.parametrize("config_name", ["sd_epsilon", "zero_snr_v"])
+@pytest.mark.parametrize("name", sorted(samplers.SCHEDULERS))
+def test_a_schedule_started_part_way_matches_diffusers_img2img(name: str, config_name: str) -> None:
+    """Guards against img2img starting from the wrong state or with a multistep solver that
+    remembers steps it never took: from step `start`, the first state (the picture's latent
+    noised as `add_noise` does) and every step after it must match diffusers stepping a
+    scheduler whose begin index is `start`, as its img2img pipeline does."""
+    config = sd_config() if config_name == "sd_epsilon" else zero_snr_v_config()
+    steps = 20
+    for strength in (0.3, 0.75):
+        start = img2img_start(steps, strength)
+        x0 = torch.linspace(-1, 1, int(np.prod(SHAPE))).view(SHAPE)
+        # diffusers, as StableDiffusionImg2ImgPipeline drives it
+        ref = samplers.make_scheduler(name, config)
+        ref.set_timesteps(steps)
+        if hasattr(ref, "set_begin_index"):  # DDIM indexes by timestep and has none
+            ref.set_begin_index(start)
+        gen = torch.Generator().manual_seed(9)
+        noise = randn_tensor(SHAPE, generator=gen, dtype=torch.float32)
+        x = ref.add_noise(x0, noise, ref.timesteps[start : start + 1])
+        expected = [x]
+        for t in ref.timesteps[start:]:
+            m = fake_model(ref.scale_model_input(x, t), torch.tensor([float(t)]))
+            x = ref.step(m, t, x, generator=gen, return_dict=False)[0]
+            expected.append(x)
+        # ours
+        sched = samplers.schedule(name, config, steps, start)
+        table = torch.from_numpy(sched.coefficients).float()
+        gen = torch.Generator().manual_seed(9)
+        noise = randn_tensor(SHAPE, generator=gen, dtype=torch.float32)
+        x = sched.start_a * x0 + sched.start_b * noise
+        got, hist = [x], torch.zeros(SHAPE)
+        for k in range(start, steps):
+            coef = table[k : k + 1]
+            m = fake_model(x * coef[:, samplers.C_IN].view(-1, 1, 1, 1), coef[:, samplers.T])
+            eta = randn_tensor(SHAPE, generator=gen, dtype=torch.float32) if sched.stochastic else None
+            x, hist = samplers.update(x, m, hist, eta, coef)
+            got.append(x)
+        assert len(got) == len(expected) == steps - start + 1
+        for k, (a, b) in enumerate(zip(got, expected)):
+            err = float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+            assert err <= 1e-5, f"{name} {config_name} strength {strength}: latent {k}: relative error {err:.2e}"
+
+
+def test_the_known_region_follows_add_noise() -> None:
+    """Guards against inpainting re-imposing the kept region at the wrong noise level: the
+    state after step k that KA and KB make must be diffusers' add_noise at the next
+    timestep, and the clean latent itself after the last step."""
+    for name in samplers.SCHEDULERS:
+        sched = samplers.schedule(name, sd_config(), 12)
+        ref = samplers.make_scheduler(name, sd_config())
+        ref.set_timesteps(12)
+        x0, noise = torch.full(SHAPE, 0.5), torch.full(SHAPE, -1.0)
+        for k in range(11):
+            if hasattr(ref, "set_begin_index"):
+                ref.set_begin_index(k + 1)
+            expected = ref.add_noise(x0, noise, ref.timesteps[k + 1 : k + 2])
+            got = sched.coefficients[k, samplers.KA] * 0.5 - sched.coefficients[k, samplers.KB]
+            assert abs(float(expected.flatten()[0]) - got) < 1e-5, (name, k)
+        assert (sched.coefficients[11, samplers.KA], sched.coefficients[11, samplers.KB]) == (1.0, 0.0)

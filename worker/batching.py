@@ -38,6 +38,7 @@ class StepPlan:
     previews: np.ndarray  # (k,) positions into `slots` whose cheap preview is due after this step
     full_previews: np.ndarray  # positions whose full-decode preview is due after this step
     preview_x0: np.ndarray  # (n,) bool: that sample's previews show x0 (else x_t)
+    first: np.ndarray  # (n,) where each sample's schedule starts: steps[i] - first[i] steps are done
     finishing: np.ndarray  # positions for which this is the last step
 
     @property
@@ -65,7 +66,8 @@ class Pool:
     capacity: int
     jobs: list[GenerationJob | None] = field(init=False)
     image: np.ndarray = field(init=False)  # index of the slot's image within its job
-    step: np.ndarray = field(init=False)  # steps launched so far
+    step: np.ndarray = field(init=False)  # index of the next step in the slot's schedule
+    first: np.ndarray = field(init=False)  # where the schedule starts (image to image starts part-way)
     total: np.ndarray = field(init=False)
     guided: np.ndarray = field(init=False)
     preview_every: np.ndarray = field(init=False)
@@ -78,6 +80,7 @@ class Pool:
         self.jobs = [None] * n
         self.image = np.zeros(n, dtype=np.int64)
         self.step = np.zeros(n, dtype=np.int64)
+        self.first = np.zeros(n, dtype=np.int64)
         self.total = np.zeros(n, dtype=np.int64)
         self.guided = np.zeros(n, dtype=bool)
         self.preview_every = np.zeros(n, dtype=np.int64)
@@ -94,7 +97,7 @@ class Pool:
         for image, slot in enumerate(free):
             self.jobs[slot] = job
             self.image[slot] = image
-            self.step[slot] = 0
+            self.first[slot] = self.step[slot] = job.start_step
             self.total[slot] = job.steps
             self.guided[slot] = job.guided
             # Previews show the job's first image only.
@@ -253,7 +256,9 @@ class BatchScheduler:
         steps = pool.step[slots].copy()
         done_after = steps + 1
         every = pool.preview_every[slots]
-        due = (every > 0) & (done_after < pool.total[slots]) & (done_after % np.maximum(every, 1) == 0)
+        first = pool.first[slots].copy()
+        # Previews are counted in the steps the job runs, from its start.
+        due = (every > 0) & (done_after < pool.total[slots]) & ((done_after - first) % np.maximum(every, 1) == 0)
         full = pool.full_decode[slots]
         guided = pool.guided[slots].copy()
         rows = int(len(slots) + guided.sum())
@@ -266,5 +271,6 @@ class BatchScheduler:
             previews=np.flatnonzero(due & ~full),
             full_previews=np.flatnonzero(due & full),
             preview_x0=pool.preview_x0[slots].copy(),
+            first=first,
             finishing=np.flatnonzero(done_after >= pool.total[slots]),
         )

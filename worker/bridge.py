@@ -10,6 +10,7 @@ encoding never sit between two denoising steps.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +19,13 @@ from typing import Any
 
 import numpy as np
 import redis
+from PIL import Image
 
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
 from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
 from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled
+from worker.generation import InvalidInput
 from worker.settings import WorkerSettings
 from worker.slots import CANCELED_RESULT
 
@@ -63,12 +66,20 @@ class JobBridge:
             self._finish_record(job_id, {})
             return CANCELED_RESULT
         params = JobParams.model_validate_json(record[RecordField.params])
+        width = params.width or self.model.native_width
+        height = params.height or self.model.native_height
+        try:
+            init_image, mask = self._inputs(job_id, params, width, height)
+        except InvalidInput as exc:
+            self._finish_record(job_id, {RecordField.error_code: ErrorCode.invalid_for_model.value,
+                                         RecordField.error_message: str(exc)})
+            raise
         job = GenerationJob(
             id=job_id,
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
-            width=params.width or self.model.native_width,
-            height=params.height or self.model.native_height,
+            width=width,
+            height=height,
             steps=params.steps,
             guidance_scale=params.guidance_scale,
             seed=params.seed,
@@ -77,6 +88,9 @@ class JobBridge:
             preview_every=params.preview_every,
             preview_kind=params.preview_kind.value,
             preview_full_decode=params.preview_full_decode,
+            init_image=init_image,
+            mask=mask,
+            strength=params.strength,
             on_preview=self._on_preview,
         )
         pipe = self.connection.pipeline()
@@ -88,7 +102,7 @@ class JobBridge:
             mapping={
                 RecordField.started_at: now(),
                 RecordField.step: 0,
-                RecordField.total_steps: job.steps,
+                RecordField.total_steps: job.run_steps,
                 RecordField.width: job.width,
                 RecordField.height: job.height,
                 RecordField.model: self.model.name,
@@ -124,6 +138,27 @@ class JobBridge:
         self._store_images(job, params.output_format.value, images)
         return {"images": len(images)}
 
+    def _inputs(
+        self, job_id: str, params: JobParams, width: int, height: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The job's init image (uint8 RGB) and mask (float, 1 = repaint), at the job's size."""
+        if params.init_image is None:
+            return None, None
+        names = ["init_image"] + (["mask_image"] if params.mask_image is not None else [])
+        found = self.connection.mget([Keys.input_image(job_id, name) for name in names])
+        if any(data is None for data in found):
+            raise InvalidInput("the job's input image expired before it ran")
+        image = Image.open(io.BytesIO(found[0])).convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        mask = None
+        if len(found) > 1:
+            gray = Image.open(io.BytesIO(found[1])).convert("L")
+            if gray.size != (width, height):
+                gray = gray.resize((width, height), Image.BILINEAR)
+            mask = np.asarray(gray, dtype=np.float32) / 255.0
+        return np.asarray(image), mask
+
     def _parameters(self, job: GenerationJob, index: int) -> str:
         return parameters_text(job.prompt, job.negative_prompt, job.steps, job.scheduler, job.guidance_scale,
                                job.seed + index, job.width, job.height, self.model.name, self.model.hash)
@@ -137,7 +172,7 @@ class JobBridge:
         self._finish_record(
             job.id,
             {
-                RecordField.step: job.steps,
+                RecordField.step: job.run_steps,
                 RecordField.images: dumps([{"index": i, "seed": job.seed + i} for i in range(len(images))]),
                 RecordField.unknown_words: dumps(job.unknown_words),
             },

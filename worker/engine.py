@@ -217,7 +217,7 @@ class Engine:
         finished = self.scheduler.advance(plan)
         pool = self.scheduler.pools[plan.size]
         leads = plan.slots[pool.image[plan.slots] == 0]
-        progress = [(pool.jobs[s], int(pool.step[s])) for s in leads]
+        progress = [(pool.jobs[s], int(pool.step[s] - pool.first[s])) for s in leads]
         event = None
         if self.model.device.type == "cuda":
             event = torch.cuda.Event()
@@ -253,7 +253,8 @@ class Engine:
                     for i, position in enumerate(plan.previews):
                         job = pool.jobs[plan.slots[position]]
                         if job is not None:
-                            self._pending_previews.append((job, int(plan.steps[position]) + 1, rgb[i], event))
+                            step = int(plan.steps[position] - plan.first[position]) + 1
+                            self._pending_previews.append((job, step, rgb[i], event))
             except Exception:  # a preview is never worth failing a job for
                 log.exception("previews failed")
         if len(plan.full_previews):
@@ -262,7 +263,7 @@ class Engine:
                 for position, rgb in zip(plan.full_previews, images):
                     job = pool.jobs[plan.slots[position]]
                     if job is not None:
-                        job.on_preview(job, int(plan.steps[position]) + 1, rgb)
+                        job.on_preview(job, int(plan.steps[position] - plan.first[position]) + 1, rgb)
             except Exception:  # a preview is never worth failing a job for
                 log.exception("full-decode previews failed")
         self._deliver_previews(block=False)
@@ -313,7 +314,7 @@ class Engine:
         for i, ((job, image_index, _), image) in enumerate(zip(finished, images)):
             if image is None or job.future.done():
                 continue
-            job.images[image_index] = image
+            job.images[image_index] = job.compose(image)
             job.latents[image_index] = latents[i : i + 1]
             if all(img is not None for img in job.images):
                 job.future.set_result(job.images)

@@ -19,6 +19,19 @@ class InvalidForModel(ValueError):
     """The request is well-formed but this model cannot serve it (e.g. a size it cannot divide)."""
 
 
+class InvalidInput(InvalidForModel):
+    """An input image the worker cannot use (e.g. it expired before the job ran)."""
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """The step an image-to-image job starts at, as diffusers' pipelines choose it: the
+    last `int(steps * strength)` steps are run."""
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise InvalidForModel(f"strength {strength} of {steps} steps leaves no step to run; raise either")
+    return steps - run
+
+
 def _noop(*_: Any) -> None:
     return None
 
@@ -49,8 +62,32 @@ class GenerationJob:
     images: list[np.ndarray | None] = field(default_factory=list)
     # The denoised latents of each image, before decoding (kept for tests and benchmarks).
     latents: list[Any] = field(default_factory=list)
-    # Steps completed on the device (on a GPU this trails the steps launched by one or two).
+    # Image to image: the picture to start from (H, W, 3 uint8, the job's size), how much of
+    # the schedule to run, and for inpainting the mask (H, W float, 1 = repaint).
+    init_image: np.ndarray | None = None
+    strength: float = 0.75
+    mask: np.ndarray | None = None
+    # Steps completed on the device, counted from the job's first (on a GPU this trails
+    # the steps launched by one or two).
     step: int = 0
+
+    def compose(self, image: np.ndarray) -> np.ndarray:
+        """An inpainted image keeps the picture's own pixels outside the mask, as
+        AUTOMATIC1111's overlay does: decoding the latents alone lets the new content
+        bleed through the VAE's receptive field into the kept region."""
+        if self.mask is None or self.init_image is None:
+            return image
+        return np.where((self.mask >= 0.5)[..., None], image, self.init_image)
+
+    @property
+    def start_step(self) -> int:
+        """Where in its `steps`-step schedule the job starts (0 unless it starts from a picture)."""
+        return img2img_start(self.steps, self.strength) if self.init_image is not None else 0
+
+    @property
+    def run_steps(self) -> int:
+        """Steps the job actually runs: what its progress counts to."""
+        return self.steps - self.start_step
 
     @property
     def guided(self) -> bool:

@@ -116,7 +116,8 @@ def from_pipeline(pipe: StableDiffusionPipeline, path: str | Path, device: torch
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     sample = pipe.unet.config.sample_size
     sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample
-    latent_channels = pipe.unet.config.in_channels
+    # The VAE's: an inpainting UNet takes more input channels (mask, masked picture) than it denoises.
+    latent_channels = pipe.vae.config.latent_channels
     factors, bias = _latent_rgb(path, pipe, latent_channels, device)
     return LoadedModel(
         name=path.name,

@@ -40,6 +40,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+
 # Sampler names clients may ask for -> the diffusers class and the overrides
 # applied on top of the model's own scheduler config.
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
@@ -50,8 +51,8 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 # Columns of a coefficient row.
-T, C_IN, A, B, LO, HI, C, Q, D, E, F, G, PREVIEW = range(13)
-NUM_COEFFICIENTS = 13
+T, C_IN, A, B, LO, HI, C, Q, D, E, F, G, PREVIEW, KA, KB = range(15)
+NUM_COEFFICIENTS = 15
 
 
 class UnsupportedSchedule(ValueError):
@@ -65,6 +66,13 @@ class Schedule:
     Column T is the timestep fed to the UNet, C_IN the scale of its input,
     PREVIEW the factor that brings the latent after the step back to unit
     variance for previews (Euler-family latents carry sigma-scaled noise).
+    KA and KB give the state after the step that a known clean latent x0 and
+    its starting noise make, KA * x0 + KB * noise: inpainting re-imposes it
+    outside the mask, as diffusers' pipeline does with `add_noise`.
+
+    `start` > 0 starts part-way (img2img): the rows before it are unused, the
+    multistep solver starts at first order there, and `start_a`, `start_b`
+    make the first state from the picture's latent and the seed's noise.
     """
 
     name: str
@@ -72,6 +80,9 @@ class Schedule:
     coefficients: np.ndarray  # (steps, NUM_COEFFICIENTS) float64
     init_noise_sigma: float
     stochastic: bool  # draws fresh noise at every step (its generator's stream, after the initial latents)
+    start: int = 0
+    start_a: float = 0.0
+    start_b: float = 1.0
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
@@ -82,14 +93,15 @@ def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
     return cls.from_config(config, **overrides)
 
 
-def schedule(name: str, config: dict[str, Any], steps: int) -> Schedule:
-    """The coefficient table of `steps` steps of sampler `name` on a model's scheduler config."""
-    # Cached by value: a worker sees few distinct (sampler, steps) pairs.
-    return _schedule(name, json.dumps(config, sort_keys=True, default=str), steps)
+def schedule(name: str, config: dict[str, Any], steps: int, start: int = 0) -> Schedule:
+    """The coefficient table of `steps` steps of sampler `name` on a model's scheduler
+    config, sampled from step `start` on (see Schedule)."""
+    # Cached by value: a worker sees few distinct (sampler, steps, start) triples.
+    return _schedule(name, json.dumps(config, sort_keys=True, default=str), steps, start)
 
 
 @lru_cache(maxsize=256)
-def _schedule(name: str, config_json: str, steps: int) -> Schedule:
+def _schedule(name: str, config_json: str, steps: int, start: int = 0) -> Schedule:
     scheduler = make_scheduler(name, json.loads(config_json))
     if getattr(scheduler.config, "thresholding", False):
         raise UnsupportedSchedule(f"{name}: dynamic thresholding is not supported")
@@ -101,14 +113,19 @@ def _schedule(name: str, config_json: str, steps: int) -> Schedule:
     except ValueError as exc:  # e.g. DDIM with more steps than training timesteps
         raise UnsupportedSchedule(f"steps={steps} with scheduler {name}: {exc}") from exc
     builder = {"ddim": _ddim, "euler": _euler, "euler_a": _euler, "dpmpp_2m": _dpmpp_2m}[name]
+    if not 0 <= start < steps:
+        raise UnsupportedSchedule(f"start {start} is outside the {steps} steps")
     try:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            table = builder(scheduler, prediction, ancestral=name == "euler_a")
+            table = builder(scheduler, prediction, ancestral=name == "euler_a", start=start)
+            state = _state(scheduler, name)
     except (IndexError, ZeroDivisionError, ValueError) as exc:  # diffusers' own step would fail the same way
         raise UnsupportedSchedule(f"steps={steps} with scheduler {name} cannot be sampled on this model: {exc}") from exc
+    table[:, KA], table[:, KB] = state[1:, 0], state[1:, 1]
+    table[:start] = 0.0
     # NaN would poison the image (e.g. repeated timesteps when steps exceed the model's
     # training steps); an infinite clamp bound is fine.
-    if np.isnan(table).any() or not np.isfinite(table[:, [T, C_IN, PREVIEW]]).all():
+    if np.isnan(table[start:]).any() or not np.isfinite(table[start:, [T, C_IN, PREVIEW]]).all():
         raise UnsupportedSchedule(
             f"steps={steps} with scheduler {name} gives a degenerate schedule on this model (repeated timesteps?)"
         )
@@ -118,7 +135,30 @@ def _schedule(name: str, config_json: str, steps: int) -> Schedule:
         coefficients=table,
         init_noise_sigma=float(scheduler.init_noise_sigma),
         stochastic=name == "euler_a",
+        start=start,
+        start_a=float(state[start, 0]) if start else 0.0,
+        start_b=float(state[start, 1]) if start else float(scheduler.init_noise_sigma),
     )
+
+
+def _state(scheduler: SchedulerMixin, name: str) -> np.ndarray:
+    """(steps + 1, 2): the state entering step k that clean latent x0 and noise make,
+    a * x0 + b * noise, as the scheduler's `add_noise` gives it; row `steps` is x0."""
+    n = len(scheduler.timesteps)
+    out = np.zeros((n + 1, 2))
+    if name in ("euler", "euler_a"):
+        sigmas = scheduler.sigmas.double().numpy()
+        out[:n, 0], out[:n, 1] = 1.0, sigmas[:n]
+    elif name == "dpmpp_2m":
+        sigmas = scheduler.sigmas.double().numpy()[:n]
+        alpha = 1.0 / np.sqrt(sigmas**2 + 1)
+        out[:n, 0], out[:n, 1] = alpha, sigmas * alpha
+    else:  # DDIM adds noise at its timesteps' alphas
+        cumprod = scheduler.alphas_cumprod.double().numpy()
+        t = scheduler.timesteps.numpy().astype(np.int64)
+        out[:n, 0], out[:n, 1] = np.sqrt(cumprod[t]), np.sqrt(1 - cumprod[t])
+    out[n] = (1.0, 0.0)
+    return out
 
 
 def _blank(steps: int) -> np.ndarray:
@@ -130,7 +170,7 @@ def _blank(steps: int) -> np.ndarray:
     return table
 
 
-def _ddim(scheduler: DDIMScheduler, prediction: str, ancestral: bool = False) -> np.ndarray:
+def _ddim(scheduler: DDIMScheduler, prediction: str, ancestral: bool = False, start: int = 0) -> np.ndarray:
     """DDIMScheduler.step with eta = 0 (what the stock pipeline runs)."""
     timesteps = scheduler.timesteps.numpy()
     n = scheduler.num_inference_steps
@@ -163,7 +203,7 @@ def _ddim(scheduler: DDIMScheduler, prediction: str, ancestral: bool = False) ->
     return table
 
 
-def _euler(scheduler: SchedulerMixin, prediction: str, ancestral: bool) -> np.ndarray:
+def _euler(scheduler: SchedulerMixin, prediction: str, ancestral: bool, start: int = 0) -> np.ndarray:
     """EulerDiscreteScheduler.step (s_churn = 0) or EulerAncestralDiscreteScheduler.step."""
     if prediction == "sample" and ancestral:
         raise UnsupportedSchedule("euler_a: prediction_type 'sample' is not supported (nor by diffusers)")
@@ -197,7 +237,9 @@ def _euler(scheduler: SchedulerMixin, prediction: str, ancestral: bool) -> np.nd
     return table
 
 
-def _dpmpp_2m(scheduler: DPMSolverMultistepScheduler, prediction: str, ancestral: bool = False) -> np.ndarray:
+def _dpmpp_2m(
+    scheduler: DPMSolverMultistepScheduler, prediction: str, ancestral: bool = False, start: int = 0
+) -> np.ndarray:
     """DPMSolverMultistepScheduler.step for algorithm_type dpmsolver++, solver_order 2."""
     config = scheduler.config
     if config.algorithm_type != "dpmsolver++" or config.solver_order != 2:
@@ -221,6 +263,8 @@ def _dpmpp_2m(scheduler: DPMSolverMultistepScheduler, prediction: str, ancestral
     table = _blank(n)
     lower_order_nums = 0
     for k, t in enumerate(timesteps):
+        if k < start:  # an img2img start: the solver has no history before it
+            continue
         lower_order_final = k == n - 1 and (
             config.euler_at_final or (config.lower_order_final and n < 15) or config.final_sigmas_type == "zero"
         )

@@ -24,14 +24,15 @@ TINY_WORDS = (
 ).split()
 
 
-def build_tiny_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusionPipeline:
-    """Native size is `sample_size` × 2 pixels (a 2-block VAE halves once)."""
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, inpainting: bool = False) -> StableDiffusionPipeline:
+    """Native size is `sample_size` × 2 pixels (a 2-block VAE halves once). `inpainting`
+    gives the UNet SD-inpainting's 9 input channels (latent, mask, masked picture)."""
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=16)
     text_encoder = clip_text_encoder(tokenizer, hidden=32, intermediate=37, layers=2, heads=4)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,

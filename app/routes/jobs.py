@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from rq import Queue
 
-from app import views
+from app import inputs, views
 from app.deps import PathForDep, QueueDep, RedisDep, SettingsDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
@@ -166,7 +166,10 @@ def _submit(
     idempotency_key: str | None,
 ) -> JobOut:
     """POST /v1/jobs once FastAPI has validated the body against this server's request model."""
-    params = records.resolve_params(body, conn)
+    init, mask, width, height = inputs.check_inputs(
+        body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes, settings.max_image_pixels
+    )
+    params = records.resolve_params(body, conn, width, height, init, mask)
     _check_pixels(settings, body, params.width, params.height)
     claim = _claim(settings, conn, body, idempotency_key)
     if claim is not None and not claim.fresh:
@@ -175,7 +178,9 @@ def _submit(
         response.headers["Idempotent-Replayed"] = "true"
     else:
         try:
-            job_id = records.submit(settings, conn, queue, params, job_id=claim.job_id if claim else None)
+            job_id = records.submit(settings, conn, queue, params, job_id=claim.job_id if claim else None,
+                                    inputs={name: d.data for name, d in (("init_image", init), ("mask_image", mask))
+                                            if d is not None})
         except Exception as exc:
             if claim is not None:
                 idempotency.release_idempotency(conn, claim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from rq import Queue, Retry
@@ -42,9 +43,21 @@ class QueueFull(Exception):
         self.depth = depth
 
 
-def resolve_params(request: JobRequest, conn: redis.Redis) -> JobParams:
-    """Fill in what the client left to the server: seed and, if known, size."""
+def resolve_params(
+    request: JobRequest,
+    conn: redis.Redis,
+    width: int | None = None,
+    height: int | None = None,
+    init: Any = None,
+    mask: Any = None,
+) -> JobParams:
+    """Fill in what the client left to the server: seed and, if known, size (an input
+    image's, when it sent one: app.inputs). Input images are described, not carried."""
     values = request.model_dump()
+    values["width"] = width if width is not None else values.get("width")
+    values["height"] = height if height is not None else values.get("height")
+    values["init_image"] = init.info.model_dump() if init is not None else None
+    values["mask_image"] = mask.info.model_dump() if mask is not None else None
     if values.get("seed") is None:
         # Leave room for seed + i of every image (see JobRequest).
         values["seed"] = secrets.randbelow(SEED_MAX + 2 - int(values.get("num_images") or 1))
@@ -58,7 +71,12 @@ def resolve_params(request: JobRequest, conn: redis.Redis) -> JobParams:
 
 
 def submit(
-    settings: ApiSettings, conn: redis.Redis, queue: Queue, params: JobParams, job_id: str | None = None
+    settings: ApiSettings,
+    conn: redis.Redis,
+    queue: Queue,
+    params: JobParams,
+    job_id: str | None = None,
+    inputs: dict[str, bytes] | None = None,
 ) -> str:
     """Write the record and enqueue the job in one transaction; returns the id.
 
@@ -84,6 +102,9 @@ def submit(
     pipe.multi()
     pipe.hset(Keys.job(job_id), mapping=record)
     pipe.expire(Keys.job(job_id), settings.result_ttl_s + RECORD_TTL_MARGIN_S)
+    for name, data in (inputs or {}).items():
+        # With the record, in the same transaction: a worker never finds one without the other.
+        pipe.set(Keys.input_image(job_id, name), data, ex=settings.result_ttl_s + RECORD_TTL_MARGIN_S)
     queue.enqueue_call(
         func=RQ_FUNC,
         args=(job_id,),

@@ -85,6 +85,14 @@ class _Pool:
     embeds: torch.Tensor
     guidance: torch.Tensor
     coefficients: torch.Tensor
+    # Image to image and inpainting, per slot: the picture's latent, the seed's first noise,
+    # and where to paint (1; elsewhere the picture is re-imposed at each step's noise level).
+    init: torch.Tensor
+    noise0: torch.Tensor
+    paint: torch.Tensor
+    # For a 9-channel inpainting UNet: its mask and masked-picture inputs (None otherwise).
+    unet_mask: torch.Tensor | None = None
+    masked: torch.Tensor | None = None
     noise_bank: torch.Tensor | None = None
     graphs: dict[int, "_Graph"] = field(default_factory=dict)
     stochastic: np.ndarray = field(init=False)  # host copy: which slots draw noise every step
@@ -142,6 +150,8 @@ class SDRunner:
         self._compiled_unet: Any = None
         self._compiled_vae: Any = None
         self.vae_buckets: tuple[int, ...] = ()
+        # A 9-channel UNet (SD inpainting checkpoints) takes the mask and masked picture too.
+        self.inpainting_unet = model.unet.config.in_channels == model.latent_channels * 2 + 1
         self._prepare_model()
 
     # ---- set-up ------------------------------------------------------------------
@@ -185,8 +195,11 @@ class SDRunner:
             )
         if job.num_images > self.max_batch:
             raise InvalidForModel(f"num_images {job.num_images} exceeds this worker's batch of {self.max_batch}")
+        for name, array in (("init_image", job.init_image), ("mask", job.mask)):
+            if array is not None and array.shape[:2] != (job.height, job.width):
+                raise InvalidForModel(f"{name} is {array.shape[1]}x{array.shape[0]}, the job {job.width}x{job.height}")
         try:
-            schedule = samplers.schedule(job.scheduler, self.model.scheduler_config, job.steps)
+            schedule = samplers.schedule(job.scheduler, self.model.scheduler_config, job.steps, job.start_step)
         except samplers.UnsupportedSchedule as exc:
             raise InvalidForModel(str(exc)) from exc
         if schedule.steps != job.steps:  # the batch scheduler counts job.steps
@@ -209,7 +222,13 @@ class SDRunner:
             embeds=torch.zeros((2 * n, length, text.hidden_size), device=self.device, dtype=model.dtype),
             guidance=torch.ones(n, device=self.device),
             coefficients=torch.zeros((n * self.options.max_steps, samplers.NUM_COEFFICIENTS), device=self.device),
+            init=torch.zeros((n, model.latent_channels, h, w), device=self.device),
+            noise0=torch.zeros((n, model.latent_channels, h, w), device=self.device),
+            paint=torch.ones((n, 1, h, w), device=self.device),
         )
+        if self.inpainting_unet:
+            pool.unet_mask = torch.ones((n, 1, h, w), device=self.device)
+            pool.masked = torch.zeros((n, model.latent_channels, h, w), device=self.device)
         self.pools[size] = pool
         return pool
 
@@ -227,13 +246,22 @@ class SDRunner:
         guidance: list[float] = []
         latents: list[torch.Tensor] = []
         tables: list[np.ndarray] = []
-        noise: list[tuple[int, torch.Tensor]] = []
+        noise: list[tuple[int, int, torch.Tensor]] = []
+        pictures: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
         row = 0
         shape = (1, self.model.latent_channels, *admission.size)
         for job, job_slots in zip(admission.jobs, admission.slots):
             sched = self.validate(job)
             n_texts = len(job.texts())
             job.unknown_words = unknown[row + n_texts - 1]
+            picture = mask = masked = None
+            if job.init_image is not None:
+                picture = self._encode_picture(job.init_image)
+                if job.mask is not None:
+                    mask = self._latent_mask(job.mask, admission.size)
+                    if self.inpainting_unet:
+                        # diffusers' inpainting input: the picture where the mask keeps it, grey elsewhere.
+                        masked = self._encode_picture(job.init_image, keep=job.mask < 0.5)
             for index, slot in enumerate(job_slots):
                 if job.guided:
                     uncond_rows.append(row)
@@ -246,10 +274,17 @@ class SDRunner:
                 # CPU generators: the same seed gives the same image on any device, and
                 # the stock pipeline's image for one-image jobs.
                 generator = torch.Generator("cpu").manual_seed(job.seed + index)
-                latents.append(randn_tensor(shape, generator=generator, dtype=torch.float32) * sched.init_noise_sigma)
+                first = randn_tensor(shape, generator=generator, dtype=torch.float32)
+                if picture is None:
+                    latents.append(first * sched.init_noise_sigma)
+                else:
+                    # As diffusers' img2img: the picture's latent noised to the start step.
+                    latents.append(sched.start_a * picture.cpu() + sched.start_b * first)
+                    pictures.append((slot, picture, first, mask, masked))
                 if sched.stochastic:
-                    draws = [randn_tensor(shape, generator=generator, dtype=torch.float32) for _ in range(sched.steps)]
-                    noise.append((slot, torch.cat(draws)))
+                    draws = [randn_tensor(shape, generator=generator, dtype=torch.float32)
+                             for _ in range(sched.steps - sched.start)]
+                    noise.append((slot, sched.start, torch.cat(draws)))
                 tables.append(sched.coefficients)
             row += n_texts
         index = self._ints(slots)
@@ -269,10 +304,54 @@ class SDRunner:
         table = torch.from_numpy(np.concatenate(tables).astype(np.float32))
         pool.coefficients.index_copy_(0, rows, _upload(table, self.device))
         pool.stochastic[slots] = False
-        for slot, draws in noise:
-            bank = self._noise_bank(pool, len(draws))
-            bank[slot, : len(draws)] = _upload(draws, self.device)
+        for slot, start, draws in noise:
+            bank = self._noise_bank(pool, start + len(draws))
+            bank[slot, start : start + len(draws)] = _upload(draws, self.device)
             pool.stochastic[slot] = True
+        self._set_pictures(pool, slots, pictures)
+
+    def _set_pictures(
+        self,
+        pool: _Pool,
+        slots: list[int],
+        pictures: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    ) -> None:
+        """Reset every admitted slot's picture buffers, then fill those of image-to-image jobs."""
+        index = self._ints(slots)
+        pool.init.index_fill_(0, index, 0.0)
+        pool.noise0.index_fill_(0, index, 0.0)
+        pool.paint.index_fill_(0, index, 1.0)
+        if pool.unet_mask is not None and pool.masked is not None:
+            pool.unet_mask.index_fill_(0, index, 1.0)
+            pool.masked.index_fill_(0, index, 0.0)
+        for slot, picture, first, mask, masked in pictures:
+            if mask is None:
+                continue
+            if pool.unet_mask is not None and pool.masked is not None and masked is not None:
+                # An inpainting UNet sees the mask and the picture outside it, and paints all.
+                pool.unet_mask[slot] = mask[0]
+                pool.masked[slot] = masked[0]
+            else:
+                pool.init[slot] = picture[0]
+                pool.noise0[slot] = _upload(first, self.device)[0]
+                pool.paint[slot] = mask[0]
+
+    @torch.inference_mode()
+    def _encode_picture(self, image: np.ndarray, keep: np.ndarray | None = None) -> torch.Tensor:
+        """A picture's latent in the sampler's space (the VAE's mode, times its scaling factor);
+        with `keep`, the picture is mid-grey where `keep` is False."""
+        vae = self.model.vae
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        if keep is not None:
+            pixels = pixels * torch.from_numpy(np.asarray(keep, dtype=np.float32))[None, None]
+        pixels = _upload(pixels, self.device).to(self.model.dtype)
+        latent = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+        return latent.float()
+
+    def _latent_mask(self, mask: np.ndarray, size: Size) -> torch.Tensor:
+        """(H, W) float, 1 = repaint -> (1, 1, h, w) at latent resolution, binarised as diffusers does."""
+        full = torch.from_numpy((np.asarray(mask) >= 0.5).astype(np.float32))[None, None]
+        return _upload(torch.nn.functional.interpolate(full, size=size, mode="nearest"), self.device)
 
     def _ints(self, values: list[int] | np.ndarray) -> torch.Tensor:
         return _upload(torch.from_numpy(np.asarray(values, dtype=np.int64)), self.device)
@@ -312,6 +391,10 @@ class SDRunner:
         coef_rows = pool.coefficients.index_select(0, index[ROW_COEF])
         x = pool.latents.index_select(0, index[ROW_SLOT])
         x_in = (x * coef_rows[:, samplers.C_IN].view(-1, 1, 1, 1)).to(model.dtype)
+        if pool.unet_mask is not None and pool.masked is not None:
+            rows = index[ROW_SLOT]
+            x_in = torch.cat([x_in, pool.unet_mask.index_select(0, rows).to(model.dtype),
+                              pool.masked.index_select(0, rows).to(model.dtype)], dim=1)
         if self.options.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         t = coef_rows[:, samplers.T]
@@ -331,6 +414,14 @@ class SDRunner:
         x_next, x0 = samplers.update(
             pool.latents.index_select(0, slots), m, pool.x0.index_select(0, slots), noise, coefficients
         )
+        # Inpainting: outside the mask the picture comes back, noised to the next step's level
+        # (paint is 1 everywhere else, which leaves x_next as it is).
+        col = coefficients.view(-1, samplers.NUM_COEFFICIENTS, 1, 1, 1)
+        known = col[:, samplers.KA] * pool.init.index_select(0, slots) + col[:, samplers.KB] * pool.noise0.index_select(
+            0, slots
+        )
+        paint = pool.paint.index_select(0, slots)
+        x_next = paint * x_next + (1 - paint) * known
         pool.latents.index_copy_(0, slots, x_next)
         pool.x0.index_copy_(0, slots, x0)
 
