@@ -1,39 +1,45 @@
 """Dependencies of the routes, as Annotated aliases so tests can swap any of
-them through app.dependency_overrides[get_settings] (etc.)."""
+them through app.dependency_overrides[get_settings] (etc.).
+
+They are `async def`: each is a lookup on app.state, and a plain `def` would
+cost every request a trip through the thread pool per dependency.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import redis
+import redis.asyncio
 from fastapi import Depends, Request
-from rq import Queue
 
+from app.auth import authenticate
 from app.settings import ApiSettings
-from app.store.records import make_queue
 from app.views import PathFor
+from bailan.keys import Principal
 
 
-def get_settings(request: Request) -> ApiSettings:
+async def get_settings(request: Request) -> ApiSettings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> redis.Redis:
+async def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
+
+
+async def get_async_redis(request: Request) -> redis.asyncio.Redis:
+    """The event loop's client: the status path and event streams, which must not wait for a thread."""
+    return request.app.state.aredis
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
+# Who is asking (app.auth): a key from the keys file, or the anonymous key of open mode.
+AuthDep = Annotated[Principal, Depends(authenticate)]
 
 
-def get_queue(settings: SettingsDep, conn: RedisDep) -> Queue:
-    return make_queue(settings, conn)
-
-
-QueueDep = Annotated[Queue, Depends(get_queue)]
-
-
-def get_path_for(request: Request) -> PathFor:
+async def get_path_for(request: Request) -> PathFor:
     """How views link to routes: the app's url_path_for (relative paths)."""
     return request.app.url_path_for
 

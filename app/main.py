@@ -13,17 +13,23 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from app.api import api_router
+from app.errors import validation_error
 from app.middleware import BodySizeLimit, SelfOnlyPages
 from app.routes.jobs import submit_router
 from app.settings import ApiSettings
+from app.store.events import JobEvents
+from bailan.keys import KeyRing
 from bailan.reaper import Reaper
 
 log = logging.getLogger("bailan.api")
@@ -44,20 +50,43 @@ def make_redis(settings: ApiSettings) -> redis.Redis:
     )
 
 
+def make_async_redis(settings: ApiSettings) -> redis.asyncio.Redis:
+    """The event loop's client (status path, event streams), with make_redis' timeouts."""
+    return redis.asyncio.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        retry=AsyncRetry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        health_check_interval=30,
+    )
+
+
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings if settings is not None else ApiSettings()
     conn = make_redis(settings)
+    aconn = make_async_redis(settings)
+    keyring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if keyring is None:
+            log.warning("open mode: BAILAN_API_KEYS_FILE is unset, so no API key is asked and every client "
+                        "is 'anonymous' and sees every job; set it before exposing the API beyond this machine")
+        else:
+            log.info("API keys from %s: %d keys", settings.api_keys_file, len(keyring))
         reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s)
         reaper.start()
         app.state.reaper = reaper
+        job_events = JobEvents(aconn)
+        job_events.start()
+        app.state.job_events = job_events
         try:
             yield
         finally:
+            await job_events.stop()
             reaper.stop()
             conn.close()
+            await aconn.aclose()
 
     # FastAPI's own /docs and /redoc load their JavaScript, CSS and favicon
     # from public CDNs, so without internet they are blank pages. FastAPIOffline
@@ -75,6 +104,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = conn
+    app.state.aredis = aconn
+    app.state.keyring = keyring
     # The one route built per app: its body type carries this server's caps.
     app.include_router(submit_router(settings))
     app.include_router(api_router)
@@ -96,6 +127,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     # (out of memory under noeviction, a read-only replica) also means the
     # store cannot serve right now, which is a 503, not a bug in the request.
     app.add_exception_handler(redis.RedisError, redis_unavailable)
+    # The default 422 handler fails (500) on inputs JSON cannot carry: NaN, 1e400, lone surrogates.
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected)
 
     app.add_middleware(SelfOnlyPages)
@@ -106,8 +139,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type"],
-            expose_headers=["Location", "Retry-After", "X-Bailan-Step"],
+            # A browser's preflight names every non-simple header the request will carry.
+            allow_headers=["Content-Type", "Authorization", "Idempotency-Key"],
+            expose_headers=["Location", "Retry-After", "X-Bailan-Step", "Idempotent-Replayed", "WWW-Authenticate"],
         )
     return app
 

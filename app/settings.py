@@ -6,12 +6,15 @@ request failures.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from app.limits import Rate, parse_rate
 from bailan.jobs import SIZE_MULTIPLE
+from bailan.keys import read_keys
 from bailan.settings import SharedSettings
 
 MIN_PIXELS = 64 * 64
@@ -60,7 +63,30 @@ class ApiSettings(SharedSettings):
         1, ge=0, description="Times a job whose worker died is requeued before it fails with worker_lost."
     )
     events_poll_interval_s: float = Field(
-        0.25, gt=0, le=10, description="How often an event stream (GET /v1/jobs/{id}/events) checks its job."
+        5.0,
+        gt=0,
+        le=60,
+        description=(
+            "How often an event stream (GET /v1/jobs/{id}/events) re-reads its job when no change was "
+            "pushed: a safety net, since workers publish every change."
+        ),
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description=(
+            "File of API keys, one '<name> <sha256 hex> [admin]' a line (python -m bailan.keys new NAME); "
+            "re-read when it changes. Unset: open mode, no keys asked (local use only)."
+        ),
+    )
+    rate_limit: str = Field(
+        "600/minute",
+        description="Submits per API key: COUNT/PERIOD (120/minute, 10/second, 5/10minutes) or 'none'.",
+    )
+    max_queued_per_key: int = Field(
+        500, ge=1, description="Queued jobs one API key may have; more get 429 (in open mode: everyone's)."
+    )
+    max_streams_per_key: int = Field(
+        32, ge=1, description="Open event streams one API key may have; more get 429."
     )
     retry_after_s: int = Field(
         10, ge=1, description="Retry-After sent with 429 (queue full) and 503 (Redis down)."
@@ -74,6 +100,23 @@ class ApiSettings(SharedSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _valid_rate(cls, value: str) -> str:
+        parse_rate(value)  # fail at start-up, naming the setting, not at the first submit
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _valid_keys_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_keys(value)  # KeysFileError is a ValueError: it names the file and the line
+        return value
+
+    @property
+    def rate(self) -> Rate | None:
+        return parse_rate(self.rate_limit)
 
     @field_validator("max_width", "max_height")
     @classmethod

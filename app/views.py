@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import redis
-from rq import Queue
 
 from app.schemas import ImageRef, JobError, JobOut, PreviewRef, Progress
 from app.store import records
@@ -45,7 +44,13 @@ def job_path(path_for: PathFor, job_id: str) -> str:
     return str(path_for(JOB_ROUTE, job_id=job_id))
 
 
-def job_view(conn: redis.Redis, queue: Queue, snap: records.JobSnapshot, path_for: PathFor) -> JobOut:
+def needs_rq_failure(snap: records.JobSnapshot) -> bool:
+    """Whether building the view reads RQ's failure (a job that failed without writing its own error)."""
+    return snap.state is JobState.failed and not snap.record.get(RecordField.error_code)
+
+
+def job_view(conn: redis.Redis, snap: records.JobSnapshot, path_for: PathFor) -> JobOut:
+    """The view of `snap`; it reads Redis again only when needs_rq_failure(snap)."""
     record = snap.record
     job_id = snap.job_id
     state = snap.state
@@ -59,10 +64,10 @@ def job_view(conn: redis.Redis, queue: Queue, snap: records.JobSnapshot, path_fo
                 updates[name] = int(record[field])
         params = params.model_copy(update=updates)
 
-    queue_position = records.queue_position(conn, queue, job_id) if state is JobState.queued else None
+    queue_position = records.queue_position(snap) if state is JobState.queued else None
     previews = [
         PreviewRef(step=step, url=str(path_for(PREVIEW_ROUTE, job_id=job_id, step=step)))
-        for step in records.stored_preview_steps(conn, snap)
+        for step in snap.preview_steps
     ]
 
     images = []

@@ -12,7 +12,7 @@ import time
 from enum import Enum
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The worker-side entry point, named by string so the API never imports it.
 RQ_FUNC = "worker.slots.run_job"
@@ -74,13 +74,29 @@ class ErrorCode(str, Enum):
     internal = "internal"
 
 
+def _whole_number(value: Any) -> Any:
+    """A JSON number with no fraction (12 or 12.0, as JSON Schema's "integer" allows), never
+    a boolean or a string: pydantic's lax mode reads `true` as 1 and "25" as 25, so a
+    client's mistake would run as a job nobody asked for."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, str):
+        raise ValueError("must be a JSON number, not a string")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+
 class JobRequest(BaseModel):
     """What a client may ask for. Hard bounds and defaults live here, once; the
     API narrows the configurable caps (app.schemas.make_request_model).
 
-    Every numeric field is strict: pydantic's lax mode reads `true` as 1 and
-    "25" as 25, so a client's mistake would run as a job nobody asked for. A
-    strict float still takes an int (7 -> 7.0), and a JSON integer is an int.
+    Every numeric field is strict about types: whole-number fields take JSON
+    numbers without a fraction (see _whole_number), float fields any JSON number
+    (7 -> 7.0); booleans and strings are refused.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -95,7 +111,6 @@ class JobRequest(BaseModel):
         None,
         ge=SIZE_MULTIPLE,
         multiple_of=SIZE_MULTIPLE,
-        strict=True,
         description=f"Image width in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native width.",
         examples=[512],
     )
@@ -103,23 +118,23 @@ class JobRequest(BaseModel):
         None,
         ge=SIZE_MULTIPLE,
         multiple_of=SIZE_MULTIPLE,
-        strict=True,
         description=f"Image height in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native height.",
         examples=[512],
     )
-    steps: int = Field(DEFAULT_STEPS, ge=1, strict=True, description="Denoising steps.")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(
         7.5,
         ge=0.0,
         le=50.0,
         strict=True,
+        # NaN compares false with every bound; refuse it (and the infinities) by name.
+        allow_inf_nan=False,
         description="Classifier-free guidance scale; values <= 1 disable guidance (faster).",
     )
     seed: int | None = Field(
         None,
         ge=0,
         le=SEED_MAX,
-        strict=True,
         description="Random seed; the server picks and reports one when absent.",
     )
     scheduler: SchedulerName = Field(
@@ -129,11 +144,10 @@ class JobRequest(BaseModel):
         1,
         ge=1,
         le=MAX_IMAGES,
-        strict=True,
         description=f"Images to generate, 1–{MAX_IMAGES}; image i uses seed + i.",
     )
     preview_every: int = Field(
-        5, ge=0, strict=True, description="Steps between intermediate JPEG previews; 0 disables them."
+        5, ge=0, description="Steps between intermediate JPEG previews; 0 disables them."
     )
     preview_kind: PreviewKind = Field(
         PreviewKind.x0,
@@ -172,6 +186,11 @@ class JobRequest(BaseModel):
         ),
     )
 
+    @field_validator("width", "height", "steps", "seed", "num_images", "preview_every", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any) -> Any:
+        return _whole_number(value)
+
     @model_validator(mode="after")
     def _a_mask_needs_a_picture(self) -> "JobRequest":
         if self.mask_image is not None and self.init_image is None:
@@ -200,7 +219,7 @@ class JobParams(JobRequest):
     """A request after the API resolved it: the seed is always set, and input images are
     stored beside the record rather than carried in it."""
 
-    seed: int = Field(ge=0, le=SEED_MAX, strict=True)  # type: ignore[assignment]
+    seed: int = Field(ge=0, le=SEED_MAX)  # type: ignore[assignment]
     init_image: InputImage | None = Field(None, description="The picture the job starts from, if any.")  # type: ignore[assignment]
     mask_image: InputImage | None = Field(None, description="The inpainting mask, if any.")  # type: ignore[assignment]
 
@@ -243,8 +262,39 @@ class Keys:
     @staticmethod
     def idempotency(key_digest: str) -> str:
         """String with a TTL: JSON {job_id, fingerprint} of the job a client's
-        Idempotency-Key created (API only; key_digest = sha256 of the header)."""
+        Idempotency-Key created (API only; key_digest = sha256 of "<API key name>\\n<header>")."""
         return f"{KEY_PREFIX}:idempotency:{key_digest}"
+
+    @staticmethod
+    def job_events(job_id: str) -> str:
+        """Pub/sub channel: a tiny message whenever a job's view may have changed (bailan.events)."""
+        return f"{KEY_PREFIX}:job:{job_id}:events"
+
+    @staticmethod
+    def key_queues(queue_name: str) -> str:
+        """Set: the per-API-key RQ queues of base queue `queue_name` (bailan.queues)."""
+        return f"{KEY_PREFIX}:queues:{queue_name}"
+
+    @staticmethod
+    def fair_cursor(queue_name: str) -> str:
+        """String: the queue served last, where every worker's next round-robin turn starts."""
+        return f"{KEY_PREFIX}:queues:{queue_name}:last"
+
+    @staticmethod
+    def reservations(queue_name: str) -> str:
+        """Sorted set: submits admitted but not yet enqueued ("<queue>\\n<job id>", scored by
+        expiry), counted by the queue caps so concurrent submits cannot overshoot them (API only)."""
+        return f"{KEY_PREFIX}:queues:{queue_name}:reserved"
+
+    @staticmethod
+    def rate(key_digest: str) -> str:
+        """String with a TTL: an API key's submit-rate state (GCRA theoretical arrival time; API only)."""
+        return f"{KEY_PREFIX}:rate:{key_digest}"
+
+    @staticmethod
+    def streams(key_digest: str) -> str:
+        """Sorted set: an API key's open event streams, scored by lease expiry (API only)."""
+        return f"{KEY_PREFIX}:streams:{key_digest}"
 
 
 class RecordField:
@@ -265,6 +315,7 @@ class RecordField:
     worker = "worker"  # RQ worker name that ran it
     width = "width"  # resolved size (the model's native size when the request omitted it)
     height = "height"
+    owner = "owner"  # name of the API key that submitted it (bailan.keys); absent = anonymous
 
 
 def now() -> float:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 import redis
 from pydantic import Field, ValidationError
@@ -57,6 +58,25 @@ class LaunchSettings(SharedSettings):
             "process serves requests one core at a time; more take more clients."
         ),
     )
+    # Limits of the API's HTTP server (uvicorn), against clients that hold connections
+    # open or send endless headers; a reverse proxy in front should set its own too (README).
+    api_http: Literal["h11", "httptools"] = Field(
+        "h11",
+        description=(
+            "uvicorn's HTTP parser: h11 enforces BAILAN_API_MAX_HEADER_BYTES; httptools is faster "
+            "but accepts headers of any size (leave that limit to a proxy)."
+        ),
+    )
+    api_max_header_bytes: int = Field(
+        16384, ge=1024, description="Largest request line plus headers (h11 only); larger get 400."
+    )
+    api_limit_concurrency: int = Field(
+        1000, ge=1, description="Connections or requests in progress per API process beyond which uvicorn answers 503."
+    )
+    api_timeout_keep_alive_s: int = Field(
+        5, ge=1, description="Seconds an idle keep-alive connection stays open."
+    )
+    api_backlog: int = Field(2048, ge=1, description="Connections waiting to be accepted (the listen backlog).")
     valkey_dir: Path = Field(
         Path(".run/valkey"), description="Data directory of the embedded server (its AOF survives restarts)."
     )
@@ -189,6 +209,26 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
+def uvicorn_limits(settings: LaunchSettings) -> list[str]:
+    """uvicorn's options for the API's connection, header and keep-alive limits."""
+    return [
+        "--http", settings.api_http,
+        "--h11-max-incomplete-event-size", str(settings.api_max_header_bytes),
+        "--limit-concurrency", str(settings.api_limit_concurrency),
+        "--timeout-keep-alive", str(settings.api_timeout_keep_alive_s),
+        "--backlog", str(settings.api_backlog),
+    ]
+
+
+def auth_line() -> str:
+    """The banner's word on API keys: open mode must never go unnoticed."""
+    keys_file = os.environ.get("BAILAN_API_KEYS_FILE")
+    if keys_file:
+        return f"  Auth      API keys from {keys_file} (clients send 'Authorization: Bearer <key>')"
+    return ("  Auth      OPEN MODE: no API keys asked, every client sees every job (local use only; "
+            "set BAILAN_API_KEYS_FILE, see python -m bailan.keys)")
+
+
 def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -> str:
     redis_line = f"{redis_url} (embedded valkey, data in {embedded_dir})" if embedded_dir else redis_url
     model = os.environ.get("BAILAN_MODEL") or "the worker's default"
@@ -200,6 +240,7 @@ def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -
             f"  API docs  {base}/docs",
             f"  Redis     {redis_line}",
             f"  Workers   {workers}, model: {model}",
+            auth_line(),
             "  Try it:",
             f"    curl -s -X POST {base}/v1/jobs -H 'Content-Type: application/json' -d '{body}'",
             f"    curl -s {base}/v1/jobs/<id>              # progress, previews, images",
@@ -319,7 +360,8 @@ def main() -> int:
             spawn(
                 "API",
                 [python, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port),
-                 *(["--workers", str(settings.api_processes)] if settings.api_processes > 1 else [])],
+                 *(["--workers", str(settings.api_processes)] if settings.api_processes > 1 else []),
+                 *uvicorn_limits(settings)],
                 env,
             )
         )

@@ -18,7 +18,9 @@ import redis
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from bailan import events
 from bailan.jobs import KEY_PREFIX, ErrorCode, Keys, RecordField, now
+from bailan.queues import all_queue_names
 
 # The API's thread is what logs here; the name predates this module.
 log = logging.getLogger("bailan.api.reaper")
@@ -38,35 +40,46 @@ def reap_abandoned(connection: redis.Redis, queue_name: str, keep_s: int = 86400
     if not connection.set(lock, "1", nx=True, px=30_000):
         return []
     try:
-        connection.zremrangebyscore(CanceledJobRegistry(queue_name, connection=connection).key, 0, now() - keep_s)
-        registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
-        expired = registry.get_expired_job_ids(now())
-        if not expired:
-            return []
-        registry.cleanup()
-        check = connection.pipeline()
-        for job_id in expired:
-            check.hget(f"rq:job:{job_id}", "status")
-            check.exists(Keys.job(job_id))
-        answers = check.execute()
-        pipe = connection.pipeline()
-        for job_id, status, exists in zip(expired, answers[::2], answers[1::2]):
-            key = Keys.job(job_id)
-            if not exists:
-                continue  # the record already expired; don't recreate a stub of it
-            if status in (b"failed", "failed"):
-                pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
-                pipe.hsetnx(key, RecordField.error_message, "the worker running this job stopped responding")
-                pipe.hsetnx(key, RecordField.finished_at, str(now()))
-                pipe.expire(key, keep_s)
-            else:
-                # Requeued: it runs afresh, so the dead attempt's traces go.
-                pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
-                pipe.delete(Keys.previews(job_id))
-        pipe.execute()
-        return expired
+        reaped: list[str] = []
+        # Each API key's jobs run from its own queue (bailan.queues), and RQ keeps a
+        # started and a canceled registry per queue: visit every one.
+        for name in all_queue_names(connection, queue_name):
+            reaped += _reap_queue(connection, name, keep_s)
+        return reaped
     finally:
         connection.delete(lock)
+
+
+def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int) -> list[str]:
+    connection.zremrangebyscore(CanceledJobRegistry(queue_name, connection=connection).key, 0, now() - keep_s)
+    registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
+    expired = registry.get_expired_job_ids(now())
+    if not expired:
+        return []
+    # RQ requeues a job with retries left to its origin: this same queue.
+    registry.cleanup()
+    check = connection.pipeline()
+    for job_id in expired:
+        check.hget(f"rq:job:{job_id}", "status")
+        check.exists(Keys.job(job_id))
+    answers = check.execute()
+    pipe = connection.pipeline()
+    for job_id, status, exists in zip(expired, answers[::2], answers[1::2]):
+        key = Keys.job(job_id)
+        if not exists:
+            continue  # the record already expired; don't recreate a stub of it
+        if status in (b"failed", "failed"):
+            pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
+            pipe.hsetnx(key, RecordField.error_message, "the worker running this job stopped responding")
+            pipe.hsetnx(key, RecordField.finished_at, str(now()))
+            pipe.expire(key, keep_s)
+        else:
+            # Requeued: it runs afresh, so the dead attempt's traces go.
+            pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
+            pipe.delete(Keys.previews(job_id))
+        events.notify(pipe, job_id)
+    pipe.execute()
+    return expired
 
 
 class Reaper:

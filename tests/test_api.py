@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -672,12 +672,23 @@ def test_redis_out_of_memory_is_503(client: TestClient, redis_conn: redis.Redis)
     assert r.headers["retry-after"]
 
 
-def test_dependencies_can_be_overridden(redis_conn: redis.Redis) -> None:
+def test_dependencies_can_be_overridden(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards: routes reaching Redis around the injected dependency (tests and tools could not swap it)."""
-    from app.deps import get_redis
+    import redis.asyncio
+
+    from app.deps import get_async_redis, get_redis
 
     app = create_app(ApiSettings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", queue_name=QUEUE))
     app.dependency_overrides[get_redis] = lambda: redis_conn
+    # The status path reads through the event loop's client (one round trip, no thread).
+    async def async_conn() -> AsyncIterator[redis.asyncio.Redis]:
+        conn = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            yield conn
+        finally:
+            await conn.aclose()
+
+    app.dependency_overrides[get_async_redis] = async_conn
     with TestClient(app) as c:
         job_id = submit(c)["id"]
         assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
@@ -727,14 +738,13 @@ def test_idempotency_key_of_expired_job_starts_a_new_one(client: TestClient, red
 
 def test_idempotency_key_in_flight_is_409(client: TestClient, settings: ApiSettings, redis_conn: redis.Redis) -> None:
     """Guards: two concurrent requests with one key both queuing a job, or the second seeing a 404."""
-    import hashlib
-
     from app.schemas import make_request_model
-    from app.store.idempotency import request_fingerprint
+    from app.store.idempotency import idempotency_digest, request_fingerprint
 
     fingerprint = request_fingerprint(make_request_model(settings)(prompt="x"))
     value = {"job_id": "f" * 32, "fingerprint": fingerprint, "claimed_at": now()}
-    redis_conn.set(Keys.idempotency(hashlib.sha256(b"k3").hexdigest()), json.dumps(value))
+    # Keys are scoped per API key; open mode's is "anonymous".
+    redis_conn.set(Keys.idempotency(idempotency_digest("anonymous", "k3")), json.dumps(value))
     r = client.post("/v1/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": "k3"})
     assert r.status_code == 409 and r.headers["retry-after"] == "1"
     assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0

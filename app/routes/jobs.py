@@ -8,24 +8,27 @@ No `from __future__ import annotations` here: the request body's type is built
 from the settings at run time, and FastAPI must see it as a real class.
 """
 
+import asyncio
+import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import anyio
 import redis
-from fastapi import APIRouter, Body, Header, HTTPException, Path, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from rq import Queue
 
-from app import inputs, views
-from app.deps import PathForDep, QueueDep, RedisDep, SettingsDep
+from app import inputs, limits, views
+from app.deps import AsyncRedisDep, AuthDep, PathForDep, RedisDep, SettingsDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
 from app.store import idempotency, records
 from app.store.common import looks_like_job_id
+from app.store.events import JobEvents
+from bailan.keys import Principal
 from bailan.jobs import (
     CONTENT_TYPES,
     DEFAULT_STEPS,
@@ -76,10 +79,18 @@ SUBMIT_EXAMPLES: dict[str, Any] = {
     },
 }
 
-router = APIRouter(prefix=PREFIX, tags=["jobs"])
+# Every route that takes a key can answer these; documented once, for /docs and schema checks.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Detail, "description": "Missing or unknown API key (header `WWW-Authenticate: Bearer`)."},
+    503: {"model": Detail, "description": "Redis unavailable; retry after `Retry-After` seconds."},
+}
+NOT_FOUND = {404: {"model": Detail, "description": "Unknown or expired job, or another API key's job."}}
+
+router = APIRouter(prefix=PREFIX, tags=["jobs"], responses=AUTH_RESPONSES)
 
 
 def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
+    # The same answer for another key's job: its existence is not revealed.
     return HTTPException(
         status.HTTP_404_NOT_FOUND,
         f"job {job_id} not found: no such job, or it expired (jobs and their images are kept "
@@ -87,11 +98,35 @@ def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
     )
 
 
-def _load(settings: ApiSettings, conn: redis.Redis, job_id: str) -> records.JobSnapshot:
-    snap = records.snapshot(conn, job_id) if looks_like_job_id(job_id) else None
+def _visible(snap: records.JobSnapshot | None, principal: Principal) -> records.JobSnapshot | None:
+    """`snap` if `principal` may see it: its own job, or any job for an admin key."""
+    if snap is None or principal.admin or snap.owner == principal.name:
+        return snap
+    return None
+
+
+def _load(settings: ApiSettings, conn: redis.Redis, job_id: str, principal: Principal) -> records.JobSnapshot:
+    snap = _visible(records.snapshot(conn, job_id) if looks_like_job_id(job_id) else None, principal)
     if snap is None:
         raise _not_found(settings, job_id)
     return snap
+
+
+async def _load_async(
+    settings: ApiSettings, aconn: Any, job_id: str, principal: Principal
+) -> records.JobSnapshot:
+    snap = await records.snapshot_async(aconn, job_id) if looks_like_job_id(job_id) else None
+    snap = _visible(snap, principal)
+    if snap is None:
+        raise _not_found(settings, job_id)
+    return snap
+
+
+async def _view_async(conn: redis.Redis, snap: records.JobSnapshot, path_for: views.PathFor) -> JobOut:
+    """The view without a thread, unless it must read RQ's failure (a blocking call)."""
+    if views.needs_rq_failure(snap):
+        return await run_in_threadpool(views.job_view, conn, snap, path_for)
+    return views.job_view(conn, snap, path_for)
 
 
 def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None, height: int | None) -> None:
@@ -117,13 +152,13 @@ def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None,
 
 
 def _claim(
-    settings: ApiSettings, conn: redis.Redis, body: JobRequest, idempotency_key: str | None
+    settings: ApiSettings, conn: redis.Redis, body: JobRequest, idempotency_key: str | None, owner: str
 ) -> idempotency.IdempotencyClaim | None:
     if idempotency_key is None:
         return None
     try:
         return idempotency.claim_idempotency(
-            settings, conn, idempotency_key, idempotency.request_fingerprint(body)
+            settings, conn, idempotency_key, idempotency.request_fingerprint(body), owner
         )
     except idempotency.IdempotencyMismatch:
         raise RequestValidationError(
@@ -156,14 +191,31 @@ def _no_preview_reason(snap: records.JobSnapshot, step: int | None) -> str:
 # ---------------------------------------------------------------- submit
 
 
+def _refusal(settings: ApiSettings, exc: limits.Refused) -> HTTPException:
+    """The 429 for a submit over one of its key's limits or the queue's."""
+    if exc.reason == "rate":
+        detail = f"too many submits for this API key (limit {settings.rate_limit}); retry in {exc.retry_after_s} s"
+        retry_after = exc.retry_after_s
+    elif exc.reason == "key":
+        detail = (
+            f"this API key already has {int(exc.number)} jobs queued (limit {settings.max_queued_per_key}); "
+            "retry once some have started"
+        )
+        retry_after = settings.retry_after_s
+    else:
+        detail = f"the queue is full ({int(exc.number)} jobs waiting, limit {settings.max_queue_depth}); retry later"
+        retry_after = settings.retry_after_s
+    return HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": str(retry_after)})
+
+
 def _submit(
     body: JobRequest,
     response: Response,
     settings: ApiSettings,
     conn: redis.Redis,
-    queue: Queue,
     path_for: views.PathFor,
     idempotency_key: str | None,
+    principal: Principal,
 ) -> JobOut:
     """POST /v1/jobs once FastAPI has validated the body against this server's request model."""
     init, mask, width, height = inputs.check_inputs(
@@ -171,32 +223,28 @@ def _submit(
     )
     params = records.resolve_params(body, conn, width, height, init, mask)
     _check_pixels(settings, body, params.width, params.height)
-    claim = _claim(settings, conn, body, idempotency_key)
+    claim = _claim(settings, conn, body, idempotency_key, principal.name)
     if claim is not None and not claim.fresh:
         job_id = claim.job_id
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
     else:
         try:
-            job_id = records.submit(settings, conn, queue, params, job_id=claim.job_id if claim else None,
-                                    inputs={name: d.data for name, d in (("init_image", init), ("mask_image", mask))
-                                            if d is not None})
+            job_id = records.submit(
+                settings, conn, params, principal.name, job_id=claim.job_id if claim else None,
+                inputs={name: d.data for name, d in (("init_image", init), ("mask_image", mask)) if d is not None},
+            )
         except Exception as exc:
             if claim is not None:
                 idempotency.release_idempotency(conn, claim)
-            if isinstance(exc, records.QueueFull):
-                raise HTTPException(
-                    status.HTTP_429_TOO_MANY_REQUESTS,
-                    f"the queue is full ({exc.depth} jobs waiting, limit {settings.max_queue_depth}); "
-                    "retry later",
-                    headers={"Retry-After": str(settings.retry_after_s)},
-                ) from None
+            if isinstance(exc, limits.Refused):
+                raise _refusal(settings, exc) from None
             raise
     response.headers["Location"] = views.job_path(path_for, job_id)
     snap = records.snapshot(conn, job_id)
     if snap is None:  # only if Redis lost it within milliseconds
         raise _not_found(settings, job_id)
-    return views.job_view(conn, queue, snap, path_for)
+    return views.job_view(conn, snap, path_for)
 
 
 def submit_router(settings: ApiSettings) -> APIRouter:
@@ -207,7 +255,8 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         f"Limits on this server: width ≤ {settings.max_width}, height ≤ {settings.max_height}, "
         f"width × height ≤ {settings.max_pixels}, steps ≤ {settings.max_steps}, prompt ≤ "
         f"{settings.max_prompt_chars} characters, num_images 1–{MAX_IMAGES}, body ≤ {settings.max_body_bytes} bytes, "
-        f"at most {settings.max_queue_depth} queued jobs."
+        f"at most {settings.max_queue_depth} queued jobs, {settings.max_queued_per_key} per API key, "
+        f"and {settings.rate_limit} submits per API key (`none`: no rate limit)."
     )
 
     @submit.post(
@@ -223,10 +272,19 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         ),
         responses={
             200: {"model": JobOut, "description": "Replay of an earlier request with the same Idempotency-Key."},
+            # FastAPI's own answer when the bytes cannot even be decoded (not UTF-8, nested too deeply);
+            # malformed JSON text is a 422 like any invalid field.
+            400: {"model": Detail, "description": "The body could not be read (not UTF-8 text)."},
             409: {"model": Detail, "description": "A request with this Idempotency-Key is still in flight."},
             413: {"model": Detail, "description": "Body too large."},
-            429: {"model": Detail, "description": "Queue full; retry after `Retry-After` seconds."},
-            503: {"model": Detail, "description": "Redis unavailable."},
+            429: {
+                "model": Detail,
+                "description": (
+                    "Over this API key's submit rate or queued-job cap, or the queue is full; "
+                    "retry after `Retry-After` seconds."
+                ),
+            },
+            **AUTH_RESPONSES,
         },
     )
     def submit_job(
@@ -234,11 +292,11 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         response: Response,
         settings: SettingsDep,
         conn: RedisDep,
-        queue: QueueDep,
         path_for: PathForDep,
+        principal: AuthDep,
         idempotency_key: IdempotencyKey = None,
     ) -> JobOut:
-        return _submit(body, response, settings, conn, queue, path_for, idempotency_key)
+        return _submit(body, response, settings, conn, path_for, idempotency_key, principal)
 
     return submit
 
@@ -251,10 +309,21 @@ def submit_router(settings: ApiSettings) -> APIRouter:
     name=views.JOB_ROUTE,
     response_model=JobOut,
     summary="A job's status, progress, previews and images",
-    responses={404: {"model": Detail, "description": "Unknown or expired job."}},
+    responses=NOT_FOUND,
 )
-def get_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep, path_for: PathForDep) -> JobOut:
-    return views.job_view(conn, queue, _load(settings, conn, job_id), path_for)
+async def get_job(
+    job_id: JobId,
+    settings: SettingsDep,
+    conn: RedisDep,
+    aconn: AsyncRedisDep,
+    path_for: PathForDep,
+    principal: AuthDep,
+) -> Response:
+    # The status path that clients poll: one Redis round trip (records.snapshot_async), no thread.
+    snap = await _load_async(settings, aconn, job_id, principal)
+    view = await _view_async(conn, snap, path_for)
+    # Written here rather than by FastAPI, which would validate the model it was just built from.
+    return Response(view.model_dump_json(), media_type="application/json")
 
 
 @router.get(
@@ -265,49 +334,80 @@ def get_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDe
         "whenever it changes: queue position, step, new preview, status. It ends after the "
         "view with a final status (succeeded, failed, canceled). `event: gone` means the job "
         "expired; `event: error` that the job store became unreachable. Comment lines keep "
-        f"the connection alive every {EVENTS_KEEPALIVE_S:.0f} s."
+        f"the connection alive every {EVENTS_KEEPALIVE_S:.0f} s. Each API key may hold "
+        "BAILAN_MAX_STREAMS_PER_KEY streams open at once (429 beyond)."
     ),
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
-        404: {"model": Detail, "description": "Unknown or expired job."},
+        **NOT_FOUND,
+        429: {"model": Detail, "description": "This API key already holds its cap of open event streams."},
     },
 )
 async def job_events(
-    job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep, path_for: PathForDep
+    request: Request,
+    job_id: JobId,
+    settings: SettingsDep,
+    conn: RedisDep,
+    aconn: AsyncRedisDep,
+    path_for: PathForDep,
+    principal: AuthDep,
 ) -> StreamingResponse:
-    def view() -> JobOut | None:
-        snap = records.snapshot(conn, job_id) if looks_like_job_id(job_id) else None
-        return views.job_view(conn, queue, snap, path_for) if snap is not None else None
+    await _load_async(settings, aconn, job_id, principal)  # 404 before any stream is counted
+    stream_id = uuid.uuid4().hex
+    opened = await run_in_threadpool(
+        limits.open_stream, conn, principal.name, stream_id, settings.max_streams_per_key
+    )
+    if not opened:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"this API key already has {settings.max_streams_per_key} event streams open; close one, "
+            "or poll GET /v1/jobs/{id}",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+    job_events: JobEvents = request.app.state.job_events
 
-    first = await run_in_threadpool(view)
-    if first is None:
-        raise _not_found(settings, job_id)
+    async def view() -> JobOut | None:
+        snap = _visible(await records.snapshot_async(aconn, job_id), principal)
+        return await _view_async(conn, snap, path_for) if snap is not None else None
 
     async def stream() -> AsyncIterator[str]:
-        current: JobOut | None = first
-        last_data = ""
-        last_sent = time.monotonic()
-        while True:
-            if current is None:
-                yield f"event: gone\ndata: {_not_found(settings, job_id).detail}\n\n"
-                return
-            data = current.model_dump_json()
-            if data != last_data:
-                yield f"event: job\ndata: {data}\n\n"
-                last_data, last_sent = data, time.monotonic()
-            elif time.monotonic() - last_sent >= EVENTS_KEEPALIVE_S:
-                yield ": keepalive\n\n"
-                last_sent = time.monotonic()
-            if current.status in TERMINAL_STATES:
-                return
-            await anyio.sleep(settings.events_poll_interval_s)
-            try:
-                current = await run_in_threadpool(view)
-            except redis.RedisError as exc:
-                # The response has started, so a 503 is no longer possible.
-                yield f"event: error\ndata: the job store (Redis) is unavailable: {exc}\n\n"
-                return
+        try:
+            async with job_events.follow(job_id) as changed:
+                # Subscribed first, read second: a change between the two is not missed.
+                current: JobOut | None = await view()
+                last_data = ""
+                last_sent = last_renewed = time.monotonic()
+                while True:
+                    if current is None:
+                        yield f"event: gone\ndata: {_not_found(settings, job_id).detail}\n\n"
+                        return
+                    data = current.model_dump_json()
+                    if data != last_data:
+                        yield f"event: job\ndata: {data}\n\n"
+                        last_data, last_sent = data, time.monotonic()
+                    elif time.monotonic() - last_sent >= EVENTS_KEEPALIVE_S:
+                        yield ": keepalive\n\n"
+                        last_sent = time.monotonic()
+                    if current.status in TERMINAL_STATES:
+                        return
+                    # Until a worker says the job changed, or the safety poll, or a keepalive is due.
+                    wait = min(settings.events_poll_interval_s, EVENTS_KEEPALIVE_S)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(changed.wait(), wait)
+                    changed.clear()
+                    try:
+                        if time.monotonic() - last_renewed >= limits.STREAM_RENEW_S:
+                            await run_in_threadpool(limits.renew_stream, conn, principal.name, stream_id)
+                            last_renewed = time.monotonic()
+                        current = await view()
+                    except redis.RedisError as exc:
+                        # The response has started, so a 503 is no longer possible.
+                        yield f"event: error\ndata: the job store (Redis) is unavailable: {exc}\n\n"
+                        return
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
 
     return StreamingResponse(
         stream(),
@@ -331,19 +431,21 @@ async def job_events(
     ),
     responses={
         202: {"model": JobOut, "description": "Running job asked to stop."},
-        404: {"model": Detail, "description": "Unknown or expired job."},
+        **NOT_FOUND,
         409: {"model": Detail, "description": "The job already ended."},
     },
 )
-def cancel_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: QueueDep, path_for: PathForDep) -> Any:
-    snap = _load(settings, conn, job_id)
+def cancel_job(
+    job_id: JobId, settings: SettingsDep, conn: RedisDep, path_for: PathForDep, principal: AuthDep
+) -> Any:
+    snap = _load(settings, conn, job_id, principal)
     try:
-        outcome = records.cancel(conn, queue, snap, settings.result_ttl_s)
+        outcome = records.cancel(conn, settings.queue_name, snap, settings.result_ttl_s)
     except records.AlreadyEnded as exc:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"
         ) from None
-    view = views.job_view(conn, queue, _load(settings, conn, job_id), path_for)
+    view = views.job_view(conn, _load(settings, conn, job_id, principal), path_for)
     code = status.HTTP_200_OK if outcome == records.CancelOutcome.canceled else status.HTTP_202_ACCEPTED
     return JSONResponse(view.model_dump(mode="json"), status_code=code)
 
@@ -357,11 +459,11 @@ def cancel_job(job_id: JobId, settings: SettingsDep, conn: RedisDep, queue: Queu
     response_class=Response,
     responses={
         200: {"content": {"image/jpeg": {}}, "description": "JPEG; header X-Bailan-Step names its step."},
-        404: {"model": Detail, "description": "Unknown job, or no preview yet."},
+        404: {"model": Detail, "description": "Unknown job (or another API key's), or no preview yet."},
     },
 )
-def latest_preview(job_id: JobId, settings: SettingsDep, conn: RedisDep) -> Response:
-    snap = _load(settings, conn, job_id)
+def latest_preview(job_id: JobId, settings: SettingsDep, conn: RedisDep, principal: AuthDep) -> Response:
+    snap = _load(settings, conn, job_id, principal)
     found = records.latest_preview(conn, snap)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, None))
@@ -388,8 +490,9 @@ def preview(
     step: Annotated[int, Path(ge=0, description="Step number, as listed in the job's previews.")],
     settings: SettingsDep,
     conn: RedisDep,
+    principal: AuthDep,
 ) -> Response:
-    snap = _load(settings, conn, job_id)
+    snap = _load(settings, conn, job_id, principal)
     data = records.preview_bytes(conn, job_id, step)
     if data is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, step))
@@ -422,8 +525,9 @@ def image(
     index: Annotated[int, Path(ge=0, description="0-based image index, below num_images.")],
     settings: SettingsDep,
     conn: RedisDep,
+    principal: AuthDep,
 ) -> Response:
-    snap = _load(settings, conn, job_id)
+    snap = _load(settings, conn, job_id, principal)
     params = snap.params
     if params is not None and index >= params.num_images:
         raise HTTPException(

@@ -1,4 +1,7 @@
-"""The service itself: the models the live workers serve, liveness and readiness."""
+"""The service itself: the models the live workers serve, liveness and readiness.
+
+/healthz and /readyz take no API key: probes carry none.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,23 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.deps import RedisDep
+from app.deps import AuthDep, RedisDep
 from app.schemas import Detail, ModelsOut
 from app.store import workers
 
 router = APIRouter(tags=["service"])
 
 
-@router.get("/v1/models", response_model=ModelsOut, summary="Models the live workers serve")
-def models(conn: RedisDep) -> ModelsOut:
+@router.get(
+    "/v1/models",
+    response_model=ModelsOut,
+    summary="Models the live workers serve",
+    responses={
+        401: {"model": Detail, "description": "Missing or unknown API key (header `WWW-Authenticate: Bearer`)."},
+        503: {"model": Detail, "description": "Redis unavailable."},
+    },
+)
+def models(conn: RedisDep, principal: AuthDep) -> ModelsOut:
     return ModelsOut(models=workers.models_served(workers.live_workers(conn)))
 
 

@@ -36,11 +36,16 @@ def request_fingerprint(request: JobRequest) -> str:
     return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
 
+def idempotency_digest(owner: str, header: str) -> str:
+    """The key's Redis name: scoped by API key, so two clients' equal keys never meet."""
+    return hashlib.sha256(f"{owner}\n{header}".encode()).hexdigest()
+
+
 def claim_idempotency(
-    settings: ApiSettings, conn: redis.Redis, header: str, fingerprint: str
+    settings: ApiSettings, conn: redis.Redis, header: str, fingerprint: str, owner: str
 ) -> IdempotencyClaim:
-    """Bind an Idempotency-Key to a new job id, or return the job it already names."""
-    redis_key = Keys.idempotency(hashlib.sha256(header.encode()).hexdigest())
+    """Bind an Idempotency-Key of API key `owner` to a new job id, or return the job it already names."""
+    redis_key = Keys.idempotency(idempotency_digest(owner, header))
     ttl = settings.result_ttl_s + RECORD_TTL_MARGIN_S
     for _ in range(3):
         job_id = new_job_id()

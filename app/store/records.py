@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import secrets
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio
 from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from app import limits
 from app.settings import ApiSettings
-from app.store.common import RECORD_TTL_MARGIN_S, new_job_id, parse_json
+from app.store.common import RECORD_TTL_MARGIN_S, new_job_id
 from app.store.workers import live_workers, native_size
 from bailan.jobs import (
     RQ_FUNC,
@@ -28,19 +31,12 @@ from bailan.jobs import (
     now,
     public_state,
 )
-
-
-def make_queue(settings: ApiSettings, conn: redis.Redis) -> Queue:
-    return Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
+from bailan import events
+from bailan.keys import ANONYMOUS
+from bailan.queues import RQ_QUEUE_PREFIX, key_queue_name
 
 
 # ---------------------------------------------------------------- submit
-
-
-class QueueFull(Exception):
-    def __init__(self, depth: int) -> None:
-        super().__init__(depth)
-        self.depth = depth
 
 
 def resolve_params(
@@ -73,53 +69,83 @@ def resolve_params(
 def submit(
     settings: ApiSettings,
     conn: redis.Redis,
-    queue: Queue,
     params: JobParams,
+    owner: str = ANONYMOUS,
     job_id: str | None = None,
     inputs: dict[str, bytes] | None = None,
 ) -> str:
-    """Write the record and enqueue the job in one transaction; returns the id.
+    """Admit the job against `owner`'s limits, then write its record and enqueue it in one
+    transaction on `owner`'s own queue; returns the id. Raises limits.Refused.
 
     One MULTI/EXEC means a worker never pops a job without its record, and a
-    client never gets an id for a job that is not queued.
+    client never gets an id for a job that is not queued. The place admission
+    reserved is released in that same MULTI, so the caps hold at every instant.
     """
-    depth = queue.count
-    if depth >= settings.max_queue_depth:
-        raise QueueFull(depth)
     job_id = job_id or new_job_id()
+    queue_name = key_queue_name(settings.queue_name, owner)
+    admission = limits.admit(
+        conn, settings.queue_name, owner, queue_name, job_id,
+        settings.rate, settings.max_queued_per_key, settings.max_queue_depth,
+    )
     record: dict[str, str] = {
         RecordField.params: params.model_dump_json(),
         RecordField.created_at: repr(now()),
         RecordField.step: "0",
         RecordField.total_steps: str(params.steps),
+        RecordField.owner: owner,
     }
     if params.width is not None:
         record[RecordField.width] = str(params.width)
     if params.height is not None:
         record[RecordField.height] = str(params.height)
-    pipe = conn.pipeline(transaction=True)
-    # Explicit MULTI first: RQ calls multi() itself only on an empty pipeline.
-    pipe.multi()
-    pipe.hset(Keys.job(job_id), mapping=record)
-    pipe.expire(Keys.job(job_id), settings.result_ttl_s + RECORD_TTL_MARGIN_S)
-    for name, data in (inputs or {}).items():
-        # With the record, in the same transaction: a worker never finds one without the other.
-        pipe.set(Keys.input_image(job_id, name), data, ex=settings.result_ttl_s + RECORD_TTL_MARGIN_S)
-    queue.enqueue_call(
-        func=RQ_FUNC,
-        args=(job_id,),
-        job_id=job_id,
-        result_ttl=settings.result_ttl_s,
-        failure_ttl=settings.result_ttl_s,
-        timeout=-1,  # a job runs as long as it needs; liveness is the heartbeat's business
-        retry=Retry(max=settings.abandoned_retries) if settings.abandoned_retries > 0 else None,
-        pipeline=pipe,
-    )
-    pipe.execute()
+    queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    try:
+        pipe = conn.pipeline(transaction=True)
+        # Explicit MULTI first: RQ calls multi() itself only on an empty pipeline.
+        pipe.multi()
+        pipe.hset(Keys.job(job_id), mapping=record)
+        pipe.expire(Keys.job(job_id), settings.result_ttl_s + RECORD_TTL_MARGIN_S)
+        for name, data in (inputs or {}).items():
+            # With the record, in the same transaction: a worker never finds one without the other.
+            pipe.set(Keys.input_image(job_id, name), data, ex=settings.result_ttl_s + RECORD_TTL_MARGIN_S)
+        queue.enqueue_call(
+            func=RQ_FUNC,
+            args=(job_id,),
+            job_id=job_id,
+            result_ttl=settings.result_ttl_s,
+            failure_ttl=settings.result_ttl_s,
+            timeout=-1,  # a job runs as long as it needs; liveness is the heartbeat's business
+            retry=Retry(max=settings.abandoned_retries) if settings.abandoned_retries > 0 else None,
+            pipeline=pipe,
+        )
+        if queue_name != settings.queue_name:
+            # Workers find key queues here (bailan.queues.fair_order).
+            pipe.sadd(Keys.key_queues(settings.queue_name), queue_name)
+        admission.release_in(pipe)
+        pipe.execute()
+    except BaseException:
+        admission.release(conn)
+        raise
     return job_id
 
 
 # ---------------------------------------------------------------- read
+
+# A job's whole state in one round trip: its record, RQ's status and queue,
+# the previews whose bytes are still stored, and its place in its queue.
+# KEYS: record, RQ job hash, preview steps. ARGV: job id, preview key prefix, RQ queue key prefix.
+_SNAPSHOT = """
+local record = redis.call('HGETALL', KEYS[1])
+if #record == 0 then return false end
+local rq = redis.call('HMGET', KEYS[2], 'status', 'origin')
+local alive = {}
+for _, step in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  if redis.call('EXISTS', ARGV[2] .. step) == 1 then table.insert(alive, step) end
+end
+local position = false
+if rq[1] == 'queued' and rq[2] then position = redis.call('LPOS', ARGV[3] .. rq[2], ARGV[1]) end
+return {record, rq[1], rq[2], alive, position}
+"""
 
 
 @dataclass
@@ -129,57 +155,89 @@ class JobSnapshot:
     job_id: str
     record: dict[str, str]
     rq_status: str | None
-    preview_steps: list[int]
+    preview_steps: list[int]  # steps whose preview bytes were still stored, ascending
+    origin: str | None = None  # the RQ queue it was enqueued on (its key's)
+    queue_index: int | None = None  # 0-based place in that queue, when it is in it
 
     @property
     def state(self) -> JobState:
         return public_state(self.rq_status, self.record)
 
     @property
+    def owner(self) -> str:
+        return self.record.get(RecordField.owner) or ANONYMOUS
+
+    @property
     def params(self) -> JobParams | None:
-        raw = parse_json(self.record.get(RecordField.params), None)
+        raw = self.record.get(RecordField.params)
+        if not raw:
+            return None
         try:
-            return JobParams.model_validate(raw) if raw is not None else None
+            return JobParams.model_validate_json(raw)
         except ValueError:
             return None
 
 
-def snapshot(conn: redis.Redis, job_id: str) -> JobSnapshot | None:
-    pipe = conn.pipeline(transaction=False)
-    pipe.hgetall(Keys.job(job_id))
-    pipe.hget(Job.key_for(job_id), "status")
-    pipe.zrange(Keys.previews(job_id), 0, -1)
-    raw_record, raw_status, raw_steps = pipe.execute()
-    if not raw_record:
+def _snapshot_args(job_id: str) -> tuple[list[str], list[str]]:
+    return (
+        [Keys.job(job_id), Job.key_for(job_id), Keys.previews(job_id)],
+        [job_id, Keys.preview(job_id, 0)[:-1], RQ_QUEUE_PREFIX],
+    )
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _parse_snapshot(job_id: str, raw: list | None) -> JobSnapshot | None:
+    if not raw:
         return None
+    flat, rq_status, origin, alive, position = raw
     steps = []
-    for member in raw_steps:
+    for member in alive:
         try:
             steps.append(int(member))
         except ValueError:
             continue
     return JobSnapshot(
         job_id=job_id,
-        record=decode_record(raw_record),
-        rq_status=raw_status.decode() if isinstance(raw_status, bytes) else raw_status,
+        record=decode_record(dict(zip(flat[::2], flat[1::2]))),
+        rq_status=_text(rq_status),
         preview_steps=sorted(steps),
+        origin=_text(origin),
+        queue_index=int(position) if position is not None else None,
     )
 
 
-def queue_position(conn: redis.Redis, queue: Queue, job_id: str) -> int | None:
-    """1-based place in the queue, or None when the job is not in it."""
-    pos = conn.lpos(queue.key, job_id)
-    return pos + 1 if pos is not None else None
+# One registered script per client: EVALSHA without hashing the source on every read.
+_snapshot_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
-def stored_preview_steps(conn: redis.Redis, snap: JobSnapshot) -> list[int]:
-    """The snapshot's preview steps whose bytes have not expired yet."""
-    if not snap.preview_steps:
-        return []
-    pipe = conn.pipeline(transaction=False)
-    for step in snap.preview_steps:
-        pipe.exists(Keys.preview(snap.job_id, step))
-    return [s for s, alive in zip(snap.preview_steps, pipe.execute()) if alive]
+def _snapshot_script(conn: Any) -> Any:
+    script = _snapshot_scripts.get(conn)
+    if script is None:
+        script = _snapshot_scripts[conn] = conn.register_script(_SNAPSHOT)
+    return script
+
+
+def snapshot(conn: redis.Redis, job_id: str) -> JobSnapshot | None:
+    keys, args = _snapshot_args(job_id)
+    return _parse_snapshot(job_id, _snapshot_script(conn)(keys=keys, args=args))
+
+
+async def snapshot_async(conn: redis.asyncio.Redis, job_id: str) -> JobSnapshot | None:
+    """`snapshot` on the event loop: the status path never waits for a thread."""
+    keys, args = _snapshot_args(job_id)
+    return _parse_snapshot(job_id, await _snapshot_script(conn)(keys=keys, args=args))
+
+
+def queue_position(snap: JobSnapshot) -> int | None:
+    """1-based place in its API key's own queue, or None when the job is not in it.
+
+    Each key's jobs wait in their own queue, served round robin with the other
+    keys' (bailan.queues); the place is among the key's own jobs.
+    """
+    return snap.queue_index + 1 if snap.queue_index is not None else None
 
 
 def rq_failure_message(conn: redis.Redis, job_id: str) -> str:
@@ -212,7 +270,7 @@ class AlreadyEnded(Exception):
         self.state = state
 
 
-def cancel(conn: redis.Redis, queue: Queue, snap: JobSnapshot, keep_s: int) -> str:
+def cancel(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int) -> str:
     """Cancel a job; raises AlreadyEnded when there is nothing to cancel."""
     state = snap.state
     if state in TERMINAL_STATES:
@@ -222,7 +280,7 @@ def cancel(conn: redis.Redis, queue: Queue, snap: JobSnapshot, keep_s: int) -> s
     if state is JobState.queued:
         # LREM is the atomic test: if it removed the id no worker can pop it
         # any more; if not, a worker took it a moment ago and it is running.
-        removed = conn.lrem(queue.key, 0, snap.job_id)
+        removed = conn.lrem(RQ_QUEUE_PREFIX + (snap.origin or base), 0, snap.job_id)
         if removed or snap.rq_status in ("deferred", "scheduled", None):
             if snap.rq_status is not None:
                 try:
@@ -235,10 +293,14 @@ def cancel(conn: redis.Redis, queue: Queue, snap: JobSnapshot, keep_s: int) -> s
             pipe = conn.pipeline(transaction=True)
             pipe.hsetnx(job_key, RecordField.cancel_requested, stamp)
             pipe.hsetnx(job_key, RecordField.finished_at, stamp)
+            events.notify(pipe, snap.job_id)
             pipe.execute()
             return CancelOutcome.canceled
     # Running: only the worker can stop it, between two steps.
-    conn.hsetnx(job_key, RecordField.cancel_requested, stamp)
+    pipe = conn.pipeline(transaction=True)
+    pipe.hsetnx(job_key, RecordField.cancel_requested, stamp)
+    events.notify(pipe, snap.job_id)
+    pipe.execute()
     return CancelOutcome.requested
 
 

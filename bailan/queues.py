@@ -1,0 +1,77 @@
+"""One RQ queue per API key, served round robin: a fair share of the workers for every client.
+
+The API enqueues a job on its key's own queue (`key_queue_name`): the one
+`anonymous` key of open mode uses the base queue (BAILAN_QUEUE_NAME) itself,
+every named key `<base>:k:<16 hex of sha256(name)>`. It also records the key
+queue in a set (Keys.key_queues), in the same transaction as the job.
+
+A worker slot asks `fair_order` which queues to listen on, in which order,
+before each dequeue: every queue in the set plus the base queue, rotated to
+start just after the queue served last (Keys.fair_cursor, shared by every
+slot of every worker), and RQ pops the first job of the first non-empty one.
+So a key with 200 jobs waiting gets one turn, then every other key with work
+gets one, and a lone job of another key waits for one freed slot at most.
+
+Key queues are never dropped from the set: an empty one costs one more key in
+the worker's BLPOP, and dropping it would race with a submit refilling it.
+The set is bounded by the number of API keys that ever submitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import redis
+
+from bailan.jobs import Keys
+from bailan.keys import ANONYMOUS
+
+RQ_QUEUE_PREFIX = "rq:queue:"  # RQ's key for a queue's list of job ids
+
+
+def key_digest(name: str) -> str:
+    """A short stable digest of a key name, for Redis key names (names stay out of them)."""
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+
+
+def key_queue_name(base: str, key_name: str) -> str:
+    """The RQ queue that holds `key_name`'s queued jobs."""
+    return base if key_name == ANONYMOUS else f"{base}:k:{key_digest(key_name)}"
+
+
+def round_robin(names: Iterable[str], last: str | None) -> list[str]:
+    """`names` sorted, rotated so that the one after `last` comes first (`last` itself last).
+
+    Sorting gives every slot the same ring; starting after the last served
+    queue gives each non-empty queue its turn before any gets a second.
+    """
+    ring = sorted(set(names))
+    if last is None or not ring:
+        return ring
+    # The first name after `last` on the ring, whether `last` is still in it or not.
+    start = next((i for i, name in enumerate(ring) if name > last), 0)
+    return ring[start:] + ring[:start]
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def fair_order(conn: redis.Redis, base: str) -> list[str]:
+    """Every queue a worker serves (the base queue and each key queue), in this turn's order."""
+    pipe = conn.pipeline(transaction=False)
+    pipe.smembers(Keys.key_queues(base))
+    pipe.get(Keys.fair_cursor(base))
+    members, last = pipe.execute()
+    return round_robin([base, *(_text(m) or "" for m in members)], _text(last))
+
+
+def mark_served(conn: redis.Redis, base: str, queue_name: str) -> None:
+    """Move the shared cursor: the next dequeue, on any slot, starts after `queue_name`."""
+    conn.set(Keys.fair_cursor(base), queue_name)
+
+
+def all_queue_names(conn: redis.Redis, base: str) -> list[str]:
+    """The base queue and every key queue, for sweeps that must visit each (reaper, depth)."""
+    return [base, *sorted(_text(m) or "" for m in conn.smembers(Keys.key_queues(base)))]

