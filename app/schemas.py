@@ -118,6 +118,10 @@ class ModelOut(BaseModel):
     devices: list[str] = Field(default_factory=list, description="Devices those workers run on.")
     dtypes: list[str] = Field(default_factory=list, description="Weight dtypes those workers use.")
     max_batch: int | None = Field(None, description="Largest batch any of those workers runs at once.")
+    hashes: list[str] = Field(
+        default_factory=list,
+        description="Model hashes those workers loaded (sha256 of the weights, 10 hex digits), as images carry them.",
+    )
 
 
 class ModelsOut(BaseModel):

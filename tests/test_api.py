@@ -489,11 +489,12 @@ def test_models_lists_live_workers(client: TestClient, redis_conn: redis.Redis) 
     """Guards: /v1/models not reflecting what the live workers serve, or 500 on a malformed worker key."""
     assert client.get("/v1/models").json() == {"models": []}
     publish_worker(redis_conn, "w1")
-    publish_worker(redis_conn, "w2", max_batch=16, device="cuda:1")
+    publish_worker(redis_conn, "w2", max_batch=16, device="cuda:1", hash="0123456789")
     redis_conn.set(Keys.worker("junk"), b"not json", ex=30)
     models = client.get("/v1/models").json()["models"]
     assert models == [{"model": "tiny", "width": 512, "height": 512, "workers": 2,
-                       "devices": ["cuda:0", "cuda:1"], "dtypes": ["float16"], "max_batch": 16}]
+                       "devices": ["cuda:0", "cuda:1"], "dtypes": ["float16"], "max_batch": 16,
+                       "hashes": ["0123456789"]}]
 
 
 def test_healthz(client: TestClient) -> None:

@@ -3,14 +3,13 @@
     python -m world.figures --model models/bailan-shapes --out docs/img
 
 - builtin_grid.png: a few prompts (rows) × seeds (columns), service defaults;
-- builtin_previews.png: one job's per-step latent→RGB previews (the shipped
-  latent_rgb.json factors, as the worker shows them), then the decoded image.
+- builtin_previews.png: one job's previews as the worker makes them, step by
+  step (x0 through the preview decoder, and x_t), then the final image.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -45,34 +44,40 @@ def grid(pipe: object, out: Path) -> None:
     sheet.save(out, optimize=True)
 
 
-def preview_strip(pipe: object, model: Path, out: Path, prompt: str = GRID_PROMPTS[0], seed: int = 0) -> None:
-    rgb = json.loads((model / "latent_rgb.json").read_text())
-    factors = torch.tensor(rgb["factors"])
-    bias = torch.tensor(rgb["bias"]).view(3, 1, 1)
-    frames: list[Image.Image] = []
-    keep = {1, 3, 5, 7, 10, 14, 19, STEPS}
+def preview_strip(model_dir: Path, out: Path, prompt: str = GRID_PROMPTS[0], seed: int = 0) -> None:
+    """One job's previews as the worker makes them, step by step, then the final image: the
+    top row shows x0 (the default: the model's estimate of the finished picture, through
+    the model's preview decoder), the bottom row x_t (the sampler's noisy state)."""
+    from worker.engine import Engine, GenerationJob
+    from worker.loader import load_model
 
-    def on_step(_pipe: object, i: int, _t: object, kwargs: dict) -> dict:
-        if i + 1 in keep:
-            lat = kwargs["latents"][0].float()
-            # The worker's preview: a linear map of the sampler's latents.
-            img = (torch.einsum("chw,cr->rhw", lat, factors) + bias).clamp(-1, 1)
-            arr = ((img + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            frames.append(Image.fromarray(arr).resize((CELL, CELL), Image.NEAREST))
-        return kwargs
+    model = load_model(model_dir, torch.device("cpu"), torch.float32)
+    keep = (1, 3, 5, 7, 10, 14, 19)
+    rows: list[list[Image.Image]] = []
+    for kind in ("x0", "xt"):
+        frames: dict[int, Image.Image] = {}
 
-    with torch.no_grad():
-        final = pipe(
-            prompt=prompt, num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(seed),
-            callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"],
-        ).images[0]
-    frames.append(final.resize((CELL, CELL), Image.NEAREST))
-    labels = [f"step {k}" for k in sorted(keep)] + ["decoded"]
-    strip = Image.new("RGB", (CELL * len(frames), CELL + 16), "white")
+        def on_preview(job: object, step: int, rgb: object) -> None:
+            if step in keep:
+                frames[step] = Image.fromarray(rgb).resize((CELL, CELL), Image.NEAREST)  # type: ignore[arg-type]
+
+        engine = Engine(model, 1)
+        job = GenerationJob(id=kind, prompt=prompt, width=model.native_width, height=model.native_height,
+                            steps=STEPS, guidance_scale=7.5, seed=seed, preview_every=1, preview_kind=kind,
+                            on_preview=on_preview)
+        engine.submit(job)
+        engine.run_until_idle()
+        final = Image.fromarray(job.future.result(timeout=0)[0]).resize((CELL, CELL), Image.NEAREST)
+        rows.append([frames[k] for k in keep] + [final])
+    labels = [f"step {k}" for k in keep] + ["final"]
+    strip = Image.new("RGB", (LABEL_W // 4 + CELL * len(labels), 16 + CELL * 2), "white")
     draw = ImageDraw.Draw(strip)
-    for j, (f, label) in enumerate(zip(frames, labels)):
-        strip.paste(f, (j * CELL, 16))
-        draw.text((j * CELL + 4, 2), label, fill="black")
+    for r, (row, name) in enumerate(zip(rows, ("x0 (default)", "xt"))):
+        draw.text((4, 16 + r * CELL + CELL // 2 - 6), name, fill="black")
+        for j, frame in enumerate(row):
+            strip.paste(frame, (LABEL_W // 4 + j * CELL, 16 + r * CELL))
+    for j, label in enumerate(labels):
+        draw.text((LABEL_W // 4 + j * CELL + 4, 2), label, fill="black")
     strip.save(out, optimize=True)
 
 
@@ -84,7 +89,7 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(str(a.model))
     grid(pipe, a.out / "builtin_grid.png")
-    preview_strip(pipe, a.model, a.out / "builtin_previews.png")
+    preview_strip(a.model, a.out / "builtin_previews.png")
     print(f"wrote {a.out}/builtin_grid.png, {a.out}/builtin_previews.png")
     return 0
 

@@ -26,6 +26,7 @@ class WorkerInfo:
     device: str | None
     dtype: str | None
     max_batch: int | None
+    hash: str | None = None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -55,6 +56,7 @@ def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
                 device=str(info["device"]) if info.get("device") is not None else None,
                 dtype=str(info["dtype"]) if info.get("dtype") is not None else None,
                 max_batch=_int_or_none(info.get("max_batch")),
+                hash=str(info["hash"]) if isinstance(info.get("hash"), str) else None,
             )
         )
     return workers
@@ -78,6 +80,7 @@ def models_served(workers: list[WorkerInfo]) -> list[ModelOut]:
                 devices=sorted({w.device for w in group if w.device}),
                 dtypes=sorted({w.dtype for w in group if w.dtype}),
                 max_batch=max(batches) if batches else None,
+                hashes=sorted({w.hash for w in group if w.hash}),
             )
         )
     return out
