@@ -21,6 +21,7 @@ import numpy as np
 import redis
 from PIL import Image
 
+from bailan import events
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
 from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
@@ -186,6 +187,7 @@ class JobBridge:
         ttl = self.settings.result_ttl_s
         pipe.expire(key, ttl)
         pipe.expire(Keys.previews(job_id), ttl)
+        events.notify(pipe, job_id)  # event streams: look again
         pipe.execute()
 
     # ---- engine callbacks and the I/O thread ------------------------------------
@@ -202,6 +204,7 @@ class JobBridge:
             pipe.set(Keys.preview(job_id, step), data, ex=ttl)
             pipe.zadd(Keys.previews(job_id), {str(step): step})
             pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))
+            events.notify(pipe, job_id)  # event streams: look again
             pipe.execute()
         except Exception:
             log.exception("storing preview %s/%d failed", job_id, step)
@@ -229,6 +232,7 @@ class JobBridge:
             step = flight.job.step
             if step != flight.written_step:
                 pipe.hset(Keys.job(job_id), RecordField.step, step)
+                events.notify(pipe, job_id)  # event streams: look again
                 flight.written_step = step
             if flight.job.unknown_words and not flight.unknown_written:
                 pipe.hset(Keys.job(job_id), RecordField.unknown_words, dumps(flight.job.unknown_words))

@@ -22,15 +22,23 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
+import redis
 import rq
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.timeouts import BaseDeathPenalty
 
+from bailan import events
+from bailan.queues import fair_order, mark_served
+
 # What a runner returns for a job the client canceled; its slot records it as
 # RQ's canceled status instead of finished.
 CANCELED_RESULT: dict[str, Any] = {"canceled": True}
+
+# How long an idle slot blocks in RQ's dequeue before it looks for new key
+# queues (bailan.queues): a key's very first job waits at most this long.
+FAIR_REFRESH_S = 1
 
 # Runs one job by id on the calling slot's thread and returns RQ's result.
 JobRunner = Callable[[str], dict[str, Any]]
@@ -103,6 +111,10 @@ class SlotWorker(SimpleWorker):
         # to be read back from RQ's private copy of the return value.
         self.job_was_canceled = False
         self._last_wait_beat = 0.0
+        # The queue the process was given is the base queue; each API key's
+        # queue hangs off it (bailan.queues).
+        self.base_queue_name = self.queues[0].name if self.queues else ""
+        self._queues_by_name: dict[str, Queue] = {q.name: q for q in self.queues}
 
     def _install_signal_handlers(self) -> None:
         # The main thread owns signals and sets `stop` itself (worker.process).
@@ -137,10 +149,38 @@ class SlotWorker(SimpleWorker):
                 else:
                     time.sleep(0.05)
                 continue
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=2)
+            self._listen_fairly()
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=FAIR_REFRESH_S)
             if result is not None:
+                try:
+                    mark_served(self.connection, self.base_queue_name, result[1].name)
+                except redis.RedisError:
+                    pass  # the next turn starts from an older cursor: still every queue in turn
                 return result
         return None
+
+    def _listen_fairly(self) -> None:
+        """Listen on every API key's queue, this turn's first (round robin, bailan.queues).
+
+        RQ pops from the first non-empty queue of `_ordered_queues`, its
+        round-robin strategy's private list; that list is set here, as that
+        strategy does, but from the queues in Redis and the cursor every slot
+        of every worker shares.
+        """
+        try:
+            names = fair_order(self.connection, self.base_queue_name)
+        except redis.RedisError:
+            return  # keep the last order; RQ's dequeue meets the outage and retries
+        queues = []
+        for name in names:
+            queue = self._queues_by_name.get(name)
+            if queue is None:
+                queue = Queue(name, connection=self.connection, serializer=self.serializer)
+                self._queues_by_name[name] = queue
+            queues.append(queue)
+        # self.queues too, so RQ's maintenance cleans every key queue's registries.
+        self.queues = queues
+        self._ordered_queues = list(queues)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.running_job = job
@@ -154,17 +194,27 @@ class SlotWorker(SimpleWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
         if not self.job_was_canceled:
-            return super().handle_job_success(job, queue, started_job_registry)
-        with self.connection.pipeline() as pipe:
-            job.set_status(JobStatus.CANCELED, pipeline=pipe)
-            self.cleanup_execution(job, pipeline=pipe)
-            CanceledJobRegistry(job.origin, self.connection, serializer=self.serializer).add(job, pipeline=pipe)
-            # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
-            job.cleanup(job.get_result_ttl(self.default_result_ttl), pipeline=pipe, remove_from_queue=False)
-            pipe.execute()
+            super().handle_job_success(job, queue, started_job_registry)
+        else:
+            with self.connection.pipeline() as pipe:
+                job.set_status(JobStatus.CANCELED, pipeline=pipe)
+                self.cleanup_execution(job, pipeline=pipe)
+                CanceledJobRegistry(job.origin, self.connection, serializer=self.serializer).add(job, pipeline=pipe)
+                # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
+                job.cleanup(job.get_result_ttl(self.default_result_ttl), pipeline=pipe, remove_from_queue=False)
+                pipe.execute()
+        self._notify_final(job)
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "") -> None:
         # A job that raised would raise again: retries are kept for jobs whose
         # worker died under them (see bailan.reaper.reap_abandoned).
         job.retries_left = 0
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
+        self._notify_final(job)
+
+    def _notify_final(self, job: Job) -> None:
+        """Tell event streams the job ended, once RQ's status says so (the API reads that status)."""
+        try:
+            events.notify(self.connection, job.id)
+        except redis.RedisError:
+            pass  # streams see the final status on their safety poll
