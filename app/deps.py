@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from app.auth import authenticate
 from app.settings import ApiSettings
 from app.views import PathFor
+from bailan.blobs import BlobStore
 from bailan.keys import Principal
 
 
@@ -32,9 +33,15 @@ async def get_async_redis(request: Request) -> redis.asyncio.Redis:
     return request.app.state.aredis
 
 
+async def get_blobs(request: Request) -> BlobStore:
+    """Where the workers put images and previews (bailan.blobs)."""
+    return request.app.state.blobs
+
+
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 # Who is asking (app.auth): a key from the keys file, or the anonymous key of open mode.
 AuthDep = Annotated[Principal, Depends(authenticate)]
 

@@ -29,6 +29,7 @@ from app.middleware import BodySizeLimit, SelfOnlyPages
 from app.routes.jobs import submit_router
 from app.settings import ApiSettings
 from app.store.events import JobEvents
+from bailan.blobs import open_store
 from bailan.keys import KeyRing
 from bailan.reaper import Reaper
 
@@ -66,6 +67,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     conn = make_redis(settings)
     aconn = make_async_redis(settings)
     keyring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
+    blobs = open_store(settings.blob_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,7 +76,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                         "is 'anonymous' and sees every job; set it before exposing the API beyond this machine")
         else:
             log.info("API keys from %s: %d keys", settings.api_keys_file, len(keyring))
-        reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s)
+        reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s,
+                        blobs=blobs, blob_sweep_interval_s=settings.blob_sweep_interval_s)
         reaper.start()
         app.state.reaper = reaper
         job_events = JobEvents(aconn)
@@ -106,6 +109,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.redis = conn
     app.state.aredis = aconn
     app.state.keyring = keyring
+    app.state.blobs = blobs
     # The one route built per app: its body type carries this server's caps.
     app.include_router(submit_router(settings))
     app.include_router(api_router)

@@ -234,18 +234,9 @@ class Keys:
 
     @staticmethod
     def previews(job_id: str) -> str:
-        """Sorted set: preview steps stored so far (member and score = step)."""
+        """Sorted set: preview steps stored so far (member = step, score = when its blob expires).
+        The bytes of previews and final images live in the blob store (bailan.blobs), not in Redis."""
         return f"{KEY_PREFIX}:job:{job_id}:previews"
-
-    @staticmethod
-    def preview(job_id: str, step: int) -> str:
-        """String: preview image bytes."""
-        return f"{KEY_PREFIX}:job:{job_id}:preview:{step}"
-
-    @staticmethod
-    def image(job_id: str, index: int) -> str:
-        """String: final image bytes."""
-        return f"{KEY_PREFIX}:job:{job_id}:image:{index}"
 
     @staticmethod
     def input_image(job_id: str, name: str) -> str:

@@ -328,6 +328,12 @@ def stop_children(children: list[Child], stop: Stop) -> list[Child]:
     return killed
 
 
+def child_env(settings: LaunchSettings) -> dict[str, str]:
+    """The environment of the API and the workers: the launcher's, with the blob
+    directory made absolute so every child names the same one whatever its cwd."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", BAILAN_BLOB_DIR=str(settings.blob_dir.resolve()))
+
+
 def main() -> int:
     try:
         settings = LaunchSettings()
@@ -338,7 +344,7 @@ def main() -> int:
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = child_env(settings)
     valkey: ValkeyServer | None = None
     children: list[Child] = []
     failure: str | None = None

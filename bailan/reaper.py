@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from bailan import events
+from bailan.blobs import BlobStore
 from bailan.jobs import KEY_PREFIX, ErrorCode, Keys, RecordField, now
 from bailan.queues import all_queue_names
 
@@ -83,10 +85,23 @@ def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int) -> list[s
 
 
 class Reaper:
-    """`reap_abandoned` every `interval_s` seconds on a daemon thread (the API's)."""
+    """`reap_abandoned` every `interval_s` seconds on a daemon thread (the API's), and
+    every `blob_sweep_interval_s` a sweep of the blob store: images and previews
+    expire with their records, and the sweep deletes their files."""
 
-    def __init__(self, conn: redis.Redis, queue_name: str, interval_s: float, keep_s: int = 86400) -> None:
+    def __init__(
+        self,
+        conn: redis.Redis,
+        queue_name: str,
+        interval_s: float,
+        keep_s: int = 86400,
+        blobs: BlobStore | None = None,
+        blob_sweep_interval_s: float = 300.0,
+    ) -> None:
         self.conn = conn
+        self.blobs = blobs
+        self.blob_sweep_interval_s = blob_sweep_interval_s
+        self._next_blob_sweep = 0.0
         self.keep_s = keep_s
         self.queue_name = queue_name
         self.interval_s = interval_s
@@ -107,9 +122,25 @@ class Reaper:
             log.warning("reaper: jobs of dead workers requeued or failed: %s", ", ".join(reaped))
         return reaped
 
+    def sweep_blobs(self, now: float | None = None) -> int:
+        """Delete expired blobs; never raises (a full or unmounted disk must not kill the loop)."""
+        if self.blobs is None:
+            return 0
+        try:
+            removed = self.blobs.sweep(now)
+        except Exception:
+            log.exception("reaper: blob sweep failed")
+            return 0
+        if removed:
+            log.info("reaper: %d expired images and previews deleted", removed)
+        return removed
+
     def _run(self) -> None:
         while True:
             self.sweep()
+            if time.monotonic() >= self._next_blob_sweep:
+                self._next_blob_sweep = time.monotonic() + self.blob_sweep_interval_s
+                self.sweep_blobs()
             if self._stop.wait(self.interval_s):
                 return
 

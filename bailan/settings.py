@@ -8,6 +8,8 @@ stops each of them at start-up. Like the rest of bailan/, no torch here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,6 +35,16 @@ class SharedSettings(BaseSettings):
     preview_ttl_s: int = Field(3600, ge=1, description="Seconds intermediate previews are kept.")
     # The API refuses more; the worker sizes each slot's schedule table by it.
     max_steps: int = Field(150, ge=1, le=100_000, description="Most denoising steps a request may ask for.")
+    blob_dir: Path = Field(
+        Path(".run/blobs"),
+        description=(
+            "Directory holding final images and previews (bailan.blobs); every API and worker "
+            "process must see the same one (a shared volume across hosts)."
+        ),
+    )
+    blob_sweep_interval_s: float = Field(
+        300.0, gt=0, description="Seconds between the API's sweeps that delete expired images and previews."
+    )
     reap_interval_s: float = Field(
         10.0, gt=0, description="Seconds between sweeps for jobs whose worker died (the API's and each worker's)."
     )

@@ -12,7 +12,10 @@ Page tests get a headless Chromium and the real API in its own process
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +29,12 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 OWNER_MARK = "bailan-tests:owned"
+
+# Images and previews (bailan.blobs) of every settings object and process the
+# tests create land in a temporary directory, never in the checkout's .run/.
+if "BAILAN_BLOB_DIR" not in os.environ:
+    os.environ["BAILAN_BLOB_DIR"] = tempfile.mkdtemp(prefix="bailan-test-blobs-")
+    atexit.register(shutil.rmtree, os.environ["BAILAN_BLOB_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from rq.serializers import JSONSerializer
 
 from app.main import create_app
 from app.settings import ApiSettings
+from bailan.blobs import DirBlobStore, image_key, preview_key
 from bailan.jobs import RQ_FUNC, Keys, RecordField, now
 from bailan.reaper import Reaper
 
@@ -289,8 +290,12 @@ def test_view_fields_and_queue_position(client: TestClient, redis_conn: redis.Re
     assert client.get(f"/v1/jobs/{ids[1]}").json()["queue_position"] == 1
 
 
-def test_previews_and_images_served_with_content_types(client: TestClient, redis_conn: redis.Redis) -> None:
-    """Guards: previews/images unreachable, served with the wrong content type, or 500 when absent."""
+def test_previews_and_images_served_with_content_types(
+    client: TestClient, redis_conn: redis.Redis, settings: ApiSettings
+) -> None:
+    """Guards: previews/images unreachable, served with the wrong content type, or 500 when absent;
+    and a preview listed after its blob expired."""
+    blobs = DirBlobStore(settings.blob_dir)
     job_id = submit(client, output_format="webp", num_images=2, seed=10)["id"]
     assert client.get(f"/v1/jobs/{job_id}/previews/latest").status_code == 404
     r = client.get(f"/v1/jobs/{job_id}/images/0")
@@ -298,9 +303,9 @@ def test_previews_and_images_served_with_content_types(client: TestClient, redis
 
     start_job(redis_conn, job_id)
     for step in (5, 10):
-        redis_conn.set(Keys.preview(job_id, step), b"\xff\xd8jpeg%d" % step, ex=60)
-        redis_conn.zadd(Keys.previews(job_id), {str(step): step})
-    redis_conn.zadd(Keys.previews(job_id), {"15": 15})  # listed, bytes expired
+        blobs.put(preview_key(job_id, step), b"\xff\xd8jpeg%d" % step, 60)
+        redis_conn.zadd(Keys.previews(job_id), {str(step): now() + 60})
+    redis_conn.zadd(Keys.previews(job_id), {"15": now() - 1})  # stored once, expired since
     view = client.get(f"/v1/jobs/{job_id}").json()
     assert view["previews"] == [{"step": 5, "url": f"/v1/jobs/{job_id}/previews/5"},
                                 {"step": 10, "url": f"/v1/jobs/{job_id}/previews/10"}]
@@ -310,8 +315,8 @@ def test_previews_and_images_served_with_content_types(client: TestClient, redis
     assert r.status_code == 200 and r.content == b"\xff\xd8jpeg10" and r.headers["x-bailan-step"] == "10"
     assert client.get(f"/v1/jobs/{job_id}/previews/7").status_code == 404
 
-    redis_conn.set(Keys.image(job_id, 0), b"RIFFwebp0")
-    redis_conn.set(Keys.image(job_id, 1), b"RIFFwebp1")
+    blobs.put(image_key(job_id, 0), b"RIFFwebp0", 60)
+    blobs.put(image_key(job_id, 1), b"RIFFwebp1", 60)
     redis_conn.hset(Keys.job(job_id), mapping={
         RecordField.images: json.dumps([{"index": 0, "seed": 10}, {"index": 1, "seed": 11}]),
         RecordField.finished_at: repr(now()), RecordField.step: "25",
@@ -326,16 +331,17 @@ def test_previews_and_images_served_with_content_types(client: TestClient, redis
     assert client.get(f"/v1/jobs/{job_id}/images/2").status_code == 404
 
 
-def test_every_link_in_a_view_is_served(client: TestClient, redis_conn: redis.Redis) -> None:
+def test_every_link_in_a_view_is_served(client: TestClient, redis_conn: redis.Redis, settings: ApiSettings) -> None:
     """Guards: a view or a Location header linking to a path no route serves (a path written
     in a view and in a route, then changed in one of them)."""
     r = client.post("/v1/jobs", json={"prompt": "a lighthouse", "num_images": 2})
     job_id = r.json()["id"]
     start_job(redis_conn, job_id)
-    redis_conn.set(Keys.preview(job_id, 5), b"\xff\xd8jpeg", ex=60)
-    redis_conn.zadd(Keys.previews(job_id), {"5": 5})
+    blobs = DirBlobStore(settings.blob_dir)
+    blobs.put(preview_key(job_id, 5), b"\xff\xd8jpeg", 60)
+    redis_conn.zadd(Keys.previews(job_id), {"5": now() + 60})
     for index in (0, 1):
-        redis_conn.set(Keys.image(job_id, index), b"png%d" % index)
+        blobs.put(image_key(job_id, index), b"png%d" % index, 60)
     redis_conn.hset(Keys.job(job_id), mapping={
         RecordField.images: json.dumps([{"index": 0, "seed": 1}, {"index": 1, "seed": 2}]),
         RecordField.finished_at: repr(now()),

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from bailan.launch import LaunchSettings, start_valkey
+from bailan.launch import LaunchSettings, child_env, start_valkey
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 240.0
@@ -190,6 +190,17 @@ def test_embedded_server_only_without_a_redis_url(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("BAILAN_REDIS_URL", "redis://queue-host:6379/0")
     settings = LaunchSettings()
     assert not settings.embedded_redis and settings.redis_url == "redis://queue-host:6379/0"
+
+
+def test_children_share_one_absolute_blob_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Guards: under `make run` the API and a worker reading images from different directories
+    (a relative path resolved against different working directories), and .run/blobs not being
+    the default."""
+    monkeypatch.delenv("BAILAN_BLOB_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert child_env(LaunchSettings())["BAILAN_BLOB_DIR"] == str(tmp_path / ".run" / "blobs")
+    monkeypatch.setenv("BAILAN_BLOB_DIR", "shared/images")
+    assert child_env(LaunchSettings())["BAILAN_BLOB_DIR"] == str(tmp_path / "shared" / "images")
 
 
 def test_embedded_valkey_keeps_data_across_restarts(tmp_path: Path) -> None:

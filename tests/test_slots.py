@@ -16,6 +16,7 @@ import redis
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from bailan.jobs import RQ_FUNC
@@ -46,9 +47,10 @@ def work_in_thread(slot: SlotWorker, errors: list[BaseException]) -> threading.T
 
 def test_a_slot_ends_each_job_as_its_runner_says(redis_conn: redis.Redis) -> None:
     """Guards the outcomes a slot records through RQ's public API (it once read
-    RQ's private job._result): a runner's result finishes the job with that
-    return value, CANCELED_RESULT makes it canceled (in RQ's canceled registry,
-    expiring like any result), an exception fails it; and the process's stop
+    RQ's private job._result): a runner's result finishes the job (its RQ
+    result stream dropped, so a finished job costs Redis a few KB: a result
+    stream still kept is the failure guarded), CANCELED_RESULT makes it
+    canceled (in RQ's canceled registry, expiring like any result), an exception fails it; and the process's stop
     event ends the slot's thread (it once set RQ's private _stop_requested)."""
 
     def runner(job_id: str) -> dict[str, Any]:
@@ -76,7 +78,11 @@ def test_a_slot_ends_each_job_as_its_runner_says(redis_conn: redis.Redis) -> Non
     assert errors == []
 
     done = Job.fetch("done", connection=redis_conn, serializer=JSONSerializer)
-    assert done.get_status() == JobStatus.FINISHED and done.return_value() == {"images": 1}
+    assert done.get_status() == JobStatus.FINISHED
+    # Its RQ result stream is dropped (the record says the same; a stream costs over 4 KB),
+    # while a failed job keeps its result: the API reads the exception from it.
+    assert not redis_conn.exists(Result.get_key("done")) and done.return_value() is None
+    assert redis_conn.exists(Result.get_key("broken"))
     canceled = Job.fetch("canceled", connection=redis_conn, serializer=JSONSerializer)
     assert canceled.get_status() == JobStatus.CANCELED
     assert "canceled" in CanceledJobRegistry(QUEUE, connection=redis_conn).get_job_ids()

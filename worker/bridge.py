@@ -5,7 +5,8 @@ job's record from Redis, submits a GenerationJob to the engine and waits for
 it, then stores the images and the record's final fields. While jobs run, the
 I/O thread (`io_loop`) writes their progress and reads cancel requests, and a
 one-thread pool encodes and stores previews, so Redis round trips and image
-encoding never sit between two denoising steps.
+encoding never sit between two denoising steps. Image and preview bytes go to
+the blob store (bailan.blobs); Redis gets only the record.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import redis
 from PIL import Image
 
 from bailan import events
+from bailan.blobs import BlobStore, image_key, open_store, preview_key
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
 from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
@@ -50,8 +52,12 @@ class JobBridge:
     connection: redis.Redis
     in_flight: dict[str, _InFlight] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
+    # Image bytes go here, not into Redis (bailan.blobs); default: settings.blob_dir.
+    blobs: BlobStore | None = None
 
     def __post_init__(self) -> None:
+        if self.blobs is None:
+            self.blobs = open_store(self.settings.blob_dir)
         self.previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bailan-preview")
         self.lock = threading.Lock()
 
@@ -166,10 +172,12 @@ class JobBridge:
 
     def _store_images(self, job: GenerationJob, fmt: str, images: list[np.ndarray]) -> None:
         ttl = self.settings.result_ttl_s
-        pipe = self.connection.pipeline()
+        assert self.blobs is not None
+        # Blobs first: once the record says finished, a client may fetch them at once.
         for index, array in enumerate(images):
             data = encode_image(array, fmt, parameters=self._parameters(job, index))
-            pipe.set(Keys.image(job.id, index), data, ex=ttl)
+            self.blobs.put(image_key(job.id, index), data, ttl)
+        pipe = self.connection.pipeline()
         self._finish_record(
             job.id,
             {
@@ -186,7 +194,8 @@ class JobBridge:
         pipe.hset(key, mapping={**fields, RecordField.finished_at: now()})
         ttl = self.settings.result_ttl_s
         pipe.expire(key, ttl)
-        pipe.expire(Keys.previews(job_id), ttl)
+        # Every preview was stored before now, so none outlives this.
+        pipe.expire(Keys.previews(job_id), self.settings.preview_ttl_s)
         events.notify(pipe, job_id)  # event streams: look again
         pipe.execute()
 
@@ -200,9 +209,11 @@ class JobBridge:
         try:
             data = encode_preview(rgb, self.settings.preview_max_side)
             ttl = self.settings.preview_ttl_s
+            assert self.blobs is not None
+            self.blobs.put(preview_key(job_id, step), data, ttl)
             pipe = self.connection.pipeline()
-            pipe.set(Keys.preview(job_id, step), data, ex=ttl)
-            pipe.zadd(Keys.previews(job_id), {str(step): step})
+            # Scored by expiry: the API lists the steps whose blobs are still there without looking.
+            pipe.zadd(Keys.previews(job_id), {str(step): now() + ttl})
             pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))
             events.notify(pipe, job_id)  # event streams: look again
             pipe.execute()

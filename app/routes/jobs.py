@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import inputs, limits, views
-from app.deps import AsyncRedisDep, AuthDep, PathForDep, RedisDep, SettingsDep
+from app.deps import AsyncRedisDep, AuthDep, BlobsDep, PathForDep, RedisDep, SettingsDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
 from app.store import idempotency, records
@@ -462,9 +462,11 @@ def cancel_job(
         404: {"model": Detail, "description": "Unknown job (or another API key's), or no preview yet."},
     },
 )
-def latest_preview(job_id: JobId, settings: SettingsDep, conn: RedisDep, principal: AuthDep) -> Response:
+def latest_preview(
+    job_id: JobId, settings: SettingsDep, conn: RedisDep, blobs: BlobsDep, principal: AuthDep
+) -> Response:
     snap = _load(settings, conn, job_id, principal)
-    found = records.latest_preview(conn, snap)
+    found = records.latest_preview(blobs, snap)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, None))
     step, data = found
@@ -490,10 +492,11 @@ def preview(
     step: Annotated[int, Path(ge=0, description="Step number, as listed in the job's previews.")],
     settings: SettingsDep,
     conn: RedisDep,
+    blobs: BlobsDep,
     principal: AuthDep,
 ) -> Response:
     snap = _load(settings, conn, job_id, principal)
-    data = records.preview_bytes(conn, job_id, step)
+    data = records.preview_bytes(blobs, job_id, step)
     if data is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, step))
     return Response(
@@ -525,6 +528,7 @@ def image(
     index: Annotated[int, Path(ge=0, description="0-based image index, below num_images.")],
     settings: SettingsDep,
     conn: RedisDep,
+    blobs: BlobsDep,
     principal: AuthDep,
 ) -> Response:
     snap = _load(settings, conn, job_id, principal)
@@ -533,7 +537,7 @@ def image(
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"job {job_id} has {params.num_images} image(s); no index {index}"
         )
-    data = records.image_bytes(conn, job_id, index)
+    data = records.image_bytes(blobs, job_id, index)
     if data is not None:
         fmt = params.output_format.value if params is not None else "png"
         return Response(

@@ -1,4 +1,4 @@
-"""A job's record and its RQ job: submit, read, cancel, and the bytes of its images and previews."""
+"""A job's record and its RQ job: submit, read, cancel; and the bytes of its images and previews (from the blob store)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from bailan.jobs import (
     public_state,
 )
 from bailan import events
+from bailan.blobs import BlobStore, image_key, preview_key
 from bailan.keys import ANONYMOUS
 from bailan.queues import RQ_QUEUE_PREFIX, key_queue_name
 
@@ -132,16 +133,13 @@ def submit(
 # ---------------------------------------------------------------- read
 
 # A job's whole state in one round trip: its record, RQ's status and queue,
-# the previews whose bytes are still stored, and its place in its queue.
-# KEYS: record, RQ job hash, preview steps. ARGV: job id, preview key prefix, RQ queue key prefix.
+# the previews whose blobs have not expired (scored by expiry), and its place in its queue.
+# KEYS: record, RQ job hash, preview steps. ARGV: job id, now (unix s), RQ queue key prefix.
 _SNAPSHOT = """
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return false end
 local rq = redis.call('HMGET', KEYS[2], 'status', 'origin')
-local alive = {}
-for _, step in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  if redis.call('EXISTS', ARGV[2] .. step) == 1 then table.insert(alive, step) end
-end
+local alive = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')
 local position = false
 if rq[1] == 'queued' and rq[2] then position = redis.call('LPOS', ARGV[3] .. rq[2], ARGV[1]) end
 return {record, rq[1], rq[2], alive, position}
@@ -155,7 +153,7 @@ class JobSnapshot:
     job_id: str
     record: dict[str, str]
     rq_status: str | None
-    preview_steps: list[int]  # steps whose preview bytes were still stored, ascending
+    preview_steps: list[int]  # steps whose preview blobs had not expired, ascending
     origin: str | None = None  # the RQ queue it was enqueued on (its key's)
     queue_index: int | None = None  # 0-based place in that queue, when it is in it
 
@@ -181,7 +179,7 @@ class JobSnapshot:
 def _snapshot_args(job_id: str) -> tuple[list[str], list[str]]:
     return (
         [Keys.job(job_id), Job.key_for(job_id), Keys.previews(job_id)],
-        [job_id, Keys.preview(job_id, 0)[:-1], RQ_QUEUE_PREFIX],
+        [job_id, repr(now()), RQ_QUEUE_PREFIX],
     )
 
 
@@ -307,18 +305,21 @@ def cancel(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int) -> str:
 # ---------------------------------------------------------------- bytes
 
 
-def preview_bytes(conn: redis.Redis, job_id: str, step: int) -> bytes | None:
-    return conn.get(Keys.preview(job_id, step))
+# The bytes live in the blob store (bailan.blobs), written by the worker.
 
 
-def latest_preview(conn: redis.Redis, snap: JobSnapshot) -> tuple[int, bytes] | None:
-    # Newest first, skipping any whose bytes already expired.
+def preview_bytes(blobs: BlobStore, job_id: str, step: int) -> bytes | None:
+    return blobs.get(preview_key(job_id, step))
+
+
+def latest_preview(blobs: BlobStore, snap: JobSnapshot) -> tuple[int, bytes] | None:
+    # Newest first, skipping any whose blob already expired.
     for step in reversed(snap.preview_steps):
-        data = preview_bytes(conn, snap.job_id, step)
+        data = preview_bytes(blobs, snap.job_id, step)
         if data is not None:
             return step, data
     return None
 
 
-def image_bytes(conn: redis.Redis, job_id: str, index: int) -> bytes | None:
-    return conn.get(Keys.image(job_id, index))
+def image_bytes(blobs: BlobStore, job_id: str, index: int) -> bytes | None:
+    return blobs.get(image_key(job_id, index))
