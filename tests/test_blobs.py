@@ -8,6 +8,8 @@ job costs Redis.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from PIL import Image
 
 from bailan.blobs import DirBlobStore, image_key, preview_key
 from bailan.jobs import Keys
@@ -165,3 +168,22 @@ def test_a_finished_job_costs_redis_a_few_kb_and_its_images_live_in_files(
     assert DirBlobStore(blob_dir).sweep(now=time.time() + 86400 + 1) >= 5
     assert not job_dir.exists()
     assert service.http.get(view["images"][1]["url"]).status_code == 404
+
+
+def test_an_image_to_image_job_leaves_no_input_image_in_redis(
+    blob_service: tuple[Service, Path], redis_url: str
+) -> None:
+    """Guards: a client's init_image and mask_image (up to megabytes each) kept in Redis for a day
+    after the job that needed them ended."""
+    service, _ = blob_service
+    conn = redis.Redis.from_url(redis_url)
+    picture, mask = io.BytesIO(), io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(picture, format="PNG")
+    Image.new("L", (64, 64), 255).save(mask, format="PNG")
+    job = service.submit(steps=4, strength=0.5, init_image=base64.b64encode(picture.getvalue()).decode(),
+                         mask_image=base64.b64encode(mask.getvalue()).decode())
+    view = service.wait_status(job["id"], {"succeeded", "failed"}, timeout=120)
+    assert view["status"] == "succeeded", view
+    assert not conn.exists(Keys.input_image(job["id"], "init_image"), Keys.input_image(job["id"], "mask_image"))
+    total = sum(int(conn.memory_usage(key, samples=0) or 0) for key in job_keys(conn, job["id"]))
+    assert total <= MAX_JOB_REDIS_BYTES

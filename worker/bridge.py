@@ -34,6 +34,8 @@ from worker.slots import CANCELED_RESULT
 
 log = logging.getLogger("bailan.worker")
 
+INPUT_NAMES = ("init_image", "mask_image")
+
 
 @dataclass(eq=False)
 class _InFlight:
@@ -196,6 +198,8 @@ class JobBridge:
         pipe.expire(key, ttl)
         # Every preview was stored before now, so none outlives this.
         pipe.expire(Keys.previews(job_id), self.settings.preview_ttl_s)
+        # The client's input images (megabytes, possibly) are spent once the job has ended.
+        pipe.delete(*(Keys.input_image(job_id, name) for name in INPUT_NAMES))
         events.notify(pipe, job_id)  # event streams: look again
         pipe.execute()
 
