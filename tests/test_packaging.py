@@ -21,6 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+PASSWORD = "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env (see .env.example)}"
+REDIS_URL = f"redis://:{PASSWORD}@redis:6379/0"
 
 
 def tool(name: str) -> str:
@@ -94,7 +96,7 @@ def test_compose_api_and_worker_share_one_image(compose: dict[str, Any]) -> None
     assert "8000:8000" in [str(p) for p in api["ports"]]
     assert "/healthz" in " ".join(api["healthcheck"]["test"])
     for service in (api, worker):
-        assert service["environment"]["BAILAN_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["environment"]["BAILAN_REDIS_URL"] == REDIS_URL
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
     assert worker["command"] == ["python", "-m", "worker"]
 
@@ -131,3 +133,33 @@ def test_ci_installs_the_browser_before_the_tests() -> None:
 
     # The path CI installs is the one the tests look for, unless a developer overrides it.
     assert CHROMIUM == "/usr/bin/chromium" or "BAILAN_TEST_CHROMIUM" in os.environ
+
+
+def test_compose_redis_requires_the_password_the_services_send(compose: dict[str, Any]) -> None:
+    """Guards: a Redis reachable without a password on the compose network (anything there could
+    read or cancel every job), a password written into the committed file, and a Redis URL
+    that lacks it (every request 503)."""
+    redis = compose["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert '--requirepass "$$REDIS_PASSWORD"' in command
+    # `:?` makes compose refuse to start when .env leaves it unset or empty.
+    assert redis["environment"]["REDIS_PASSWORD"] == PASSWORD
+    assert redis["environment"]["REDISCLI_AUTH"] == PASSWORD, "the healthcheck must authenticate"
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    for name in ("api", "worker"):
+        assert compose["services"][name]["environment"]["BAILAN_REDIS_URL"] == REDIS_URL
+    example = (ROOT / ".env.example").read_text()
+    assert re.search(r"^REDIS_PASSWORD=$", example, re.MULTILINE), "the example must not ship a password"
+    assert "/.env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split(), "the image must not carry the password"
+
+
+def test_compose_api_and_workers_share_the_blob_volume(compose: dict[str, Any]) -> None:
+    """Guards: a worker writing images where the API cannot read them (each container its own
+    directory: every image 404s), or into the image's read-only /app."""
+    for name in ("api", "worker"):
+        service = compose["services"][name]
+        assert service["environment"]["BAILAN_BLOB_DIR"] == "/blobs"
+        assert "blobs:/blobs" in service["volumes"], name
+    assert "blobs" in compose["volumes"]
+    assert "/blobs" in DOCKERFILE.read_text()

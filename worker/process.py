@@ -29,6 +29,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from bailan.jobs import Keys
+from bailan.settings import redact_url
 from worker.bridge import JobBridge
 from worker.engine import Engine, GenerationJob, RunnerOptions
 from worker.liveness import Liveness
@@ -171,7 +172,7 @@ def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event)
             connection.ping()
             return True
         except redis.RedisError as exc:
-            log.warning("waiting for Redis at %s: %s", url, exc)
+            log.warning("waiting for Redis at %s: %s", redact_url(url), exc)
             stopping.wait(delay)
             delay = min(delay * 2, 10.0)
     return False
