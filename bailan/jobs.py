@@ -71,6 +71,7 @@ class ErrorCode(str, Enum):
     out_of_memory = "out_of_memory"
     worker_lost = "worker_lost"
     invalid_for_model = "invalid_for_model"
+    exceeds_device_limits = "exceeds_device_limits"  # over the caps of the worker's device (bailan.caps)
     internal = "internal"
 
 

@@ -78,6 +78,8 @@ class Service:
             "BAILAN_REAP_INTERVAL_S": "0.5",
             "BAILAN_MAX_BATCH": "2",
             "BAILAN_MAX_STEPS": "100000",
+            # Jobs long enough to cancel or kill mid-run: no CPU step cap (bailan.caps; tests/test_device_caps.py).
+            "BAILAN_MAX_STEPS_CPU": "0",
             **settings,
         }
         self.tmp = tmp

@@ -34,6 +34,11 @@ from worker.slots import CANCELED_RESULT
 
 log = logging.getLogger("bailan.worker")
 
+
+class ExceedsDeviceLimits(Exception):
+    """A job over this worker's caps on size or steps (bailan.caps)."""
+
+
 INPUT_NAMES = ("init_image", "mask_image")
 
 
@@ -60,6 +65,8 @@ class JobBridge:
     def __post_init__(self) -> None:
         if self.blobs is None:
             self.blobs = open_store(self.settings.blob_dir)
+        # What this worker takes on its device (bailan.caps), published with its presence too.
+        self.caps = self.settings.device_caps(self.model.device.type)
         self.previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bailan-preview")
         self.lock = threading.Lock()
 
@@ -77,6 +84,15 @@ class JobBridge:
         params = JobParams.model_validate_json(record[RecordField.params])
         width = params.width or self.model.native_width
         height = params.height or self.model.native_height
+        refusal = self.caps.refusal(width, height, params.steps)
+        if refusal is not None:
+            # Another kind of worker may share the queue; the API refuses such a job only when no
+            # live worker would take it, so this one fails it rather than spending minutes a step.
+            message = (f"{refusal[1]}, the most this worker ({self.model.device.type}) takes; "
+                       f"ask for less {refusal[0]}")
+            self._finish_record(job_id, {RecordField.error_code: ErrorCode.exceeds_device_limits.value,
+                                         RecordField.error_message: message})
+            raise ExceedsDeviceLimits(message)
         try:
             init_image, mask = self._inputs(job_id, params, width, height)
         except InvalidInput as exc:

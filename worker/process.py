@@ -100,7 +100,8 @@ def serve(settings: WorkerSettings) -> int:
         # blocking dequeue and take a job the engine has no room for yet.
         for i in range(engine.max_batch)
     ]
-    info = {**model.info(), "worker": settings.name, "max_batch": engine.max_batch, "slots": len(slots)}
+    info = {**model.info(), "worker": settings.name, "max_batch": engine.max_batch, "slots": len(slots),
+            "caps": settings.device_caps(model.device.type).to_json()}
     liveness = Liveness(settings, connection, slots, info)
     threads = [
         threading.Thread(target=bridge.io_loop, name="bailan-io", daemon=True),

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from bailan.caps import DeviceCaps
 from bailan.settings import SharedSettings
 
 
@@ -58,6 +59,28 @@ class WorkerSettings(SharedSettings):
         Path(".run/compile-cache"),
         description="Where torch.compile keeps its compiled kernels across restarts (TORCHINDUCTOR_CACHE_DIR).",
     )
+
+    # Per-device caps (bailan.caps): a CPU worker must not take what costs minutes a step.
+    max_pixels_cpu: int = Field(
+        512 * 512,
+        ge=0,
+        description=(
+            "Largest width × height a worker on the CPU takes (0 = no cap beyond the API's); "
+            "a 1024² step of the built-in model takes 7–16 s on a 2-core CPU."
+        ),
+    )
+    max_steps_cpu: int = Field(50, ge=0, description="Most steps a worker on the CPU takes (0 = no cap beyond the API's).")
+    max_pixels_cuda: int = Field(
+        0, ge=0, description="Largest width × height a worker on a GPU takes (0 = no cap beyond the API's)."
+    )
+    max_steps_cuda: int = Field(0, ge=0, description="Most steps a worker on a GPU takes (0 = no cap beyond the API's).")
+
+    def device_caps(self, device_type: str) -> DeviceCaps:
+        """This worker's caps on a device of type `device_type` ("cpu" or "cuda")."""
+        pixels, steps = (
+            (self.max_pixels_cuda, self.max_steps_cuda) if device_type == "cuda" else (self.max_pixels_cpu, self.max_steps_cpu)
+        )
+        return DeviceCaps(max_pixels=pixels or None, max_steps=steps or None)
 
     @field_validator("model")
     @classmethod

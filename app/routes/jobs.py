@@ -28,6 +28,7 @@ from app.settings import ApiSettings
 from app.store import idempotency, records
 from app.store.common import looks_like_job_id
 from app.store.events import JobEvents
+from app.store.workers import WorkerInfo, device_refusal, live_workers
 from bailan.keys import Principal
 from bailan.jobs import (
     CONTENT_TYPES,
@@ -35,6 +36,7 @@ from bailan.jobs import (
     MAX_IMAGES,
     PREVIEW_FORMAT,
     TERMINAL_STATES,
+    JobParams,
     JobRequest,
     JobState,
 )
@@ -151,6 +153,20 @@ def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None,
     )
 
 
+def _check_device_caps(workers: list[WorkerInfo], request: JobRequest, params: JobParams) -> None:
+    """A 422 for a job no live worker would take (bailan.caps: a CPU worker's size and steps caps)."""
+    refusal = device_refusal(workers, params.width, params.height, params.steps)
+    if refusal is None:
+        return
+    field, reason = refusal
+    if field == "width" and request.width is None and request.height is not None:
+        field = "height"
+    raise RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": f"Value error, {reason}",
+          "input": getattr(request, field)}]
+    )
+
+
 def _claim(
     settings: ApiSettings, conn: redis.Redis, body: JobRequest, idempotency_key: str | None, owner: str
 ) -> idempotency.IdempotencyClaim | None:
@@ -221,8 +237,10 @@ def _submit(
     init, mask, width, height = inputs.check_inputs(
         body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes, settings.max_image_pixels
     )
-    params = records.resolve_params(body, conn, width, height, init, mask)
+    workers = live_workers(conn)
+    params = records.resolve_params(body, conn, width, height, init, mask, workers)
     _check_pixels(settings, body, params.width, params.height)
+    _check_device_caps(workers, body, params)
     claim = _claim(settings, conn, body, idempotency_key, principal.name)
     if claim is not None and not claim.fresh:
         job_id = claim.job_id

@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from app import limits
 from app.settings import ApiSettings
 from app.store.common import RECORD_TTL_MARGIN_S, new_job_id
-from app.store.workers import live_workers, native_size
+from app.store.workers import WorkerInfo, live_workers, native_size
 from bailan.jobs import (
     RQ_FUNC,
     SEED_MAX,
@@ -47,6 +47,7 @@ def resolve_params(
     height: int | None = None,
     init: Any = None,
     mask: Any = None,
+    workers: list[WorkerInfo] | None = None,
 ) -> JobParams:
     """Fill in what the client left to the server: seed and, if known, size (an input
     image's, when it sent one: app.inputs). Input images are described, not carried."""
@@ -59,7 +60,7 @@ def resolve_params(
         # Leave room for seed + i of every image (see JobRequest).
         values["seed"] = secrets.randbelow(SEED_MAX + 2 - int(values.get("num_images") or 1))
     if values.get("width") is None or values.get("height") is None:
-        native_w, native_h = native_size(live_workers(conn))
+        native_w, native_h = native_size(workers if workers is not None else live_workers(conn))
         if values.get("width") is None:
             values["width"] = native_w
         if values.get("height") is None:

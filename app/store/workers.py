@@ -10,6 +10,7 @@ import redis
 
 from app.schemas import ModelOut
 from app.store.common import parse_json
+from bailan.caps import DeviceCaps
 from bailan.jobs import Keys
 
 log = logging.getLogger("bailan.api")
@@ -27,6 +28,7 @@ class WorkerInfo:
     dtype: str | None
     max_batch: int | None
     hash: str | None = None
+    caps: DeviceCaps = DeviceCaps()
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -57,6 +59,7 @@ def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
                 dtype=str(info["dtype"]) if info.get("dtype") is not None else None,
                 max_batch=_int_or_none(info.get("max_batch")),
                 hash=str(info["hash"]) if isinstance(info.get("hash"), str) else None,
+                caps=DeviceCaps.from_json(info.get("caps")),
             )
         )
     return workers
@@ -96,3 +99,21 @@ def native_size(workers: list[WorkerInfo]) -> tuple[int | None, int | None]:
     if len(sizes) == 1:
         return sizes.pop()
     return None, None
+
+
+def device_refusal(workers: list[WorkerInfo], width: int | None, height: int | None, steps: int) -> tuple[str, str] | None:
+    """(field, reason) when live workers exist and none of them takes a job this size and this
+    many steps (bailan.caps); None when one does, or when none is alive (a job may wait for one)."""
+    if not workers:
+        return None
+    refusals = []
+    for worker in workers:
+        # A size the request left to the worker is its model's native size.
+        w, h = width or worker.width, height or worker.height
+        refusal = worker.caps.refusal(w or 0, h or 0, steps)
+        if refusal is None:
+            return None
+        refusals.append((refusal, worker))
+    (field, reason), worker = refusals[0]
+    devices = ", ".join(sorted({w.device or "unknown" for _, w in refusals}))
+    return field, f"{reason}: more than any live worker takes (devices: {devices})"

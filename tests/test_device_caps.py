@@ -1,0 +1,110 @@
+"""Per-device caps on size and steps (bailan.caps): a CPU worker never takes what costs minutes a step.
+
+The API tests publish worker presence keys as a worker does (with their caps)
+against the conftest's real Redis; the last test runs the real API and a real
+CPU worker.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from bailan.caps import DeviceCaps
+from bailan.jobs import Keys
+from tests.test_api import make_settings
+from tests.test_e2e import Service
+
+
+def publish(conn: redis.Redis, name: str, device: str, caps: Any, width: int = 128, height: int = 128) -> None:
+    info = {"model": "tiny", "width": width, "height": height, "worker": name, "device": device,
+            "dtype": "float32", "max_batch": 4, "caps": caps}
+    conn.set(Keys.worker(name), json.dumps(info), ex=30)
+
+
+@pytest.fixture
+def client(redis_url: str, redis_conn: redis.Redis) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(redis_url))) as c:
+        yield c
+
+
+def test_caps_name_the_field_over_them() -> None:
+    """Guards: a cap not applied, or its reason naming the wrong field."""
+    caps = DeviceCaps(max_pixels=256 * 256, max_steps=30)
+    assert caps.refusal(256, 256, 30) is None
+    field, reason = caps.refusal(512, 256, 10) or ("", "")
+    assert field == "width" and "131072" in reason and "65536" in reason
+    assert (caps.refusal(64, 64, 31) or ("",))[0] == "steps"
+    assert DeviceCaps().refusal(4096, 4096, 10_000) is None
+    # What an older or broken worker published means no caps, never a crash.
+    assert DeviceCaps.from_json(None) == DeviceCaps() == DeviceCaps.from_json({"max_pixels": "x", "max_steps": True})
+
+
+def test_worker_caps_follow_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: the CPU caps not applied on the CPU by default, or applied to a GPU."""
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    assert settings.device_caps("cpu") == DeviceCaps(max_pixels=512 * 512, max_steps=50)
+    assert settings.device_caps("cuda") == DeviceCaps()
+    monkeypatch.setenv("BAILAN_MAX_PIXELS_CPU", "0")
+    monkeypatch.setenv("BAILAN_MAX_STEPS_CUDA", "80")
+    settings = WorkerSettings()
+    assert settings.device_caps("cpu") == DeviceCaps(max_pixels=None, max_steps=50)
+    assert settings.device_caps("cuda") == DeviceCaps(max_steps=80)
+
+
+def test_api_refuses_what_no_live_worker_takes_naming_the_field(
+    client: TestClient, redis_conn: redis.Redis
+) -> None:
+    """Guards: a 1024² job accepted when only a CPU worker capped at 512² is alive (it would
+    take minutes a step, or fail), its 422 not naming the field, and a job refused although
+    one live worker could take it."""
+    redis_conn.flushdb()
+    # No live worker: the job may wait for one, so it is accepted.
+    assert client.post("/v1/jobs", json={"prompt": "x", "width": 1024, "height": 1024}).status_code == 202
+    publish(redis_conn, "cpu-1", "cpu", {"max_pixels": 512 * 512, "max_steps": 50}, width=512, height=512)
+    r = client.post("/v1/jobs", json={"prompt": "x", "width": 1024, "height": 1024})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", "width"] and "262144" in detail["msg"] and "cpu" in detail["msg"]
+    r = client.post("/v1/jobs", json={"prompt": "x", "height": 1024})  # width: the model's 512
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "height"]
+    r = client.post("/v1/jobs", json={"prompt": "x", "width": 64, "height": 64, "steps": 51})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"]
+    assert client.post("/v1/jobs", json={"prompt": "x", "width": 512, "height": 512, "steps": 50}).status_code == 202
+    # A GPU worker without caps joins: it takes the big job.
+    publish(redis_conn, "gpu-1", "cuda:0", {"max_pixels": None, "max_steps": None}, width=512, height=512)
+    assert client.post("/v1/jobs", json={"prompt": "x", "width": 1024, "height": 1024}).status_code == 202
+
+
+def test_a_cpu_worker_fails_a_job_over_its_caps_with_a_clear_code(
+    redis_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Guards: a CPU worker running a job over its caps (minutes a step) instead of failing it with
+    exceeds_device_limits, and a worker that does not publish its caps (the API could not refuse)."""
+    redis.Redis.from_url(redis_url).flushdb()
+    service = Service(redis_url, tiny_model_dir, tmp_path, queue="caps", BAILAN_DEVICE="cpu",
+                      BAILAN_MAX_PIXELS_CPU=str(32 * 32), BAILAN_MAX_STEPS_CPU="4")
+    try:
+        # Submitted while no worker is alive: accepted, and left to the worker.
+        big = service.submit(width=64, height=64, steps=2)
+        service.add_worker()
+        failed = service.wait_status(big["id"], {"succeeded", "failed"}, timeout=120)
+        assert failed["status"] == "failed", failed
+        assert failed["error"]["code"] == "exceeds_device_limits"
+        assert "4096 pixels exceeds 1024" in failed["error"]["message"]
+        # Its caps are published: now the API refuses the same job up front.
+        r = service.http.post("/v1/jobs", json={"prompt": "x", "width": 32, "height": 32, "steps": 5})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"], r.text
+        small = service.submit(width=32, height=32, steps=4)
+        assert service.wait_status(small["id"], {"succeeded", "failed"}, timeout=120)["status"] == "succeeded"
+    finally:
+        service.close()
