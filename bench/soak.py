@@ -11,7 +11,11 @@ Redis's used_memory (INFO memory), then prints:
   first --warmup jobs (start-up, model load and first batches stay out);
 - the totals: start, end, and the blob directory's files and bytes.
 
-    .venv/bin/python bench/soak.py [--jobs 2000] [--keys 4] [--clients 4] [--json bench/results/soak_cpu.json]
+    .venv/bin/python bench/soak.py [--jobs 2000] [--keys 4] [--clients 4] [--max-seconds 600] \
+        [--json bench/results/soak_cpu.json]
+
+With --max-seconds the clients stop taking new jobs after that long, and the
+figures cover the jobs that finished (the report says how many).
 
 Redis keeps finished records for BAILAN_RESULT_TTL_S (a day), so its slope is
 the per-job cost of a finished job's record (bailan.blobs keeps images out).
@@ -88,6 +92,8 @@ def main() -> int:
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between a client's status polls")
     parser.add_argument("--sample-every", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=200, help="jobs left out of the slopes")
+    parser.add_argument("--max-seconds", type=float, default=0,
+                        help="stop submitting after this long and report the jobs done (0: run all --jobs)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--note", default="")
     args = parser.parse_args()
@@ -132,7 +138,7 @@ def main() -> int:
         with httpx.Client(base_url=base, timeout=60, headers=headers) as http:
             while not stop.is_set():
                 with lock:
-                    if done["claimed"] >= args.jobs:
+                    if done["claimed"] >= args.jobs or (args.max_seconds and time.monotonic() - t0 > args.max_seconds):
                         return
                     done["claimed"] += 1
                 try:
@@ -189,7 +195,7 @@ def main() -> int:
         result: dict[str, Any] = {
             "jobs": done["n"], "failed": done["failed"], "errors": errors[:5], "keys": args.keys,
             "clients_per_key": args.clients, "size": args.size, "steps": args.steps, "batch": args.batch, "poll_s": args.poll,
-            "elapsed_s": round(elapsed, 1), "jobs_per_s": round(done["n"] / elapsed, 2),
+            "requested_jobs": args.jobs, "max_seconds": args.max_seconds, "elapsed_s": round(elapsed, 1), "jobs_per_s": round(done["n"] / elapsed, 2),
             "slopes_per_1000_jobs_bytes": {k: round(v) if v is not None else None for k, v in slopes.items()},
             "start": {k: first[k] for k in ("api_rss", "worker_rss", "redis_used")},
             "end": {k: last[k] for k in ("api_rss", "worker_rss", "redis_used")},
