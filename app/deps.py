@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 
 from app.auth import authenticate
 from app.settings import ApiSettings
+from app.store.workers import WorkerCache
 from app.views import PathFor
 from bailan.blobs import BlobStore
 from bailan.keys import Principal
@@ -38,10 +39,16 @@ async def get_blobs(request: Request) -> BlobStore:
     return request.app.state.blobs
 
 
+async def get_worker_cache(request: Request) -> WorkerCache:
+    """The live workers as this API process last read them (app.store.workers.WorkerCache)."""
+    return request.app.state.worker_cache
+
+
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+WorkerCacheDep = Annotated[WorkerCache, Depends(get_worker_cache)]
 # Who is asking (app.auth): a key from the keys file, or the anonymous key of open mode.
 AuthDep = Annotated[Principal, Depends(authenticate)]
 

@@ -29,6 +29,7 @@ from app.middleware import BodySizeLimit, SelfOnlyPages
 from app.routes.jobs import submit_router
 from app.settings import ApiSettings
 from app.store.events import JobEvents
+from app.store.workers import WorkerCache
 from bailan.blobs import open_store
 from bailan.keys import KeyRing
 from bailan.reaper import Reaper
@@ -110,6 +111,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.aredis = aconn
     app.state.keyring = keyring
     app.state.blobs = blobs
+    app.state.worker_cache = WorkerCache(settings.workers_cache_s)
     # The one route built per app: its body type carries this server's caps.
     app.include_router(submit_router(settings))
     app.include_router(api_router)

@@ -88,6 +88,15 @@ class ApiSettings(SharedSettings):
     max_streams_per_key: int = Field(
         32, ge=1, description="Open event streams one API key may have; more get 429."
     )
+    workers_cache_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description=(
+            "How old the live workers a submit is checked against (their native size and caps) may be; "
+            "each re-read scans Redis's keyspace. 0 re-reads on every submit."
+        ),
+    )
     retry_after_s: int = Field(
         10, ge=1, description="Retry-After sent with 429 (queue full) and 503 (Redis down)."
     )

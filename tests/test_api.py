@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_settings(redis_url: str, **overrides: Any) -> ApiSettings:
-    values: dict[str, Any] = {"redis_url": redis_url, "queue_name": QUEUE, "reap_interval_s": 3600}
+    # workers_cache_s=0: tests publish a worker and submit at once (the cache: tests/test_device_caps.py).
+    values: dict[str, Any] = {"redis_url": redis_url, "queue_name": QUEUE, "reap_interval_s": 3600,
+                              "workers_cache_s": 0}
     values.update(overrides)
     return ApiSettings(**values)
 

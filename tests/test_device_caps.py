@@ -108,3 +108,22 @@ def test_a_cpu_worker_fails_a_job_over_its_caps_with_a_clear_code(
         assert service.wait_status(small["id"], {"succeeded", "failed"}, timeout=120)["status"] == "succeeded"
     finally:
         service.close()
+
+
+def scans(conn: redis.Redis) -> int:
+    return int(conn.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+
+def test_submits_share_one_read_of_the_live_workers(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: a SCAN of Redis's whole keyspace on every submit (to find the live workers' sizes and
+    caps): with a day of finished jobs in Redis that is thousands of round trips per submit."""
+    redis_conn.flushdb()
+    publish(redis_conn, "cpu-1", "cpu", {"max_pixels": 512 * 512, "max_steps": 50}, width=512, height=512)
+    with TestClient(create_app(make_settings(redis_url, workers_cache_s=60))) as c:
+        before = scans(redis_conn)
+        for _ in range(5):
+            assert c.post("/v1/jobs", json={"prompt": "x", "width": 64, "height": 64}).status_code == 202
+        assert scans(redis_conn) - before == 1
+        # The cached view still holds the caps: over them is refused without another scan.
+        r = c.post("/v1/jobs", json={"prompt": "x", "width": 1024, "height": 1024})
+        assert r.status_code == 422 and scans(redis_conn) - before == 1

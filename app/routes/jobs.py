@@ -22,13 +22,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import inputs, limits, views
-from app.deps import AsyncRedisDep, AuthDep, BlobsDep, PathForDep, RedisDep, SettingsDep
+from app.deps import AsyncRedisDep, AuthDep, BlobsDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
 from app.store import idempotency, records
 from app.store.common import looks_like_job_id
 from app.store.events import JobEvents
-from app.store.workers import WorkerInfo, device_refusal, live_workers
+from app.store.workers import WorkerCache, WorkerInfo, device_refusal
 from bailan.keys import Principal
 from bailan.jobs import (
     CONTENT_TYPES,
@@ -232,12 +232,13 @@ def _submit(
     path_for: views.PathFor,
     idempotency_key: str | None,
     principal: Principal,
+    worker_cache: WorkerCache,
 ) -> JobOut:
     """POST /v1/jobs once FastAPI has validated the body against this server's request model."""
     init, mask, width, height = inputs.check_inputs(
         body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes, settings.max_image_pixels
     )
-    workers = live_workers(conn)
+    workers = worker_cache.get(conn)
     params = records.resolve_params(body, conn, width, height, init, mask, workers)
     _check_pixels(settings, body, params.width, params.height)
     _check_device_caps(workers, body, params)
@@ -312,9 +313,10 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         conn: RedisDep,
         path_for: PathForDep,
         principal: AuthDep,
+        worker_cache: WorkerCacheDep,
         idempotency_key: IdempotencyKey = None,
     ) -> JobOut:
-        return _submit(body, response, settings, conn, path_for, idempotency_key, principal)
+        return _submit(body, response, settings, conn, path_for, idempotency_key, principal, worker_cache)
 
     return submit
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,31 @@ def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
             )
         )
     return workers
+
+
+class WorkerCache:
+    """`live_workers`, read again at most every `max_age_s` seconds (one per API process).
+
+    Every submit needs the live workers (their native size and caps), and each
+    read is a SCAN, which walks the whole keyspace: with a day of finished jobs
+    in Redis that is thousands of round trips. A worker's presence changes on
+    the scale of its heartbeat, so a second-old view is as good.
+    """
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._read_at = 0.0
+        self._workers: list[WorkerInfo] | None = None
+
+    def get(self, conn: redis.Redis) -> list[WorkerInfo]:
+        with self._lock:
+            if self._workers is not None and time.monotonic() - self._read_at < self.max_age_s:
+                return self._workers
+        workers = live_workers(conn)
+        with self._lock:
+            self._workers, self._read_at = workers, time.monotonic()
+        return workers
 
 
 def models_served(workers: list[WorkerInfo]) -> list[ModelOut]:
