@@ -3,7 +3,7 @@
 One module per kind of state; everything that knows the key layout or RQ's
 internals lives in them, and none imports worker code:
 
-- records: a job's record and RQ job (submit, snapshot, cancel, image and preview bytes);
+- records: a job's record and RQ job (submit, snapshot, cancel), and image and preview bytes from the blob store (bailan.blobs);
 - idempotency: Idempotency-Key claims;
 - workers: the live workers and the models they serve;
 - common: job ids, the record TTL margin and tolerant JSON, which all of them use.
