@@ -104,7 +104,16 @@ class JobOut(BaseModel):
     unknown_words: list[str] = Field(
         default_factory=list, description="Prompt words the model's vocabulary lacks (ignored by the model)."
     )
-    model: str | None = Field(None, description="Model that ran (or runs) the job.")
+    model: str | None = Field(
+        None, description="Model that runs (or ran) the job: the one it named, else the worker's once it starts."
+    )
+    waiting_for_worker: bool = Field(
+        False,
+        description=(
+            "Queued for a model that no live worker serves right now: it waits in that model's queue "
+            "until one starts (see /v1/models)."
+        ),
+    )
     worker: str | None = Field(None, description="Worker that ran (or runs) the job.")
     created_at: str | None = Field(None, description="ISO 8601 UTC time of submission.")
     started_at: str | None = Field(None, description="ISO 8601 UTC time sampling began.")
@@ -135,6 +144,9 @@ class ModelOut(BaseModel):
 
 class ModelsOut(BaseModel):
     models: list[ModelOut]
+    default: str | None = Field(
+        None, description="Model a request that names none runs on (BAILAN_DEFAULT_MODEL); null: any worker's."
+    )
 
 
 class Detail(BaseModel):

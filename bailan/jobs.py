@@ -22,6 +22,9 @@ SEED_MAX = 2**32 - 1
 # size cap that is not one would advertise a maximum no request could reach.
 SIZE_MULTIPLE = 8
 DEFAULT_STEPS = 25
+# A model's name is its directory's name; it becomes part of Redis keys.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MODEL_NAME_MAX = 64
 MAX_IMAGES = 4
 
 
@@ -146,6 +149,14 @@ class JobRequest(BaseModel):
         SchedulerName.dpmpp_2m,
         description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
         + ". Omitted: the model's default (/v1/models), else this.",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MODEL_NAME_MAX,
+        pattern=MODEL_NAME_PATTERN,
+        description="Model to run the job, by the name /v1/models lists. Omitted: the server's default model.",
+        examples=["bailan-shapes"],
     )
     num_images: int = Field(
         1,
@@ -307,6 +318,18 @@ class Keys:
     def key_queues(queue_name: str) -> str:
         """Set: the per-API-key RQ queues of base queue `queue_name` (bailan.queues)."""
         return f"{KEY_PREFIX}:queues:{queue_name}"
+
+    @staticmethod
+    def models(queue_name: str) -> str:
+        """Set: every model a worker of base queue `queue_name` ever served; each has its own
+        queues (bailan.queues.model_base). Kept for good: a model whose workers are all down
+        still takes jobs, which wait for one."""
+        return f"{KEY_PREFIX}:models:{queue_name}"
+
+    @staticmethod
+    def model_live(model: str) -> str:
+        """String with a TTL: some live worker serves `model` (renewed with its heartbeat)."""
+        return f"{KEY_PREFIX}:model-live:{model}"
 
     @staticmethod
     def fair_cursor(queue_name: str) -> str:
