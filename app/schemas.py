@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, create_model, field_validator
 
 from app.settings import ApiSettings
+from bailan import webhooks
 from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState
 
 
@@ -60,7 +61,24 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
             "preview_every", description=f"{preview_every} Previews are kept {settings.preview_ttl_s} s."
         ),
     }
-    return create_model("JobRequest", __base__=JobRequest, __module__=__name__, **fields)
+    fields["webhook_url"] = _narrowed(
+        "webhook_url", max_length=settings.webhook_url_max_chars,
+        description=f"{JobRequest.model_fields['webhook_url'].description} At most {settings.webhook_url_max_chars} characters.",
+    )
+
+    def webhook_url_here(cls: type, value: str | None) -> str | None:
+        # The checks this deployment adds: a key to sign with, and no internal address written out.
+        if value is None:
+            return None
+        if settings.webhook_secret is None:
+            raise ValueError("webhooks are off on this server (BAILAN_WEBHOOK_SECRET is unset)")
+        webhooks.check_submitted(value, settings.webhook_allow_hosts)
+        return value
+
+    validators = {"_webhook_url_here": field_validator("webhook_url")(webhook_url_here)}
+    return create_model(
+        "JobRequest", __base__=JobRequest, __module__=__name__, __validators__=validators, **fields
+    )
 
 
 class Progress(BaseModel):
