@@ -368,6 +368,8 @@ def main() -> int:
         for index in range(settings.workers):
             name = "worker" if settings.workers == 1 else f"worker {index + 1}"
             children.append(spawn(name, [python, "-m", "worker"], env))
+        # Webhook deliveries (bailan.webhooks): HTTP only, on no GPU slot.
+        children.append(spawn("webhooks", [python, "-m", "bailan.webhooks"], env))
 
         base = http_base(settings.host, settings.port)
         text = banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers)

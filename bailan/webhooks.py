@@ -227,6 +227,13 @@ class Policy:
     keep_s: int
 
     @classmethod
+    def defaults(cls, base: str, keep_s: int) -> Policy:
+        """The documented defaults, for callers given no settings (tests, tools)."""
+        from bailan.settings import SharedSettings
+
+        return cls.of(SharedSettings.model_construct(queue_name=base, result_ttl_s=keep_s))
+
+    @classmethod
     def of(cls, settings: SharedSettings) -> Policy:
         return cls(
             queue=queue_name(settings.queue_name),
@@ -235,6 +242,11 @@ class Policy:
             timeout_s=settings.webhook_timeout_s,
             keep_s=settings.result_ttl_s,
         )
+
+
+def body_key(message_id: str) -> str:
+    """String: the body a delivery sent first, sent again by its retries (app.webhooks)."""
+    return f"bailan:webhook:{message_id}"
 
 
 def message_id(job_id: str, event: WebhookEvent, step: int | None = None) -> str:
@@ -261,10 +273,12 @@ def enqueue(
     retry = None
     if event is WebhookEvent.completed and policy.retries > 0:
         retry = Retry(max=policy.retries, interval=list(policy.intervals) or 0)
+    mid = message_id(job_id, event, step)
+    pipe.delete(body_key(mid))  # a job started again is news again, not the old body
     Queue(policy.queue, connection=conn, serializer=JSONSerializer).enqueue_call(
         func=DELIVER_FUNC,
         args=(job_id, event.value, step),
-        job_id=message_id(job_id, event, step),
+        job_id=mid,
         # The whole delivery, connect to last byte, plus room for the job's own reads.
         timeout=int(policy.timeout_s) * 2 + 10,
         result_ttl=policy.keep_s,

@@ -21,7 +21,8 @@ import numpy as np
 import redis
 from PIL import Image
 
-from bailan import events
+from bailan import events, webhooks
+from bailan.webhooks import WebhookEvent
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
 from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
@@ -54,6 +55,9 @@ class JobBridge:
     def __post_init__(self) -> None:
         self.previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bailan-preview")
         self.lock = threading.Lock()
+        self.hooks = webhooks.Policy.of(self.settings)
+        # Params of the jobs between their start and their end that asked for webhooks.
+        self.hooked: dict[str, JobParams] = {}
 
     # ---- one job, on a slot thread --------------------------------------------
 
@@ -63,10 +67,13 @@ class JobBridge:
         record = decode_record(self.connection.hgetall(key))
         if not record.get(RecordField.params):
             raise RuntimeError(f"job {job_id} has no record (expired before it ran?)")
+        params = JobParams.model_validate_json(record[RecordField.params])
+        if params.webhook_url is not None:
+            with self.lock:
+                self.hooked[job_id] = params
         if record.get(RecordField.cancel_requested):
             self._finish_record(job_id, {})
             return CANCELED_RESULT
-        params = JobParams.model_validate_json(record[RecordField.params])
         width = params.width or self.model.native_width
         height = params.height or self.model.native_height
         try:
@@ -110,6 +117,7 @@ class JobBridge:
                 RecordField.worker: self.settings.name,
             },
         )
+        webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params)
         pipe.execute()
         try:
             future = self.engine.submit(job)
@@ -188,6 +196,10 @@ class JobBridge:
         pipe.expire(key, ttl)
         pipe.expire(Keys.previews(job_id), ttl)
         events.notify(pipe, job_id)  # event streams: look again
+        with self.lock:
+            params = self.hooked.pop(job_id, None)
+        # The one place a job the worker ran ends: its `completed` webhook goes with the end.
+        webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.completed, params)
         pipe.execute()
 
     # ---- engine callbacks and the I/O thread ------------------------------------
@@ -205,6 +217,9 @@ class JobBridge:
             pipe.zadd(Keys.previews(job_id), {str(step): step})
             pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))
             events.notify(pipe, job_id)  # event streams: look again
+            with self.lock:
+                params = self.hooked.get(job_id)  # gone once the job ended: no preview news after it
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.preview, params, step)
             pipe.execute()
         except Exception:
             log.exception("storing preview %s/%d failed", job_id, step)
