@@ -67,7 +67,7 @@ def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int, hooks: we
         check.hget(f"rq:job:{job_id}", "status")
         check.exists(Keys.job(job_id))
     answers = check.execute()
-    pipe = connection.pipeline()
+    pipe = webhooks.transaction(connection)
     lost: list[str] = []
     for job_id, status, exists in zip(expired, answers[::2], answers[1::2]):
         key = Keys.job(job_id)

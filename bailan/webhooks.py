@@ -258,6 +258,14 @@ def wanted(params: JobParams | None, event: WebhookEvent) -> bool:
     return params is not None and params.webhook_url is not None and event in params.webhook_events
 
 
+def transaction(conn: redis.Redis) -> Any:
+    """A MULTI/EXEC pipeline, explicitly in MULTI from its first command: RQ's enqueue
+    calls multi() on a pipeline that is not, which fails once it holds commands."""
+    pipe = conn.pipeline(transaction=True)
+    pipe.multi()
+    return pipe
+
+
 def enqueue(
     conn: redis.Redis,
     pipe: Any,
@@ -267,7 +275,8 @@ def enqueue(
     params: JobParams | None,
     step: int | None = None,
 ) -> bool:
-    """Queue one delivery on `pipe` (executed by the caller, with the state it reports), if `params` asked for it."""
+    """Queue one delivery on `pipe` (a `transaction`, executed by the caller with the state it
+    reports), if `params` asked for it."""
     if not wanted(params, event):
         return False
     retry = None

@@ -101,7 +101,7 @@ class JobBridge:
             strength=params.strength,
             on_preview=self._on_preview,
         )
-        pipe = self.connection.pipeline()
+        pipe = webhooks.transaction(self.connection)
         # A retried job starts afresh: no error, end time or previews of the attempt before.
         pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
         pipe.delete(Keys.previews(job_id))
@@ -174,7 +174,7 @@ class JobBridge:
 
     def _store_images(self, job: GenerationJob, fmt: str, images: list[np.ndarray]) -> None:
         ttl = self.settings.result_ttl_s
-        pipe = self.connection.pipeline()
+        pipe = webhooks.transaction(self.connection)
         for index, array in enumerate(images):
             data = encode_image(array, fmt, parameters=self._parameters(job, index))
             pipe.set(Keys.image(job.id, index), data, ex=ttl)
@@ -189,7 +189,7 @@ class JobBridge:
         )
 
     def _finish_record(self, job_id: str, fields: dict[str, Any], pipe: Any = None) -> None:
-        pipe = pipe if pipe is not None else self.connection.pipeline()
+        pipe = pipe if pipe is not None else webhooks.transaction(self.connection)
         key = Keys.job(job_id)
         pipe.hset(key, mapping={**fields, RecordField.finished_at: now()})
         ttl = self.settings.result_ttl_s
@@ -212,7 +212,7 @@ class JobBridge:
         try:
             data = encode_preview(rgb, self.settings.preview_max_side)
             ttl = self.settings.preview_ttl_s
-            pipe = self.connection.pipeline()
+            pipe = webhooks.transaction(self.connection)
             pipe.set(Keys.preview(job_id, step), data, ex=ttl)
             pipe.zadd(Keys.previews(job_id), {str(step): step})
             pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))

@@ -296,7 +296,7 @@ def cancel(
                     rq_job.cleanup(keep_s, remove_from_queue=False)
                 except (NoSuchJobError, InvalidJobOperation):
                     pass
-            pipe = conn.pipeline(transaction=True)
+            pipe = webhooks.transaction(conn)
             pipe.hsetnx(job_key, RecordField.cancel_requested, stamp)
             pipe.hsetnx(job_key, RecordField.finished_at, stamp)
             events.notify(pipe, snap.job_id)
