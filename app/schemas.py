@@ -61,21 +61,39 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
             "preview_every", description=f"{preview_every} Previews are kept {settings.preview_ttl_s} s."
         ),
     }
-    fields["webhook_url"] = _narrowed(
-        "webhook_url", max_length=settings.webhook_url_max_chars,
-        description=f"{JobRequest.model_fields['webhook_url'].description} At most {settings.webhook_url_max_chars} characters.",
-    )
+    validators: dict[str, Any] = {}
+    if settings.webhook_secret is None:
+        # Webhooks off: the schema says so (null only), and a URL gets a 422 saying why.
+        def null_only(schema: dict[str, Any]) -> None:
+            description = schema.get("description")
+            schema.clear()
+            schema.update(type="null", default=None, description=description)
 
-    def webhook_url_here(cls: type, value: str | None) -> str | None:
-        # The checks this deployment adds: a key to sign with, and no internal address written out.
-        if value is None:
-            return None
-        if settings.webhook_secret is None:
-            raise ValueError("webhooks are off on this server (BAILAN_WEBHOOK_SECRET is unset)")
-        webhooks.check_submitted(value, settings.webhook_allow_hosts)
-        return value
+        fields["webhook_url"] = _narrowed(
+            "webhook_url", json_schema_extra=null_only,
+            description="Webhooks are off on this server (BAILAN_WEBHOOK_SECRET is unset): null only.",
+        )
 
-    validators = {"_webhook_url_here": field_validator("webhook_url")(webhook_url_here)}
+        def webhooks_off(cls: type, value: Any) -> Any:
+            if value is not None:
+                raise ValueError("webhooks are off on this server (BAILAN_WEBHOOK_SECRET is unset)")
+            return value
+
+        validators["_webhooks_off"] = field_validator("webhook_url", mode="before")(webhooks_off)
+    else:
+        cap = settings.webhook_url_max_chars
+        fields["webhook_url"] = _narrowed(
+            "webhook_url", max_length=cap,
+            description=f"{JobRequest.model_fields['webhook_url'].description} At most {cap} characters.",
+        )
+
+        def webhook_url_here(cls: type, value: str | None) -> str | None:
+            # This deployment's check: no internal address written out, unless allow-listed.
+            if value is not None:
+                webhooks.check_submitted(value, settings.webhook_allow_hosts)
+            return value
+
+        validators["_webhook_url_here"] = field_validator("webhook_url")(webhook_url_here)
     return create_model(
         "JobRequest", __base__=JobRequest, __module__=__name__, __validators__=validators, **fields
     )

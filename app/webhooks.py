@@ -73,7 +73,9 @@ def send(url: str, message_id: str, body: str, config: SharedSettings) -> int:
     headers = {"content-type": "application/json", "user-agent": "Bailan-Webhooks/1",
                **webhooks.sign(key, message_id, int(time.time()), body)}
     transport = webhooks.PinnedTransport(config.webhook_allow_hosts)
-    with httpx.Client(transport=transport, timeout=config.webhook_timeout_s, follow_redirects=False) as client:
+    # trust_env=False: an HTTP(S)_PROXY from the environment would connect instead of the pinned transport.
+    with httpx.Client(transport=transport, timeout=config.webhook_timeout_s, follow_redirects=False,
+                      trust_env=False) as client:
         response = client.post(url, content=body.encode(), headers=headers)
     if not 200 <= response.status_code < 300:
         # A 3xx too: following it would let a public receiver send us anywhere.
