@@ -320,12 +320,19 @@ def enqueue_completed(conn: redis.Redis, pipe: Any, policy: Policy, job_ids: Seq
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the delivery worker: `python -m bailan.webhooks`."""
+    import sys
+
+    from pydantic import ValidationError
     from rq import SimpleWorker
 
     from bailan.settings import SharedSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = SharedSettings()
+    try:
+        settings = SharedSettings()
+    except ValidationError as exc:
+        print(f"bailan.webhooks: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
     if settings.webhook_secret is None:
         log.warning("BAILAN_WEBHOOK_SECRET is unset: the API refuses webhook_url, so nothing will be delivered")
     conn = redis.Redis.from_url(settings.redis_url)

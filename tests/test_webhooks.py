@@ -336,6 +336,20 @@ def test_signed_started_preview_and_completed_deliveries(service: Service, recei
     assert service.http.get(preview["url"]).status_code == 200
 
 
+def test_cancel_of_running_job_delivers_canceled_view(service: Service, receiver: Receiver) -> None:
+    """Guards: a job canceled while it runs (the worker ends it) reported as succeeded or running,
+    since RQ marks its own job done only after the record (and the delivery) are written."""
+    job = service.submit(width=32, height=32, steps=3000, scheduler="euler", preview_every=0,
+                         webhook_url=receiver.url("/stop"))
+    service.wait_status(job["id"], {"running"})
+    assert service.http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    final = service.wait_status(job["id"], {"succeeded", "failed", "canceled"})
+    assert final["status"] == "canceled"
+    wait_for(lambda: receiver.to("/stop"), 30, "the completed delivery")
+    data = verified(receiver.to("/stop")[0])["data"]
+    assert data["status"] == "canceled" and data["progress"] == final["progress"]
+
+
 def test_failing_receiver_gets_retries_until_it_answers(service: Service, receiver: Receiver) -> None:
     """Guards: a completed delivery lost when the receiver fails, or retried under a new id or body
     (so receivers could not deduplicate it)."""

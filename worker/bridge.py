@@ -63,6 +63,13 @@ class JobBridge:
 
     def run(self, job_id: str) -> dict[str, Any]:
         """Run one job to its end; RQ's result, or CANCELED_RESULT. Raises when the job failed."""
+        try:
+            return self._run(job_id)
+        finally:
+            with self.lock:  # normally gone already (_finish_record); not so after a Redis error
+                self.hooked.pop(job_id, None)
+
+    def _run(self, job_id: str) -> dict[str, Any]:
         key = Keys.job(job_id)
         record = decode_record(self.connection.hgetall(key))
         if not record.get(RecordField.params):
