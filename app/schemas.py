@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, create_model, field_validator
 
 from app.settings import ApiSettings
 from bailan import webhooks
-from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState
+from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState, ModelDefaults
 
 
 def _narrowed(name: str, **overrides: Any) -> Any:
@@ -33,7 +33,8 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
     """
     chars = settings.max_prompt_chars
     pixels = settings.max_pixels
-    steps: dict[str, Any] = {"le": settings.max_steps, "description": f"Denoising steps, 1–{settings.max_steps}."}
+    steps: dict[str, Any] = {"le": settings.max_steps, "description": f"Denoising steps, 1–{settings.max_steps}. "
+                             "Omitted: the model's default (/v1/models), else the default shown."}
     if settings.max_steps < DEFAULT_STEPS:
         # The default must itself be a request this server accepts.
         steps["default"] = settings.max_steps
@@ -139,7 +140,16 @@ class JobOut(BaseModel):
     unknown_words: list[str] = Field(
         default_factory=list, description="Prompt words the model's vocabulary lacks (ignored by the model)."
     )
-    model: str | None = Field(None, description="Model that ran (or runs) the job.")
+    model: str | None = Field(
+        None, description="Model that runs (or ran) the job: the one it named, else the worker's once it starts."
+    )
+    waiting_for_worker: bool = Field(
+        False,
+        description=(
+            "Queued for a model that no live worker serves right now: it waits in that model's queue "
+            "until one starts (see /v1/models)."
+        ),
+    )
     worker: str | None = Field(None, description="Worker that ran (or runs) the job.")
     created_at: str | None = Field(None, description="ISO 8601 UTC time of submission.")
     started_at: str | None = Field(None, description="ISO 8601 UTC time sampling began.")
@@ -158,10 +168,21 @@ class ModelOut(BaseModel):
         default_factory=list,
         description="Model hashes those workers loaded (sha256 of the weights, 10 hex digits), as images carry them.",
     )
+    defaults: ModelDefaults = Field(
+        default_factory=ModelDefaults,
+        description=(
+            "What a request that omits steps, guidance_scale or scheduler gets for this model (from its "
+            "directory's bailan_defaults.json); a field left out here keeps the service-wide default."
+        ),
+    )
+    samplers: list[str] = Field(default_factory=list, description="Values `scheduler` may take for this model.")
 
 
 class ModelsOut(BaseModel):
     models: list[ModelOut]
+    default: str | None = Field(
+        None, description="Model a request that names none runs on (BAILAN_DEFAULT_MODEL); null: any worker's."
+    )
 
 
 class Detail(BaseModel):

@@ -24,6 +24,9 @@ SEED_MAX = 2**32 - 1
 # size cap that is not one would advertise a maximum no request could reach.
 SIZE_MULTIPLE = 8
 DEFAULT_STEPS = 25
+# A model's name is its directory's name; it becomes part of Redis keys.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MODEL_NAME_MAX = 64
 MAX_IMAGES = 4
 
 
@@ -123,7 +126,9 @@ class JobRequest(BaseModel):
         description=f"Image height in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native height.",
         examples=[512],
     )
-    steps: int = Field(DEFAULT_STEPS, ge=1, description="Denoising steps.")
+    steps: int = Field(
+        DEFAULT_STEPS, ge=1, description="Denoising steps. Omitted: the model's default (/v1/models), else this."
+    )
     guidance_scale: float = Field(
         7.5,
         ge=0.0,
@@ -131,7 +136,10 @@ class JobRequest(BaseModel):
         strict=True,
         # NaN compares false with every bound; refuse it (and the infinities) by name.
         allow_inf_nan=False,
-        description="Classifier-free guidance scale; values <= 1 disable guidance (faster).",
+        description=(
+            "Classifier-free guidance scale; values <= 1 disable guidance (faster). "
+            "Omitted: the model's default (/v1/models), else this."
+        ),
     )
     seed: int | None = Field(
         None,
@@ -140,7 +148,17 @@ class JobRequest(BaseModel):
         description="Random seed; the server picks and reports one when absent.",
     )
     scheduler: SchedulerName = Field(
-        SchedulerName.dpmpp_2m, description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
+        SchedulerName.dpmpp_2m,
+        description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
+        + ". Omitted: the model's default (/v1/models), else this.",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MODEL_NAME_MAX,
+        pattern=MODEL_NAME_PATTERN,
+        description="Model to run the job, by the name /v1/models lists. Omitted: the server's default model.",
+        examples=["bailan-shapes"],
     )
     num_images: int = Field(
         1,
@@ -258,6 +276,32 @@ class JobParams(JobRequest):
     mask_image: InputImage | None = Field(None, description="The inpainting mask, if any.")  # type: ignore[assignment]
 
 
+# A model directory's own defaults for what a request leaves out (ModelDefaults).
+MODEL_DEFAULTS_FILE = "bailan_defaults.json"
+
+
+class ModelDefaults(BaseModel):
+    """What a model directory says a request should get when it omits a field.
+
+    Read by the worker from MODEL_DEFAULTS_FILE and published with its
+    heartbeat; the API applies them at submit (app.store.records.resolve_params).
+    A field absent here keeps JobRequest's default. The bounds are JobRequest's,
+    so a file that would produce an invalid job fails the worker's start-up.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int | None = Field(None, ge=1, strict=True, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=50.0, allow_inf_nan=False, description="Classifier-free guidance scale."
+    )
+    scheduler: SchedulerName | None = Field(None, description="Sampling scheduler.")
+
+
+# The request fields a model's defaults may set (ModelDefaults' fields).
+MODEL_DEFAULT_FIELDS = ("steps", "guidance_scale", "scheduler")
+
+
 class Keys:
     """Every Redis key Bailan writes, in one place. RQ's own keys (rq:*) are RQ's."""
 
@@ -308,6 +352,18 @@ class Keys:
     def key_queues(queue_name: str) -> str:
         """Set: the per-API-key RQ queues of base queue `queue_name` (bailan.queues)."""
         return f"{KEY_PREFIX}:queues:{queue_name}"
+
+    @staticmethod
+    def models(queue_name: str) -> str:
+        """Set: every model a worker of base queue `queue_name` ever served; each has its own
+        queues (bailan.queues.model_base). Kept for good: a model whose workers are all down
+        still takes jobs, which wait for one."""
+        return f"{KEY_PREFIX}:models:{queue_name}"
+
+    @staticmethod
+    def model_live(model: str) -> str:
+        """String with a TTL: some live worker serves `model` (renewed with its heartbeat)."""
+        return f"{KEY_PREFIX}:model-live:{model}"
 
     @staticmethod
     def fair_cursor(queue_name: str) -> str:

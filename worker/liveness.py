@@ -43,6 +43,12 @@ class Liveness:
         lease = self.settings.heartbeat_ttl_s
         pipe = self.connection.pipeline()
         pipe.set(Keys.worker(self.settings.name), json.dumps(self.info), ex=lease)
+        # The model's queues take jobs from now on, and keep taking them (to wait) when
+        # its workers are gone (bailan.queues); the live key clears the job view's notice.
+        model = str(self.info.get("model") or "")
+        if model:
+            pipe.sadd(Keys.models(self.settings.queue_name), model)
+            pipe.set(Keys.model_live(model), self.settings.name, ex=lease)
         for slot in self.slots:
             job, execution = slot.running_job, slot.execution
             if job is None or execution is None:

@@ -209,6 +209,19 @@ def _refusal(settings: ApiSettings, exc: limits.Refused) -> HTTPException:
     return HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": str(retry_after)})
 
 
+def _pick_model(settings: ApiSettings, conn: redis.Redis, body: JobRequest) -> JobRequest:
+    """The request with its model named: its own, the server's default, or none (any worker)."""
+    if body.model is None:
+        if settings.default_model is None:
+            return body
+        return body.model_copy(update={"model": settings.default_model})
+    known = records.known_models(conn, settings.queue_name)
+    if body.model not in known:
+        names = ", ".join(known) if known else "none yet (no worker has started)"
+        raise inputs.refuse("model", f"unknown model {body.model!r}; the models here: {names}", body.model)
+    return body
+
+
 def _submit(
     body: JobRequest,
     response: Response,
@@ -219,6 +232,7 @@ def _submit(
     principal: Principal,
 ) -> JobOut:
     """POST /v1/jobs once FastAPI has validated the body against this server's request model."""
+    body = _pick_model(settings, conn, body)
     init, mask, width, height = inputs.check_inputs(
         body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes, settings.max_image_pixels
     )
