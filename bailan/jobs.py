@@ -220,6 +220,7 @@ class JobRequest(BaseModel):
         default_factory=lambda: [WebhookEvent.completed],
         min_length=1,
         max_length=len(WebhookEvent),
+        json_schema_extra={"uniqueItems": True},  # what _distinct_events enforces
         description=(
             "Which deliveries webhook_url gets: started (sampling began), preview (each stored preview), "
             "completed (the final job view: succeeded, failed or canceled; retried until received)."
