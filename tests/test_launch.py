@@ -263,6 +263,8 @@ def test_ctrl_c_stops_api_worker_and_valkey_cleanly(launch: Launch) -> None:
     commands = list(below.values())
     assert sum("uvicorn" in c and "app.main:app" in c for c in commands) == 1, commands
     assert sum(c.rstrip().endswith("-m worker") for c in commands) == 1, commands
+    # The webhook sender (and RQ's scheduler, a fork of it that keeps its command line).
+    assert any(c.rstrip().endswith("-m bailan.webhooks") for c in commands), commands
     assert any("valkey" in c for c in commands), commands
     assert "Bailan is up at" in launch.output()
 

@@ -21,6 +21,7 @@ import redis
 from rq.utils import now as rq_now
 
 from bailan.jobs import Keys
+from bailan import webhooks
 from bailan.reaper import reap_abandoned
 from worker.settings import WorkerSettings
 from worker.slots import SlotWorker
@@ -71,7 +72,8 @@ class Liveness:
             if time.monotonic() - last_reap >= self.settings.reap_interval_s:
                 last_reap = time.monotonic()
                 try:
-                    lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s)
+                    lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s,
+                                          webhooks.Policy.of(self.settings))
                     if lost:
                         log.warning("reaped abandoned jobs: %s", lost)
                 except redis.RedisError as exc:

@@ -28,6 +28,7 @@ from app.settings import ApiSettings
 from app.store import idempotency, records
 from app.store.common import looks_like_job_id
 from app.store.events import JobEvents
+from bailan.webhooks import Policy
 from bailan.keys import Principal
 from bailan.jobs import (
     CONTENT_TYPES,
@@ -454,7 +455,7 @@ def cancel_job(
 ) -> Any:
     snap = _load(settings, conn, job_id, principal)
     try:
-        outcome = records.cancel(conn, settings.queue_name, snap, settings.result_ttl_s)
+        outcome = records.cancel(conn, settings.queue_name, snap, settings.result_ttl_s, Policy.of(settings))
     except records.AlreadyEnded as exc:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"

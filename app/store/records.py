@@ -31,7 +31,7 @@ from bailan.jobs import (
     now,
     public_state,
 )
-from bailan import events
+from bailan import events, webhooks
 from bailan.keys import ANONYMOUS
 from bailan.queues import RQ_QUEUE_PREFIX, key_queue_name, model_base, registered_models
 
@@ -292,8 +292,14 @@ class AlreadyEnded(Exception):
         self.state = state
 
 
-def cancel(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int) -> str:
-    """Cancel a job; raises AlreadyEnded when there is nothing to cancel."""
+def cancel(
+    conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, hooks: webhooks.Policy | None = None
+) -> str:
+    """Cancel a job; raises AlreadyEnded when there is nothing to cancel.
+
+    A queued job ends here, so its `completed` webhook is queued here (by `hooks`,
+    default: the defaults); a running one's comes from its worker when it stops.
+    """
     state = snap.state
     if state in TERMINAL_STATES:
         raise AlreadyEnded(state)
@@ -312,10 +318,12 @@ def cancel(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int) -> str:
                     rq_job.cleanup(keep_s, remove_from_queue=False)
                 except (NoSuchJobError, InvalidJobOperation):
                     pass
-            pipe = conn.pipeline(transaction=True)
+            pipe = webhooks.transaction(conn)
             pipe.hsetnx(job_key, RecordField.cancel_requested, stamp)
             pipe.hsetnx(job_key, RecordField.finished_at, stamp)
             events.notify(pipe, snap.job_id)
+            policy = hooks if hooks is not None else webhooks.Policy.defaults(base, keep_s)
+            webhooks.enqueue(conn, pipe, policy, snap.job_id, webhooks.WebhookEvent.completed, snap.params)
             pipe.execute()
             return CancelOutcome.canceled
     # Running: only the worker can stop it, between two steps.
