@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +135,20 @@ def test_bad_requests_answer_in_openais_error_shape(
     assert words in error["message"], error
 
 
+def test_missing_prompt_bad_json_and_wrong_types(service: Service) -> None:
+    """Guards the error shape where FastAPI would answer its own 422 list: a missing field,
+    a body that is not JSON, and a boolean where a number belongs (lax parsing would read 1)."""
+    cases = [({"json": {}}, "prompt", "missing_required_parameter"),
+             ({"content": b"not json", "headers": {"content-type": "application/json"}}, None, "invalid_json"),
+             ({"json": {"prompt": "x", "n": True}}, "n", "invalid_value")]
+    for kwargs, param, code in cases:
+        response = service.http.post("/v1/images/generations", **kwargs)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and error["code"] == code and error["type"] == "invalid_request_error"
+        assert response.headers["x-should-retry"] == "false"
+
+
 def test_a_wrong_key_is_refused_in_openais_shape(service: Service) -> None:
     """Guards keys on this route: an unknown key is a 401 that the client raises as AuthenticationError."""
     with openai.OpenAI(base_url=f"http://127.0.0.1:{service.port}/v1", api_key="bl_wrong", max_retries=0) as oa:
@@ -147,8 +163,9 @@ def test_timeout_names_the_job_which_goes_on_and_limits_apply(
 ) -> None:
     """Guards the wait's bound and the shared limits: with no worker, the call gives up after
     BAILAN_OPENAI_TIMEOUT_S with an error naming the job, which stays queued (not canceled);
-    it counts against the key's queued-job cap like any job, so the next call gets 429."""
-    svc = Service(redis_url, tiny_model_dir, tmp_path, queue="openai-idle", BAILAN_OPENAI_TIMEOUT_S="1",
+    it counts against the key's queued-job cap like any job, so the next call gets 429. A
+    stream ends with the same error as an event; a job canceled meanwhile ends the call."""
+    svc = Service(redis_url, tiny_model_dir, tmp_path, queue="openai-idle", BAILAN_OPENAI_TIMEOUT_S="3",
                   BAILAN_MAX_QUEUED_PER_KEY="1")
     try:
         with openai.OpenAI(base_url=f"http://127.0.0.1:{svc.port}/v1", api_key="unused", max_retries=0) as oa:
@@ -165,10 +182,22 @@ def test_timeout_names_the_job_which_goes_on_and_limits_apply(
                 oa.images.generate(prompt="a red circle", size="32x32")
             assert limited.value.response.json()["error"]["code"] == "rate_limit_exceeded"
             assert "limit 1" in limited.value.response.json()["error"]["message"]
-            # Streaming answers the same bound inside the stream, naming the job.
-            svc.http.post(f"/v1/jobs/{job_id}/cancel")
+
+            assert svc.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
             with pytest.raises(openai.APIError) as streamed:
                 list(oa.images.generate(prompt="a red circle", size="32x32", stream=True, partial_images=1))
-            assert "did not finish within 1 s" in str(streamed.value)
+            assert "did not finish within 3 s" in str(streamed.value)
+            assert streamed.value.body["code"] == "timeout"
+            second = re.search(r"job (\S+) did not finish", str(streamed.value))
+            assert second is not None and svc.view(second.group(1))["status"] == "queued"
+            assert svc.http.post(f"/v1/jobs/{second.group(1)}/cancel").status_code == 200
+
+        # The stream names its job in a header at once, so it can be canceled while the call waits.
+        with svc.http.stream("POST", "/v1/images/generations", json={"prompt": "x", "stream": True}) as answer:
+            assert answer.status_code == 200
+            assert svc.http.post(f"/v1/jobs/{answer.headers['x-bailan-job-id']}/cancel").status_code == 200
+            lines = [line for line in answer.iter_lines() if line]
+        assert lines[0] == "event: error"
+        assert json.loads(lines[1].removeprefix("data: "))["error"]["code"] == "job_canceled"
     finally:
         svc.close()

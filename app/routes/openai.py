@@ -26,12 +26,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import redis
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+# Starlette's, the base of FastAPI's: body parsing raises it too.
+from starlette.exceptions import HTTPException
 
 from app import limits, views
 from app.deps import AsyncRedisDep, AuthDep, PathForDep, RedisDep, SettingsDep
@@ -400,8 +402,9 @@ async def generate_images(
                 if snap is None:
                     break
                 size = f"{snap.params.width}x{snap.params.height}" if snap.params and snap.params.width else "auto"
+                # Every preview is sent, those of a job that ended between two reads included.
                 for step in snap.preview_steps:
-                    if step in sent or snap.state in TERMINAL_STATES:
+                    if step in sent:
                         continue
                     sent.add(step)
                     data = await run_in_threadpool(records.preview_bytes, conn, job_id, step)
