@@ -16,8 +16,26 @@ import pytest
 import redis
 from PIL import Image
 
+from app.routes.openai import _preview_every
 from bailan.keys import new_key
 from tests.test_e2e import Service
+
+
+def previews_taken(steps: int, every: int) -> int:
+    """How many previews the worker takes: after each multiple of `every` below `steps`."""
+    return 0 if every == 0 else len(range(every, steps, every))
+
+
+def test_preview_interval_fits_partial_images() -> None:
+    """Guards partial_images: never more previews than asked, and no shorter interval would also fit
+    (so a short job still gets what it can); 0 asks for none."""
+    for steps in range(1, 160):
+        assert _preview_every(steps, 0) == 0
+        for partial in (1, 2, 3):
+            every = _preview_every(steps, partial)
+            assert previews_taken(steps, every) <= partial
+            assert every == 1 or previews_taken(steps, every - 1) > partial
+    assert previews_taken(25, _preview_every(25, 3)) == 3
 
 
 @pytest.fixture(scope="module")

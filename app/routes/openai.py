@@ -208,8 +208,8 @@ def _request_model(settings: ApiSettings) -> type[JobRequest]:
 
 
 def _preview_every(steps: int, partial_images: int) -> int:
-    """A preview interval giving at most `partial_images` previews (the worker takes one every
-    `preview_every` steps, never after the last), as many as the steps allow."""
+    """The shortest preview interval giving at most `partial_images` previews (the worker takes
+    one every `preview_every` steps, never after the last): the most evenly spaced ones that fit."""
     return 0 if partial_images == 0 else max(1, math.ceil(steps / (partial_images + 1)))
 
 
