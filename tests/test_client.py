@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -202,3 +203,27 @@ def test_client_and_cli_load_no_server_or_model_code() -> None:
             "{'torch', 'diffusers', 'transformers', 'worker', 'fastapi', 'starlette', 'rq'}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_cli_ctrl_c_cancels_its_job(service: Service, key: tuple[Path, str], tmp_path: Path) -> None:
+    """Guards against a job left running for nobody: Ctrl-C during `bailan generate` cancels it
+    and exits 130."""
+    with subprocess.Popen(
+        [str(BAILAN), "generate", "long", "--steps", "100000", "--scheduler", "euler", "--preview-every", "0",
+         "--width", "32", "--height", "32"],
+        env={**os.environ, "BAILAN_URL": f"http://127.0.0.1:{service.port}", "BAILAN_API_KEY": key[1]},
+        cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    ) as process:
+        try:
+            assert process.stderr is not None
+            job_id = process.stderr.readline().split()[1]
+            while "steps" not in process.stderr.readline():  # the bar has started: the job runs
+                assert process.poll() is None
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 130
+            assert f"canceled job {job_id}" in process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+    with Client(f"http://127.0.0.1:{service.port}", key[1]) as client:
+        assert client.wait(job_id, timeout=30).status is JobState.canceled
