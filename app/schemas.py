@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, create_model
 
 from app.settings import ApiSettings
-from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState
+from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState, ModelDefaults
 
 
 def _narrowed(name: str, **overrides: Any) -> Any:
@@ -32,7 +32,8 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
     """
     chars = settings.max_prompt_chars
     pixels = settings.max_pixels
-    steps: dict[str, Any] = {"le": settings.max_steps, "description": f"Denoising steps, 1–{settings.max_steps}."}
+    steps: dict[str, Any] = {"le": settings.max_steps, "description": f"Denoising steps, 1–{settings.max_steps}. "
+                             "Omitted: the model's default (/v1/models), else the default shown."}
     if settings.max_steps < DEFAULT_STEPS:
         # The default must itself be a request this server accepts.
         steps["default"] = settings.max_steps
@@ -122,6 +123,14 @@ class ModelOut(BaseModel):
         default_factory=list,
         description="Model hashes those workers loaded (sha256 of the weights, 10 hex digits), as images carry them.",
     )
+    defaults: ModelDefaults = Field(
+        default_factory=ModelDefaults,
+        description=(
+            "What a request that omits steps, guidance_scale or scheduler gets for this model (from its "
+            "directory's bailan_defaults.json); a field left out here keeps the service-wide default."
+        ),
+    )
+    samplers: list[str] = Field(default_factory=list, description="Values `scheduler` may take for this model.")
 
 
 class ModelsOut(BaseModel):

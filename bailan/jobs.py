@@ -121,7 +121,9 @@ class JobRequest(BaseModel):
         description=f"Image height in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native height.",
         examples=[512],
     )
-    steps: int = Field(DEFAULT_STEPS, ge=1, description="Denoising steps.")
+    steps: int = Field(
+        DEFAULT_STEPS, ge=1, description="Denoising steps. Omitted: the model's default (/v1/models), else this."
+    )
     guidance_scale: float = Field(
         7.5,
         ge=0.0,
@@ -129,7 +131,10 @@ class JobRequest(BaseModel):
         strict=True,
         # NaN compares false with every bound; refuse it (and the infinities) by name.
         allow_inf_nan=False,
-        description="Classifier-free guidance scale; values <= 1 disable guidance (faster).",
+        description=(
+            "Classifier-free guidance scale; values <= 1 disable guidance (faster). "
+            "Omitted: the model's default (/v1/models), else this."
+        ),
     )
     seed: int | None = Field(
         None,
@@ -138,7 +143,9 @@ class JobRequest(BaseModel):
         description="Random seed; the server picks and reports one when absent.",
     )
     scheduler: SchedulerName = Field(
-        SchedulerName.dpmpp_2m, description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
+        SchedulerName.dpmpp_2m,
+        description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
+        + ". Omitted: the model's default (/v1/models), else this.",
     )
     num_images: int = Field(
         1,
@@ -222,6 +229,32 @@ class JobParams(JobRequest):
     seed: int = Field(ge=0, le=SEED_MAX)  # type: ignore[assignment]
     init_image: InputImage | None = Field(None, description="The picture the job starts from, if any.")  # type: ignore[assignment]
     mask_image: InputImage | None = Field(None, description="The inpainting mask, if any.")  # type: ignore[assignment]
+
+
+# A model directory's own defaults for what a request leaves out (ModelDefaults).
+MODEL_DEFAULTS_FILE = "bailan_defaults.json"
+
+
+class ModelDefaults(BaseModel):
+    """What a model directory says a request should get when it omits a field.
+
+    Read by the worker from MODEL_DEFAULTS_FILE and published with its
+    heartbeat; the API applies them at submit (app.store.records.resolve_params).
+    A field absent here keeps JobRequest's default. The bounds are JobRequest's,
+    so a file that would produce an invalid job fails the worker's start-up.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int | None = Field(None, ge=1, strict=True, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=50.0, allow_inf_nan=False, description="Classifier-free guidance scale."
+    )
+    scheduler: SchedulerName | None = Field(None, description="Sampling scheduler.")
+
+
+# The request fields a model's defaults may set (ModelDefaults' fields).
+MODEL_DEFAULT_FIELDS = ("steps", "guidance_scale", "scheduler")
 
 
 class Keys:

@@ -494,7 +494,29 @@ def test_models_lists_live_workers(client: TestClient, redis_conn: redis.Redis) 
     models = client.get("/v1/models").json()["models"]
     assert models == [{"model": "tiny", "width": 512, "height": 512, "workers": 2,
                        "devices": ["cuda:0", "cuda:1"], "dtypes": ["float16"], "max_batch": 16,
-                       "hashes": ["0123456789"]}]
+                       "hashes": ["0123456789"],
+                       "defaults": {"steps": None, "guidance_scale": None, "scheduler": None}, "samplers": []}]
+
+
+def test_a_models_defaults_fill_what_a_request_omits(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a model's own defaults (its bailan_defaults.json, published by its workers)
+    ignored, overriding what the client asked for, or applied when workers disagree."""
+    samplers = ["ddim", "dpmpp_2m", "euler"]
+    publish_worker(redis_conn, "w1", defaults={"guidance_scale": 1.0, "steps": 12}, samplers=samplers)
+    publish_worker(redis_conn, "w2", defaults={"guidance_scale": 1.0, "steps": 12}, samplers=samplers[:2])
+    [model] = client.get("/v1/models").json()["models"]
+    assert model["defaults"] == {"steps": 12, "guidance_scale": 1.0, "scheduler": None}
+    assert model["samplers"] == ["ddim", "dpmpp_2m"]  # what every worker of the model runs
+
+    omitted = submit(client)["params"]
+    assert (omitted["guidance_scale"], omitted["steps"], omitted["scheduler"]) == (1.0, 12, "dpmpp_2m")
+    given = submit(client, guidance_scale=7.5, steps=30)["params"]
+    assert (given["guidance_scale"], given["steps"]) == (7.5, 30)
+
+    # A worker that publishes other defaults: the API cannot know which runs the job.
+    publish_worker(redis_conn, "w3", defaults={"guidance_scale": 3.0, "steps": 12})
+    mixed = submit(client)["params"]
+    assert (mixed["guidance_scale"], mixed["steps"]) == (7.5, 12)
 
 
 def test_healthz(client: TestClient) -> None:

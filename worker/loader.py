@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
+from pydantic import ValidationError
+
+from bailan.jobs import MODEL_DEFAULTS_FILE, ModelDefaults, SchedulerName
 
 from worker.previews import load_preview_decoder
 
@@ -43,6 +46,8 @@ class LoadedModel:
     preview_decoder: torch.nn.Module | None = None
     # First 10 hex digits of the sha256 of the weight files (see model_hash); None when built in memory.
     hash: str | None = None
+    # What a request that omits steps, guidance or scheduler gets (MODEL_DEFAULTS_FILE).
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -61,6 +66,9 @@ class LoadedModel:
             "dtype": str(self.dtype).removeprefix("torch."),
             "size_multiple": self.vae_scale_factor,
             "hash": self.hash,
+            "defaults": self.defaults.model_dump(mode="json", exclude_none=True),
+            # Every runner samples with each of these (worker.samplers.make_scheduler).
+            "samplers": [name.value for name in SchedulerName],
         }
 
 
@@ -89,7 +97,22 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Lo
     )
     model = from_pipeline(pipe, path, device, dtype)
     model.hash = model_hash(path)
+    model.defaults = load_defaults(path)
     return model
+
+
+def load_defaults(path: Path) -> ModelDefaults:
+    """The model directory's defaults file, or none; a malformed one stops start-up
+    rather than serving jobs with settings nobody chose."""
+    file = path / MODEL_DEFAULTS_FILE
+    if not file.is_file():
+        return ModelDefaults()
+    try:
+        return ModelDefaults.model_validate_json(file.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "file"
+        raise ValueError(f"{file}: {where}: {first['msg']}") from exc
 
 
 def model_hash(path: Path) -> str:

@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from app import limits
 from app.settings import ApiSettings
 from app.store.common import RECORD_TTL_MARGIN_S, new_job_id
-from app.store.workers import live_workers, native_size
+from app.store.workers import agreed_defaults, live_workers, native_size
 from bailan.jobs import (
     RQ_FUNC,
     SEED_MAX,
@@ -48,8 +48,13 @@ def resolve_params(
     mask: Any = None,
 ) -> JobParams:
     """Fill in what the client left to the server: seed and, if known, size (an input
-    image's, when it sent one: app.inputs). Input images are described, not carried."""
+    image's, when it sent one: app.inputs) and the model's own defaults for steps,
+    guidance and scheduler. Input images are described, not carried."""
     values = request.model_dump()
+    workers = live_workers(conn)
+    for name, value in agreed_defaults(workers).model_dump(exclude_none=True).items():
+        if name not in request.model_fields_set:
+            values[name] = value
     values["width"] = width if width is not None else values.get("width")
     values["height"] = height if height is not None else values.get("height")
     values["init_image"] = init.info.model_dump() if init is not None else None
@@ -58,7 +63,7 @@ def resolve_params(
         # Leave room for seed + i of every image (see JobRequest).
         values["seed"] = secrets.randbelow(SEED_MAX + 2 - int(values.get("num_images") or 1))
     if values.get("width") is None or values.get("height") is None:
-        native_w, native_h = native_size(live_workers(conn))
+        native_w, native_h = native_size(workers)
         if values.get("width") is None:
             values["width"] = native_w
         if values.get("height") is None:
