@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +52,12 @@ def service(
     redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, str]
 ) -> Iterator[Service]:
     redis.Redis.from_url(redis_url).flushdb()
-    svc = Service(redis_url, tiny_model_dir, tmp_path_factory.mktemp("openai"), queue="openai",
+    # A model whose own default steps differ from the service's: the endpoint must use them
+    # (a request through it sets no steps) and space a stream's previews over them.
+    model = tmp_path_factory.mktemp("model") / "tiny-nine-steps"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "bailan_defaults.json").write_text('{"steps": 9}')
+    svc = Service(redis_url, model, tmp_path_factory.mktemp("openai"), queue="openai",
                   BAILAN_API_KEYS_FILE=str(keys[0]))
     svc.http.headers["Authorization"] = f"Bearer {keys[1]}"
     svc.add_worker()
@@ -87,6 +93,7 @@ def test_b64_json_runs_as_an_ordinary_job(client: openai.OpenAI, service: Servic
     assert result.size == "32x24" and result.created > 0
     job = service.view(raw.headers["x-bailan-job-id"])
     assert job["status"] == "succeeded" and job["params"]["width"] == 32 and job["params"]["prompt"] == "a red circle"
+    assert job["params"]["steps"] == 9 and job["params"]["preview_every"] == 0
     image = service.http.get(job["images"][0]["url"])
     assert base64.b64decode(result.data[0].b64_json) == image.content
 
@@ -108,7 +115,9 @@ def test_url_form_with_two_images(client: openai.OpenAI, service: Service) -> No
 
 def test_stream_sends_partial_images_then_completed(client: openai.OpenAI) -> None:
     """Guards streaming: partial_images=2 gives two partial_image events (our previews, in order,
-    different frames) and then a completed event carrying the final PNG, with OpenAI's fields."""
+    different frames) and then a completed event carrying the final PNG, with OpenAI's fields.
+    The model's 9 default steps give previews at steps 3 and 6 (spaced over 25, the service
+    default, there would be none)."""
     stream = client.images.generate(prompt="a red circle", size="32x32", stream=True, partial_images=2)
     events = list(stream)
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import redis
@@ -35,6 +35,7 @@ from bailan.jobs import (
     MAX_IMAGES,
     PREVIEW_FORMAT,
     TERMINAL_STATES,
+    JobParams,
     JobRequest,
     JobState,
 )
@@ -214,17 +215,22 @@ def submit_job_request(
     conn: redis.Redis,
     principal: Principal,
     idempotency_key: str | None = None,
+    finish: Callable[[JobParams], JobParams] | None = None,
 ) -> tuple[str, bool]:
     """Check, admit and queue a validated request: the one submit path of every route that
     starts jobs (POST /v1/jobs, the OpenAI-compatible endpoint). Returns the job id and
     whether it is a replay of an earlier request with the same Idempotency-Key.
 
-    Raises RequestValidationError (a field), HTTPException (409 key in flight, 429 limits).
+    `finish`, if given, makes a last change to the params once the server has resolved them
+    (the model's defaults applied). Raises RequestValidationError (a field), HTTPException
+    (409 key in flight, 429 limits).
     """
     init, mask, width, height = inputs.check_inputs(
         body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes, settings.max_image_pixels
     )
     params = records.resolve_params(body, conn, width, height, init, mask)
+    if finish is not None:
+        params = finish(params)
     _check_pixels(settings, body, params.width, params.height)
     claim = _claim(settings, conn, body, idempotency_key, principal.name)
     if claim is not None and not claim.fresh:

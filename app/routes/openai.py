@@ -42,7 +42,7 @@ from app.routes import jobs
 from app.schemas import JobOut, make_request_model
 from app.settings import ApiSettings
 from app.store import records
-from bailan.jobs import MAX_IMAGES, PREVIEW_FORMAT, TERMINAL_STATES, ErrorCode, JobRequest, JobState
+from bailan.jobs import MAX_IMAGES, PREVIEW_FORMAT, TERMINAL_STATES, ErrorCode, JobParams, JobRequest, JobState
 from bailan.keys import Principal
 
 PATH = "/v1/images/generations"
@@ -233,10 +233,16 @@ def job_request(body: ImageGenerationRequest, settings: ApiSettings) -> JobReque
         request = _request_model(settings).model_validate(values)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-    if body.stream:
-        partial = body.partial_images if body.partial_images is not None else 0
-        request = request.model_copy(update={"preview_every": _preview_every(request.steps, partial)})
     return request
+
+
+def _spaced_previews(body: ImageGenerationRequest) -> Callable[[JobParams], JobParams] | None:
+    """For a stream: previews spread over the steps the job will run (the model's default steps
+    are known only once the server resolved them), as many as partial_images asks at most."""
+    if not body.stream:
+        return None
+    partial = body.partial_images if body.partial_images is not None else 0
+    return lambda params: params.model_copy(update={"preview_every": _preview_every(params.steps, partial)})
 
 
 # ---------------------------------------------------------------- the call
@@ -360,7 +366,9 @@ async def generate_images(
             await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
 
     try:
-        job_id, _ = await run_in_threadpool(jobs.submit_job_request, job, settings, conn, principal, None)
+        job_id, _ = await run_in_threadpool(
+            jobs.submit_job_request, job, settings, conn, principal, None, _spaced_previews(body)
+        )
     except BaseException:
         await close()
         raise
