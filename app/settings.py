@@ -88,6 +88,15 @@ class ApiSettings(SharedSettings):
     max_streams_per_key: int = Field(
         32, ge=1, description="Open event streams one API key may have; more get 429."
     )
+    openai_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description=(
+            "How long POST /v1/images/generations waits for its job; past it the call answers an error "
+            "naming the job id, and the job goes on (follow it under /v1/jobs/{id})."
+        ),
+    )
     retry_after_s: int = Field(
         10, ge=1, description="Retry-After sent with 429 (queue full) and 503 (Redis down)."
     )
