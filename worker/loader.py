@@ -98,16 +98,16 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Lo
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-    pipeline_class = _pipeline_class(path)
-    extra = {} if pipeline_class is StableDiffusionXLPipeline else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = pipeline_class.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
+    cls = pipeline_class(path)
+    extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
     model = from_pipeline(pipe, path, device, dtype)
     model.hash = model_hash(path)
     model.defaults = load_defaults(path)
     return model
 
 
-def _pipeline_class(path: Path) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+def pipeline_class(path: Path) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
     """The pipeline family model_index.json names: SDXL's layout (two text encoders) or SD's."""
     try:
         name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
