@@ -15,7 +15,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from app.limits import Rate, parse_rate
 from bailan.jobs import MODEL_NAME_MAX, MODEL_NAME_PATTERN, SIZE_MULTIPLE
 from bailan.keys import read_keys
-from bailan.settings import SharedSettings
+from bailan.settings import SharedSettings, comma_separated
 
 MIN_PIXELS = 64 * 64
 
@@ -111,14 +111,7 @@ class ApiSettings(SharedSettings):
         ),
     )
 
-    @field_validator("cors_origins", mode="before")
-    @classmethod
-    def _split_origins(cls, value: Any) -> Any:
-        # Comma-separated is what operators write in an env file; JSON lists
-        # would be the pydantic-settings default and are easy to get wrong.
-        if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
-        return value
+    _split_origins = field_validator("cors_origins", mode="before")(comma_separated)
 
     @field_validator("rate_limit")
     @classmethod

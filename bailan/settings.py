@@ -18,6 +18,15 @@ from bailan import webhooks
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+
+def comma_separated(cls: type, value: Any) -> Any:
+    """A list setting's env value, comma-separated: what operators write in an env file (JSON
+    lists, the pydantic-settings default, are easy to get wrong). A field validator (mode="before")
+    for a field annotated with NoDecode."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
 class SharedSettings(BaseSettings):
     """Where jobs travel and how long they are kept (environment variables prefixed BAILAN_)."""
 
@@ -76,12 +85,7 @@ class SharedSettings(BaseSettings):
             return [h.strip().strip("[]").rstrip(".").lower() for h in value.split(",") if h.strip()]
         return value
 
-    @field_validator("webhook_retry_intervals_s", mode="before")
-    @classmethod
-    def _split_intervals(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    _split_intervals = field_validator("webhook_retry_intervals_s", mode="before")(comma_separated)
 
     @field_validator("webhook_retry_intervals_s")
     @classmethod

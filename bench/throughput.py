@@ -76,6 +76,24 @@ def prompts(n: int) -> list[str]:
 # ---- models -----------------------------------------------------------------------
 
 
+def sd_vae(sample_size: int, scaling_factor: float, **extra: Any) -> Any:
+    """Stable Diffusion's published VAE configuration (SD 1.x and SDXL share it but for scaling)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
+
 def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     """SD1.5's published configurations with random weights, built on `device`.
 
@@ -83,7 +101,7 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
     is word-level (no CLIP vocabulary without a download); the text encoder keeps
     CLIP's 49,408-entry embedding table, of which it uses the first few ids.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from world.sd_components import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
     from world.wordtok import build_word_tokenizer
@@ -102,17 +120,7 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
             cross_attention_dim=768,
             attention_head_dim=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
+        vae = sd_vae(512, 0.18215)
         text_encoder = clip_text_encoder(
             tokenizer, hidden=768, intermediate=3072, layers=12, heads=12, vocab_size=49408, hidden_act="quick_gelu"
         )
@@ -131,7 +139,7 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
 def build_sdxl_random(device: torch.device, dtype: torch.dtype) -> Any:
     """SDXL base's published configurations (UNet, both text encoders, VAE) with random
     weights, built on `device`: the compute of SDXL at no download. Scaled as build_sd15_random."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from world.sd_components import sd_noise_scheduler
@@ -165,18 +173,7 @@ def build_sdxl_random(device: torch.device, dtype: torch.dtype) -> Any:
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        vae = sd_vae(1024, 0.13025, force_upcast=True)
         text_encoder = clip(CLIPTextModel, 768, 12, 12, 3072, hidden_act="quick_gelu")
         text_encoder_2 = clip(CLIPTextModelWithProjection, 1280, 32, 20, 5120, hidden_act="gelu", projection_dim=1280)
     with torch.no_grad():

@@ -14,6 +14,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from tests.fixtures.oom_unet import OOMAboveRows
+from tests.test_engine import make_job as engine_job
+from tests.test_engine import run_alone
 from worker.engine import Engine, GenerationJob, JobCanceled
 from worker.loader import LoadedModel, load_model
 from worker.runners.sdxl import SDXLRunner
@@ -31,18 +33,7 @@ def engine(model: LoadedModel) -> Iterator[Engine]:
 
 
 def make_job(job_id: str, **overrides: Any) -> GenerationJob:
-    fields: dict[str, Any] = dict(
-        id=job_id, prompt="a red circle", width=32, height=32, steps=5, guidance_scale=5.0, seed=7
-    )
-    fields.update(overrides)
-    return GenerationJob(**fields)
-
-
-def run_alone(engine: Engine, job: GenerationJob) -> GenerationJob:
-    engine.submit(job)
-    engine.run_until_idle()
-    job.future.result(timeout=0)
-    return job
+    return engine_job(job_id, **{"steps": 5, "guidance_scale": 5.0, **overrides})
 
 
 def test_an_sdxl_directory_loads_as_sdxl(model: LoadedModel, engine: Engine) -> None:

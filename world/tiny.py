@@ -25,6 +25,21 @@ TINY_WORDS = (
 ).split()
 
 
+def tiny_vae(sample_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """A 2-block VAE (it halves once) for latents of `sample_size`."""
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size * 2,
+        scaling_factor=scaling_factor,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, inpainting: bool = False) -> StableDiffusionPipeline:
     """Native size is `sample_size` × 2 pixels (a 2-block VAE halves once). `inpainting`
     gives the UNet SD-inpainting's 9 input channels (latent, mask, masked picture)."""
@@ -43,16 +58,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, inpainting: bool =
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=sample_size * 2,
-    )
+    vae = tiny_vae(sample_size)
     return assemble_pipeline(unet, vae, text_encoder, tokenizer, sd_noise_scheduler())
 
 
@@ -88,17 +94,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiff
         cross_attention_dim=64,  # both encoders' hidden states side by side
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=sample_size * 2,
-        scaling_factor=0.13025,  # SDXL's VAE
-    )
+    vae = tiny_vae(sample_size, scaling_factor=0.13025)  # SDXL's VAE scaling
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=sd_noise_scheduler(), force_zeros_for_empty_prompt=True,
