@@ -30,6 +30,7 @@ from app.routes.jobs import submit_router
 from app.settings import ApiSettings
 from app.store.events import JobEvents
 from app.store.workers import WorkerCache
+from bailan import webhooks
 from bailan.blobs import open_store
 from bailan.keys import KeyRing
 from bailan.reaper import Reaper
@@ -78,7 +79,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         else:
             log.info("API keys from %s: %d keys", settings.api_keys_file, len(keyring))
         reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s,
-                        blobs=blobs, blob_sweep_interval_s=settings.blob_sweep_interval_s)
+                        webhooks.Policy.of(settings), blobs=blobs,
+                        blob_sweep_interval_s=settings.blob_sweep_interval_s)
         reaper.start()
         app.state.reaper = reaper
         job_events = JobEvents(aconn)

@@ -20,11 +20,14 @@ VAE decode and uint8 output included; latency is submit -> image on the host.
 
     python bench/throughput.py --device cpu               # built-in model (or the tiny pipeline)
     python bench/throughput.py --device cuda --n 16       # SD1.5 architecture, random weights, built in code
+    python bench/throughput.py --device cuda --arch sdxl --n 8   # SDXL base architecture at 1024x1024
 
 On CUDA the default model is an SD1.5-architecture pipeline with random weights,
 built directly on the GPU (nothing is downloaded; see ../shared/ANCHORS.md):
 compute is the same as the real SD1.5's, so the timings are. `--save-model DIR`
 writes it with save_pretrained for the whole-service benchmark (bench/service.py).
+`--arch sdxl` builds SDXL base's architecture the same way (stock
+`StableDiffusionXLPipeline` against the engine's SDXL runner, at 1024x1024).
 `--json PATH` is rewritten after each mode, so a run cut short keeps what it measured.
 """
 
@@ -49,7 +52,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from worker.engine import Engine, GenerationJob, RunnerOptions
-from worker.loader import LoadedModel, from_pipeline
+from worker.loader import LoadedModel, from_pipeline, pipeline_class
 from worker.imaging import encode_preview
 from world.tiny import TINY_WORDS, build_tiny_pipeline
 
@@ -73,6 +76,24 @@ def prompts(n: int) -> list[str]:
 # ---- models -----------------------------------------------------------------------
 
 
+def sd_vae(sample_size: int, scaling_factor: float, **extra: Any) -> Any:
+    """Stable Diffusion's published VAE configuration (SD 1.x and SDXL share it but for scaling)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
+
 def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     """SD1.5's published configurations with random weights, built on `device`.
 
@@ -80,7 +101,7 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
     is word-level (no CLIP vocabulary without a download); the text encoder keeps
     CLIP's 49,408-entry embedding table, of which it uses the first few ids.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from world.sd_components import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
     from world.wordtok import build_word_tokenizer
@@ -99,17 +120,7 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
             cross_attention_dim=768,
             attention_head_dim=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
+        vae = sd_vae(512, 0.18215)
         text_encoder = clip_text_encoder(
             tokenizer, hidden=768, intermediate=3072, layers=12, heads=12, vocab_size=49408, hidden_act="quick_gelu"
         )
@@ -125,17 +136,76 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype) -> StableDiffusi
     return pipe
 
 
+def build_sdxl_random(device: torch.device, dtype: torch.dtype) -> Any:
+    """SDXL base's published configurations (UNet, both text encoders, VAE) with random
+    weights, built on `device`: the compute of SDXL at no download. Scaled as build_sd15_random."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from world.sd_components import sd_noise_scheduler
+    from world.wordtok import build_word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=77)
+    tokenizer_2 = build_word_tokenizer(TINY_WORDS, model_max_length=77)
+
+    def clip(cls: Any, hidden: int, layers: int, heads: int, intermediate: int, **extra: Any) -> Any:
+        return cls(CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
+        ))
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = sd_vae(1024, 0.13025, force_upcast=True)
+        text_encoder = clip(CLIPTextModel, 768, 12, 12, 3072, hidden_act="quick_gelu")
+        text_encoder_2 = clip(CLIPTextModelWithProjection, 1280, 32, 20, 5120, hidden_act="gelu", projection_dim=1280)
+    with torch.no_grad():
+        for module in (unet, vae):
+            for p in module.parameters():
+                if p.dim() >= 2:
+                    p.mul_(0.5)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=sd_noise_scheduler(), force_zeros_for_empty_prompt=True,
+    )
+    pipe.to(device=device, dtype=dtype)
+    if dtype == torch.float16:
+        pipe.vae.to(torch.float32)  # as the stock pipeline and the worker do for force_upcast
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
 def build_pipeline(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> tuple[StableDiffusionPipeline, str, Path]:
     """The pipeline, its name for the report, and its directory (for latent_rgb.json)."""
     path = Path(args.model) if args.model else BUILTIN
     if args.model or (device.type == "cpu" and (BUILTIN / "model_index.json").is_file()):
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        cls = pipeline_class(path)
+        extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+        pipe = cls.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
         name = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
         return pipe.to(device), name, path
+    if device.type == "cuda" and args.arch == "sdxl":
+        return build_sdxl_random(device, dtype), "sdxl-architecture-random (built in code)", Path("sdxl-random")
     if device.type == "cuda":
         return build_sd15_random(device, dtype), "sd15-architecture-random (built in code)", Path("sd15-random")
     return build_tiny_pipeline().to(device=device, dtype=dtype), "tiny random pipeline (world/tiny.py)", Path("tiny")
@@ -342,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
-    p.add_argument("--model", help="a diffusers SD directory (default: built in, see above)")
+    p.add_argument("--model", help="a diffusers SD or SDXL directory (default: built in, see above)")
+    p.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"],
+                   help="CUDA without --model: the random-weight architecture (sdxl runs at 1024x1024)")
     p.add_argument("--n", type=int, help="concurrent requests (default 16 on CUDA, 8 on CPU)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--mixed-steps", default="15,25,40", help="step counts cycled over the staggered requests")
@@ -378,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size:
         args.width = args.height = args.size
     elif device.type == "cuda" and not args.model:
-        args.width = args.height = 512
+        args.width = args.height = 1024 if args.arch == "sdxl" else 512
     else:
         scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         args.width = args.height = pipe.unet.config.sample_size * scale

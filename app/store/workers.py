@@ -13,7 +13,7 @@ import redis
 from app.schemas import ModelOut
 from app.store.common import parse_json
 from bailan.caps import DeviceCaps
-from bailan.jobs import Keys
+from bailan.jobs import MODEL_DEFAULT_FIELDS, Keys, ModelDefaults
 
 log = logging.getLogger("bailan.api")
 
@@ -30,7 +30,18 @@ class WorkerInfo:
     dtype: str | None
     max_batch: int | None
     hash: str | None = None
+    defaults: ModelDefaults = ModelDefaults()
+    samplers: tuple[str, ...] = ()
     caps: DeviceCaps = DeviceCaps()
+
+
+def _defaults(value: Any) -> ModelDefaults:
+    """A worker's published defaults; a worker of another version may publish what this
+    API cannot read, and its jobs then get the service-wide defaults."""
+    try:
+        return ModelDefaults.model_validate(value) if isinstance(value, dict) else ModelDefaults()
+    except ValueError:
+        return ModelDefaults()
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -61,6 +72,8 @@ def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
                 dtype=str(info["dtype"]) if info.get("dtype") is not None else None,
                 max_batch=_int_or_none(info.get("max_batch")),
                 hash=str(info["hash"]) if isinstance(info.get("hash"), str) else None,
+                defaults=_defaults(info.get("defaults")),
+                samplers=tuple(str(s) for s in info.get("samplers") or () if isinstance(s, str)),
                 caps=DeviceCaps.from_json(info.get("caps")),
             )
         )
@@ -111,6 +124,8 @@ def models_served(workers: list[WorkerInfo]) -> list[ModelOut]:
                 dtypes=sorted({w.dtype for w in group if w.dtype}),
                 max_batch=max(batches) if batches else None,
                 hashes=sorted({w.hash for w in group if w.hash}),
+                defaults=agreed_defaults(group),
+                samplers=sorted(set.intersection(*(set(w.samplers) for w in group))),
             )
         )
     return out
@@ -126,6 +141,11 @@ def native_size(workers: list[WorkerInfo]) -> tuple[int | None, int | None]:
     if len(sizes) == 1:
         return sizes.pop()
     return None, None
+
+
+def serving(workers: list[WorkerInfo], model: str | None) -> list[WorkerInfo]:
+    """The workers that may run a job of `model` (None: any worker takes it)."""
+    return workers if model is None else [w for w in workers if w.model == model]
 
 
 def device_refusal(workers: list[WorkerInfo], width: int | None, height: int | None, steps: int) -> tuple[str, str] | None:
@@ -144,3 +164,18 @@ def device_refusal(workers: list[WorkerInfo], width: int | None, height: int | N
     (field, reason), worker = refusals[0]
     devices = ", ".join(sorted({w.device or "unknown" for _, w in refusals}))
     return field, f"{reason}: more than any live worker takes (devices: {devices})"
+
+
+def agreed_defaults(workers: list[WorkerInfo]) -> ModelDefaults:
+    """Each model default that every live worker publishes alike.
+
+    Like the native size: with workers of different models on one queue the
+    API cannot know which runs a job, so a default they disagree on is left to
+    the service-wide one.
+    """
+    agreed: dict[str, Any] = {}
+    for name in MODEL_DEFAULT_FIELDS:
+        values = {getattr(w.defaults, name) for w in workers}
+        if len(values) == 1 and None not in values:
+            agreed[name] = values.pop()
+    return ModelDefaults(**agreed)
