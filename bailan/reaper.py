@@ -20,6 +20,7 @@ from rq.serializers import JSONSerializer
 
 from bailan import events
 from bailan.jobs import KEY_PREFIX, ErrorCode, Keys, RecordField, now
+from bailan.metrics import field, metrics_key
 from bailan.queues import all_queue_names
 
 # The API's thread is what logs here; the name predates this module.
@@ -44,13 +45,13 @@ def reap_abandoned(connection: redis.Redis, queue_name: str, keep_s: int = 86400
         # Each API key's jobs run from its own queue (bailan.queues), and RQ keeps a
         # started and a canceled registry per queue: visit every one.
         for name in all_queue_names(connection, queue_name):
-            reaped += _reap_queue(connection, name, keep_s)
+            reaped += _reap_queue(connection, name, keep_s, queue_name)
         return reaped
     finally:
         connection.delete(lock)
 
 
-def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int) -> list[str]:
+def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int, base: str) -> list[str]:
     connection.zremrangebyscore(CanceledJobRegistry(queue_name, connection=connection).key, 0, now() - keep_s)
     registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
     expired = registry.get_expired_job_ids(now())
@@ -73,7 +74,10 @@ def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int) -> list[s
             pipe.hsetnx(key, RecordField.error_message, "the worker running this job stopped responding")
             pipe.hsetnx(key, RecordField.finished_at, str(now()))
             pipe.expire(key, keep_s)
+            pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total",
+                                                       {"status": "failed", "error": ErrorCode.worker_lost.value}), 1)
         else:
+            pipe.hincrbyfloat(metrics_key(base), "bailan_jobs_requeued_total", 1)
             # Requeued: it runs afresh, so the dead attempt's traces go.
             pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
             pipe.delete(Keys.previews(job_id))

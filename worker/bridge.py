@@ -15,7 +15,8 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -23,12 +24,16 @@ from PIL import Image
 
 from bailan import events
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
+from bailan.metrics import Tally
 from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
 from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled
 from worker.generation import InvalidInput
+from worker.outage import RedisGone, RedisOutage
 from worker.settings import WorkerSettings
 from worker.slots import CANCELED_RESULT
+
+T = TypeVar("T")
 
 log = logging.getLogger("bailan.worker")
 
@@ -50,22 +55,57 @@ class JobBridge:
     connection: redis.Redis
     in_flight: dict[str, _InFlight] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
+    # Shared with the slots and the liveness thread (worker.process); made here when not given.
+    outage: RedisOutage | None = None
+    tally: Tally = field(default_factory=Tally)
 
     def __post_init__(self) -> None:
+        if self.outage is None:
+            self.outage = RedisOutage(self.connection, self.settings.redis_outage_limit_s)
         self.previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bailan-preview")
         self.lock = threading.Lock()
 
     # ---- one job, on a slot thread --------------------------------------------
 
     def run(self, job_id: str) -> dict[str, Any]:
-        """Run one job to its end; RQ's result, or CANCELED_RESULT. Raises when the job failed."""
+        """Run one job to its end; RQ's result, or CANCELED_RESULT. Raises when the job failed.
+
+        Every Redis call here waits out an outage (worker.outage): a job whose
+        images are made is never lost to a Redis restart.
+        """
+        labels = {"model": self.model.name}
+        try:
+            result = self._run(job_id)
+        except RedisGone:
+            raise  # not an outcome: the process exits and the reaper requeues the job
+        except Exception as exc:
+            code = getattr(exc, "bailan_error_code", ErrorCode.internal.value)
+            self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "failed", "error": code})
+            raise
+        if result == CANCELED_RESULT:
+            self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "canceled"})
+        else:
+            self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "succeeded"})
+            self.tally.inc("bailan_images_total", labels, result["images"])
+        return result
+
+    def _redis(self, what: str, call: Callable[[], T]) -> T:
+        assert self.outage is not None
+        return self.outage.retry(what, call)
+
+    def _run(self, job_id: str) -> dict[str, Any]:
         key = Keys.job(job_id)
-        record = decode_record(self.connection.hgetall(key))
+        record = decode_record(self._redis("reading a job record", lambda: self.connection.hgetall(key)))
         if not record.get(RecordField.params):
             raise RuntimeError(f"job {job_id} has no record (expired before it ran?)")
         if record.get(RecordField.cancel_requested):
             self._finish_record(job_id, {})
             return CANCELED_RESULT
+        try:
+            created = float(record.get(RecordField.created_at) or "nan")
+        except ValueError:
+            created = float("nan")
+        self.tally.observe("bailan_job_wait_seconds", now() - created, {"model": self.model.name})
         params = JobParams.model_validate_json(record[RecordField.params])
         width = params.width or self.model.native_width
         height = params.height or self.model.native_height
@@ -74,6 +114,7 @@ class JobBridge:
         except InvalidInput as exc:
             self._finish_record(job_id, {RecordField.error_code: ErrorCode.invalid_for_model.value,
                                          RecordField.error_message: str(exc)})
+            exc.bailan_error_code = ErrorCode.invalid_for_model.value  # type: ignore[attr-defined]
             raise
         job = GenerationJob(
             id=job_id,
@@ -94,28 +135,34 @@ class JobBridge:
             strength=params.strength,
             on_preview=self._on_preview,
         )
-        pipe = self.connection.pipeline()
-        # A retried job starts afresh: no error, end time or previews of the attempt before.
-        pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
-        pipe.delete(Keys.previews(job_id))
-        pipe.hset(
-            key,
-            mapping={
-                RecordField.started_at: now(),
-                RecordField.step: 0,
-                RecordField.total_steps: job.run_steps,
-                RecordField.width: job.width,
-                RecordField.height: job.height,
-                RecordField.model: self.model.name,
-                RecordField.worker: self.settings.name,
-            },
-        )
-        pipe.execute()
+        started = now()
+
+        def mark_started() -> list[Any]:
+            pipe = self.connection.pipeline()
+            # A retried job starts afresh: no error, end time or previews of the attempt before.
+            pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
+            pipe.delete(Keys.previews(job_id))
+            pipe.hset(
+                key,
+                mapping={
+                    RecordField.started_at: started,
+                    RecordField.step: 0,
+                    RecordField.total_steps: job.run_steps,
+                    RecordField.width: job.width,
+                    RecordField.height: job.height,
+                    RecordField.model: self.model.name,
+                    RecordField.worker: self.settings.name,
+                },
+            )
+            return pipe.execute()
+
+        self._redis("marking a job started", mark_started)
         try:
             future = self.engine.submit(job)
         except InvalidForModel as exc:
             self._finish_record(job_id, {RecordField.error_code: ErrorCode.invalid_for_model.value,
                                          RecordField.error_message: str(exc)})
+            exc.bailan_error_code = ErrorCode.invalid_for_model.value  # type: ignore[attr-defined]
             raise
         with self.lock:
             self.in_flight[job_id] = _InFlight(job)
@@ -128,6 +175,7 @@ class JobBridge:
         except OOM_ERRORS as exc:
             self._finish_record(job_id, {RecordField.error_code: ErrorCode.out_of_memory.value,
                                          RecordField.error_message: f"out of GPU memory: {exc}".strip()[:500]})
+            exc.bailan_error_code = ErrorCode.out_of_memory.value  # type: ignore[attr-defined]
             raise
         except Exception as exc:
             self._finish_record(job_id, {RecordField.error_code: ErrorCode.internal.value,
@@ -146,7 +194,8 @@ class JobBridge:
         if params.init_image is None:
             return None, None
         names = ["init_image"] + (["mask_image"] if params.mask_image is not None else [])
-        found = self.connection.mget([Keys.input_image(job_id, name) for name in names])
+        found = self._redis("reading input images",
+                            lambda: self.connection.mget([Keys.input_image(job_id, name) for name in names]))
         if any(data is None for data in found):
             raise InvalidInput("the job's input image expired before it ran")
         image = Image.open(io.BytesIO(found[0])).convert("RGB")
@@ -166,29 +215,38 @@ class JobBridge:
 
     def _store_images(self, job: GenerationJob, fmt: str, images: list[np.ndarray]) -> None:
         ttl = self.settings.result_ttl_s
-        pipe = self.connection.pipeline()
-        for index, array in enumerate(images):
-            data = encode_image(array, fmt, parameters=self._parameters(job, index))
-            pipe.set(Keys.image(job.id, index), data, ex=ttl)
-        self._finish_record(
-            job.id,
-            {
-                RecordField.step: job.run_steps,
-                RecordField.images: dumps([{"index": i, "seed": job.seed + i} for i in range(len(images))]),
-                RecordField.unknown_words: dumps(job.unknown_words),
-            },
-            pipe,
-        )
+        # Encoded once: a Redis outage retries the writes, not the encoding.
+        encoded = [encode_image(array, fmt, parameters=self._parameters(job, index))
+                   for index, array in enumerate(images)]
+        fields = {
+            RecordField.step: job.run_steps,
+            RecordField.images: dumps([{"index": i, "seed": job.seed + i} for i in range(len(images))]),
+            RecordField.unknown_words: dumps(job.unknown_words),
+        }
 
-    def _finish_record(self, job_id: str, fields: dict[str, Any], pipe: Any = None) -> None:
-        pipe = pipe if pipe is not None else self.connection.pipeline()
+        def images_first(pipe: Any) -> None:
+            for index, data in enumerate(encoded):
+                pipe.set(Keys.image(job.id, index), data, ex=ttl)
+
+        self._finish_record(job.id, fields, images_first)
+
+    def _finish_record(self, job_id: str, fields: dict[str, Any], before: Callable[[Any], None] | None = None) -> None:
         key = Keys.job(job_id)
-        pipe.hset(key, mapping={**fields, RecordField.finished_at: now()})
         ttl = self.settings.result_ttl_s
-        pipe.expire(key, ttl)
-        pipe.expire(Keys.previews(job_id), ttl)
-        events.notify(pipe, job_id)  # event streams: look again
-        pipe.execute()
+        finished = now()
+
+        def write() -> list[Any]:
+            # Built afresh on every try: redis-py empties a pipeline whose execute failed.
+            pipe = self.connection.pipeline()
+            if before is not None:
+                before(pipe)
+            pipe.hset(key, mapping={**fields, RecordField.finished_at: finished})
+            pipe.expire(key, ttl)
+            pipe.expire(Keys.previews(job_id), ttl)
+            events.notify(pipe, job_id)  # event streams: look again
+            return pipe.execute()
+
+        self._redis("storing a job's outcome", write)
 
     # ---- engine callbacks and the I/O thread ------------------------------------
 
@@ -207,7 +265,8 @@ class JobBridge:
             events.notify(pipe, job_id)  # event streams: look again
             pipe.execute()
         except Exception:
-            log.exception("storing preview %s/%d failed", job_id, step)
+            # A preview lost to a Redis outage is only a preview: the next one replaces it.
+            log.exception("storing preview %s/%d failed", job_id, step, extra={"job_id": job_id})
 
     def io_loop(self) -> None:
         """Progress out, cancel requests in; every 50 ms rather than every step."""
