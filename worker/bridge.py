@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -74,6 +75,9 @@ class JobBridge:
         images are made is never lost to a Redis restart.
         """
         labels = {"model": self.model.name}
+        # The slot runs this in the job's logging context (bailan.logs): these lines carry its id.
+        log.info("job started")
+        started = time.perf_counter()
         try:
             result = self._run(job_id)
         except RedisGone:
@@ -81,12 +85,15 @@ class JobBridge:
         except Exception as exc:
             code = getattr(exc, "bailan_error_code", ErrorCode.internal.value)
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "failed", "error": code})
+            log.warning("job failed (%s) after %.2f s: %s", code, time.perf_counter() - started, exc)
             raise
         if result == CANCELED_RESULT:
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "canceled"})
+            log.info("job canceled after %.2f s", time.perf_counter() - started)
         else:
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "succeeded"})
             self.tally.inc("bailan_images_total", labels, result["images"])
+            log.info("job succeeded in %.2f s (%d images)", time.perf_counter() - started, result["images"])
         return result
 
     def _redis(self, what: str, call: Callable[[], T]) -> T:
