@@ -181,6 +181,8 @@ def test_redis_killed_mid_job_and_restarted(tiny_model_dir: Path, tmp_path: Path
             time.sleep(0.3)
         assert {status for status, _ in down_answers} == {503}, down_answers
         assert max(seconds for _, seconds in down_answers) < 5, down_answers
+        # /metrics still answers, and says Redis is down.
+        assert scrape(service)[("bailan_redis_up", ())] == 0
         assert worker.poll() is None, "the worker exited while Redis was down"
 
         server = _valkey(data, port)
@@ -200,3 +202,89 @@ def test_redis_killed_mid_job_and_restarted(tiny_model_dir: Path, tmp_path: Path
     finally:
         service.close()
         server.stop()
+
+
+def test_worker_exits_non_zero_when_redis_stays_away(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Guards against a worker that exits 0 (or hangs) when it cannot go on: with its
+    Redis gone past BAILAN_REDIS_OUTAGE_LIMIT_S it exits with code 3, so that a
+    restart-on-failure policy restarts it."""
+    data = tmp_path / "valkey"
+    data.mkdir()
+    server = _valkey(data)
+    service = Service(f"redis://127.0.0.1:{server.port}/0", tiny_model_dir, tmp_path, queue="gone",
+                      BAILAN_REDIS_OUTAGE_LIMIT_S="3")
+    try:
+        worker = service.add_worker()
+        service.wait_ready()
+        server.stop()
+        assert worker.wait(timeout=120) == 3
+        assert "Redis stayed unreachable" in (tmp_path / "worker-gone-0.log").read_text()
+    finally:
+        service.close()
+        if server._process is not None:  # noqa: SLF001 - stopped already unless the test failed early
+            server.stop()
+
+
+# ---- pure logic: the figures' encoding and the restart policy ------------------------------
+
+
+def test_tally_fields_round_trip_and_fill_buckets() -> None:
+    """Guards against worker figures that the API's collector cannot read back: field names
+    parse to their labels, histogram observations land in the right bucket, and counts
+    that failed to send are kept for the next tick."""
+    from bailan.metrics import Tally, bucket_bound, field, parse_field
+
+    assert parse_field(field("bailan_jobs_finished_total", {"status": "failed", "error": "x,y"})) == \
+        ("bailan_jobs_finished_total", {"error": "x_y", "status": "failed"})
+    assert bucket_bound("bailan_batch_rows", 3) == "4.0"
+    assert bucket_bound("bailan_batch_rows", 10_000) == "+Inf"
+    tally = Tally()
+    tally.observe("bailan_step_seconds", 0.02)
+    tally.observe("bailan_step_seconds", float("nan"))  # ignored, never a poisoned sum
+    tally.inc("bailan_images_total", {"model": "m"}, 2)
+    taken = tally.take()
+    assert taken == {"bailan_step_seconds_bucket{le=0.025}": 1, "bailan_step_seconds_sum": 0.02,
+                     "bailan_step_seconds_count": 1, "bailan_images_total{model=m}": 2}
+    assert tally.take() == {}
+    tally.give_back(taken)
+    tally.inc("bailan_images_total", {"model": "m"})
+    assert tally.take()["bailan_images_total{model=m}"] == 3
+
+
+def test_collector_builds_cumulative_histograms(redis_conn: redis.Redis) -> None:
+    """Guards against a /metrics whose histograms are not cumulative, or that drops a
+    counter written with fewer labels (the reaper's worker_lost has no model)."""
+    from app.metrics import RedisCollector
+    from bailan.metrics import Tally
+
+    tally = Tally()
+    for rows in (1, 2, 2, 600):
+        tally.observe("bailan_batch_rows", rows)
+    tally.inc("bailan_jobs_finished_total", {"model": "m", "status": "succeeded"})
+    tally.inc("bailan_jobs_finished_total", {"status": "failed", "error": "worker_lost"})
+    pipe = redis_conn.pipeline()
+    tally.add_to(pipe, "unit", tally.take())
+    pipe.execute()
+    families = {f.name: f for f in RedisCollector(redis_conn, "unit").collect()}
+    rows = {s.labels["le"]: s.value for s in families["bailan_batch_rows"].samples if s.name.endswith("_bucket")}
+    assert rows["1.0"] == 1 and rows["2.0"] == 3 and rows["512.0"] == 3 and rows["+Inf"] == 4
+    finished = {(s.labels["status"], s.labels["model"], s.labels["error"]): s.value
+                for s in families["bailan_jobs_finished"].samples if s.name.endswith("_total")}
+    assert finished == {("succeeded", "m", ""): 1, ("failed", "", "worker_lost"): 1}
+    assert families["bailan_redis_up"].samples[0].value == 1
+
+
+def test_restart_policy_backs_off_and_gives_up_on_quick_crashes() -> None:
+    """Guards against a supervisor that restarts a crash loop for ever, or that gives up
+    on a child which ran fine for a long time before it died."""
+    from bailan.launch import LaunchSettings, Restarts
+
+    settings = LaunchSettings(restart_backoff_s=1, restart_window_s=10, restart_limit=3)
+    restarts = Restarts(started_at=time.monotonic())
+    assert restarts.after_exit(settings) == 1  # first quick crash
+    restarts.started()
+    assert restarts.after_exit(settings) == 2  # second: the delay doubles
+    restarts.started()
+    assert restarts.after_exit(settings) is None  # third in a row: give up
+    long_runner = Restarts(started_at=time.monotonic() - 3600, quick=2)
+    assert long_runner.after_exit(settings) == 1 and long_runner.quick == 0

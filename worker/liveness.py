@@ -91,12 +91,14 @@ class Liveness:
                 if self.outage is not None:
                     self.outage.note_ok()
             except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
                 if self.outage is not None and isinstance(exc, TRANSIENT):
-                    self.outage.note("heartbeat", exc)
+                    self.outage.note("heartbeat", exc)  # logs once per outage
+                else:
+                    log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat failed")
-            if time.monotonic() - last_reap >= self.settings.reap_interval_s:
+            outage = self.outage is not None and self.outage.down
+            if not outage and time.monotonic() - last_reap >= self.settings.reap_interval_s:
                 last_reap = time.monotonic()
                 try:
                     lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s)

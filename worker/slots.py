@@ -33,7 +33,7 @@ from rq.timeouts import BaseDeathPenalty
 from bailan import events
 from bailan.logs import job_context
 from bailan.queues import fair_order, mark_served
-from worker.outage import RedisOutage
+from worker.outage import RedisGone, RedisOutage
 
 log = logging.getLogger("bailan.worker")
 
@@ -124,6 +124,7 @@ class SlotWorker(SimpleWorker):
         # to be read back from RQ's private copy of the return value.
         self.job_was_canceled = False
         self._last_wait_beat = 0.0
+        self.outage: RedisOutage | None = None
         # The queue the process was given is the base queue; each API key's
         # queue hangs off it (bailan.queues).
         self.base_queue_name = self.queues[0].name if self.queues else ""
@@ -138,6 +139,7 @@ class SlotWorker(SimpleWorker):
         capacity. Returns on a stop, when Redis stays away past the outage
         limit, or when the loop keeps ending at once while Redis is up.
         """
+        self.outage = outage
         quick_ends = 0
         while not self.stop.is_set():
             started = time.monotonic()
@@ -159,6 +161,13 @@ class SlotWorker(SimpleWorker):
                 self.register_death()
             except redis.RedisError:
                 continue
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+        # RQ's dequeue retries a lost connection for ever, calling this first on
+        # every try: past the outage limit, leave it (and the work loop) here.
+        if kwargs.get("pipeline") is None and self.outage is not None and self.outage.gave_up.is_set():
+            raise RedisGone(f"slot {self.name}: Redis unreachable past the outage limit")
+        super().heartbeat(*args, **kwargs)
 
     def _install_signal_handlers(self) -> None:
         # The main thread owns signals and sets `stop` itself (worker.process).

@@ -33,6 +33,7 @@ from bailan.jobs import (
 )
 from bailan import events
 from bailan.keys import ANONYMOUS
+from bailan.metrics import field, metrics_key
 from bailan.queues import RQ_QUEUE_PREFIX, key_queue_name
 
 
@@ -294,6 +295,8 @@ def cancel(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int) -> str:
             pipe.hsetnx(job_key, RecordField.cancel_requested, stamp)
             pipe.hsetnx(job_key, RecordField.finished_at, stamp)
             events.notify(pipe, snap.job_id)
+            # No worker ever sees this job: the API counts its final state (bailan.metrics).
+            pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total", {"status": "canceled"}), 1)
             pipe.execute()
             return CancelOutcome.canceled
     # Running: only the worker can stop it, between two steps.
