@@ -30,7 +30,7 @@ from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
 from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled
 from worker.generation import InvalidInput
-from worker.outage import RedisGone, RedisOutage
+from worker.outage import TRANSIENT, RedisGone, RedisOutage
 from worker.settings import WorkerSettings
 from worker.slots import CANCELED_RESULT
 
@@ -271,27 +271,35 @@ class JobBridge:
             pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))
             events.notify(pipe, job_id)  # event streams: look again
             pipe.execute()
-        except Exception:
+        except TRANSIENT as exc:
             # A preview lost to a Redis outage is only a preview: the next one replaces it.
+            assert self.outage is not None
+            self.outage.note("storing a preview", exc)
+        except Exception:
             log.exception("storing preview %s/%d failed", job_id, step, extra={"job_id": job_id})
 
     def io_loop(self) -> None:
         """Progress out, cancel requests in; every 50 ms rather than every step."""
         while not self.stop.is_set():
             try:
-                self.sync_jobs()
+                if self.sync_jobs() and self.outage is not None and self.outage.down:
+                    self.outage.note_ok()
+            except TRANSIENT as exc:
+                assert self.outage is not None
+                self.outage.note("progress/cancel sync", exc)  # logged once per outage, not every 50 ms
             except redis.RedisError as exc:
                 log.warning("progress/cancel sync failed: %s", exc)
             except Exception:  # this thread must outlive any one bad round
                 log.exception("progress/cancel sync failed")
             self.stop.wait(0.05)
 
-    def sync_jobs(self) -> None:
-        """One tick of the I/O thread: every running job's new step out, its cancel flag in."""
+    def sync_jobs(self) -> bool:
+        """One tick of the I/O thread: every running job's new step out, its cancel flag in.
+        True when it reached Redis (there were jobs to sync)."""
         with self.lock:
             flights = list(self.in_flight.items())
         if not flights:
-            return
+            return False
         # One round trip: this tick's progress out, every cancel flag in (read last).
         pipe = self.connection.pipeline()
         for job_id, flight in flights:
@@ -309,6 +317,7 @@ class JobBridge:
         for (_, flight), canceled in zip(flights, pipe.execute()[writes:]):
             if canceled:
                 flight.job.cancel_requested.set()
+        return True
 
     def close(self) -> None:
         """Stop the I/O thread and wait for the previews still being stored."""
