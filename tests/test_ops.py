@@ -117,13 +117,22 @@ def test_json_logs_name_the_job(json_service: Service) -> None:
                 assert record.get("job_id") == job["id"], record
 
 
-def test_readyz_forgets_a_killed_worker_within_seconds(
-    redis_url: str, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def _valkey(data_dir: Path, port: int | None = None) -> ValkeyServer:
+    server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
+                          config={"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction",
+                                  "pidfile": str(data_dir / "valkey.pid")})
+    server.start()
+    return server
+
+
+def test_readyz_forgets_a_killed_worker_within_seconds(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Guards against /readyz saying ready for up to 30 s after the only worker died:
     the presence key (1 s renewals, 4 s TTL) drops it within seconds, although job
     leases keep their 30 s heartbeat TTL here."""
-    service = Service(redis_url, tiny_model_dir, tmp_path, queue="readyz",
+    # A server of its own: /readyz counts every worker on its Redis, whatever the queue.
+    (tmp_path / "valkey").mkdir()
+    server = _valkey(tmp_path / "valkey")
+    service = Service(f"redis://127.0.0.1:{server.port}/0", tiny_model_dir, tmp_path, queue="readyz",
                       BAILAN_HEARTBEAT_INTERVAL_S="5", BAILAN_HEARTBEAT_TTL_S="30")
     try:
         worker = service.add_worker()
@@ -135,14 +144,7 @@ def test_readyz_forgets_a_killed_worker_within_seconds(
         assert total(scrape(service), "bailan_workers") == 0
     finally:
         service.close()
-
-
-def _valkey(data_dir: Path, port: int | None = None) -> ValkeyServer:
-    server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
-                          config={"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction",
-                                  "pidfile": str(data_dir / "valkey.pid")})
-    server.start()
-    return server
+        server.stop()
 
 
 def test_redis_killed_mid_job_and_restarted(tiny_model_dir: Path, tmp_path: Path) -> None:
