@@ -318,6 +318,7 @@ def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -
             "",
             f"Bailan is up at {base}",
             f"  API docs  {base}/docs",
+            f"  Metrics   {base}/metrics (Prometheus)",
             f"  Redis     {redis_line}",
             f"  Workers   {workers}, model: {model}",
             auth_line(),
