@@ -29,11 +29,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.store.workers import live_workers
 from bailan.jobs import Keys
 from bailan.metrics import BUCKETS, COUNTERS, HELP, metrics_key, parse_field
-from bailan.queues import all_queue_names
+from bailan.queues import model_base, registered_models
 
 log = logging.getLogger("bailan.api")
 
 RQ_QUEUE_PREFIX = "rq:queue:"
+
+
+def queues_by_model(conn: redis.Redis, base: str) -> list[tuple[str, str]]:
+    """Every RQ queue (bailan.queues.all_queue_names) with the model it feeds: "" for the
+    base queue and its key queues (jobs that name no model), else the model's name."""
+    found = []
+    for model in ["", *registered_models(conn, base)]:
+        root = model_base(base, model) if model else base
+        found += [(root, model), *((_text(m) or "", model) for m in sorted(conn.smembers(Keys.key_queues(root))))]
+    return found
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class RedisCollector(Collector):
@@ -58,20 +72,22 @@ class RedisCollector(Collector):
         yield from families
 
     def _families(self) -> Iterator[Metric]:
-        queues = all_queue_names(self.conn, self.queue_name)
+        queues = queues_by_model(self.conn, self.queue_name)
         pipe = self.conn.pipeline(transaction=False)
-        for name in queues:
+        for name, _ in queues:
             pipe.llen(f"{RQ_QUEUE_PREFIX}{name}")
             pipe.zcard(StartedJobRegistry(name, connection=self.conn).key)
         pipe.hgetall(metrics_key(self.queue_name))
         answers = pipe.execute()
-        depth = GaugeMetricFamily("bailan_queue_depth", "Jobs waiting in a queue (the base queue and one per API key).",
-                                  labels=["queue"])
+        depth = GaugeMetricFamily(
+            "bailan_queue_depth",
+            "Jobs waiting, per RQ queue and the model it feeds (model \"\": jobs that name none).",
+            labels=["queue", "model"])
         running = GaugeMetricFamily("bailan_jobs_running", "Jobs a worker has started and not finished.",
-                                    labels=["queue"])
-        for index, name in enumerate(queues):
-            depth.add_metric([name], answers[2 * index])
-            running.add_metric([name], answers[2 * index + 1])
+                                    labels=["queue", "model"])
+        for index, (name, model) in enumerate(queues):
+            depth.add_metric([name, model], answers[2 * index])
+            running.add_metric([name, model], answers[2 * index + 1])
         yield depth
         yield running
         yield from self._workers()

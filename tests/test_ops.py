@@ -82,7 +82,8 @@ def test_metrics_move_when_a_job_runs(json_service: Service) -> None:
         total(after, "bailan_job_wait_seconds_count")
     assert total(after, "bailan_workers") == 1
     assert total(after, "bailan_worker_slots") == 2
-    assert ("bailan_queue_depth", (("queue", "ops"),)) in after
+    assert after[("bailan_queue_depth", (("model", ""), ("queue", "ops")))] == 0
+    assert after[("bailan_queue_depth", (("model", "tiny-random"), ("queue", "ops:m:tiny-random")))] == 0
     assert total(after, "bailan_redis_up") == 1
     assert total(after, "bailan_http_requests_total", route="/v1/jobs", method="POST", status="202") >= 1
     assert total(after, "bailan_http_requests_total", route="/v1/jobs/{job_id}", method="GET") > \

@@ -23,7 +23,8 @@ import numpy as np
 import redis
 from PIL import Image
 
-from bailan import events
+from bailan import events, webhooks
+from bailan.webhooks import WebhookEvent
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
 from bailan.metrics import Tally
 from worker.imaging import encode_image, encode_preview, parameters_text
@@ -65,6 +66,9 @@ class JobBridge:
             self.outage = RedisOutage(self.connection, self.settings.redis_outage_limit_s)
         self.previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bailan-preview")
         self.lock = threading.Lock()
+        self.hooks = webhooks.Policy.of(self.settings)
+        # Params of the jobs between their start and their end that asked for webhooks.
+        self.hooked: dict[str, JobParams] = {}
 
     # ---- one job, on a slot thread --------------------------------------------
 
@@ -87,6 +91,9 @@ class JobBridge:
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "failed", "error": code})
             log.warning("job failed (%s) after %.2f s: %s", code, time.perf_counter() - started, exc)
             raise
+        finally:
+            with self.lock:  # normally gone already (_finish_record); not so after a Redis error
+                self.hooked.pop(job_id, None)
         if result == CANCELED_RESULT:
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "canceled"})
             log.info("job canceled after %.2f s", time.perf_counter() - started)
@@ -105,6 +112,10 @@ class JobBridge:
         record = decode_record(self._redis("reading a job record", lambda: self.connection.hgetall(key)))
         if not record.get(RecordField.params):
             raise RuntimeError(f"job {job_id} has no record (expired before it ran?)")
+        params = JobParams.model_validate_json(record[RecordField.params])
+        if params.webhook_url is not None:
+            with self.lock:
+                self.hooked[job_id] = params
         if record.get(RecordField.cancel_requested):
             self._finish_record(job_id, {})
             return CANCELED_RESULT
@@ -113,7 +124,6 @@ class JobBridge:
         except ValueError:
             created = float("nan")
         self.tally.observe("bailan_job_wait_seconds", now() - created, {"model": self.model.name})
-        params = JobParams.model_validate_json(record[RecordField.params])
         width = params.width or self.model.native_width
         height = params.height or self.model.native_height
         try:
@@ -145,7 +155,7 @@ class JobBridge:
         started = now()
 
         def mark_started() -> list[Any]:
-            pipe = self.connection.pipeline()
+            pipe = webhooks.transaction(self.connection)
             # A retried job starts afresh: no error, end time or previews of the attempt before.
             pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
             pipe.delete(Keys.previews(job_id))
@@ -161,6 +171,7 @@ class JobBridge:
                     RecordField.worker: self.settings.name,
                 },
             )
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params)
             return pipe.execute()
 
         self._redis("marking a job started", mark_started)
@@ -241,16 +252,20 @@ class JobBridge:
         key = Keys.job(job_id)
         ttl = self.settings.result_ttl_s
         finished = now()
+        with self.lock:
+            params = self.hooked.pop(job_id, None)
 
         def write() -> list[Any]:
             # Built afresh on every try: redis-py empties a pipeline whose execute failed.
-            pipe = self.connection.pipeline()
+            pipe = webhooks.transaction(self.connection)
             if before is not None:
                 before(pipe)
             pipe.hset(key, mapping={**fields, RecordField.finished_at: finished})
             pipe.expire(key, ttl)
             pipe.expire(Keys.previews(job_id), ttl)
             events.notify(pipe, job_id)  # event streams: look again
+            # The one place a job the worker ran ends: its `completed` webhook goes with the end.
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.completed, params)
             return pipe.execute()
 
         self._redis("storing a job's outcome", write)
@@ -265,11 +280,14 @@ class JobBridge:
         try:
             data = encode_preview(rgb, self.settings.preview_max_side)
             ttl = self.settings.preview_ttl_s
-            pipe = self.connection.pipeline()
+            pipe = webhooks.transaction(self.connection)
             pipe.set(Keys.preview(job_id, step), data, ex=ttl)
             pipe.zadd(Keys.previews(job_id), {str(step): step})
             pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))
             events.notify(pipe, job_id)  # event streams: look again
+            with self.lock:
+                params = self.hooked.get(job_id)  # gone once the job ended: no preview news after it
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.preview, params, step)
             pipe.execute()
         except TRANSIENT as exc:
             # A preview lost to a Redis outage is only a preview: the next one replaces it.

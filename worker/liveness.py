@@ -26,6 +26,7 @@ import redis
 from rq.utils import now as rq_now
 
 from bailan.jobs import Keys
+from bailan import webhooks
 from bailan.metrics import Tally
 from bailan.reaper import reap_abandoned
 from worker.outage import TRANSIENT, RedisOutage
@@ -60,6 +61,12 @@ class Liveness:
         lease = self.settings.heartbeat_ttl_s
         pipe = self.connection.pipeline()
         self.presence(pipe)
+        # The model's queues take jobs from now on, and keep taking them (to wait) when
+        # its workers are gone (bailan.queues); the live key clears the job view's notice.
+        model = str(self.info.get("model") or "")
+        if model:
+            pipe.sadd(Keys.models(self.settings.queue_name), model)
+            pipe.set(Keys.model_live(model), self.settings.name, ex=lease)
         if leases:
             for slot in self.slots:
                 job, execution = slot.running_job, slot.execution
@@ -101,7 +108,8 @@ class Liveness:
             if not outage and time.monotonic() - last_reap >= self.settings.reap_interval_s:
                 last_reap = time.monotonic()
                 try:
-                    lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s)
+                    lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s,
+                                          webhooks.Policy.of(self.settings))
                     if lost:
                         log.warning("reaped abandoned jobs: %s", lost)
                 except redis.RedisError as exc:

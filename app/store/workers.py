@@ -10,7 +10,7 @@ import redis
 
 from app.schemas import ModelOut
 from app.store.common import parse_json
-from bailan.jobs import Keys
+from bailan.jobs import MODEL_DEFAULT_FIELDS, Keys, ModelDefaults
 
 log = logging.getLogger("bailan.api")
 
@@ -29,6 +29,17 @@ class WorkerInfo:
     hash: str | None = None
     # Device figures the worker reports each tick (CUDA memory in bytes, by kind).
     gauges: dict[str, float] = field(default_factory=dict)
+    defaults: ModelDefaults = ModelDefaults()
+    samplers: tuple[str, ...] = ()
+
+
+def _defaults(value: Any) -> ModelDefaults:
+    """A worker's published defaults; a worker of another version may publish what this
+    API cannot read, and its jobs then get the service-wide defaults."""
+    try:
+        return ModelDefaults.model_validate(value) if isinstance(value, dict) else ModelDefaults()
+    except ValueError:
+        return ModelDefaults()
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -69,6 +80,8 @@ def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
                 max_batch=_int_or_none(info.get("max_batch")),
                 hash=str(info["hash"]) if isinstance(info.get("hash"), str) else None,
                 gauges=_gpu_memory(info),
+                defaults=_defaults(info.get("defaults")),
+                samplers=tuple(str(s) for s in info.get("samplers") or () if isinstance(s, str)),
             )
         )
     return workers
@@ -93,6 +106,8 @@ def models_served(workers: list[WorkerInfo]) -> list[ModelOut]:
                 dtypes=sorted({w.dtype for w in group if w.dtype}),
                 max_batch=max(batches) if batches else None,
                 hashes=sorted({w.hash for w in group if w.hash}),
+                defaults=agreed_defaults(group),
+                samplers=sorted(set.intersection(*(set(w.samplers) for w in group))),
             )
         )
     return out
@@ -108,3 +123,18 @@ def native_size(workers: list[WorkerInfo]) -> tuple[int | None, int | None]:
     if len(sizes) == 1:
         return sizes.pop()
     return None, None
+
+
+def agreed_defaults(workers: list[WorkerInfo]) -> ModelDefaults:
+    """Each model default that every live worker publishes alike.
+
+    Like the native size: with workers of different models on one queue the
+    API cannot know which runs a job, so a default they disagree on is left to
+    the service-wide one.
+    """
+    agreed: dict[str, Any] = {}
+    for name in MODEL_DEFAULT_FIELDS:
+        values = {getattr(w.defaults, name) for w in workers}
+        if len(values) == 1 and None not in values:
+            agreed[name] = values.pop()
+    return ModelDefaults(**agreed)
