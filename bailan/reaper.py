@@ -114,13 +114,28 @@ class Reaper:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._after_outage = False
 
     def sweep(self) -> list[str]:
-        """One pass; never raises, because a Redis outage must not kill the loop."""
+        """One pass; never raises, because a Redis outage must not kill the loop.
+
+        The first pass that reaches Redis after an outage only looks: leases ran
+        out during the outage while their workers still ran the jobs, and the
+        workers renew them within a second of Redis' return (their presence
+        tick); one interval later, only the jobs of workers that really died
+        are expired still.
+        """
         try:
+            if self._after_outage:
+                self.conn.ping()
+                self._after_outage = False
+                log.warning("reaper: Redis is back; sweeping again in %.0f s, once workers renewed their leases",
+                            self.interval_s)
+                return []
             reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s, self.hooks)
         except redis.RedisError as exc:
             log.warning("reaper: Redis unavailable (%s); retrying in %.0f s", exc, self.interval_s)
+            self._after_outage = True
             return []
         except Exception:
             log.exception("reaper: sweep failed")

@@ -154,7 +154,8 @@ def test_redis_killed_mid_job_and_restarted(tiny_model_dir: Path, tmp_path: Path
     once instead of 8 for good): the server is killed mid-job and restarted on its data
     directory and port; meanwhile the API answers 503 quickly (never a hang, never a
     500); afterwards every job answered 202 reaches a final state, the worker process
-    was never restarted, and its slots all run jobs again."""
+    was never restarted, no job was taken for abandoned because its lease ran out
+    during the outage, and its slots all run jobs again."""
     data = tmp_path / "valkey"
     data.mkdir()
     server = _valkey(data)
@@ -162,8 +163,9 @@ def test_redis_killed_mid_job_and_restarted(tiny_model_dir: Path, tmp_path: Path
     url = f"redis://127.0.0.1:{port}/0"
     # Three slots, two jobs: during the outage two slots hold running jobs (which end
     # and store their images meanwhile) and one waits in RQ's dequeue.
+    # Leases of 3 s: they run out during the 10 s outage while the jobs still run.
     service = Service(url, tiny_model_dir, tmp_path, queue="faults", BAILAN_MAX_BATCH="3",
-                      BAILAN_HEARTBEAT_INTERVAL_S="1", BAILAN_HEARTBEAT_TTL_S="30")
+                      BAILAN_HEARTBEAT_INTERVAL_S="1", BAILAN_HEARTBEAT_TTL_S="3", BAILAN_REAP_INTERVAL_S="2")
     try:
         worker = service.add_worker()
         service.wait_ready()
@@ -199,6 +201,10 @@ def test_redis_killed_mid_job_and_restarted(tiny_model_dir: Path, tmp_path: Path
         for job_id in jobs:
             assert service.http.get(f"/v1/jobs/{job_id}/images/0").status_code == 200
         assert worker.poll() is None, "the worker restarted instead of reconnecting"
+        # No reaper (the API's or the worker's) took the running jobs for abandoned
+        # because their leases ran out while Redis was down.
+        assert total(scrape(service), "bailan_jobs_requeued_total") == 0
+        assert total(scrape(service), "bailan_jobs_finished_total", error="worker_lost") == 0
 
         # Capacity: all three slots take work again, at the same time.
         more = [service.submit(steps=400, preview_every=0, scheduler="euler")["id"] for _ in range(3)]
@@ -297,3 +303,34 @@ def test_restart_policy_backs_off_and_gives_up_on_quick_crashes() -> None:
     assert restarts.after_exit(settings) is None  # third in a row: give up
     long_runner = Restarts(started_at=time.monotonic() - 3600, quick=2)
     assert long_runner.after_exit(settings) == 1 and long_runner.quick == 0
+
+
+def test_reaper_waits_one_interval_after_an_outage(tmp_path: Path) -> None:
+    """Guards against the API's reaper requeueing running jobs because their leases ran
+    out while Redis was down (their workers renew them within a second of its return):
+    the first sweep that reaches Redis after an outage reaps nothing, the next one
+    reaps what is still expired."""
+    from rq.registry import StartedJobRegistry
+
+    from bailan.reaper import Reaper
+
+    data = tmp_path / "valkey"
+    data.mkdir()
+    server = _valkey(data)
+    port = server.port
+    conn = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+    reaper = Reaper(conn, "reap", interval_s=10)
+    key = StartedJobRegistry("reap", connection=conn).key
+    try:
+        assert reaper.sweep() == []
+        server.stop()
+        assert reaper.sweep() == []  # Redis down: no raise
+        server = _valkey(data, port)
+        conn.zadd(key, {"0123456789abcdef0123456789abcdef:exec": 1.0})  # a lease that ran out long ago
+        assert reaper.sweep() == []  # just back: workers get a tick to renew
+        assert conn.zscore(key, "0123456789abcdef0123456789abcdef:exec") == 1.0
+        assert reaper.sweep() == ["0123456789abcdef0123456789abcdef"]
+    finally:
+        conn.close()
+        if server._process is not None:  # noqa: SLF001
+            server.stop()

@@ -87,6 +87,7 @@ class Liveness:
         """The liveness thread: presence every tick, leases and a reaper sweep on their intervals."""
         last_reap = 0.0
         last_leases = 0.0
+        reap_after = 0.0
         while not self.stop.is_set():
             tick = time.monotonic()
             # Leases first and on their own: a failing sweep must never stop them.
@@ -104,8 +105,11 @@ class Liveness:
                     log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat failed")
-            outage = self.outage is not None and self.outage.down
-            if not outage and time.monotonic() - last_reap >= self.settings.reap_interval_s:
+            if self.outage is not None and self.outage.down:
+                # No sweep during an outage, nor for one interval after it: leases ran out
+                # meanwhile, and the other workers need a tick to renew theirs (bailan.reaper).
+                reap_after = time.monotonic() + self.settings.reap_interval_s
+            if time.monotonic() >= reap_after and time.monotonic() - last_reap >= self.settings.reap_interval_s:
                 last_reap = time.monotonic()
                 try:
                     lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s,
