@@ -29,11 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.store.workers import live_workers
 from bailan.jobs import Keys
 from bailan.metrics import BUCKETS, COUNTERS, HELP, metrics_key, parse_field
-from bailan.queues import model_base, registered_models
+from bailan.queues import RQ_QUEUE_PREFIX, model_base, registered_models
 
 log = logging.getLogger("bailan.api")
-
-RQ_QUEUE_PREFIX = "rq:queue:"
 
 
 def queues_by_model(conn: redis.Redis, base: str) -> list[tuple[str, str]]:
