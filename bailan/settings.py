@@ -8,7 +8,7 @@ stops each of them at start-up. Like the rest of bailan/, no torch here.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -48,6 +48,10 @@ class SharedSettings(BaseSettings):
     max_steps: int = Field(150, ge=1, le=100_000, description="Most denoising steps a request may ask for.")
     reap_interval_s: float = Field(
         10.0, gt=0, description="Seconds between sweeps for jobs whose worker died (the API's and each worker's)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines: text, or json (one JSON object per line; job lines carry job_id).",
     )
 
     # Webhooks (bailan.webhooks): the API checks URLs against them, the worker,

@@ -10,13 +10,14 @@ from the settings at run time, and FastAPI must see it as a real class.
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -30,6 +31,7 @@ from app.store.common import looks_like_job_id
 from app.store.events import JobEvents
 from bailan.webhooks import Policy
 from bailan.keys import Principal
+from bailan.logs import job_id_var
 from bailan.jobs import (
     CONTENT_TYPES,
     DEFAULT_STEPS,
@@ -88,7 +90,20 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 NOT_FOUND = {404: {"model": Detail, "description": "Unknown or expired job, or another API key's job."}}
 
-router = APIRouter(prefix=PREFIX, tags=["jobs"], responses=AUTH_RESPONSES)
+async def _bind_job_id(request: Request) -> None:
+    """Every line logged while this request runs names its job (bailan.logs).
+
+    Async, so it runs in the request's own task and context, which the route
+    (even a plain def, run in the thread pool with a copy) then shares.
+    """
+    job_id = request.path_params.get("job_id")
+    if isinstance(job_id, str) and looks_like_job_id(job_id):
+        job_id_var.set(job_id)
+
+
+log = logging.getLogger("bailan.api")
+
+router = APIRouter(prefix=PREFIX, tags=["jobs"], responses=AUTH_RESPONSES, dependencies=[Depends(_bind_job_id)])
 
 
 def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
@@ -278,6 +293,8 @@ def _submit(
     if replayed:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
+    job_id_var.set(job_id)
+    log.info("job accepted for %s%s", principal.name, " (idempotent replay)" if replayed else "")
     response.headers["Location"] = views.job_path(path_for, job_id)
     snap = records.snapshot(conn, job_id)
     if snap is None:  # only if Redis lost it within milliseconds

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -27,6 +27,8 @@ class WorkerInfo:
     dtype: str | None
     max_batch: int | None
     hash: str | None = None
+    # Device figures the worker reports each tick (CUDA memory in bytes, by kind).
+    gauges: dict[str, float] = field(default_factory=dict)
     defaults: ModelDefaults = ModelDefaults()
     samplers: tuple[str, ...] = ()
 
@@ -42,6 +44,15 @@ def _defaults(value: Any) -> ModelDefaults:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _gpu_memory(info: dict[str, Any]) -> dict[str, float]:
+    """{allocated|reserved|total: bytes} from a worker key's gpu_memory_<kind>_bytes fields."""
+    found = {}
+    for key, value in info.items():
+        if key.startswith("gpu_memory_") and key.endswith("_bytes") and isinstance(value, (int, float)):
+            found[key.removeprefix("gpu_memory_").removesuffix("_bytes")] = float(value)
+    return found
 
 
 def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
@@ -68,6 +79,7 @@ def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
                 dtype=str(info["dtype"]) if info.get("dtype") is not None else None,
                 max_batch=_int_or_none(info.get("max_batch")),
                 hash=str(info["hash"]) if isinstance(info.get("hash"), str) else None,
+                gauges=_gpu_memory(info),
                 defaults=_defaults(info.get("defaults")),
                 samplers=tuple(str(s) for s in info.get("samplers") or () if isinstance(s, str)),
             )
