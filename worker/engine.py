@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
@@ -38,6 +39,7 @@ import torch
 from worker.batching import Admission, BatchScheduler, StepPlan
 from worker.generation import GenerationJob, InvalidForModel, JobCanceled
 from worker.loader import LoadedModel
+from worker.rates import StepMeter
 from worker.runners.sd import RunnerOptions, SDRunner, default_batch_buckets
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class Engine:
         # Previews not yet handed over: (job, step, uint8 (h, w, 3), CUDA copy-done event or None).
         self._pending_previews: deque[tuple[GenerationJob, int, torch.Tensor, Any]] = deque()
         self.iterations = 0
+        # Measured speed, published with the heartbeat for the API's wait estimate (bailan.eta).
+        self.meter = StepMeter()
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
@@ -158,8 +162,12 @@ class Engine:
             self._settle(0)
             self._deliver_previews(block=True)
             return self.scheduler.waiting
+        started = time.perf_counter()
+        samples = 0
         for part in self._run(plan):
             self._update(part)
+            samples += len(part)
+        self.meter.record(time.perf_counter() - started, samples)
         self.iterations += 1
         return True
 

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from rq.utils import now as rq_now
@@ -36,12 +36,15 @@ class Liveness:
     # What the worker key says: the model, device, batch size and slots.
     info: dict[str, Any]
     stop: threading.Event = field(default_factory=threading.Event)
+    # Fields that change while the worker runs (measured speed, backlog: bailan.eta), read at each beat.
+    live_info: Callable[[], dict[str, Any]] | None = None
 
     def heartbeat(self) -> None:
         """The worker key and every running job's lease, renewed in one round trip."""
         lease = self.settings.heartbeat_ttl_s
         pipe = self.connection.pipeline()
-        pipe.set(Keys.worker(self.settings.name), json.dumps(self.info), ex=lease)
+        info = {**self.info, **self.live_info()} if self.live_info is not None else self.info
+        pipe.set(Keys.worker(self.settings.name), json.dumps(info), ex=lease)
         for slot in self.slots:
             job, execution = slot.running_job, slot.execution
             if job is None or execution is None:

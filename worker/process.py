@@ -100,7 +100,8 @@ def serve(settings: WorkerSettings) -> int:
         for i in range(engine.max_batch)
     ]
     info = {**model.info(), "worker": settings.name, "max_batch": engine.max_batch, "slots": len(slots)}
-    liveness = Liveness(settings, connection, slots, info)
+    liveness = Liveness(settings, connection, slots, info,
+                        live_info=lambda: {**engine.meter.snapshot(), "backlog": bridge.backlog()})
     threads = [
         threading.Thread(target=bridge.io_loop, name="bailan-io", daemon=True),
         threading.Thread(target=liveness.loop, name="bailan-liveness", daemon=True),
