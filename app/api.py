@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.routes import jobs, service
+from app.routes import jobs, service, web
 
 api_router = APIRouter()
 api_router.include_router(jobs.router)
 api_router.include_router(service.router)
+api_router.include_router(web.router)
