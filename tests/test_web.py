@@ -136,7 +136,16 @@ def test_page_runs_a_job_live_and_cancels(browser: Browser, keyed_service: Servi
         page = tab.page
         tab.goto("/")
         page.wait_for_selector("#key-box:not([hidden])", timeout=UI_TIMEOUT_MS)
+        # Refusals are shown, not swallowed: no key, then a field beyond the server's cap.
+        page.click("#submit")
+        page.wait_for_selector("#form-error:not([hidden])", timeout=UI_TIMEOUT_MS)
+        assert "API key is required" in (page.text_content("#form-error") or "")
         page.fill("#api-key", KEY)
+        page.fill("#steps", "100001")
+        page.click("#submit")
+        page.wait_for_function("() => document.getElementById('form-error').textContent.startsWith('steps:')",
+                               timeout=UI_TIMEOUT_MS)
+        assert page.is_hidden("#job")
 
         # 1. A job whose previews the page shows one by one, then its image.
         first = submit_in_page(tab, steps=40, preview_every=5, prompt="a red circle on a blue background")
@@ -168,7 +177,6 @@ def test_page_runs_a_job_live_and_cancels(browser: Browser, keyed_service: Servi
         assert steps == list(range(5, 40, 5)), steps
         assert all(width > 0 for _, width, _ in frames), "a frame that never loaded"
         assert len({pixels for _, _, pixels in frames}) >= 2, "every preview frame was the same picture"
-        assert page.text_content("#job-progress") is not None
         assert page.eval_on_selector("#job-progress", "p => [p.value, p.max]") == [40, 40]
 
         # 2. A long job runs; a third waits behind it with its place and an estimate; cancel it.
@@ -199,10 +207,22 @@ def test_page_runs_a_job_live_and_cancels(browser: Browser, keyed_service: Servi
         page.wait_for_selector("#images img", timeout=UI_TIMEOUT_MS)
         assert page.get_attribute("#images a", "download") == f"bailan-{first}-0.png"
         submits = [url for url in tab.requested if url == tab.origin + "/v1/jobs"]
-        assert len(submits) == 3, submits
+        assert len(submits) == 5, submits  # the two refused above, and the three jobs
+
+        # A job the service no longer knows is marked expired in the history.
+        gone = "0" * 32
+        page.evaluate(f"""() => localStorage.setItem('bailan.history', JSON.stringify(
+            [{{id: '{gone}', prompt: 'old', at: null, status: 'succeeded'}},
+             ...JSON.parse(localStorage.getItem('bailan.history'))]))""")
+        page.reload()
+        page.click(f"#history li[data-id='{gone}'] button")
+        page.wait_for_function(
+            f"() => document.querySelector(\"#history li[data-id='{gone}']\").textContent.includes('expired')",
+            timeout=UI_TIMEOUT_MS)
 
         assert tab.foreign() == [] and tab.blocked_by_policy == [], (tab.foreign(), tab.blocked_by_policy)
         assert tab.errors == [], tab.errors
         # The page closes a job's event stream when the job ends or it shows another one.
         closed = [f for f in tab.failed if f.startswith("net::ERR_ABORTED ") and f.endswith("/events")]
-        assert [f for f in tab.failed if f not in closed] == [], tab.failed
+        refused = [f"401 {tab.origin}/v1/jobs", f"422 {tab.origin}/v1/jobs", f"404 {tab.origin}/v1/jobs/{gone}"]
+        assert [f for f in tab.failed if f not in closed] == refused, tab.failed

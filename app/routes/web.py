@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from app.deps import SettingsDep
+from app.schemas import Detail
 from bailan.jobs import DEFAULT_STEPS, MAX_IMAGES, SchedulerName
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -35,7 +36,7 @@ PAGE_POLICY = "; ".join(
 )
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(tags=["web page"])
 
 
 class PageConfig(BaseModel):
@@ -60,12 +61,17 @@ def _file(name: str, media_type: str) -> FileResponse:
     )
 
 
-@router.get("/", response_class=FileResponse)
+@router.get(
+    "/",
+    response_class=FileResponse,
+    summary="The web page",
+    responses={200: {"content": {"text/html": {}}, "description": "The page (no API key needed to load it)."}},
+)
 def page() -> FileResponse:
     return _file("index.html", "text/html; charset=utf-8")
 
 
-@router.get("/web/config.json", response_model=PageConfig)
+@router.get("/web/config.json", response_model=PageConfig, summary="What the web page's form needs to know")
 def page_config(request: Request, settings: SettingsDep) -> PageConfig:
     return PageConfig(
         keys_required=request.app.state.keyring is not None,
@@ -78,7 +84,15 @@ def page_config(request: Request, settings: SettingsDep) -> PageConfig:
     )
 
 
-@router.get("/web/{name}", response_class=FileResponse)
+@router.get(
+    "/web/{name}",
+    response_class=FileResponse,
+    summary="The web page's script and style sheet",
+    responses={
+        200: {"content": {"text/javascript": {}, "text/css": {}}, "description": "app.js or style.css."},
+        404: {"model": Detail, "description": "No such file."},
+    },
+)
 def asset(name: str) -> FileResponse:
     if name not in ASSETS:  # a fixed list: no path from the URL ever reaches the file system
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no web asset {name!r}")
