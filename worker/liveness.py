@@ -5,7 +5,9 @@ every running job's lease in RQ's started registry. A killed process stops
 extending them, and the reaper (bailan.reaper.reap_abandoned, run here and in
 the API) fails or requeues its jobs once the lease expires. The worker key
 (bailan.jobs.Keys.worker) tells the API's /readyz and /v1/models that this
-worker is alive and what it serves.
+worker is alive and what it serves, and, refreshed at every beat, how fast its
+engine runs and how much work it holds (`live_info`), from which the API
+estimates a queued job's wait (bailan.eta).
 """
 
 from __future__ import annotations
