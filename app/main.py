@@ -29,6 +29,7 @@ from app.middleware import BodySizeLimit, SelfOnlyPages
 from app.routes.jobs import submit_router
 from app.settings import ApiSettings
 from app.store.events import JobEvents
+from bailan import webhooks
 from bailan.keys import KeyRing
 from bailan.reaper import Reaper
 
@@ -74,7 +75,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                         "is 'anonymous' and sees every job; set it before exposing the API beyond this machine")
         else:
             log.info("API keys from %s: %d keys", settings.api_keys_file, len(keyring))
-        reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s)
+        reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s,
+                        webhooks.Policy.of(settings))
         reaper.start()
         app.state.reaper = reaper
         job_events = JobEvents(aconn)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, create_model, field_validator
 
 from app.settings import ApiSettings
-from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState
+from bailan import webhooks
+from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState, ModelDefaults
 
 
 def _narrowed(name: str, **overrides: Any) -> Any:
@@ -32,7 +33,8 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
     """
     chars = settings.max_prompt_chars
     pixels = settings.max_pixels
-    steps: dict[str, Any] = {"le": settings.max_steps, "description": f"Denoising steps, 1–{settings.max_steps}."}
+    steps: dict[str, Any] = {"le": settings.max_steps, "description": f"Denoising steps, 1–{settings.max_steps}. "
+                             "Omitted: the model's default (/v1/models), else the default shown."}
     if settings.max_steps < DEFAULT_STEPS:
         # The default must itself be a request this server accepts.
         steps["default"] = settings.max_steps
@@ -60,7 +62,42 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
             "preview_every", description=f"{preview_every} Previews are kept {settings.preview_ttl_s} s."
         ),
     }
-    return create_model("JobRequest", __base__=JobRequest, __module__=__name__, **fields)
+    validators: dict[str, Any] = {}
+    if settings.webhook_secret is None:
+        # Webhooks off: the schema says so (null only), and a URL gets a 422 saying why.
+        def null_only(schema: dict[str, Any]) -> None:
+            description = schema.get("description")
+            schema.clear()
+            schema.update(type="null", default=None, description=description)
+
+        fields["webhook_url"] = _narrowed(
+            "webhook_url", json_schema_extra=null_only,
+            description="Webhooks are off on this server (BAILAN_WEBHOOK_SECRET is unset): null only.",
+        )
+
+        def webhooks_off(cls: type, value: Any) -> Any:
+            if value is not None:
+                raise ValueError("webhooks are off on this server (BAILAN_WEBHOOK_SECRET is unset)")
+            return value
+
+        validators["_webhooks_off"] = field_validator("webhook_url", mode="before")(webhooks_off)
+    else:
+        cap = settings.webhook_url_max_chars
+        fields["webhook_url"] = _narrowed(
+            "webhook_url", max_length=cap,
+            description=f"{JobRequest.model_fields['webhook_url'].description} At most {cap} characters.",
+        )
+
+        def webhook_url_here(cls: type, value: str | None) -> str | None:
+            # This deployment's check: no internal address written out, unless allow-listed.
+            if value is not None:
+                webhooks.check_submitted(value, settings.webhook_allow_hosts)
+            return value
+
+        validators["_webhook_url_here"] = field_validator("webhook_url")(webhook_url_here)
+    return create_model(
+        "JobRequest", __base__=JobRequest, __module__=__name__, __validators__=validators, **fields
+    )
 
 
 class Progress(BaseModel):
@@ -110,7 +147,16 @@ class JobOut(BaseModel):
     unknown_words: list[str] = Field(
         default_factory=list, description="Prompt words the model's vocabulary lacks (ignored by the model)."
     )
-    model: str | None = Field(None, description="Model that ran (or runs) the job.")
+    model: str | None = Field(
+        None, description="Model that runs (or ran) the job: the one it named, else the worker's once it starts."
+    )
+    waiting_for_worker: bool = Field(
+        False,
+        description=(
+            "Queued for a model that no live worker serves right now: it waits in that model's queue "
+            "until one starts (see /v1/models)."
+        ),
+    )
     worker: str | None = Field(None, description="Worker that ran (or runs) the job.")
     created_at: str | None = Field(None, description="ISO 8601 UTC time of submission.")
     started_at: str | None = Field(None, description="ISO 8601 UTC time sampling began.")
@@ -129,10 +175,21 @@ class ModelOut(BaseModel):
         default_factory=list,
         description="Model hashes those workers loaded (sha256 of the weights, 10 hex digits), as images carry them.",
     )
+    defaults: ModelDefaults = Field(
+        default_factory=ModelDefaults,
+        description=(
+            "What a request that omits steps, guidance_scale or scheduler gets for this model (from its "
+            "directory's bailan_defaults.json); a field left out here keeps the service-wide default."
+        ),
+    )
+    samplers: list[str] = Field(default_factory=list, description="Values `scheduler` may take for this model.")
 
 
 class ModelsOut(BaseModel):
     models: list[ModelOut]
+    default: str | None = Field(
+        None, description="Model a request that names none runs on (BAILAN_DEFAULT_MODEL); null: any worker's."
+    )
 
 
 class Detail(BaseModel):

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from app.limits import Rate, parse_rate
-from bailan.jobs import SIZE_MULTIPLE
+from bailan.jobs import MODEL_NAME_MAX, MODEL_NAME_PATTERN, SIZE_MULTIPLE
 from bailan.keys import read_keys
 from bailan.settings import SharedSettings
 
@@ -88,8 +88,27 @@ class ApiSettings(SharedSettings):
     max_streams_per_key: int = Field(
         32, ge=1, description="Open event streams one API key may have; more get 429."
     )
+    openai_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description=(
+            "How long POST /v1/images/generations waits for its job; past it the call answers an error "
+            "naming the job id, and the job goes on (follow it under /v1/jobs/{id})."
+        ),
+    )
     retry_after_s: int = Field(
         10, ge=1, description="Retry-After sent with 429 (queue full) and 503 (Redis down)."
+    )
+    default_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MODEL_NAME_MAX,
+        pattern=MODEL_NAME_PATTERN,
+        description=(
+            "Model a request that names none runs on (a name /v1/models lists). Unset: such a job goes "
+            "to whichever worker takes it first, which is the one model when a deployment serves one."
+        ),
     )
 
     @field_validator("cors_origins", mode="before")

@@ -116,6 +116,7 @@ def job_view(
         params=params,
         unknown_words=[str(w) for w in unknown] if isinstance(unknown, list) else [],
         model=record.get(RecordField.model) or None,
+        waiting_for_worker=state is JobState.queued and snap.model_served is False,
         worker=record.get(RecordField.worker) or None,
         created_at=iso(record.get(RecordField.created_at)),
         started_at=iso(record.get(RecordField.started_at)),

@@ -13,12 +13,12 @@ deliberately simple, and these are its assumptions:
 
 1. Every job ahead costs what this one does (steps x images): the API does not read
    the parameters of the jobs ahead, only how many there are.
-2. Jobs ahead: the ones before it in its key's queue, plus, for every other key's
-   queue, as many as it holds up to this job's position (round robin gives each
+2. Jobs ahead: the ones before it in its key's queue, plus, for every other queue
+   those workers serve, as many as it holds up to this job's position (round robin gives each
    non-empty queue one turn per round; bailan.queues).
-3. The fleet drains work at the sum of the measured throughputs of the workers
-   that have measured one; workers that have not run a step yet are not counted,
-   and with none measured the estimate is unknown (None).
+3. The job's workers (its model's, when it names one) drain work at the sum of
+   the throughputs they measured; workers that have not run a step yet add their
+   backlog but no speed, and with none measured the estimate is unknown (None).
 4. Once started, the job runs its own steps at the workers' mean seconds per step.
    Throughput measured at low batch occupancy underestimates what a fuller batch
    does, so under load the estimate errs long.

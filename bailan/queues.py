@@ -15,6 +15,13 @@ gets one, and a lone job of another key waits for one freed slot at most.
 Key queues are never dropped from the set: an empty one costs one more key in
 the worker's BLPOP, and dropping it would race with a submit refilling it.
 The set is bounded by the number of API keys that ever submitted.
+
+Each model has its own base queue too (`model_base`: `<base>:m:<model>`),
+with its own key queues hanging off it, so a worker only takes jobs for the
+model it holds. A worker listens on its model's queues and on the plain base
+queue, which holds jobs that name no model when the API has no default model
+(one model per deployment, the common case). Every model a worker ever served
+is in Keys.models(base), so sweeps visit its queues after its workers stop.
 """
 
 from __future__ import annotations
@@ -40,6 +47,16 @@ def key_queue_name(base: str, key_name: str) -> str:
     return base if key_name == ANONYMOUS else f"{base}:k:{key_digest(key_name)}"
 
 
+def model_base(base: str, model: str | None) -> str:
+    """The base queue of `model`'s jobs; `base` itself for jobs that name no model."""
+    return f"{base}:m:{model}" if model else base
+
+
+def registered_models(conn: redis.Redis, base: str) -> list[str]:
+    """Every model a worker of `base` ever served (Keys.models), sorted."""
+    return sorted(_text(m) or "" for m in conn.smembers(Keys.models(base)))
+
+
 def round_robin(names: Iterable[str], last: str | None) -> list[str]:
     """`names` sorted, rotated so that the one after `last` comes first (`last` itself last).
 
@@ -58,13 +75,16 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def fair_order(conn: redis.Redis, base: str) -> list[str]:
-    """Every queue a worker serves (the base queue and each key queue), in this turn's order."""
+def fair_order(conn: redis.Redis, bases: list[str]) -> list[str]:
+    """Every queue a worker serves (each of its base queues and their key queues), in this
+    turn's order; the cursor is the last base's (the worker's model's: bailan.queues)."""
     pipe = conn.pipeline(transaction=False)
-    pipe.smembers(Keys.key_queues(base))
-    pipe.get(Keys.fair_cursor(base))
-    members, last = pipe.execute()
-    return round_robin([base, *(_text(m) or "" for m in members)], _text(last))
+    for base in bases:
+        pipe.smembers(Keys.key_queues(base))
+    pipe.get(Keys.fair_cursor(bases[-1]))
+    *members, last = pipe.execute()
+    names = [*bases, *(_text(m) or "" for group in members for m in group)]
+    return round_robin(names, _text(last))
 
 
 def mark_served(conn: redis.Redis, base: str, queue_name: str) -> None:
@@ -73,5 +93,9 @@ def mark_served(conn: redis.Redis, base: str, queue_name: str) -> None:
 
 
 def all_queue_names(conn: redis.Redis, base: str) -> list[str]:
-    """The base queue and every key queue, for sweeps that must visit each (reaper, depth)."""
-    return [base, *sorted(_text(m) or "" for m in conn.smembers(Keys.key_queues(base)))]
+    """The base queue, every model's, and every key queue of each, for sweeps that must
+    visit each (reaper)."""
+    names = []
+    for root in [base, *(model_base(base, m) for m in registered_models(conn, base))]:
+        names += [root, *sorted(_text(m) or "" for m in conn.smembers(Keys.key_queues(root)))]
+    return names

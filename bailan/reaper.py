@@ -18,7 +18,7 @@ import redis
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from bailan import events
+from bailan import events, webhooks
 from bailan.jobs import KEY_PREFIX, ErrorCode, Keys, RecordField, now
 from bailan.queues import all_queue_names
 
@@ -26,15 +26,19 @@ from bailan.queues import all_queue_names
 log = logging.getLogger("bailan.api.reaper")
 
 
-def reap_abandoned(connection: redis.Redis, queue_name: str, keep_s: int = 86400) -> list[str]:
+def reap_abandoned(
+    connection: redis.Redis, queue_name: str, keep_s: int = 86400, hooks: webhooks.Policy | None = None
+) -> list[str]:
     """Fail (or requeue, while retries are left) jobs whose worker stopped heartbeating.
 
     A running job's entry in RQ's started registry is scored with the time its
     worker's heartbeat expires; RQ's own cleanup moves expired entries on. RQ
     runs it only every ten minutes, so the API and every worker call this on a
     short interval instead. Returns the ids it found abandoned. Also forgets
-    canceled jobs older than `keep_s` (RQ never trims that registry).
+    canceled jobs older than `keep_s` (RQ never trims that registry). A job it
+    fails gets its `completed` webhook, queued by `hooks` (default: the defaults).
     """
+    hooks = hooks if hooks is not None else webhooks.Policy.defaults(queue_name, keep_s)
     # One sweeper at a time: two concurrent RQ cleanups would both requeue a job.
     lock = f"{KEY_PREFIX}:reaper-lock:{queue_name}"
     if not connection.set(lock, "1", nx=True, px=30_000):
@@ -44,13 +48,13 @@ def reap_abandoned(connection: redis.Redis, queue_name: str, keep_s: int = 86400
         # Each API key's jobs run from its own queue (bailan.queues), and RQ keeps a
         # started and a canceled registry per queue: visit every one.
         for name in all_queue_names(connection, queue_name):
-            reaped += _reap_queue(connection, name, keep_s)
+            reaped += _reap_queue(connection, name, keep_s, hooks)
         return reaped
     finally:
         connection.delete(lock)
 
 
-def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int) -> list[str]:
+def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int, hooks: webhooks.Policy) -> list[str]:
     connection.zremrangebyscore(CanceledJobRegistry(queue_name, connection=connection).key, 0, now() - keep_s)
     registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
     expired = registry.get_expired_job_ids(now())
@@ -63,7 +67,8 @@ def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int) -> list[s
         check.hget(f"rq:job:{job_id}", "status")
         check.exists(Keys.job(job_id))
     answers = check.execute()
-    pipe = connection.pipeline()
+    pipe = webhooks.transaction(connection)
+    lost: list[str] = []
     for job_id, status, exists in zip(expired, answers[::2], answers[1::2]):
         key = Keys.job(job_id)
         if not exists:
@@ -73,11 +78,14 @@ def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int) -> list[s
             pipe.hsetnx(key, RecordField.error_message, "the worker running this job stopped responding")
             pipe.hsetnx(key, RecordField.finished_at, str(now()))
             pipe.expire(key, keep_s)
+            lost.append(job_id)
         else:
             # Requeued: it runs afresh, so the dead attempt's traces go.
             pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
             pipe.delete(Keys.previews(job_id))
         events.notify(pipe, job_id)
+    # Queued with the worker_lost end it reports, in the same transaction.
+    webhooks.enqueue_completed(connection, pipe, hooks, lost)
     pipe.execute()
     return expired
 
@@ -85,8 +93,16 @@ def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int) -> list[s
 class Reaper:
     """`reap_abandoned` every `interval_s` seconds on a daemon thread (the API's)."""
 
-    def __init__(self, conn: redis.Redis, queue_name: str, interval_s: float, keep_s: int = 86400) -> None:
+    def __init__(
+        self,
+        conn: redis.Redis,
+        queue_name: str,
+        interval_s: float,
+        keep_s: int = 86400,
+        hooks: webhooks.Policy | None = None,
+    ) -> None:
         self.conn = conn
+        self.hooks = hooks
         self.keep_s = keep_s
         self.queue_name = queue_name
         self.interval_s = interval_s
@@ -96,7 +112,7 @@ class Reaper:
     def sweep(self) -> list[str]:
         """One pass; never raises, because a Redis outage must not kill the loop."""
         try:
-            reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s)
+            reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s, self.hooks)
         except redis.RedisError as exc:
             log.warning("reaper: Redis unavailable (%s); retrying in %.0f s", exc, self.interval_s)
             return []

@@ -8,8 +8,12 @@ stops each of them at start-up. Like the rest of bailan/, no torch here.
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bailan import webhooks
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -36,3 +40,59 @@ class SharedSettings(BaseSettings):
     reap_interval_s: float = Field(
         10.0, gt=0, description="Seconds between sweeps for jobs whose worker died (the API's and each worker's)."
     )
+
+    # Webhooks (bailan.webhooks): the API checks URLs against them, the worker,
+    # the API and the reaper queue deliveries with them, `python -m bailan.webhooks` sends.
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description=(
+            "Key signing webhook deliveries (Standard Webhooks): whsec_ + base64 as the standard writes it, "
+            "or any other string (its UTF-8 bytes), 16 bytes at least. Unset: requests with webhook_url get 422."
+        ),
+    )
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated hosts (names or IPs, as written in the URL) a webhook may reach even though "
+            "they are internal (loopback, private, link-local...); every other host must resolve to public addresses."
+        ),
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Seconds one webhook POST may take, connect to answer.")
+    webhook_retries: int = Field(
+        8, ge=0, le=50, description="Times a failed `completed` delivery is tried again (started and preview: never)."
+    )
+    webhook_retry_intervals_s: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [10, 30, 60, 300, 900, 1800, 3600, 7200],
+        description="Comma-separated seconds before each retry; the last repeats when retries outnumber them.",
+    )
+    webhook_url_max_chars: int = Field(
+        2048, ge=16, le=webhooks.URL_HARD_MAX_CHARS, description="Longest webhook_url a request may give."
+    )
+
+    @field_validator("webhook_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [h.strip().strip("[]").rstrip(".").lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("webhook_retry_intervals_s", mode="before")
+    @classmethod
+    def _split_intervals(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_intervals_s")
+    @classmethod
+    def _non_negative(cls, value: list[int]) -> list[int]:
+        if any(v < 0 for v in value):
+            raise ValueError("intervals must be 0 or more seconds")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _usable_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            webhooks.secret_key(value.get_secret_value())  # fail at start-up, not at the first delivery
+        return value

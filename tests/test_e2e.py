@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,10 +100,12 @@ class Service:
                 raise AssertionError("the API exited; see its log in " + str(self.tmp))
             return False
 
-    def add_worker(self) -> subprocess.Popen:
+    def add_worker(self, model: Path | None = None) -> subprocess.Popen:
         n = len(self.workers)
-        worker = start(["-m", "worker"], {**self.env, "BAILAN_NAME": f"{self.env['BAILAN_QUEUE_NAME']}-w{n}"},
-                       self.tmp / f"worker-{self.env['BAILAN_QUEUE_NAME']}-{n}.log")
+        env = {**self.env, "BAILAN_NAME": f"{self.env['BAILAN_QUEUE_NAME']}-w{n}"}
+        if model is not None:
+            env["BAILAN_MODEL"] = str(model)
+        worker = start(["-m", "worker"], env, self.tmp / f"worker-{self.env['BAILAN_QUEUE_NAME']}-{n}.log")
         self.workers.append(worker)
         return worker
 
@@ -360,3 +363,35 @@ def test_image_to_image_through_the_service(service: Service) -> None:
     assert view["progress"] == {"step": 4, "total_steps": 4}
     image = Image.open(io.BytesIO(service.http.get(view["images"][0]["url"]).content))
     assert image.size == (40, 24)
+
+
+def test_each_model_runs_its_own_jobs(redis_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Guards: a job for one model run by another model's worker (one shared queue), an
+    unknown model accepted, and a job for a model whose workers are all down lost or
+    silently stuck: it waits, says so, and runs when a worker of its model comes back."""
+    models = {name: Path(shutil.copytree(tiny_model_dir, tmp_path / name)) for name in ("tiny-a", "tiny-b")}
+    svc = Service(redis_url, models["tiny-a"], tmp_path, queue="models", BAILAN_DEFAULT_MODEL="tiny-a")
+    try:
+        svc.add_worker(models["tiny-a"])
+        worker_b = svc.add_worker(models["tiny-b"])
+        wait_for(lambda: {m["model"]: m["workers"] for m in svc.http.get("/v1/models").json()["models"]}
+                 == {"tiny-a": 1, "tiny-b": 1}, 120, "a worker of each model")
+        jobs = {name: [svc.submit(model=name, steps=2)["id"] for _ in range(3)] for name in models}
+        default = svc.submit(steps=2)["id"]
+        for name, ids in jobs.items():
+            for job_id in ids:
+                view = svc.wait_status(job_id, {"succeeded", "failed"})
+                assert (view["status"], view["model"]) == ("succeeded", name), view
+        assert svc.wait_status(default, {"succeeded"})["model"] == "tiny-a"
+        unknown = svc.http.post("/v1/jobs", json={"prompt": "x", "model": "tiny-c"})
+        assert unknown.status_code == 422 and "tiny-a, tiny-b" in unknown.text
+
+        stop(worker_b)  # tiny-b's only worker: its jobs wait, and their view says so
+        waiting = svc.submit(model="tiny-b", steps=2)["id"]
+        wait_for(lambda: svc.view(waiting)["waiting_for_worker"], 30, "the view to say no worker serves tiny-b")
+        assert svc.view(waiting)["status"] == "queued"
+        svc.add_worker(models["tiny-b"])
+        view = svc.wait_status(waiting, {"succeeded", "failed"}, timeout=120)
+        assert (view["status"], view["model"], view["waiting_for_worker"]) == ("succeeded", "tiny-b", False)
+    finally:
+        svc.close()

@@ -92,6 +92,15 @@ def test_queued_view_carries_eta_from_published_rates(client: TestClient, redis_
     assert view["status"] == "running" and view["eta_s"] is None
 
 
+def test_eta_counts_only_the_workers_of_the_jobs_model(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards against a job for one model estimated from another model's workers, which never take it."""
+    publish_worker(redis_conn, "w1", model="tiny")  # alive, not measured
+    publish_worker(redis_conn, "w2", model="other", samples_per_s=5.0, step_s=0.25, backlog=0)
+    assert submit(client, steps=10, model="tiny")["eta_s"] is None
+    # Its own model's worker: (0 backlog + 0 ahead) / 5, then 10 x 0.25 s.
+    assert submit(client, steps=10, model="other")["eta_s"] == pytest.approx(2.5)
+
+
 def test_malformed_rates_are_unknown_not_500(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards against a worker key with odd rate fields turning the status path into a 500."""
     redis_conn.set(Keys.worker("odd"), json.dumps({"model": "tiny", "samples_per_s": "fast", "step_s": True,

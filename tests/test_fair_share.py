@@ -23,7 +23,7 @@ from app.settings import ApiSettings
 from app.store import records
 from bailan.jobs import JobParams, Keys, RecordField, now
 from bailan.keys import hash_key
-from bailan.queues import fair_order, key_digest, key_queue_name, round_robin
+from bailan.queues import fair_order, key_digest, key_queue_name, model_base, round_robin
 from bailan.reaper import Reaper
 from tests.test_api import QUEUE, make_settings
 from worker.slots import SlotWorker
@@ -187,8 +187,9 @@ def test_stream_cap_per_key_is_429(redis_url: str, redis_conn: redis.Redis, keys
 # ---------------------------------------------------------------- fair dequeue, reaper, cancel
 
 
-def run_slot(conn: redis.Redis, order: list[str], count: int) -> None:
-    """A real slot worker on the base queue, running `count` jobs one at a time, recording their order."""
+def run_slot(conn: redis.Redis, order: list[str], count: int, model: str | None = None) -> None:
+    """A real slot worker on the base queue (and `model`'s, as a worker of it listens), running
+    `count` jobs one at a time, recording their order."""
     stop = threading.Event()
 
     def runner(job_id: str) -> dict[str, Any]:
@@ -197,7 +198,8 @@ def run_slot(conn: redis.Redis, order: list[str], count: int) -> None:
             stop.set()
         return {"images": 1}
 
-    slot = SlotWorker([Queue(QUEUE, connection=conn, serializer=JSONSerializer)], name="fair-test.0",
+    bases = [QUEUE] if model is None else [QUEUE, model_base(QUEUE, model)]
+    slot = SlotWorker([Queue(name, connection=conn, serializer=JSONSerializer) for name in bases], name="fair-test.0",
                       connection=conn, serializer=JSONSerializer, worker_ttl=20, runner=runner, stop=stop)
     thread = threading.Thread(target=slot.work, kwargs={"logging_level": "WARNING"}, daemon=True)
     thread.start()
@@ -226,7 +228,7 @@ def test_every_key_queue_is_listened_on(redis_conn: redis.Redis, redis_url: str,
     """Guards: workers listening on the base queue alone, so keyed jobs were never run."""
     with keyed(redis_url, keys_file) as c:
         submit_as(c, "alice")
-    assert set(fair_order(redis_conn, QUEUE)) == {QUEUE, key_queue_name(QUEUE, "alice")}
+    assert set(fair_order(redis_conn, [QUEUE])) == {QUEUE, key_queue_name(QUEUE, "alice")}
 
 
 def test_reaper_requeues_into_the_key_queue(redis_url: str, redis_conn: redis.Redis, keys_file: Path) -> None:
@@ -259,3 +261,21 @@ def test_cancel_and_position_use_the_key_queue(redis_url: str, redis_conn: redis
         assert c.post(f"/v1/jobs/{a1}/cancel", headers=headers).status_code == 200
         assert redis_conn.lrange(queue_key("alice"), 0, -1) == [a2.encode()]
         assert c.get(f"/v1/jobs/{a2}", headers=headers).json()["queue_position"] == 1
+
+
+def test_a_models_worker_takes_its_models_jobs_and_no_others(
+    redis_url: str, redis_conn: redis.Redis, keys_file: Path
+) -> None:
+    """Guards: a worker taking another model's jobs (which its UNet cannot run), or never
+    taking its own model's keyed jobs, or those that name no model."""
+    redis_conn.sadd(Keys.models(QUEUE), "a", "b")
+    with keyed(redis_url, keys_file, rate_limit="none") as c:
+        mine = [post(c, "alice", model="a").json()["id"], post(c, "bob", model="a").json()["id"]]
+        theirs = post(c, "alice", model="b").json()["id"]
+        anyone = submit_as(c, "carol")
+    order: list[str] = []
+    run_slot(redis_conn, order, 3, model="a")
+    assert sorted(order) == sorted([*mine, anyone])
+    assert redis_conn.lrange(f"rq:queue:{key_queue_name(model_base(QUEUE, 'b'), 'alice')}", 0, -1) == [theirs.encode()]
+    assert set(fair_order(redis_conn, [QUEUE, model_base(QUEUE, "a")])).isdisjoint(
+        {model_base(QUEUE, "b"), key_queue_name(model_base(QUEUE, "b"), "alice")})

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from bailan.launch import LaunchSettings, start_valkey
+from bailan.launch import LaunchSettings, start_valkey, worker_envs
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 240.0
@@ -192,6 +192,32 @@ def test_embedded_server_only_without_a_redis_url(monkeypatch: pytest.MonkeyPatc
     assert not settings.embedded_redis and settings.redis_url == "redis://queue-host:6379/0"
 
 
+def test_several_models_get_their_own_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Guards: `make run` with BAILAN_MODELS starting workers that all load one model, a
+    directory that is no model (or two that share a name) found only when its worker dies."""
+    dirs = []
+    for name in ("alpha", "beta"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+        dirs.append(tmp_path / name)
+    monkeypatch.setenv("BAILAN_MODELS", f"{dirs[0]}, {dirs[1]}")
+    monkeypatch.setenv("BAILAN_WORKERS", "2")
+    envs = worker_envs(LaunchSettings(), {"PATH": "/bin"})
+    assert [(name, env["BAILAN_MODEL"]) for name, env in envs] == [
+        ("worker alpha 1", str(dirs[0])), ("worker alpha 2", str(dirs[0])),
+        ("worker beta 1", str(dirs[1])), ("worker beta 2", str(dirs[1])),
+    ]
+    monkeypatch.setenv("BAILAN_MODELS", f"{dirs[0]},{tmp_path}")
+    with pytest.raises(ValueError, match="no model_index.json"):
+        LaunchSettings()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "alpha").mkdir()
+    (tmp_path / "other" / "alpha" / "model_index.json").write_text("{}")
+    monkeypatch.setenv("BAILAN_MODELS", f"{dirs[0]},{tmp_path / 'other' / 'alpha'}")
+    with pytest.raises(ValueError, match="share a name"):
+        LaunchSettings()
+
+
 def test_embedded_valkey_keeps_data_across_restarts(tmp_path: Path) -> None:
     data_dir = tmp_path / "valkey"
     server = start_valkey(data_dir, free_port())
@@ -237,6 +263,8 @@ def test_ctrl_c_stops_api_worker_and_valkey_cleanly(launch: Launch) -> None:
     commands = list(below.values())
     assert sum("uvicorn" in c and "app.main:app" in c for c in commands) == 1, commands
     assert sum(c.rstrip().endswith("-m worker") for c in commands) == 1, commands
+    # The webhook sender (and RQ's scheduler, a fork of it that keeps its command line).
+    assert any(c.rstrip().endswith("-m bailan.webhooks") for c in commands), commands
     assert any("valkey" in c for c in commands), commands
     assert "Bailan is up at" in launch.output()
 

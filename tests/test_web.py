@@ -27,7 +27,7 @@ from app.main import create_app
 from app.routes.web import PAGE_POLICY
 from bailan.keys import hash_key
 from tests.browser import OfflineTab, offline_tab
-from tests.test_api import make_settings
+from tests.test_api import make_settings, publish_worker
 from tests.test_e2e import Service
 
 if TYPE_CHECKING:
@@ -77,12 +77,16 @@ def test_page_and_its_files_are_served_under_a_strict_policy(page_client: TestCl
     assert page_client.get("/web/app.js").headers["content-type"].startswith("text/javascript")
 
 
-def test_page_config_and_unknown_assets(page_client: TestClient, redis_url: str, tmp_path: Path) -> None:
+def test_page_config_and_unknown_assets(
+    page_client: TestClient, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
     """Guards: the page asking for a key in open mode (or not asking when keys are on), form limits
     that differ from the server's caps, and a path from the URL reaching the file system."""
+    publish_worker(redis_conn, "w1", model="tiny")
+    publish_worker(redis_conn, "w2", model="other")
     config = page_client.get("/web/config.json").json()
     assert config["keys_required"] is False and config["max_steps"] == 150 and config["max_images"] == 4
-    assert "euler_a" in config["schedulers"]
+    assert "euler_a" in config["schedulers"] and config["models"] == ["other", "tiny"]
     for name in ("index.html", "..%2Fweb.py", "nope.js"):
         assert page_client.get(f"/web/{name}").status_code == 404
     keys = tmp_path / "keys"
@@ -146,6 +150,7 @@ def test_page_runs_a_job_live_and_cancels(browser: Browser, keyed_service: Servi
         page.wait_for_function("() => document.getElementById('form-error').textContent.startsWith('steps:')",
                                timeout=UI_TIMEOUT_MS)
         assert page.is_hidden("#job")
+        assert page.is_hidden("#model-box")  # one model: nothing to choose
 
         # 1. A job whose previews the page shows one by one, then its image.
         first = submit_in_page(tab, steps=40, preview_every=5, prompt="a red circle on a blue background")

@@ -21,7 +21,8 @@ import numpy as np
 import redis
 from PIL import Image
 
-from bailan import events
+from bailan import events, webhooks
+from bailan.webhooks import WebhookEvent
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
 from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
@@ -54,19 +55,32 @@ class JobBridge:
     def __post_init__(self) -> None:
         self.previews = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bailan-preview")
         self.lock = threading.Lock()
+        self.hooks = webhooks.Policy.of(self.settings)
+        # Params of the jobs between their start and their end that asked for webhooks.
+        self.hooked: dict[str, JobParams] = {}
 
     # ---- one job, on a slot thread --------------------------------------------
 
     def run(self, job_id: str) -> dict[str, Any]:
         """Run one job to its end; RQ's result, or CANCELED_RESULT. Raises when the job failed."""
+        try:
+            return self._run(job_id)
+        finally:
+            with self.lock:  # normally gone already (_finish_record); not so after a Redis error
+                self.hooked.pop(job_id, None)
+
+    def _run(self, job_id: str) -> dict[str, Any]:
         key = Keys.job(job_id)
         record = decode_record(self.connection.hgetall(key))
         if not record.get(RecordField.params):
             raise RuntimeError(f"job {job_id} has no record (expired before it ran?)")
+        params = JobParams.model_validate_json(record[RecordField.params])
+        if params.webhook_url is not None:
+            with self.lock:
+                self.hooked[job_id] = params
         if record.get(RecordField.cancel_requested):
             self._finish_record(job_id, {})
             return CANCELED_RESULT
-        params = JobParams.model_validate_json(record[RecordField.params])
         width = params.width or self.model.native_width
         height = params.height or self.model.native_height
         try:
@@ -94,7 +108,7 @@ class JobBridge:
             strength=params.strength,
             on_preview=self._on_preview,
         )
-        pipe = self.connection.pipeline()
+        pipe = webhooks.transaction(self.connection)
         # A retried job starts afresh: no error, end time or previews of the attempt before.
         pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
         pipe.delete(Keys.previews(job_id))
@@ -110,6 +124,7 @@ class JobBridge:
                 RecordField.worker: self.settings.name,
             },
         )
+        webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params)
         pipe.execute()
         try:
             future = self.engine.submit(job)
@@ -166,7 +181,7 @@ class JobBridge:
 
     def _store_images(self, job: GenerationJob, fmt: str, images: list[np.ndarray]) -> None:
         ttl = self.settings.result_ttl_s
-        pipe = self.connection.pipeline()
+        pipe = webhooks.transaction(self.connection)
         for index, array in enumerate(images):
             data = encode_image(array, fmt, parameters=self._parameters(job, index))
             pipe.set(Keys.image(job.id, index), data, ex=ttl)
@@ -181,13 +196,17 @@ class JobBridge:
         )
 
     def _finish_record(self, job_id: str, fields: dict[str, Any], pipe: Any = None) -> None:
-        pipe = pipe if pipe is not None else self.connection.pipeline()
+        pipe = pipe if pipe is not None else webhooks.transaction(self.connection)
         key = Keys.job(job_id)
         pipe.hset(key, mapping={**fields, RecordField.finished_at: now()})
         ttl = self.settings.result_ttl_s
         pipe.expire(key, ttl)
         pipe.expire(Keys.previews(job_id), ttl)
         events.notify(pipe, job_id)  # event streams: look again
+        with self.lock:
+            params = self.hooked.pop(job_id, None)
+        # The one place a job the worker ran ends: its `completed` webhook goes with the end.
+        webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.completed, params)
         pipe.execute()
 
     def backlog(self) -> int:
@@ -206,11 +225,14 @@ class JobBridge:
         try:
             data = encode_preview(rgb, self.settings.preview_max_side)
             ttl = self.settings.preview_ttl_s
-            pipe = self.connection.pipeline()
+            pipe = webhooks.transaction(self.connection)
             pipe.set(Keys.preview(job_id, step), data, ex=ttl)
             pipe.zadd(Keys.previews(job_id), {str(step): step})
             pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))
             events.notify(pipe, job_id)  # event streams: look again
+            with self.lock:
+                params = self.hooked.get(job_id)  # gone once the job ended: no preview news after it
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.preview, params, step)
             pipe.execute()
         except Exception:
             log.exception("storing preview %s/%d failed", job_id, step)

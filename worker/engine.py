@@ -16,7 +16,7 @@ The work is split as vLLM splits it:
 
 * `worker.batching.BatchScheduler` decides (admission, cancel, grouping by
   size, padding to warmed batch shapes) and never touches a tensor;
-* `worker.runners.sd.SDRunner` owns the tensors and runs a plan on the device
+* the model runner (`worker.runners`: `sd.SDRunner`, `sdxl.SDXLRunner`) owns the tensors and runs a plan on the device
   (on CUDA, each padded batch shape's step is one captured graph);
 * `Engine.step_once` reads as plan -> run -> update.
 
@@ -40,7 +40,8 @@ from worker.batching import Admission, BatchScheduler, StepPlan
 from worker.generation import GenerationJob, InvalidForModel, JobCanceled
 from worker.loader import LoadedModel
 from worker.rates import StepMeter
-from worker.runners.sd import RunnerOptions, SDRunner, default_batch_buckets
+from worker.runners import make_runner
+from worker.runners.sd import RunnerOptions, default_batch_buckets
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Engine:
             raise ValueError("max_batch must be at least 1")
         self.model = model
         self.max_batch = max_batch
-        self.runner = SDRunner(model, max_batch, options)
+        self.runner = make_runner(model, max_batch, options)
         if batch_buckets is None:
             batch_buckets = default_batch_buckets(model.device, max_batch, self.runner.options.compile_unet)
         self.scheduler = BatchScheduler(max_batch, batch_buckets)

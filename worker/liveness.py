@@ -23,6 +23,7 @@ import redis
 from rq.utils import now as rq_now
 
 from bailan.jobs import Keys
+from bailan import webhooks
 from bailan.reaper import reap_abandoned
 from worker.settings import WorkerSettings
 from worker.slots import SlotWorker
@@ -47,6 +48,12 @@ class Liveness:
         pipe = self.connection.pipeline()
         info = {**self.info, **self.live_info()} if self.live_info is not None else self.info
         pipe.set(Keys.worker(self.settings.name), json.dumps(info), ex=lease)
+        # The model's queues take jobs from now on, and keep taking them (to wait) when
+        # its workers are gone (bailan.queues); the live key clears the job view's notice.
+        model = str(self.info.get("model") or "")
+        if model:
+            pipe.sadd(Keys.models(self.settings.queue_name), model)
+            pipe.set(Keys.model_live(model), self.settings.name, ex=lease)
         for slot in self.slots:
             job, execution = slot.running_job, slot.execution
             if job is None or execution is None:
@@ -70,7 +77,8 @@ class Liveness:
             if time.monotonic() - last_reap >= self.settings.reap_interval_s:
                 last_reap = time.monotonic()
                 try:
-                    lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s)
+                    lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s,
+                                          webhooks.Policy.of(self.settings))
                     if lost:
                         log.warning("reaped abandoned jobs: %s", lost)
                 except redis.RedisError as exc:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from pydantic import ValidationError
+
+from bailan.jobs import MODEL_DEFAULTS_FILE, ModelDefaults, SchedulerName
 
 from worker.previews import load_preview_decoder
 
@@ -28,7 +31,7 @@ SD_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0
 class LoadedModel:
     name: str
     path: Path
-    pipe: StableDiffusionPipeline
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
     device: torch.device
     dtype: torch.dtype
     vae_scale_factor: int
@@ -43,6 +46,13 @@ class LoadedModel:
     preview_decoder: torch.nn.Module | None = None
     # First 10 hex digits of the sha256 of the weight files (see model_hash); None when built in memory.
     hash: str | None = None
+    # What a request that omits steps, guidance or scheduler gets (MODEL_DEFAULTS_FILE).
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
+
+    @property
+    def family(self) -> str:
+        """Which runner samples it (worker.runners): "sdxl" or "sd" (1.x/2.x)."""
+        return "sdxl" if isinstance(self.pipe, StableDiffusionXLPipeline) else "sd"
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -60,7 +70,11 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "size_multiple": self.vae_scale_factor,
+            "family": self.family,
             "hash": self.hash,
+            "defaults": self.defaults.model_dump(mode="json", exclude_none=True),
+            # Every runner samples with each of these (worker.samplers.make_scheduler).
+            "samplers": [name.value for name in SchedulerName],
         }
 
 
@@ -84,19 +98,47 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Lo
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
+    pipeline_class = _pipeline_class(path)
+    extra = {} if pipeline_class is StableDiffusionXLPipeline else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = pipeline_class.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
     model = from_pipeline(pipe, path, device, dtype)
     model.hash = model_hash(path)
+    model.defaults = load_defaults(path)
     return model
+
+
+def _pipeline_class(path: Path) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+    """The pipeline family model_index.json names: SDXL's layout (two text encoders) or SD's."""
+    try:
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path / 'model_index.json'}: not readable JSON ({exc})") from exc
+    if "XL" in str(name):
+        if "Img2Img" in name or "Inpaint" in name or "Refiner" in name:
+            raise ValueError(f"{path}: {name} is not served; give an SDXL base (StableDiffusionXLPipeline) directory")
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
+def load_defaults(path: Path) -> ModelDefaults:
+    """The model directory's defaults file, or none; a malformed one stops start-up
+    rather than serving jobs with settings nobody chose."""
+    file = path / MODEL_DEFAULTS_FILE
+    if not file.is_file():
+        return ModelDefaults()
+    try:
+        return ModelDefaults.model_validate_json(file.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "file"
+        raise ValueError(f"{file}: {where}: {first['msg']}") from exc
 
 
 def model_hash(path: Path) -> str:
     """sha256 over the directory's weight files (UNet, text encoder, VAE; sorted by path),
     first 10 hex digits: what images carry as `Model hash`, computed once at load."""
     digest = hashlib.sha256()
-    for folder in ("unet", "text_encoder", "vae"):
+    for folder in ("unet", "text_encoder", "text_encoder_2", "vae"):
         for file in sorted((path / folder).glob("*.safetensors")) + sorted((path / folder).glob("*.bin")):
             with open(file, "rb") as stream:
                 for block in iter(lambda: stream.read(1 << 22), b""):
@@ -104,15 +146,18 @@ def model_hash(path: Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def from_pipeline(pipe: StableDiffusionPipeline, path: str | Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def from_pipeline(
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, path: str | Path, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
     """Wrap a pipeline already in memory (`load_model`'s second half; benchmarks build
     models in code). `path` names the model and is where `latent_rgb.json` is looked for.
     How the device runs it (CUDA graphs, torch.compile, memory layout) is the model
     runner's business (worker.runners.sd.RunnerOptions)."""
     path = Path(path)
     pipe.to(device=device, dtype=dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval().requires_grad_(False)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.eval().requires_grad_(False)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     sample = pipe.unet.config.sample_size
     sample_h, sample_w = (sample, sample) if isinstance(sample, int) else sample

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -28,7 +29,8 @@ import torch
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from bailan.jobs import Keys
+from bailan.jobs import MODEL_NAME_MAX, MODEL_NAME_PATTERN, Keys
+from bailan.queues import model_base
 from worker.bridge import JobBridge
 from worker.engine import Engine, GenerationJob, RunnerOptions
 from worker.liveness import Liveness
@@ -66,6 +68,10 @@ def serve(settings: WorkerSettings) -> int:
     dtype = pick_dtype(settings.dtype, device)
     started = time.perf_counter()
     model = load_model(settings.model, device, dtype)
+    if not re.fullmatch(MODEL_NAME_PATTERN, model.name) or len(model.name) > MODEL_NAME_MAX:
+        # Requests pick a model by this name, and its queues carry it (bailan.queues).
+        raise ValueError(f"model directory name {model.name!r}: use letters, digits, '.', '_' and '-' "
+                         f"(at most {MODEL_NAME_MAX}); requests name the model by it")
     options = runner_options(settings, device)
     engine = Engine(model, settings.max_batch or default_max_batch(device), options=options)
     warm_up(engine)
@@ -80,10 +86,14 @@ def serve(settings: WorkerSettings) -> int:
     if not wait_for_redis(connection, settings.redis_url, shutdown.requested):
         return 0
     bridge = JobBridge(settings, model, engine, connection)
-    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    # Jobs for this model, and jobs that name none (bailan.queues).
+    queues = [
+        Queue(name, connection=connection, serializer=JSONSerializer)
+        for name in (settings.queue_name, model_base(settings.queue_name, model.name))
+    ]
     slots = [
         SlotWorker(
-            [queue],
+            queues,
             name=f"{settings.name}.{i}",
             connection=connection,
             serializer=JSONSerializer,

@@ -111,9 +111,9 @@ class SlotWorker(SimpleWorker):
         # to be read back from RQ's private copy of the return value.
         self.job_was_canceled = False
         self._last_wait_beat = 0.0
-        # The queue the process was given is the base queue; each API key's
-        # queue hangs off it (bailan.queues).
-        self.base_queue_name = self.queues[0].name if self.queues else ""
+        # The queues the process was given are the base queues (the plain one, then
+        # the model's); each API key's queue hangs off one of them (bailan.queues).
+        self.base_queue_names = [q.name for q in self.queues]
         self._queues_by_name: dict[str, Queue] = {q.name: q for q in self.queues}
 
     def _install_signal_handlers(self) -> None:
@@ -153,7 +153,7 @@ class SlotWorker(SimpleWorker):
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=FAIR_REFRESH_S)
             if result is not None:
                 try:
-                    mark_served(self.connection, self.base_queue_name, result[1].name)
+                    mark_served(self.connection, self.base_queue_names[-1], result[1].name)
                 except redis.RedisError:
                     pass  # the next turn starts from an older cursor: still every queue in turn
                 return result
@@ -168,7 +168,7 @@ class SlotWorker(SimpleWorker):
         of every worker shares.
         """
         try:
-            names = fair_order(self.connection, self.base_queue_name)
+            names = fair_order(self.connection, self.base_queue_names)
         except redis.RedisError:
             return  # keep the last order; RQ's dequeue meets the outage and retries
         queues = []

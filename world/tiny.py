@@ -1,4 +1,4 @@
-"""A tiny random-weight Stable Diffusion pipeline, built locally.
+"""Tiny random-weight Stable Diffusion and SDXL pipelines, built locally.
 
 Tests (and benchmarks on a laptop) need real diffusers components without a
 download, the way diffusers' own tests build `get_dummy_components`. The result
@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from world.sd_components import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
 from world.wordtok import build_word_tokenizer
@@ -53,6 +54,61 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, inpainting: bool =
         sample_size=sample_size * 2,
     )
     return assemble_pipeline(unet, vae, text_encoder, tokenizer, sd_noise_scheduler())
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiffusionXLPipeline:
+    """SDXL's layout at toy size, as diffusers' own SDXL tests build it: two text encoders
+    (the second with a projection, whose pooled output conditions the UNet with the
+    size and crop "time ids"), a UNet with `text_time` added conditioning."""
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=16)
+    tokenizer_2 = build_word_tokenizer(TINY_WORDS, model_max_length=16)
+    text_encoder = clip_text_encoder(tokenizer, hidden=32, intermediate=37, layers=2, heads=4)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer_2), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
+        bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+        pad_token_id=tokenizer_2.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        # The pooled text embedding (32) and six size/crop numbers of 8 features each.
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,  # SDXL's VAE
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=sd_noise_scheduler(), force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
+    path = Path(path)
+    build_tiny_sdxl_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:

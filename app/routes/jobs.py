@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import redis
@@ -28,6 +28,7 @@ from app.settings import ApiSettings
 from app.store import idempotency, records, wait
 from app.store.common import looks_like_job_id
 from app.store.events import JobEvents
+from bailan.webhooks import Policy
 from bailan.keys import Principal
 from bailan.jobs import (
     CONTENT_TYPES,
@@ -35,6 +36,7 @@ from bailan.jobs import (
     MAX_IMAGES,
     PREVIEW_FORMAT,
     TERMINAL_STATES,
+    JobParams,
     JobRequest,
     JobState,
 )
@@ -212,6 +214,60 @@ def _refusal(settings: ApiSettings, exc: limits.Refused) -> HTTPException:
     return HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": str(retry_after)})
 
 
+def _pick_model(settings: ApiSettings, conn: redis.Redis, body: JobRequest) -> JobRequest:
+    """The request with its model named: its own, the server's default, or none (any worker)."""
+    if body.model is None:
+        if settings.default_model is None:
+            return body
+        return body.model_copy(update={"model": settings.default_model})
+    known = records.known_models(conn, settings.queue_name)
+    if body.model not in known:
+        names = ", ".join(known) if known else "none yet (no worker has started)"
+        raise inputs.refuse("model", f"unknown model {body.model!r}; the models here: {names}", body.model)
+    return body
+
+
+def submit_job_request(
+    body: JobRequest,
+    settings: ApiSettings,
+    conn: redis.Redis,
+    principal: Principal,
+    idempotency_key: str | None = None,
+    finish: Callable[[JobParams], JobParams] | None = None,
+) -> tuple[str, bool]:
+    """Check, admit and queue a validated request: the one submit path of every route that
+    starts jobs (POST /v1/jobs, the OpenAI-compatible endpoint). Returns the job id and
+    whether it is a replay of an earlier request with the same Idempotency-Key.
+
+    `finish`, if given, makes a last change to the params once the server has resolved them
+    (the model's defaults applied). Raises RequestValidationError (a field), HTTPException
+    (409 key in flight, 429 limits).
+    """
+    body = _pick_model(settings, conn, body)
+    init, mask, width, height = inputs.check_inputs(
+        body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes, settings.max_image_pixels
+    )
+    params = records.resolve_params(body, conn, width, height, init, mask)
+    if finish is not None:
+        params = finish(params)
+    _check_pixels(settings, body, params.width, params.height)
+    claim = _claim(settings, conn, body, idempotency_key, principal.name)
+    if claim is not None and not claim.fresh:
+        return claim.job_id, True
+    try:
+        job_id = records.submit(
+            settings, conn, params, principal.name, job_id=claim.job_id if claim else None,
+            inputs={name: d.data for name, d in (("init_image", init), ("mask_image", mask)) if d is not None},
+        )
+    except Exception as exc:
+        if claim is not None:
+            idempotency.release_idempotency(conn, claim)
+        if isinstance(exc, limits.Refused):
+            raise _refusal(settings, exc) from None
+        raise
+    return job_id, False
+
+
 def _submit(
     body: JobRequest,
     response: Response,
@@ -222,28 +278,10 @@ def _submit(
     principal: Principal,
 ) -> JobOut:
     """POST /v1/jobs once FastAPI has validated the body against this server's request model."""
-    init, mask, width, height = inputs.check_inputs(
-        body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes, settings.max_image_pixels
-    )
-    params = records.resolve_params(body, conn, width, height, init, mask)
-    _check_pixels(settings, body, params.width, params.height)
-    claim = _claim(settings, conn, body, idempotency_key, principal.name)
-    if claim is not None and not claim.fresh:
-        job_id = claim.job_id
+    job_id, replayed = submit_job_request(body, settings, conn, principal, idempotency_key)
+    if replayed:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
-    else:
-        try:
-            job_id = records.submit(
-                settings, conn, params, principal.name, job_id=claim.job_id if claim else None,
-                inputs={name: d.data for name, d in (("init_image", init), ("mask_image", mask)) if d is not None},
-            )
-        except Exception as exc:
-            if claim is not None:
-                idempotency.release_idempotency(conn, claim)
-            if isinstance(exc, limits.Refused):
-                raise _refusal(settings, exc) from None
-            raise
     response.headers["Location"] = views.job_path(path_for, job_id)
     snap = records.snapshot(conn, job_id)
     if snap is None:  # only if Redis lost it within milliseconds
@@ -445,7 +483,7 @@ def cancel_job(
 ) -> Any:
     snap = _load(settings, conn, job_id, principal)
     try:
-        outcome = records.cancel(conn, settings.queue_name, snap, settings.result_ttl_s)
+        outcome = records.cancel(conn, settings.queue_name, snap, settings.result_ttl_s, Policy.of(settings))
     except records.AlreadyEnded as exc:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"

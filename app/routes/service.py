@@ -1,4 +1,4 @@
-"""The service itself: the models the live workers serve, liveness and readiness.
+"""The service itself: the models a request may name, liveness and readiness.
 
 /healthz and /readyz take no API key: probes carry none.
 """
@@ -10,9 +10,10 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.deps import AuthDep, RedisDep
-from app.schemas import Detail, ModelsOut
+from app.deps import AuthDep, RedisDep, SettingsDep
+from app.schemas import Detail, ModelOut, ModelsOut
 from app.store import workers
+from bailan.queues import registered_models
 
 router = APIRouter(tags=["service"])
 
@@ -20,14 +21,20 @@ router = APIRouter(tags=["service"])
 @router.get(
     "/v1/models",
     response_model=ModelsOut,
-    summary="Models the live workers serve",
+    summary="Models a request may name: those live workers serve, and those whose workers are all down",
     responses={
         401: {"model": Detail, "description": "Missing or unknown API key (header `WWW-Authenticate: Bearer`)."},
         503: {"model": Detail, "description": "Redis unavailable."},
     },
 )
-def models(conn: RedisDep, principal: AuthDep) -> ModelsOut:
-    return ModelsOut(models=workers.models_served(workers.live_workers(conn)))
+def models(conn: RedisDep, settings: SettingsDep, principal: AuthDep) -> ModelsOut:
+    served = workers.models_served(workers.live_workers(conn))
+    # A model whose workers are all down still takes jobs (they wait for one): list it, with 0 workers.
+    idle = set(registered_models(conn, settings.queue_name)) - {m.model for m in served}
+    return ModelsOut(
+        models=sorted([*served, *(ModelOut(model=name, workers=0) for name in idle)], key=lambda m: m.model),
+        default=settings.default_model,
+    )
 
 
 @router.get("/healthz", summary="Liveness: the API process answers")

@@ -16,8 +16,9 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from app.deps import SettingsDep
+from app.deps import RedisDep, SettingsDep
 from app.schemas import Detail
+from app.store import records
 from bailan.jobs import DEFAULT_STEPS, MAX_IMAGES, SchedulerName
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -49,6 +50,8 @@ class PageConfig(BaseModel):
     max_images: int
     default_steps: int
     schedulers: list[str]
+    models: list[str] = Field(description="Models a job may name (/v1/models' and those whose workers stopped).")
+    default_model: str | None = Field(description="The model a job that names none runs on (BAILAN_DEFAULT_MODEL).")
 
 
 def _file(name: str, media_type: str) -> FileResponse:
@@ -72,7 +75,7 @@ def page() -> FileResponse:
 
 
 @router.get("/web/config.json", response_model=PageConfig, summary="What the web page's form needs to know")
-def page_config(request: Request, settings: SettingsDep) -> PageConfig:
+def page_config(request: Request, settings: SettingsDep, conn: RedisDep) -> PageConfig:
     return PageConfig(
         keys_required=request.app.state.keyring is not None,
         max_steps=settings.max_steps,
@@ -81,6 +84,8 @@ def page_config(request: Request, settings: SettingsDep) -> PageConfig:
         max_images=MAX_IMAGES,
         default_steps=min(DEFAULT_STEPS, settings.max_steps),
         schedulers=[s.value for s in SchedulerName],
+        models=records.known_models(conn, settings.queue_name),
+        default_model=settings.default_model,
     )
 
 

@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from app import limits
 from app.settings import ApiSettings
 from app.store.common import RECORD_TTL_MARGIN_S, new_job_id
-from app.store.workers import live_workers, native_size
+from app.store.workers import agreed_defaults, live_workers, native_size
 from bailan.jobs import (
     RQ_FUNC,
     SEED_MAX,
@@ -31,9 +31,9 @@ from bailan.jobs import (
     now,
     public_state,
 )
-from bailan import events
+from bailan import events, webhooks
 from bailan.keys import ANONYMOUS
-from bailan.queues import RQ_QUEUE_PREFIX, key_queue_name
+from bailan.queues import RQ_QUEUE_PREFIX, key_queue_name, model_base, registered_models
 
 
 # ---------------------------------------------------------------- submit
@@ -48,8 +48,16 @@ def resolve_params(
     mask: Any = None,
 ) -> JobParams:
     """Fill in what the client left to the server: seed and, if known, size (an input
-    image's, when it sent one: app.inputs). Input images are described, not carried."""
+    image's, when it sent one: app.inputs) and the model's own defaults for steps,
+    guidance and scheduler. Input images are described, not carried."""
     values = request.model_dump()
+    workers = live_workers(conn)
+    if request.model is not None:
+        # Sizes and defaults are the named model's, whatever other models the workers serve.
+        workers = [w for w in workers if w.model == request.model]
+    for name, value in agreed_defaults(workers).model_dump(exclude_none=True).items():
+        if name not in request.model_fields_set:
+            values[name] = value
     values["width"] = width if width is not None else values.get("width")
     values["height"] = height if height is not None else values.get("height")
     values["init_image"] = init.info.model_dump() if init is not None else None
@@ -58,7 +66,7 @@ def resolve_params(
         # Leave room for seed + i of every image (see JobRequest).
         values["seed"] = secrets.randbelow(SEED_MAX + 2 - int(values.get("num_images") or 1))
     if values.get("width") is None or values.get("height") is None:
-        native_w, native_h = native_size(live_workers(conn))
+        native_w, native_h = native_size(workers)
         if values.get("width") is None:
             values["width"] = native_w
         if values.get("height") is None:
@@ -82,9 +90,10 @@ def submit(
     reserved is released in that same MULTI, so the caps hold at every instant.
     """
     job_id = job_id or new_job_id()
-    queue_name = key_queue_name(settings.queue_name, owner)
+    base = model_base(settings.queue_name, params.model)
+    queue_name = key_queue_name(base, owner)
     admission = limits.admit(
-        conn, settings.queue_name, owner, queue_name, job_id,
+        conn, base, owner, queue_name, job_id,
         settings.rate, settings.max_queued_per_key, settings.max_queue_depth,
     )
     record: dict[str, str] = {
@@ -98,6 +107,9 @@ def submit(
         record[RecordField.width] = str(params.width)
     if params.height is not None:
         record[RecordField.height] = str(params.height)
+    if params.model is not None:
+        # Its queue is the model's: the model that will run it (the view's notice reads it).
+        record[RecordField.model] = params.model
     queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
     try:
         pipe = conn.pipeline(transaction=True)
@@ -118,9 +130,9 @@ def submit(
             retry=Retry(max=settings.abandoned_retries) if settings.abandoned_retries > 0 else None,
             pipeline=pipe,
         )
-        if queue_name != settings.queue_name:
+        if queue_name != base:
             # Workers find key queues here (bailan.queues.fair_order).
-            pipe.sadd(Keys.key_queues(settings.queue_name), queue_name)
+            pipe.sadd(Keys.key_queues(base), queue_name)
         admission.release_in(pipe)
         pipe.execute()
     except BaseException:
@@ -133,7 +145,9 @@ def submit(
 
 # A job's whole state in one round trip: its record, RQ's status and queue,
 # the previews whose bytes are still stored, and its place in its queue.
-# KEYS: record, RQ job hash, preview steps. ARGV: job id, preview key prefix, RQ queue key prefix.
+# For a queued job that names its model, also whether a live worker serves that model.
+# KEYS: record, RQ job hash, preview steps.
+# ARGV: job id, preview key prefix, RQ queue key prefix, model-live key prefix.
 _SNAPSHOT = """
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return false end
@@ -143,8 +157,13 @@ for _, step in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
   if redis.call('EXISTS', ARGV[2] .. step) == 1 then table.insert(alive, step) end
 end
 local position = false
-if rq[1] == 'queued' and rq[2] then position = redis.call('LPOS', ARGV[3] .. rq[2], ARGV[1]) end
-return {record, rq[1], rq[2], alive, position}
+local served = false
+if rq[1] == 'queued' and rq[2] then
+  position = redis.call('LPOS', ARGV[3] .. rq[2], ARGV[1])
+  local model = redis.call('HGET', KEYS[1], 'model')
+  if model then served = redis.call('EXISTS', ARGV[4] .. model) end
+end
+return {record, rq[1], rq[2], alive, position, served}
 """
 
 
@@ -158,6 +177,8 @@ class JobSnapshot:
     preview_steps: list[int]  # steps whose preview bytes were still stored, ascending
     origin: str | None = None  # the RQ queue it was enqueued on (its key's)
     queue_index: int | None = None  # 0-based place in that queue, when it is in it
+    # Queued for a named model: whether a live worker serves it (None when not asked).
+    model_served: bool | None = None
 
     @property
     def state(self) -> JobState:
@@ -181,7 +202,7 @@ class JobSnapshot:
 def _snapshot_args(job_id: str) -> tuple[list[str], list[str]]:
     return (
         [Keys.job(job_id), Job.key_for(job_id), Keys.previews(job_id)],
-        [job_id, Keys.preview(job_id, 0)[:-1], RQ_QUEUE_PREFIX],
+        [job_id, Keys.preview(job_id, 0)[:-1], RQ_QUEUE_PREFIX, Keys.model_live("")],
     )
 
 
@@ -192,7 +213,7 @@ def _text(value: bytes | str | None) -> str | None:
 def _parse_snapshot(job_id: str, raw: list | None) -> JobSnapshot | None:
     if not raw:
         return None
-    flat, rq_status, origin, alive, position = raw
+    flat, rq_status, origin, alive, position, served = raw
     steps = []
     for member in alive:
         try:
@@ -206,6 +227,7 @@ def _parse_snapshot(job_id: str, raw: list | None) -> JobSnapshot | None:
         preview_steps=sorted(steps),
         origin=_text(origin),
         queue_index=int(position) if position is not None else None,
+        model_served=bool(served) if served is not None else None,
     )
 
 
@@ -270,8 +292,14 @@ class AlreadyEnded(Exception):
         self.state = state
 
 
-def cancel(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int) -> str:
-    """Cancel a job; raises AlreadyEnded when there is nothing to cancel."""
+def cancel(
+    conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, hooks: webhooks.Policy | None = None
+) -> str:
+    """Cancel a job; raises AlreadyEnded when there is nothing to cancel.
+
+    A queued job ends here, so its `completed` webhook is queued here (by `hooks`,
+    default: the defaults); a running one's comes from its worker when it stops.
+    """
     state = snap.state
     if state in TERMINAL_STATES:
         raise AlreadyEnded(state)
@@ -290,10 +318,12 @@ def cancel(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int) -> str:
                     rq_job.cleanup(keep_s, remove_from_queue=False)
                 except (NoSuchJobError, InvalidJobOperation):
                     pass
-            pipe = conn.pipeline(transaction=True)
+            pipe = webhooks.transaction(conn)
             pipe.hsetnx(job_key, RecordField.cancel_requested, stamp)
             pipe.hsetnx(job_key, RecordField.finished_at, stamp)
             events.notify(pipe, snap.job_id)
+            policy = hooks if hooks is not None else webhooks.Policy.defaults(base, keep_s)
+            webhooks.enqueue(conn, pipe, policy, snap.job_id, webhooks.WebhookEvent.completed, snap.params)
             pipe.execute()
             return CancelOutcome.canceled
     # Running: only the worker can stop it, between two steps.
@@ -322,3 +352,11 @@ def latest_preview(conn: redis.Redis, snap: JobSnapshot) -> tuple[int, bytes] | 
 
 def image_bytes(conn: redis.Redis, job_id: str, index: int) -> bytes | None:
     return conn.get(Keys.image(job_id, index))
+
+
+# ---------------------------------------------------------------- models
+
+
+def known_models(conn: redis.Redis, base: str) -> list[str]:
+    """Names a request may pick: every model a worker serves or ever served (bailan.queues)."""
+    return sorted({*registered_models(conn, base), *(w.model for w in live_workers(conn))})

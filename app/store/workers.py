@@ -11,7 +11,7 @@ import redis.asyncio
 
 from app.schemas import ModelOut
 from app.store.common import parse_json
-from bailan.jobs import Keys
+from bailan.jobs import MODEL_DEFAULT_FIELDS, Keys, ModelDefaults
 
 log = logging.getLogger("bailan.api")
 
@@ -28,10 +28,21 @@ class WorkerInfo:
     dtype: str | None
     max_batch: int | None
     hash: str | None = None
+    defaults: ModelDefaults = ModelDefaults()
+    samplers: tuple[str, ...] = ()
     # Measured speed and held work, for the wait estimate (bailan.eta); None/0 until measured.
     samples_per_s: float | None = None
     step_s: float | None = None
     backlog: int = 0
+
+
+def _defaults(value: Any) -> ModelDefaults:
+    """A worker's published defaults; a worker of another version may publish what this
+    API cannot read, and its jobs then get the service-wide defaults."""
+    try:
+        return ModelDefaults.model_validate(value) if isinstance(value, dict) else ModelDefaults()
+    except ValueError:
+        return ModelDefaults()
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -60,6 +71,8 @@ def _parse_worker(key: bytes | str, raw: bytes | str | None) -> WorkerInfo | Non
         dtype=str(info["dtype"]) if info.get("dtype") is not None else None,
         max_batch=_int_or_none(info.get("max_batch")),
         hash=str(info["hash"]) if isinstance(info.get("hash"), str) else None,
+        defaults=_defaults(info.get("defaults")),
+        samplers=tuple(str(s) for s in info.get("samplers") or () if isinstance(s, str)),
         samples_per_s=_float_or_none(info.get("samples_per_s")),
         step_s=_float_or_none(info.get("step_s")),
         backlog=_int_or_none(info.get("backlog")) or 0,
@@ -103,6 +116,8 @@ def models_served(workers: list[WorkerInfo]) -> list[ModelOut]:
                 dtypes=sorted({w.dtype for w in group if w.dtype}),
                 max_batch=max(batches) if batches else None,
                 hashes=sorted({w.hash for w in group if w.hash}),
+                defaults=agreed_defaults(group),
+                samplers=sorted(set.intersection(*(set(w.samplers) for w in group))),
             )
         )
     return out
@@ -118,3 +133,18 @@ def native_size(workers: list[WorkerInfo]) -> tuple[int | None, int | None]:
     if len(sizes) == 1:
         return sizes.pop()
     return None, None
+
+
+def agreed_defaults(workers: list[WorkerInfo]) -> ModelDefaults:
+    """Each model default that every live worker publishes alike.
+
+    Like the native size: with workers of different models on one queue the
+    API cannot know which runs a job, so a default they disagree on is left to
+    the service-wide one.
+    """
+    agreed: dict[str, Any] = {}
+    for name in MODEL_DEFAULT_FIELDS:
+        values = {getattr(w.defaults, name) for w in workers}
+        if len(values) == 1 and None not in values:
+            agreed[name] = values.pop()
+    return ModelDefaults(**agreed)

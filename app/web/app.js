@@ -39,22 +39,30 @@ async function loadConfig() {
   if (!response.ok) return;
   $("key-box").hidden = !body.keys_required;
   $("api-key").value = localStorage.getItem(KEY_STORE) || "";
+  // Steps, guidance and sampler left empty are the model's defaults (/v1/models), applied by the server.
   $("steps").max = body.max_steps;
-  $("steps").value = body.default_steps;
   $("width").max = body.max_width;
   $("height").max = body.max_height;
   $("num_images").max = body.max_images;
+  // The model: the server's default first (a job that names none runs there); hidden with one model.
+  const models = $("model");
+  const fallback = body.default_model ? `server default (${body.default_model})` : "any worker";
+  models.replaceChildren(new Option(fallback, ""), ...body.models.map((name) => new Option(name, name)));
+  $("model-box").hidden = body.models.length < 2;
   const select = $("scheduler");
   const chosen = select.value;
-  select.replaceChildren(...body.schedulers.map((name) => new Option(name, name, false, name === chosen)));
+  select.replaceChildren(new Option("model's", ""),
+    ...body.schedulers.map((name) => new Option(name, name, false, name === chosen)));
 }
 
 function requestBody() {
-  const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, scheduler: $("scheduler").value };
+  const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value };
+  if ($("scheduler").value) body.scheduler = $("scheduler").value;
   for (const name of ["width", "height", "steps", "seed", "num_images", "preview_every"]) {
     const text = $(name).value.trim();
     if (text !== "") body[name] = Number(text);
   }
+  if ($("model").value) body.model = $("model").value;
   const guidance = $("guidance_scale").value.trim();
   if (guidance !== "") body.guidance_scale = Number(guidance);
   return body;

@@ -90,6 +90,8 @@ class _Pool:
     init: torch.Tensor
     noise0: torch.Tensor
     paint: torch.Tensor
+    # Per-row conditioning beside `embeds`, filled like it (SDXL: the pooled text embedding).
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
     # For a 9-channel inpainting UNet: its mask and masked-picture inputs (None otherwise).
     unet_mask: torch.Tensor | None = None
     masked: torch.Tensor | None = None
@@ -212,14 +214,17 @@ class SDRunner:
             return pool
         model, n = self.model, self.max_batch + 1
         h, w = size
-        text = model.pipe.text_encoder.config
+        # What the UNet's cross-attention reads: one encoder's hidden size (SD), or both side by side (SDXL).
+        width = model.unet.config.cross_attention_dim
+        if not isinstance(width, int):
+            width = model.pipe.text_encoder.config.hidden_size
         length = model.pipe.tokenizer.model_max_length
         pool = _Pool(
             size=size,
             slots=self.max_batch,
             latents=torch.zeros((n, model.latent_channels, h, w), device=self.device),
             x0=torch.zeros((n, model.latent_channels, h, w), device=self.device),
-            embeds=torch.zeros((2 * n, length, text.hidden_size), device=self.device, dtype=model.dtype),
+            embeds=torch.zeros((2 * n, length, width), device=self.device, dtype=model.dtype),
             guidance=torch.ones(n, device=self.device),
             coefficients=torch.zeros((n * self.options.max_steps, samplers.NUM_COEFFICIENTS), device=self.device),
             init=torch.zeros((n, model.latent_channels, h, w), device=self.device),
@@ -229,8 +234,24 @@ class SDRunner:
         if self.inpainting_unet:
             pool.unet_mask = torch.ones((n, 1, h, w), device=self.device)
             pool.masked = torch.zeros((n, model.latent_channels, h, w), device=self.device)
+        self._extend_pool(pool)
         self.pools[size] = pool
         return pool
+
+    # ---- what a model family adds (worker.runners.sdxl) ------------------------------------
+
+    def _extend_pool(self, pool: _Pool) -> None:
+        """Buffers a family's UNet needs beside the shared ones; SD needs none."""
+
+    def encode(self, texts: list[str], negative: list[bool]) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+        """Per-text conditioning rows ("embeds", and whatever `_extend_pool` made room for)
+        and each text's unknown words; `negative` marks the negative prompts."""
+        embeds, unknown = encode_prompts(self.model, texts)
+        return {"embeds": embeds}, unknown
+
+    def _unet_kwargs(self, pool: _Pool, rows: torch.Tensor) -> dict[str, Any]:
+        """UNet keyword arguments beyond the text embeddings, for batch rows `rows`."""
+        return {}
 
     # ---- admission -------------------------------------------------------------------
 
@@ -239,7 +260,8 @@ class SDRunner:
         One text-encoder call and one upload per buffer for all of them."""
         pool = self._pool(admission.size)
         texts = [t for job in admission.jobs for t in job.texts()]
-        embeds, unknown = encode_prompts(self.model, texts)
+        negative = [job.guided and i == 0 for job in admission.jobs for i in range(len(job.texts()))]
+        conditioning, unknown = self.encode(texts, negative)
         slots: list[int] = []
         uncond_rows: list[int] = []
         cond_rows: list[int] = []
@@ -288,14 +310,16 @@ class SDRunner:
                 tables.append(sched.coefficients)
             row += n_texts
         index = self._ints(slots)
-        pool.embeds.index_copy_(0, self._ints([2 * s + 1 for s in slots]), embeds.index_select(0, self._ints(cond_rows)))
         guided = [i for i, r in enumerate(uncond_rows) if r >= 0]
-        if guided:
-            pool.embeds.index_copy_(
-                0,
-                self._ints([2 * slots[i] for i in guided]),
-                embeds.index_select(0, self._ints([uncond_rows[i] for i in guided])),
-            )
+        for name, rows in conditioning.items():
+            buffer = pool.embeds if name == "embeds" else pool.extra[name]
+            buffer.index_copy_(0, self._ints([2 * s + 1 for s in slots]), rows.index_select(0, self._ints(cond_rows)))
+            if guided:
+                buffer.index_copy_(
+                    0,
+                    self._ints([2 * slots[i] for i in guided]),
+                    rows.index_select(0, self._ints([uncond_rows[i] for i in guided])),
+                )
         pool.guidance.index_copy_(0, index, _upload(torch.tensor(guidance, dtype=torch.float32), self.device))
         pool.latents.index_copy_(0, index, _upload(torch.cat(latents), self.device))
         pool.x0.index_fill_(0, index, 0.0)
@@ -344,7 +368,7 @@ class SDRunner:
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
         if keep is not None:
             pixels = pixels * torch.from_numpy(np.asarray(keep, dtype=np.float32))[None, None]
-        pixels = _upload(pixels, self.device).to(self.model.dtype)
+        pixels = _upload(pixels, self.device).to(vae.dtype)
         latent = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
         return latent.float()
 
@@ -399,11 +423,12 @@ class SDRunner:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         t = coef_rows[:, samplers.T]
         embeds = pool.embeds.index_select(0, index[ROW_EMBED])
+        extra = self._unet_kwargs(pool, index[ROW_EMBED])
         if unet is self._compiled_unet:
             # One compiled graph for every bucket: the batch dimension stays symbolic.
-            for tensor in (x_in, t, embeds):
+            for tensor in (x_in, t, embeds, *extra.get("added_cond_kwargs", {}).values()):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        out = unet(x_in, t, encoder_hidden_states=embeds, return_dict=False)[0].float()
+        out = unet(x_in, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0].float()
         uncond = out.index_select(0, index[SAMPLE_UNCOND])
         cond = out.index_select(0, index[SAMPLE_COND])
         slots = index[SAMPLE_SLOT]
@@ -477,7 +502,8 @@ class SDRunner:
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """Latents -> uint8 (h, w, 3) images on the host; padded to a warmed batch size."""
         model = self.model
-        batch = latents.to(model.dtype) / model.vae.config.scaling_factor
+        # The VAE's own dtype: a family may keep it in float32 (SDXL's overflows in float16).
+        batch = latents.to(model.vae.dtype) / model.vae.config.scaling_factor
         count = batch.shape[0]
         target = next((b for b in self.vae_buckets if b >= count), count)
         if target > count:
@@ -637,13 +663,19 @@ def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def encode_prompts(model: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, list[list[str]]]:
-    """Text embeddings for `texts`, and the words of each that the vocabulary lacks.
+    """Text embeddings for `texts`, and the words of each that the vocabulary lacks."""
+    input_ids, unknown = token_ids(model.pipe.tokenizer, texts, model.device)
+    embeds = model.pipe.text_encoder(input_ids, return_dict=False)[0]
+    return embeds.to(model.dtype), unknown
+
+
+def token_ids(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[torch.Tensor, list[list[str]]]:
+    """`texts` as padded token ids on `device`, and the words of each that the vocabulary lacks.
 
     Word-level vocabularies (the built-in model) map unknown words to [UNK];
     they are dropped, not fed to the encoder, and reported to the client.
     CLIP's byte-level BPE has no unknown words (its unk token is its end token).
     """
-    tokenizer = model.pipe.tokenizer
     max_len = tokenizer.model_max_length
     unk = tokenizer.unk_token_id
     droppable = unk is not None and unk not in {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
@@ -660,6 +692,4 @@ def encode_prompts(model: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, 
             unknown.append([])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids_batch.append(ids + [pad] * (max_len - len(ids)))
-    input_ids = _upload(torch.tensor(ids_batch), model.device)
-    embeds = model.pipe.text_encoder(input_ids, return_dict=False)[0]
-    return embeds.to(model.dtype), unknown
+    return _upload(torch.tensor(ids_batch), device), unknown
