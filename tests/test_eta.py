@@ -62,6 +62,21 @@ def test_step_meter_averages_and_ignores_empty_iterations() -> None:
     assert meter.snapshot() == {"step_s": pytest.approx(0.2), "samples_per_s": pytest.approx(15.0)}
 
 
+def test_cli_progress_shows_the_estimate() -> None:
+    """Guards against the CLI's progress line dropping the wait estimate of a queued job."""
+    import io
+
+    from app.schemas import JobOut, Progress
+    from bailan.cli import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(out)
+    view = JobOut(id="x", status="queued", progress=Progress(step=0, total_steps=10), queue_position=2, eta_s=12.4)
+    bar.show(view)
+    bar.show(view.model_copy(update={"eta_s": None}))
+    assert out.getvalue().splitlines() == ["queued (position 2), done in about 12 s", "queued (position 2)"]
+
+
 # ---------------------------------------------------------------- the API, real Redis
 
 
