@@ -132,6 +132,13 @@ class JobOut(BaseModel):
     queue_position: int | None = Field(
         None, description="1-based position in the queue while queued; null otherwise."
     )
+    eta_s: float | None = Field(
+        None,
+        description=(
+            "While queued: estimated seconds until the job finishes, from the live workers' measured "
+            "step rates (assumptions in the README); null otherwise, or when no worker has measured one."
+        ),
+    )
     cancel_requested: bool = Field(False, description="A client asked to cancel this job.")
     previews: list[PreviewRef] = Field(default_factory=list, description="Previews still available, oldest first.")
     images: list[ImageRef] = Field(default_factory=list, description="Final images, once written.")

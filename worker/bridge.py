@@ -270,6 +270,12 @@ class JobBridge:
 
         self._redis("storing a job's outcome", write)
 
+    def backlog(self) -> int:
+        """Sample-steps still to run of the jobs this worker holds (for the wait estimate, bailan.eta)."""
+        with self.lock:
+            jobs = [flight.job for flight in self.in_flight.values()]
+        return sum(max(job.run_steps - job.step, 0) * job.num_images for job in jobs)
+
     # ---- engine callbacks and the I/O thread ------------------------------------
 
     def _on_preview(self, job: GenerationJob, step: int, rgb: np.ndarray) -> None:

@@ -40,6 +40,7 @@ from bailan.metrics import Tally
 from worker.batching import Admission, BatchScheduler, StepPlan
 from worker.generation import GenerationJob, InvalidForModel, JobCanceled
 from worker.loader import LoadedModel
+from worker.rates import StepMeter
 from worker.runners import make_runner
 from worker.runners.sd import RunnerOptions, default_batch_buckets
 
@@ -82,6 +83,8 @@ class Engine:
         self.iterations = 0
         # Step figures for /metrics (bailan.metrics); the worker process sets it.
         self.tally: Tally | None = None
+        # Measured speed, published with the heartbeat for the API's wait estimate (bailan.eta).
+        self.meter = StepMeter()
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
@@ -165,8 +168,11 @@ class Engine:
             return self.scheduler.waiting
         started = time.perf_counter()
         ran = self._run(plan)
+        samples = 0
         for part in ran:
             self._update(part)
+            samples += len(part)
+        self.meter.record(time.perf_counter() - started, samples)
         self.iterations += 1
         if self.tally is not None:
             # Host time: on CUDA it includes waiting for the device once steps queue up (_settle).

@@ -9,7 +9,9 @@ worker is alive and what it serves; it is renewed every presence interval
 (1 s) with a TTL of a few seconds, so a dead worker drops out of /readyz
 that fast, while job leases keep their longer heartbeat TTL (a lease that
 ran out requeues a job, which must not happen on a short stall). Each tick
-also sends the worker's metric counts (bailan.metrics).
+also sends the worker's metric counts (bailan.metrics), and the key says how
+fast its engine runs and how much work it holds (`live_info`), from which the
+API estimates a queued job's wait (bailan.eta).
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ class Liveness:
     outage: RedisOutage | None = None
     # The figures the worker key reports besides `info` (GPU memory), read every tick.
     gauges: Callable[[], dict[str, Any]] = lambda: {}
+    # Fields that change while the worker runs (measured speed, backlog: bailan.eta), read at each beat.
+    live_info: Callable[[], dict[str, Any]] | None = None
 
     def presence(self, pipe: Any) -> None:
         """The worker key, with a short TTL: /readyz stops counting a dead worker within it."""
-        info = {**self.info, **self.gauges()}
+        info = {**self.info, **self.gauges(), **(self.live_info() if self.live_info is not None else {})}
         pipe.set(Keys.worker(self.settings.name), json.dumps(info), px=int(self.settings.presence_ttl_s * 1000))
 
     def heartbeat(self, leases: bool = True) -> None:

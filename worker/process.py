@@ -121,7 +121,8 @@ def serve(settings: WorkerSettings) -> int:
     ]
     info = {**model.info(), "worker": settings.name, "max_batch": engine.max_batch, "slots": len(slots)}
     liveness = Liveness(settings, connection, slots, info, tally=tally, outage=outage,
-                        gauges=lambda: device_gauges(device))
+                        gauges=lambda: device_gauges(device),
+                        live_info=lambda: {**engine.meter.snapshot(), "backlog": bridge.backlog()})
     threads = [
         threading.Thread(target=bridge.io_loop, name="bailan-io", daemon=True),
         threading.Thread(target=liveness.loop, name="bailan-liveness", daemon=True),

@@ -26,7 +26,7 @@ from app import inputs, limits, views
 from app.deps import AsyncRedisDep, AuthDep, PathForDep, RedisDep, SettingsDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
-from app.store import idempotency, records
+from app.store import idempotency, records, wait
 from app.store.common import looks_like_job_id
 from app.store.events import JobEvents
 from bailan.webhooks import Policy
@@ -139,11 +139,15 @@ async def _load_async(
     return snap
 
 
-async def _view_async(conn: redis.Redis, snap: records.JobSnapshot, path_for: views.PathFor) -> JobOut:
-    """The view without a thread, unless it must read RQ's failure (a blocking call)."""
+async def _view_async(
+    conn: redis.Redis, snap: records.JobSnapshot, path_for: views.PathFor, aconn: Any = None, base: str = ""
+) -> JobOut:
+    """The view without a thread, unless it must read RQ's failure (a blocking call). With
+    `aconn`, a queued job's view carries its wait estimate (a few more reads, queued jobs only)."""
     if views.needs_rq_failure(snap):
         return await run_in_threadpool(views.job_view, conn, snap, path_for)
-    return views.job_view(conn, snap, path_for)
+    eta = await wait.eta_s_async(aconn, base, snap) if aconn is not None else None
+    return views.job_view(conn, snap, path_for, eta)
 
 
 def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None, height: int | None) -> None:
@@ -299,7 +303,7 @@ def _submit(
     snap = records.snapshot(conn, job_id)
     if snap is None:  # only if Redis lost it within milliseconds
         raise _not_found(settings, job_id)
-    return views.job_view(conn, snap, path_for)
+    return views.job_view(conn, snap, path_for, wait.eta_s(conn, settings.queue_name, snap))
 
 
 def submit_router(settings: ApiSettings) -> APIRouter:
@@ -374,9 +378,10 @@ async def get_job(
     path_for: PathForDep,
     principal: AuthDep,
 ) -> Response:
-    # The status path that clients poll: one Redis round trip (records.snapshot_async), no thread.
+    # The status path that clients poll: one Redis round trip (records.snapshot_async), no thread;
+    # a queued job adds the few reads of its wait estimate (app.store.wait).
     snap = await _load_async(settings, aconn, job_id, principal)
-    view = await _view_async(conn, snap, path_for)
+    view = await _view_async(conn, snap, path_for, aconn, settings.queue_name)
     # Written here rather than by FastAPI, which would validate the model it was just built from.
     return Response(view.model_dump_json(), media_type="application/json")
 
@@ -424,7 +429,7 @@ async def job_events(
 
     async def view() -> JobOut | None:
         snap = _visible(await records.snapshot_async(aconn, job_id), principal)
-        return await _view_async(conn, snap, path_for) if snap is not None else None
+        return await _view_async(conn, snap, path_for, aconn, settings.queue_name) if snap is not None else None
 
     async def stream() -> AsyncIterator[str]:
         try:
