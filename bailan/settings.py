@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bailan import webhooks
+from bailan.jobs import URL_HARD_MAX_CHARS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -79,7 +79,7 @@ class SharedSettings(BaseSettings):
         description="Comma-separated seconds before each retry; the last repeats when retries outnumber them.",
     )
     webhook_url_max_chars: int = Field(
-        2048, ge=16, le=webhooks.URL_HARD_MAX_CHARS, description="Longest webhook_url a request may give."
+        2048, ge=16, le=URL_HARD_MAX_CHARS, description="Longest webhook_url a request may give."
     )
 
     @field_validator("webhook_allow_hosts", mode="before")
@@ -102,5 +102,8 @@ class SharedSettings(BaseSettings):
     @classmethod
     def _usable_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            webhooks.secret_key(value.get_secret_value())  # fail at start-up, not at the first delivery
+            # Imported here: bailan.webhooks brings RQ and httpx, which a client of the contract need not load.
+            from bailan.webhooks import secret_key
+
+            secret_key(value.get_secret_value())  # fail at start-up, not at the first delivery
         return value
