@@ -18,7 +18,7 @@ TRAIN_ARGS ?=
 help:
 	@echo "make run     start Redis (embedded valkey), the API and a worker; Ctrl-C stops all"
 	@echo "make test    run the test suite"
-	@echo "make train   train the built-in model (two stages) into models/bailan-shapes"
+	@echo "make train   train the built-in model (two stages, then its preview decoder) into models/bailan-shapes"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make lint    lint the Dockerfile and validate docker-compose.yml"
 	@echo "make install create $(VENV) and install the project (done by the others on first use)"
@@ -59,6 +59,7 @@ BASE_MODEL := checkpoints/bailan-shapes-base
 train: $(STAMP)
 	$(PY) -m world.train --recipe base --out $(BASE_MODEL) --ckpt-dir checkpoints/base --device auto --resume $(TRAIN_ARGS)
 	$(PY) -m world.train --recipe zsnr --init-from $(BASE_MODEL) --out models/bailan-shapes --ckpt-dir checkpoints/zsnr --device auto --resume $(TRAIN_ARGS)
+	$(PY) -m world.preview_train --model models/bailan-shapes --device auto
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.routes import jobs, openai, service
+from app.routes import jobs, metrics, openai, service, web
 
 api_router = APIRouter()
 api_router.include_router(jobs.router)
 api_router.include_router(service.router)
+api_router.include_router(metrics.router)
 api_router.include_router(openai.router)
+api_router.include_router(web.router)

@@ -19,12 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from app.api import api_router
 from app.errors import validation_error
+from app.metrics import HttpMetrics, RedisCollector
 from app.middleware import BodySizeLimit, SelfOnlyPages
 from app.routes.jobs import submit_router
 from app.settings import ApiSettings
@@ -33,6 +35,7 @@ from app.store.workers import WorkerCache
 from bailan import webhooks
 from bailan.blobs import open_store
 from bailan.keys import KeyRing
+from bailan.logs import configure as configure_logging
 from bailan.reaper import Reaper
 
 log = logging.getLogger("bailan.api")
@@ -66,6 +69,7 @@ def make_async_redis(settings: ApiSettings) -> redis.asyncio.Redis:
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings if settings is not None else ApiSettings()
+    configure_logging(settings.log_format)
     conn = make_redis(settings)
     aconn = make_async_redis(settings)
     keyring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
@@ -114,6 +118,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.keyring = keyring
     app.state.blobs = blobs
     app.state.worker_cache = WorkerCache(settings.workers_cache_s)
+    # One registry per app (tests build many apps in one process): this process's
+    # HTTP figures, and the service's, read from Redis at scrape time (app.metrics).
+    registry = CollectorRegistry()
+    registry.register(RedisCollector(conn, settings.queue_name))
+    app.state.metrics_registry = registry
     # The one route built per app: its body type carries this server's caps.
     app.include_router(submit_router(settings))
     app.include_router(api_router)
@@ -151,6 +160,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             allow_headers=["Content-Type", "Authorization", "Idempotency-Key"],
             expose_headers=["Location", "Retry-After", "X-Bailan-Step", "Idempotent-Replayed", "WWW-Authenticate"],
         )
+    # Outermost: every answer counts, the 413s and CORS preflights included.
+    app.add_middleware(HttpMetrics, registry=registry)
     return app
 
 

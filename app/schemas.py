@@ -12,7 +12,6 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, create_model, field_validator
 
 from app.settings import ApiSettings
-from bailan import webhooks
 from bailan.jobs import DEFAULT_STEPS, SIZE_MULTIPLE, JobParams, JobRequest, JobState, ModelDefaults
 
 
@@ -82,6 +81,10 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
 
         validators["_webhooks_off"] = field_validator("webhook_url", mode="before")(webhooks_off)
     else:
+        # Here, not at the top: bailan.webhooks brings RQ and httpx, and bailan.client reads
+        # this module's response models without running a server.
+        from bailan.webhooks import check_submitted
+
         cap = settings.webhook_url_max_chars
         fields["webhook_url"] = _narrowed(
             "webhook_url", max_length=cap,
@@ -91,7 +94,7 @@ def make_request_model(settings: ApiSettings) -> type[JobRequest]:
         def webhook_url_here(cls: type, value: str | None) -> str | None:
             # This deployment's check: no internal address written out, unless allow-listed.
             if value is not None:
-                webhooks.check_submitted(value, settings.webhook_allow_hosts)
+                check_submitted(value, settings.webhook_allow_hosts)
             return value
 
         validators["_webhook_url_here"] = field_validator("webhook_url")(webhook_url_here)
@@ -131,6 +134,13 @@ class JobOut(BaseModel):
     progress: Progress
     queue_position: int | None = Field(
         None, description="1-based position in the queue while queued; null otherwise."
+    )
+    eta_s: float | None = Field(
+        None,
+        description=(
+            "While queued: estimated seconds until the job finishes, from the live workers' measured "
+            "step rates (assumptions in the README); null otherwise, or when no worker has measured one."
+        ),
     )
     cancel_requested: bool = Field(False, description="A client asked to cancel this job.")
     previews: list[PreviewRef] = Field(default_factory=list, description="Previews still available, oldest first.")

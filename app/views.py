@@ -49,8 +49,11 @@ def needs_rq_failure(snap: records.JobSnapshot) -> bool:
     return snap.state is JobState.failed and not snap.record.get(RecordField.error_code)
 
 
-def job_view(conn: redis.Redis, snap: records.JobSnapshot, path_for: PathFor) -> JobOut:
-    """The view of `snap`; it reads Redis again only when needs_rq_failure(snap)."""
+def job_view(
+    conn: redis.Redis, snap: records.JobSnapshot, path_for: PathFor, eta_s: float | None = None
+) -> JobOut:
+    """The view of `snap`; it reads Redis again only when needs_rq_failure(snap).
+    `eta_s`: the caller's wait estimate for a queued job (app.store.wait)."""
     record = snap.record
     job_id = snap.job_id
     state = snap.state
@@ -105,6 +108,7 @@ def job_view(conn: redis.Redis, snap: records.JobSnapshot, path_for: PathFor) ->
         status=state,
         progress=Progress(step=as_int(RecordField.step, 0), total_steps=total),
         queue_position=queue_position,
+        eta_s=eta_s if queue_position is not None else None,
         cancel_requested=bool(record.get(RecordField.cancel_requested)),
         previews=previews,
         images=images,

@@ -92,7 +92,9 @@ class ProgressBar:
     def show(self, view: JobOut) -> None:
         if view.status is JobState.queued:
             where = f" (position {view.queue_position})" if view.queue_position else ""
-            text = f"queued{where}"
+            # The wait estimate (bailan.eta) moves with every heartbeat; whole seconds are enough.
+            eta = f", done in about {max(round(view.eta_s), 1)} s" if view.eta_s is not None else ""
+            text = f"queued{where}{eta}"
         else:
             done, total = view.progress.step, max(view.progress.total_steps, 1)
             filled = round(BAR_WIDTH * done / total)

@@ -11,10 +11,9 @@ import json
 import time
 from enum import Enum
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from bailan.webhooks import URL_HARD_MAX_CHARS, WebhookEvent, check_url
 
 # The worker-side entry point, named by string so the API never imports it.
 RQ_FUNC = "worker.slots.run_job"
@@ -28,6 +27,38 @@ DEFAULT_STEPS = 25
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MODEL_NAME_MAX = 64
 MAX_IMAGES = 4
+
+
+# A hard bound on webhook_url in the request schema; BAILAN_WEBHOOK_URL_MAX_CHARS narrows it.
+URL_HARD_MAX_CHARS = 8192
+
+
+class WebhookEvent(str, Enum):
+    started = "started"  # sampling began (a requeued job may start again)
+    preview = "preview"  # a preview was stored
+    completed = "completed"  # the job ended: succeeded, failed or canceled
+
+
+
+def check_url(url: str) -> str:
+    """`url` if it is an absolute http(s) URL with a host and no credentials; ValueError saying why not."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError on a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        # Credentials in a URL end up in logs; the signature is what authenticates us.
+        raise ValueError("must not carry credentials (user:password@)")
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        raise ValueError("must not contain spaces or control characters")
+    del port
+    return url
+
 
 
 class JobState(str, Enum):

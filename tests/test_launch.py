@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,13 +120,17 @@ class Launch:
 
 @pytest.fixture
 def launch(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Launch]:
+    yield from launched(tmp_path, BAILAN_MODEL=str(tiny_model_dir))
+
+
+def launched(tmp_path: Path, **settings: str) -> Iterator[Launch]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAILAN_")}
     port, valkey_port = free_port(), free_port()
     env.update(
         BAILAN_PORT=str(port),
         BAILAN_VALKEY_PORT=str(valkey_port),
         BAILAN_VALKEY_DIR=str(tmp_path / "valkey"),
-        BAILAN_MODEL=str(tiny_model_dir),
+        **settings,
     )
     log = tmp_path / "launch.log"
     with log.open("wb") as out:
@@ -324,11 +328,88 @@ def test_ctrl_c_stops_api_worker_and_valkey_cleanly(launch: Launch) -> None:
     assert list((launch.valkey_dir / "appendonlydir").iterdir())
 
 
-def test_a_dying_child_stops_the_rest_with_an_error(launch: Launch) -> None:
+def _pids(launch: Launch, what: Callable[[str], bool]) -> list[int]:
+    return [pid for pid, command in descendants(launch.process.pid).items() if what(command)]
+
+
+def _is_worker(command: str) -> bool:
+    return command.rstrip().endswith("-m worker")
+
+
+def _is_api(command: str) -> bool:
+    return "uvicorn" in command and "app.main:app" in command
+
+
+def _wait(predicate: Callable[[], Any], what: str, launch: Launch, timeout: float = READY_TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if launch.process.poll() is not None:
+            pytest.fail(f"launcher exited with {launch.process.returncode} waiting for {what}:\n{launch.output()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}:\n{launch.output()[-4000:]}")
+
+
+def test_killed_children_are_restarted_while_the_api_answers(launch: Launch) -> None:
+    """Guards against a supervisor that stops the whole service when one child dies (kill -9
+    of a worker once took the API and the healthy processes down with it): a killed worker,
+    valkey and API are each started again, the API keeps answering while a worker or
+    valkey is down, and a job still runs afterwards."""
     launch.wait_ready()
-    below = descendants(launch.process.pid)
-    api = next(pid for pid, c in below.items() if "uvicorn" in c)
+    [worker] = _pids(launch, _is_worker)
+    os.kill(worker, signal.SIGKILL)
+    # The API answers throughout the worker's restart.
+    statuses = []
+    new_worker = None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while new_worker is None and time.monotonic() < deadline:
+        statuses.append(http_status(f"{launch.base}/healthz"))
+        new_worker = next(iter(_pids(launch, _is_worker)), None)
+        time.sleep(0.2)
+    assert new_worker is not None and new_worker != worker, launch.output()[-4000:]
+    assert statuses and set(statuses) == {200}, statuses
+    assert "exited with signal SIGKILL; restarting it" in launch.output()
+    launch.wait_ready()
+
+    # The embedded server: back on its port with its data.
+    conn = redis.Redis(port=launch.valkey_port)
+    conn.set("bailan-test:survives", "1")
+    conn.execute_command("BGREWRITEAOF")
+    time.sleep(1.5)  # let the rewrite (and the everysec fsync) land before the kill
+    pid = int((launch.valkey_dir / "valkey.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    assert http_status(f"{launch.base}/v1/models") == 503  # while it is down: an answer, not a hang
+    _wait(lambda: "restarted the embedded valkey server" in launch.output(), "valkey's restart", launch)
+    assert conn.get("bailan-test:survives") == b"1"
+    conn.close()
+
+    [api] = _pids(launch, _is_api)
     os.kill(api, signal.SIGKILL)
-    assert launch.wait_exit() != 0
-    assert "the API" in launch.output() and "exited" in launch.output()
-    assert not [pid for pid in below if alive(pid)], launch.output()[-4000:]
+    _wait(lambda: (pids := _pids(launch, _is_api)) and pids[0] != api, "the API's restart", launch)
+    launch.wait_ready()
+    job = post_json(f"{launch.base}/v1/jobs", {"prompt": "a red circle", "steps": 2, "preview_every": 0})
+    _wait(lambda: get_json(f"{launch.base}/v1/jobs/{job['id']}")["status"] == "succeeded", "the job", launch, 120)
+    assert launch.process.poll() is None
+
+    os.killpg(launch.process.pid, signal.SIGINT)
+    assert launch.wait_exit() == 0, launch.output()[-4000:]
+
+
+def test_a_child_that_keeps_crashing_ends_the_launch(tmp_path: Path) -> None:
+    """Guards against a supervisor that restarts for ever a child that cannot start
+    (here a worker without its model): after BAILAN_RESTART_LIMIT crashes in a row,
+    each right after its start, the launcher stops the rest and exits non-zero."""
+    running = launched(tmp_path, BAILAN_MODEL=str(tmp_path / "no-model"), BAILAN_RESTART_BACKOFF_S="0.1",
+                       BAILAN_RESTART_LIMIT="3")
+    handle = next(running)
+    try:
+        code = handle.wait_exit(180)
+        output = handle.output()
+        assert code != 0, output[-4000:]
+        assert output.count("restarting it in") == 2, output[-4000:]
+        assert "3 times in a row" in output and "giving up" in output, output[-4000:]
+        assert http_status(f"{handle.base}/healthz") is None
+    finally:
+        running.close()

@@ -24,6 +24,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from app.main import create_app
 from app.routes.openai import PATH as OPENAI_PATH
+from app.routes.openai import ImageGenerationRequest
 from bailan.jobs import Keys
 from bailan.keys import hash_key
 from tests.test_api import make_settings, publish_worker
@@ -80,6 +81,14 @@ def api_schema(live_api: str) -> schemathesis.BaseSchema:
     return schema
 
 
+def _valid_generation(body: object) -> bool:
+    try:
+        ImageGenerationRequest.model_validate(body)
+    except ValueError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_input_gets_a_5xx_and_answers_match_the_schema(api_schema: schemathesis.BaseSchema,
                                                            mode: GenerationMode) -> None:
@@ -116,6 +125,11 @@ def test_no_input_gets_a_5xx_and_answers_match_the_schema(api_schema: schemathes
             # Likewise only a model some worker serves is a valid `model` (tested in test_api).
             if case.body.get("model") is not None:
                 case.body["model"] = "tiny"
+        if (mode is GenerationMode.NEGATIVE and case.path == OPENAI_PATH and case.method.upper() == "POST"
+                and _valid_generation(case.body)):
+            # Negated elsewhere (an odd extra header, say) but with a valid body, the call is a
+            # real generation, waiting for the worker this run lacks (504, as for positive cases).
+            return
         # A valid key, so cases reach validation; schemathesis' own auth check still
         # sends bad keys and expects the 401.
         case.call_and_validate(headers=AUTH)

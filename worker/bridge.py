@@ -14,9 +14,11 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -26,12 +28,16 @@ from bailan import events, webhooks
 from bailan.blobs import BlobStore, image_key, open_store, preview_key
 from bailan.webhooks import WebhookEvent
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
+from bailan.metrics import Tally
 from worker.imaging import encode_image, encode_preview, parameters_text
 from worker.loader import LoadedModel
 from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, JobCanceled
 from worker.generation import InvalidInput
+from worker.outage import TRANSIENT, RedisGone, RedisOutage
 from worker.settings import WorkerSettings
 from worker.slots import CANCELED_RESULT
+
+T = TypeVar("T")
 
 log = logging.getLogger("bailan.worker")
 
@@ -62,8 +68,13 @@ class JobBridge:
     stop: threading.Event = field(default_factory=threading.Event)
     # Image bytes go here, not into Redis (bailan.blobs); default: settings.blob_dir.
     blobs: BlobStore | None = None
+    # Shared with the slots and the liveness thread (worker.process); made here when not given.
+    outage: RedisOutage | None = None
+    tally: Tally = field(default_factory=Tally)
 
     def __post_init__(self) -> None:
+        if self.outage is None:
+            self.outage = RedisOutage(self.connection, self.settings.redis_outage_limit_s)
         if self.blobs is None:
             self.blobs = open_store(self.settings.blob_dir)
         # What this worker takes on its device (bailan.caps), published with its presence too.
@@ -77,16 +88,43 @@ class JobBridge:
     # ---- one job, on a slot thread --------------------------------------------
 
     def run(self, job_id: str) -> dict[str, Any]:
-        """Run one job to its end; RQ's result, or CANCELED_RESULT. Raises when the job failed."""
+        """Run one job to its end; RQ's result, or CANCELED_RESULT. Raises when the job failed.
+
+        Every Redis call here waits out an outage (worker.outage): a job whose
+        images are made is never lost to a Redis restart.
+        """
+        labels = {"model": self.model.name}
+        # The slot runs this in the job's logging context (bailan.logs): these lines carry its id.
+        log.info("job started")
+        started = time.perf_counter()
         try:
-            return self._run(job_id)
+            result = self._run(job_id)
+        except RedisGone:
+            raise  # not an outcome: the process exits and the reaper requeues the job
+        except Exception as exc:
+            code = getattr(exc, "bailan_error_code", ErrorCode.internal.value)
+            self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "failed", "error": code})
+            log.warning("job failed (%s) after %.2f s: %s", code, time.perf_counter() - started, exc)
+            raise
         finally:
             with self.lock:  # normally gone already (_finish_record); not so after a Redis error
                 self.hooked.pop(job_id, None)
+        if result == CANCELED_RESULT:
+            self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "canceled"})
+            log.info("job canceled after %.2f s", time.perf_counter() - started)
+        else:
+            self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "succeeded"})
+            self.tally.inc("bailan_images_total", labels, result["images"])
+            log.info("job succeeded in %.2f s (%d images)", time.perf_counter() - started, result["images"])
+        return result
+
+    def _redis(self, what: str, call: Callable[[], T]) -> T:
+        assert self.outage is not None
+        return self.outage.retry(what, call)
 
     def _run(self, job_id: str) -> dict[str, Any]:
         key = Keys.job(job_id)
-        record = decode_record(self.connection.hgetall(key))
+        record = decode_record(self._redis("reading a job record", lambda: self.connection.hgetall(key)))
         if not record.get(RecordField.params):
             raise RuntimeError(f"job {job_id} has no record (expired before it ran?)")
         params = JobParams.model_validate_json(record[RecordField.params])
@@ -96,6 +134,11 @@ class JobBridge:
         if record.get(RecordField.cancel_requested):
             self._finish_record(job_id, {})
             return CANCELED_RESULT
+        try:
+            created = float(record.get(RecordField.created_at) or "nan")
+        except ValueError:
+            created = float("nan")
+        self.tally.observe("bailan_job_wait_seconds", now() - created, {"model": self.model.name})
         width = params.width or self.model.native_width
         height = params.height or self.model.native_height
         refusal = self.caps.refusal(width, height, params.steps)
@@ -112,6 +155,7 @@ class JobBridge:
         except InvalidInput as exc:
             self._finish_record(job_id, {RecordField.error_code: ErrorCode.invalid_for_model.value,
                                          RecordField.error_message: str(exc)})
+            exc.bailan_error_code = ErrorCode.invalid_for_model.value  # type: ignore[attr-defined]
             raise
         job = GenerationJob(
             id=job_id,
@@ -132,29 +176,35 @@ class JobBridge:
             strength=params.strength,
             on_preview=self._on_preview,
         )
-        pipe = webhooks.transaction(self.connection)
-        # A retried job starts afresh: no error, end time or previews of the attempt before.
-        pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
-        pipe.delete(Keys.previews(job_id))
-        pipe.hset(
-            key,
-            mapping={
-                RecordField.started_at: now(),
-                RecordField.step: 0,
-                RecordField.total_steps: job.run_steps,
-                RecordField.width: job.width,
-                RecordField.height: job.height,
-                RecordField.model: self.model.name,
-                RecordField.worker: self.settings.name,
-            },
-        )
-        webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params)
-        pipe.execute()
+        started = now()
+
+        def mark_started() -> list[Any]:
+            pipe = webhooks.transaction(self.connection)
+            # A retried job starts afresh: no error, end time or previews of the attempt before.
+            pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
+            pipe.delete(Keys.previews(job_id))
+            pipe.hset(
+                key,
+                mapping={
+                    RecordField.started_at: started,
+                    RecordField.step: 0,
+                    RecordField.total_steps: job.run_steps,
+                    RecordField.width: job.width,
+                    RecordField.height: job.height,
+                    RecordField.model: self.model.name,
+                    RecordField.worker: self.settings.name,
+                },
+            )
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params)
+            return pipe.execute()
+
+        self._redis("marking a job started", mark_started)
         try:
             future = self.engine.submit(job)
         except InvalidForModel as exc:
             self._finish_record(job_id, {RecordField.error_code: ErrorCode.invalid_for_model.value,
                                          RecordField.error_message: str(exc)})
+            exc.bailan_error_code = ErrorCode.invalid_for_model.value  # type: ignore[attr-defined]
             raise
         with self.lock:
             self.in_flight[job_id] = _InFlight(job)
@@ -167,6 +217,7 @@ class JobBridge:
         except OOM_ERRORS as exc:
             self._finish_record(job_id, {RecordField.error_code: ErrorCode.out_of_memory.value,
                                          RecordField.error_message: f"out of GPU memory: {exc}".strip()[:500]})
+            exc.bailan_error_code = ErrorCode.out_of_memory.value  # type: ignore[attr-defined]
             raise
         except Exception as exc:
             self._finish_record(job_id, {RecordField.error_code: ErrorCode.internal.value,
@@ -185,7 +236,8 @@ class JobBridge:
         if params.init_image is None:
             return None, None
         names = ["init_image"] + (["mask_image"] if params.mask_image is not None else [])
-        found = self.connection.mget([Keys.input_image(job_id, name) for name in names])
+        found = self._redis("reading input images",
+                            lambda: self.connection.mget([Keys.input_image(job_id, name) for name in names]))
         if any(data is None for data in found):
             raise InvalidInput("the job's input image expired before it ran")
         image = Image.open(io.BytesIO(found[0])).convert("RGB")
@@ -206,37 +258,48 @@ class JobBridge:
     def _store_images(self, job: GenerationJob, fmt: str, images: list[np.ndarray]) -> None:
         ttl = self.settings.result_ttl_s
         assert self.blobs is not None
-        # Blobs first: once the record says finished, a client may fetch them at once.
+        # Blobs first (files: a Redis outage retries only the record's writes): once the record
+        # says finished, a client may fetch them at once.
         for index, array in enumerate(images):
             data = encode_image(array, fmt, parameters=self._parameters(job, index))
             self.blobs.put(image_key(job.id, index), data, ttl)
-        pipe = webhooks.transaction(self.connection)
-        self._finish_record(
-            job.id,
-            {
-                RecordField.step: job.run_steps,
-                RecordField.images: dumps([{"index": i, "seed": job.seed + i} for i in range(len(images))]),
-                RecordField.unknown_words: dumps(job.unknown_words),
-            },
-            pipe,
-        )
+        fields = {
+            RecordField.step: job.run_steps,
+            RecordField.images: dumps([{"index": i, "seed": job.seed + i} for i in range(len(images))]),
+            RecordField.unknown_words: dumps(job.unknown_words),
+        }
+        self._finish_record(job.id, fields)
 
-    def _finish_record(self, job_id: str, fields: dict[str, Any], pipe: Any = None) -> None:
-        pipe = pipe if pipe is not None else webhooks.transaction(self.connection)
+    def _finish_record(self, job_id: str, fields: dict[str, Any], before: Callable[[Any], None] | None = None) -> None:
         key = Keys.job(job_id)
-        pipe.hset(key, mapping={**fields, RecordField.finished_at: now()})
         ttl = self.settings.result_ttl_s
-        pipe.expire(key, ttl)
-        # Every preview was stored before now, so none outlives this.
-        pipe.expire(Keys.previews(job_id), self.settings.preview_ttl_s)
-        # The client's input images (megabytes, possibly) are spent once the job has ended.
-        pipe.delete(*(Keys.input_image(job_id, name) for name in INPUT_NAMES))
-        events.notify(pipe, job_id)  # event streams: look again
+        finished = now()
         with self.lock:
             params = self.hooked.pop(job_id, None)
-        # The one place a job the worker ran ends: its `completed` webhook goes with the end.
-        webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.completed, params)
-        pipe.execute()
+
+        def write() -> list[Any]:
+            # Built afresh on every try: redis-py empties a pipeline whose execute failed.
+            pipe = webhooks.transaction(self.connection)
+            if before is not None:
+                before(pipe)
+            pipe.hset(key, mapping={**fields, RecordField.finished_at: finished})
+            pipe.expire(key, ttl)
+            # Every preview was stored before now, so none outlives this.
+            pipe.expire(Keys.previews(job_id), self.settings.preview_ttl_s)
+            # The client's input images (megabytes, possibly) are spent once the job has ended.
+            pipe.delete(*(Keys.input_image(job_id, name) for name in INPUT_NAMES))
+            events.notify(pipe, job_id)  # event streams: look again
+            # The one place a job the worker ran ends: its `completed` webhook goes with the end.
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.completed, params)
+            return pipe.execute()
+
+        self._redis("storing a job's outcome", write)
+
+    def backlog(self) -> int:
+        """Sample-steps still to run of the jobs this worker holds (for the wait estimate, bailan.eta)."""
+        with self.lock:
+            jobs = [flight.job for flight in self.in_flight.values()]
+        return sum(max(job.run_steps - job.step, 0) * job.num_images for job in jobs)
 
     # ---- engine callbacks and the I/O thread ------------------------------------
 
@@ -259,26 +322,35 @@ class JobBridge:
                 params = self.hooked.get(job_id)  # gone once the job ended: no preview news after it
             webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.preview, params, step)
             pipe.execute()
+        except TRANSIENT as exc:
+            # A preview lost to a Redis outage is only a preview: the next one replaces it.
+            assert self.outage is not None
+            self.outage.note("storing a preview", exc)
         except Exception:
-            log.exception("storing preview %s/%d failed", job_id, step)
+            log.exception("storing preview %s/%d failed", job_id, step, extra={"job_id": job_id})
 
     def io_loop(self) -> None:
         """Progress out, cancel requests in; every 50 ms rather than every step."""
         while not self.stop.is_set():
             try:
-                self.sync_jobs()
+                if self.sync_jobs() and self.outage is not None and self.outage.down:
+                    self.outage.note_ok()
+            except TRANSIENT as exc:
+                assert self.outage is not None
+                self.outage.note("progress/cancel sync", exc)  # logged once per outage, not every 50 ms
             except redis.RedisError as exc:
                 log.warning("progress/cancel sync failed: %s", exc)
             except Exception:  # this thread must outlive any one bad round
                 log.exception("progress/cancel sync failed")
             self.stop.wait(0.05)
 
-    def sync_jobs(self) -> None:
-        """One tick of the I/O thread: every running job's new step out, its cancel flag in."""
+    def sync_jobs(self) -> bool:
+        """One tick of the I/O thread: every running job's new step out, its cancel flag in.
+        True when it reached Redis (there were jobs to sync)."""
         with self.lock:
             flights = list(self.in_flight.items())
         if not flights:
-            return
+            return False
         # One round trip: this tick's progress out, every cancel flag in (read last).
         pipe = self.connection.pipeline()
         for job_id, flight in flights:
@@ -296,6 +368,7 @@ class JobBridge:
         for (_, flight), canceled in zip(flights, pipe.execute()[writes:]):
             if canceled:
                 flight.job.cancel_requested.set()
+        return True
 
     def close(self) -> None:
         """Stop the I/O thread and wait for the previews still being stored."""

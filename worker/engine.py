@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
@@ -35,9 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bailan.metrics import Tally
 from worker.batching import Admission, BatchScheduler, StepPlan
 from worker.generation import GenerationJob, InvalidForModel, JobCanceled
 from worker.loader import LoadedModel
+from worker.rates import StepMeter
 from worker.runners import make_runner
 from worker.runners.sd import RunnerOptions, default_batch_buckets
 
@@ -78,6 +81,10 @@ class Engine:
         # Previews not yet handed over: (job, step, uint8 (h, w, 3), CUDA copy-done event or None).
         self._pending_previews: deque[tuple[GenerationJob, int, torch.Tensor, Any]] = deque()
         self.iterations = 0
+        # Step figures for /metrics (bailan.metrics); the worker process sets it.
+        self.tally: Tally | None = None
+        # Measured speed, published with the heartbeat for the API's wait estimate (bailan.eta).
+        self.meter = StepMeter()
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
@@ -159,9 +166,20 @@ class Engine:
             self._settle(0)
             self._deliver_previews(block=True)
             return self.scheduler.waiting
-        for part in self._run(plan):
+        started = time.perf_counter()
+        ran = self._run(plan)
+        samples = 0
+        for part in ran:
             self._update(part)
+            samples += len(part)
+        self.meter.record(time.perf_counter() - started, samples)
         self.iterations += 1
+        if self.tally is not None:
+            # Host time: on CUDA it includes waiting for the device once steps queue up (_settle).
+            self.tally.observe("bailan_step_seconds", time.perf_counter() - started)
+            self.tally.inc("bailan_steps_total")
+            for part in ran:
+                self.tally.observe("bailan_batch_rows", part.rows)
         return True
 
     @torch.inference_mode()
@@ -206,6 +224,8 @@ class Engine:
                 job = self.scheduler.job_of(plan.size, int(plan.slots[0]))
                 self._fail([job] if job is not None else [], exc)
                 return []
+        if self.tally is not None:
+            self.tally.inc("bailan_oom_splits_total")
         ran: list[StepPlan] = []
         for part in self.scheduler.split(plan):
             alive = self.scheduler.restrict(part, np.ones(len(part), dtype=bool))

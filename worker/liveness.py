@@ -5,7 +5,13 @@ every running job's lease in RQ's started registry. A killed process stops
 extending them, and the reaper (bailan.reaper.reap_abandoned, run here and in
 the API) fails or requeues its jobs once the lease expires. The worker key
 (bailan.jobs.Keys.worker) tells the API's /readyz and /v1/models that this
-worker is alive and what it serves.
+worker is alive and what it serves; it is renewed every presence interval
+(1 s) with a TTL of a few seconds, so a dead worker drops out of /readyz
+that fast, while job leases keep their longer heartbeat TTL (a lease that
+ran out requeues a job, which must not happen on a short stall). Each tick
+also sends the worker's metric counts (bailan.metrics), and the key says how
+fast its engine runs and how much work it holds (`live_info`), from which the
+API estimates a queued job's wait (bailan.eta).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -22,7 +29,9 @@ from rq.utils import now as rq_now
 
 from bailan.jobs import Keys
 from bailan import webhooks
+from bailan.metrics import Tally
 from bailan.reaper import reap_abandoned
+from worker.outage import TRANSIENT, RedisOutage
 from worker.settings import WorkerSettings
 from worker.slots import SlotWorker
 
@@ -37,39 +46,74 @@ class Liveness:
     # What the worker key says: the model, device, batch size and slots.
     info: dict[str, Any]
     stop: threading.Event = field(default_factory=threading.Event)
+    # Counts for /metrics, sent to Redis every tick (bailan.metrics).
+    tally: Tally = field(default_factory=Tally)
+    # Shared with the slots and the bridge; made here when not given.
+    outage: RedisOutage | None = None
+    # The figures the worker key reports besides `info` (GPU memory), read every tick.
+    gauges: Callable[[], dict[str, Any]] = lambda: {}
+    # Fields that change while the worker runs (measured speed, backlog: bailan.eta), read at each beat.
+    live_info: Callable[[], dict[str, Any]] | None = None
 
-    def heartbeat(self) -> None:
-        """The worker key and every running job's lease, renewed in one round trip."""
+    def presence(self, pipe: Any) -> None:
+        """The worker key, with a short TTL: /readyz stops counting a dead worker within it."""
+        info = {**self.info, **self.gauges(), **(self.live_info() if self.live_info is not None else {})}
+        pipe.set(Keys.worker(self.settings.name), json.dumps(info), px=int(self.settings.presence_ttl_s * 1000))
+
+    def heartbeat(self, leases: bool = True) -> None:
+        """The worker key, unsent metrics and (with `leases`) every running job's lease, in one round trip."""
         lease = self.settings.heartbeat_ttl_s
         pipe = self.connection.pipeline()
-        pipe.set(Keys.worker(self.settings.name), json.dumps(self.info), ex=lease)
+        self.presence(pipe)
         # The model's queues take jobs from now on, and keep taking them (to wait) when
         # its workers are gone (bailan.queues); the live key clears the job view's notice.
         model = str(self.info.get("model") or "")
         if model:
             pipe.sadd(Keys.models(self.settings.queue_name), model)
             pipe.set(Keys.model_live(model), self.settings.name, ex=lease)
-        for slot in self.slots:
-            job, execution = slot.running_job, slot.execution
-            if job is None or execution is None:
-                continue
-            slot.heartbeat(lease + 60, pipeline=pipe)
-            execution.heartbeat(job.started_job_registry, lease, pipeline=pipe)
-            job.heartbeat(rq_now(), lease, pipeline=pipe, xx=True)
-        pipe.execute()
+        if leases:
+            for slot in self.slots:
+                job, execution = slot.running_job, slot.execution
+                if job is None or execution is None:
+                    continue
+                slot.heartbeat(lease + 60, pipeline=pipe)
+                execution.heartbeat(job.started_job_registry, lease, pipeline=pipe)
+                job.heartbeat(rq_now(), lease, pipeline=pipe, xx=True)
+        taken = self.tally.take()
+        self.tally.add_to(pipe, self.settings.queue_name, taken)
+        try:
+            pipe.execute()
+        except BaseException:
+            self.tally.give_back(taken)  # sent with a later tick
+            raise
 
     def loop(self) -> None:
-        """The liveness thread: heartbeats, and a reaper sweep every reap interval."""
+        """The liveness thread: presence every tick, leases and a reaper sweep on their intervals."""
         last_reap = 0.0
+        last_leases = 0.0
+        reap_after = 0.0
         while not self.stop.is_set():
+            tick = time.monotonic()
             # Leases first and on their own: a failing sweep must never stop them.
+            leases = tick - last_leases >= self.settings.heartbeat_interval_s
             try:
-                self.heartbeat()
+                self.heartbeat(leases)
+                if leases:
+                    last_leases = tick
+                if self.outage is not None:
+                    self.outage.note_ok()
             except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
+                if self.outage is not None and isinstance(exc, TRANSIENT):
+                    self.outage.note("heartbeat", exc)  # logs once per outage
+                else:
+                    log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat failed")
-            if time.monotonic() - last_reap >= self.settings.reap_interval_s:
+            if self.outage is not None and self.outage.down:
+                # No sweep during an outage, nor for one interval after it: leases ran out
+                # meanwhile, and the other workers need a tick to renew theirs (bailan.reaper).
+                reap_after = time.monotonic() + self.settings.reap_interval_s
+            if time.monotonic() >= reap_after and time.monotonic() - last_reap >= self.settings.reap_interval_s:
                 last_reap = time.monotonic()
                 try:
                     lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s,
@@ -80,4 +124,5 @@ class Liveness:
                     log.warning("reaper: Redis unavailable: %s", exc)
                 except Exception:
                     log.exception("reaper: sweep failed")
-            self.stop.wait(min(self.settings.heartbeat_interval_s, self.settings.reap_interval_s))
+            self.stop.wait(min(self.settings.presence_interval_s, self.settings.heartbeat_interval_s,
+                               self.settings.reap_interval_s))

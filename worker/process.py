@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import redis
 import torch
@@ -30,17 +31,23 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from bailan.jobs import MODEL_NAME_MAX, MODEL_NAME_PATTERN, Keys
+from bailan.metrics import Tally
 from bailan.queues import model_base
 from bailan.settings import redact_url
 from worker.bridge import JobBridge
 from worker.engine import Engine, GenerationJob, RunnerOptions
 from worker.liveness import Liveness
 from worker.loader import load_model, pick_device, pick_dtype
+from worker.outage import RedisOutage
 from worker.runners.sd import default_max_batch
 from worker.settings import WorkerSettings
 from worker.slots import SlotWorker
 
 log = logging.getLogger("bailan.worker")
+
+# Exit codes of a worker that cannot go on (0 is a requested stop).
+EXIT_SLOTS_DIED = 1
+EXIT_REDIS_GONE = 3
 
 
 class Shutdown:
@@ -64,7 +71,7 @@ class Shutdown:
 
 
 def serve(settings: WorkerSettings) -> int:
-    """Serve the queue until SIGINT/SIGTERM; 0 after a clean stop."""
+    """Serve the queue until SIGINT/SIGTERM; 0 after a clean stop, non-zero when it cannot go on."""
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     started = time.perf_counter()
@@ -86,7 +93,10 @@ def serve(settings: WorkerSettings) -> int:
     shutdown.install()
     if not wait_for_redis(connection, settings.redis_url, shutdown.requested):
         return 0
-    bridge = JobBridge(settings, model, engine, connection)
+    outage = RedisOutage(connection, settings.redis_outage_limit_s)
+    tally = Tally()
+    engine.tally = tally
+    bridge = JobBridge(settings, model, engine, connection, outage=outage, tally=tally)
     # Jobs for this model, and jobs that name none (bailan.queues).
     queues = [
         Queue(name, connection=connection, serializer=JSONSerializer)
@@ -112,15 +122,14 @@ def serve(settings: WorkerSettings) -> int:
     ]
     info = {**model.info(), "worker": settings.name, "max_batch": engine.max_batch, "slots": len(slots),
             "caps": settings.device_caps(model.device.type).to_json()}
-    liveness = Liveness(settings, connection, slots, info)
+    liveness = Liveness(settings, connection, slots, info, tally=tally, outage=outage,
+                        gauges=lambda: device_gauges(device),
+                        live_info=lambda: {**engine.meter.snapshot(), "backlog": bridge.backlog()})
     threads = [
         threading.Thread(target=bridge.io_loop, name="bailan-io", daemon=True),
         threading.Thread(target=liveness.loop, name="bailan-liveness", daemon=True),
     ]
-    slot_threads = [
-        threading.Thread(target=slot.work, kwargs={"logging_level": "WARNING"}, name=slot.name, daemon=True)
-        for slot in slots
-    ]
+    slot_threads = [threading.Thread(target=slot.serve, args=(outage,), name=slot.name, daemon=True) for slot in slots]
     for thread in threads:
         thread.start()
     try:
@@ -129,11 +138,12 @@ def serve(settings: WorkerSettings) -> int:
         log.warning("first heartbeat failed: %s", exc)
     for thread in slot_threads:
         thread.start()
-    print(f"worker {settings.name} ready: model {model.name} on {device}, batch {engine.max_batch}", flush=True)
+    log.info("worker %s ready: model %s on %s, batch %d", settings.name, model.name, device, engine.max_batch)
 
     engine_stop = threading.Event()
+    broken = threading.Event()
     threading.Thread(
-        target=supervise, args=(slot_threads, shutdown.requested, bridge, engine, engine_stop),
+        target=supervise, args=(slot_threads, shutdown.requested, bridge, engine, engine_stop, broken),
         name="bailan-supervisor", daemon=True,
     ).start()
     # The engine runs on the main thread: PyTorch's CPU kernels measured 2.2x
@@ -146,7 +156,15 @@ def serve(settings: WorkerSettings) -> int:
         connection.delete(Keys.worker(settings.name))
     except redis.RedisError:
         pass
-    return 0
+    if not broken.is_set():
+        return 0
+    # Not asked to stop: the slots are gone, so this worker cannot go on. A
+    # non-zero exit makes any restart policy (make run, systemd, compose) restart it.
+    if outage.gave_up.is_set():
+        log.error("exiting: Redis stayed unreachable for more than %.0f s", settings.redis_outage_limit_s)
+        return EXIT_REDIS_GONE
+    log.error("exiting: the slots stopped on their own (see above)")
+    return EXIT_SLOTS_DIED
 
 
 def supervise(
@@ -155,14 +173,22 @@ def supervise(
     bridge: JobBridge,
     engine: Engine,
     engine_stop: threading.Event,
+    broken: threading.Event,
 ) -> None:
-    """Set `engine_stop` once every slot has stopped after a shutdown request."""
+    """Set `engine_stop` once every slot has stopped after a shutdown request, or at
+    once when one stops without it (the worker then exits non-zero, see serve)."""
     idle_since: float | None = None
     while any(t.is_alive() for t in slot_threads):
         for thread in slot_threads:
             thread.join(0.2)
         if not stopping.is_set():
-            continue
+            if all(t.is_alive() for t in slot_threads):
+                continue
+            # A slot gave up (Redis gone past the limit, or a broken loop): stop
+            # the rest as on SIGTERM, then exit non-zero (serve) to be restarted.
+            log.error("a slot stopped on its own; stopping the worker")
+            broken.set()
+            stopping.set()
         # Idle slots leave their dequeue within seconds, except while Redis is
         # unreachable (RQ retries forever): with no job in flight there is
         # nothing to finish, so stop waiting for them.
@@ -173,6 +199,17 @@ def supervise(
         elif time.monotonic() - idle_since > 5:
             break
     engine_stop.set()
+
+
+def device_gauges(device: torch.device) -> dict[str, Any]:
+    """What the worker key reports of the device each tick: CUDA memory in bytes."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "gpu_memory_allocated_bytes": torch.cuda.memory_allocated(device),
+        "gpu_memory_reserved_bytes": torch.cuda.memory_reserved(device),
+        "gpu_memory_total_bytes": torch.cuda.get_device_properties(device).total_memory,
+    }
 
 
 def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event) -> bool:

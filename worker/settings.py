@@ -39,6 +39,20 @@ class WorkerSettings(SharedSettings):
     heartbeat_ttl_s: int = Field(
         30, ge=2, description="A running job whose worker is silent this long is failed or requeued by the reaper."
     )
+    presence_interval_s: float = Field(
+        1.0, gt=0, description="How often a worker renews its presence key, which /readyz and /v1/models count."
+    )
+    presence_ttl_s: float = Field(
+        4.0, gt=0, description="Seconds a worker's presence key outlives its last renewal: how soon /readyz stops counting a dead worker."
+    )
+    redis_outage_limit_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "How long a worker waits for an unreachable Redis (slots and running jobs wait and reconnect) "
+            "before it gives up and exits with code 3, for a supervisor to restart it."
+        ),
+    )
     preview_max_side: int = Field(256, ge=16, le=1024, description="Longest side of a preview image in pixels.")
     name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}.{os.getpid()}",
@@ -99,4 +113,6 @@ class WorkerSettings(SharedSettings):
     def _ttls_outlive_heartbeats(self) -> "WorkerSettings":
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("BAILAN_HEARTBEAT_TTL_S must exceed BAILAN_HEARTBEAT_INTERVAL_S")
+        if self.presence_ttl_s <= self.presence_interval_s:
+            raise ValueError("BAILAN_PRESENCE_TTL_S must exceed BAILAN_PRESENCE_INTERVAL_S")
         return self

@@ -16,6 +16,7 @@ Slots use RQ's public API, but for one hook that has no public equivalent
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,16 @@ from rq.results import Result
 from rq.timeouts import BaseDeathPenalty
 
 from bailan import events
+from bailan.logs import job_context
 from bailan.queues import fair_order, mark_served
+from worker.outage import RedisGone, RedisOutage
+
+log = logging.getLogger("bailan.worker")
+
+# A work loop that ends this many times in a row, each within QUICK_END_S of
+# starting, while Redis answers, is broken rather than unlucky: the slot stops.
+QUICK_ENDS = 5
+QUICK_END_S = 2.0
 
 # What a runner returns for a job the client canceled; its slot records it as
 # RQ's canceled status instead of finished.
@@ -90,6 +100,9 @@ class SlotWorker(SimpleWorker):
     """
 
     death_penalty_class = NoDeathPenalty
+    # RQ's dequeue retries a lost connection with backoff up to this many seconds
+    # (60 by default): short, so a slot is back within seconds of its Redis.
+    max_connection_wait_time = 2.0
 
     def __init__(
         self,
@@ -112,10 +125,50 @@ class SlotWorker(SimpleWorker):
         # to be read back from RQ's private copy of the return value.
         self.job_was_canceled = False
         self._last_wait_beat = 0.0
+        self.outage: RedisOutage | None = None
         # The queues the process was given are the base queues (the plain one, then
         # the model's); each API key's queue hangs off one of them (bailan.queues).
         self.base_queue_names = [q.name for q in self.queues]
         self._queues_by_name: dict[str, Queue] = {q.name: q for q in self.queues}
+
+    def serve(self, outage: RedisOutage) -> None:
+        """The slot thread: RQ's work loop, started again whenever it ends before a stop.
+
+        RQ's loop quits on a Redis timeout and on any error outside its
+        dequeue (a heartbeat, its job bookkeeping) when Redis restarts; the
+        slot waits for Redis and starts it again, so an outage costs no
+        capacity. Returns on a stop, when Redis stays away past the outage
+        limit, or when the loop keeps ending at once while Redis is up.
+        """
+        self.outage = outage
+        quick_ends = 0
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                self.work(logging_level="WARNING")
+            except Exception as exc:  # RQ's teardown meets the outage too
+                log.warning("slot %s: work loop failed: %s", self.name, exc)
+            if self.stop.is_set():
+                return
+            log.warning("slot %s: work loop ended; waiting for Redis to restart it", self.name)
+            if not outage.wait_until_up(self.stop, f"slot {self.name}"):
+                return
+            quick_ends = quick_ends + 1 if time.monotonic() - started < QUICK_END_S else 0
+            if quick_ends >= QUICK_ENDS:
+                log.error("slot %s: work loop ended %d times in a row at once; giving up", self.name, quick_ends)
+                return
+            try:
+                # RQ refuses to start a worker whose name is registered and not dead.
+                self.register_death()
+            except redis.RedisError:
+                continue
+
+    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+        # RQ's dequeue retries a lost connection for ever, calling this first on
+        # every try: past the outage limit, leave it (and the work loop) here.
+        if kwargs.get("pipeline") is None and self.outage is not None and self.outage.gave_up.is_set():
+            raise RedisGone(f"slot {self.name}: Redis unreachable past the outage limit")
+        super().heartbeat(*args, **kwargs)
 
     def _install_signal_handlers(self) -> None:
         # The main thread owns signals and sets `stop` itself (worker.process).
@@ -188,7 +241,8 @@ class SlotWorker(SimpleWorker):
         self.job_was_canceled = False
         token = _running_slot.set(self)
         try:
-            super().execute_job(job, queue)
+            with job_context(job.id):
+                super().execute_job(job, queue)
         finally:
             _running_slot.reset(token)
             self.running_job = None

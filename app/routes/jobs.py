@@ -10,13 +10,14 @@ from the settings at run time, and FastAPI must see it as a real class.
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -25,12 +26,13 @@ from app import inputs, limits, views
 from app.deps import AsyncRedisDep, AuthDep, BlobsDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
-from app.store import idempotency, records
+from app.store import idempotency, records, wait
 from app.store.common import looks_like_job_id
 from app.store.events import JobEvents
 from app.store.workers import WorkerCache, WorkerInfo, device_refusal, live_workers, serving
 from bailan.webhooks import Policy
 from bailan.keys import Principal
+from bailan.logs import job_id_var
 from bailan.jobs import (
     CONTENT_TYPES,
     DEFAULT_STEPS,
@@ -89,7 +91,20 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 NOT_FOUND = {404: {"model": Detail, "description": "Unknown or expired job, or another API key's job."}}
 
-router = APIRouter(prefix=PREFIX, tags=["jobs"], responses=AUTH_RESPONSES)
+async def _bind_job_id(request: Request) -> None:
+    """Every line logged while this request runs names its job (bailan.logs).
+
+    Async, so it runs in the request's own task and context, which the route
+    (even a plain def, run in the thread pool with a copy) then shares.
+    """
+    job_id = request.path_params.get("job_id")
+    if isinstance(job_id, str) and looks_like_job_id(job_id):
+        job_id_var.set(job_id)
+
+
+log = logging.getLogger("bailan.api")
+
+router = APIRouter(prefix=PREFIX, tags=["jobs"], responses=AUTH_RESPONSES, dependencies=[Depends(_bind_job_id)])
 
 
 def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
@@ -125,11 +140,15 @@ async def _load_async(
     return snap
 
 
-async def _view_async(conn: redis.Redis, snap: records.JobSnapshot, path_for: views.PathFor) -> JobOut:
-    """The view without a thread, unless it must read RQ's failure (a blocking call)."""
+async def _view_async(
+    conn: redis.Redis, snap: records.JobSnapshot, path_for: views.PathFor, aconn: Any = None, base: str = ""
+) -> JobOut:
+    """The view without a thread, unless it must read RQ's failure (a blocking call). With
+    `aconn`, a queued job's view carries its wait estimate (a few more reads, queued jobs only)."""
     if views.needs_rq_failure(snap):
         return await run_in_threadpool(views.job_view, conn, snap, path_for)
-    return views.job_view(conn, snap, path_for)
+    eta = await wait.eta_s_async(aconn, base, snap) if aconn is not None else None
+    return views.job_view(conn, snap, path_for, eta)
 
 
 def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None, height: int | None) -> None:
@@ -301,11 +320,13 @@ def _submit(
     if replayed:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
+    job_id_var.set(job_id)
+    log.info("job accepted for %s%s", principal.name, " (idempotent replay)" if replayed else "")
     response.headers["Location"] = views.job_path(path_for, job_id)
     snap = records.snapshot(conn, job_id)
     if snap is None:  # only if Redis lost it within milliseconds
         raise _not_found(settings, job_id)
-    return views.job_view(conn, snap, path_for)
+    return views.job_view(conn, snap, path_for, wait.eta_s(conn, settings.queue_name, snap))
 
 
 def submit_router(settings: ApiSettings) -> APIRouter:
@@ -381,9 +402,10 @@ async def get_job(
     path_for: PathForDep,
     principal: AuthDep,
 ) -> Response:
-    # The status path that clients poll: one Redis round trip (records.snapshot_async), no thread.
+    # The status path that clients poll: one Redis round trip (records.snapshot_async), no thread;
+    # a queued job adds the few reads of its wait estimate (app.store.wait).
     snap = await _load_async(settings, aconn, job_id, principal)
-    view = await _view_async(conn, snap, path_for)
+    view = await _view_async(conn, snap, path_for, aconn, settings.queue_name)
     # Written here rather than by FastAPI, which would validate the model it was just built from.
     return Response(view.model_dump_json(), media_type="application/json")
 
@@ -431,7 +453,7 @@ async def job_events(
 
     async def view() -> JobOut | None:
         snap = _visible(await records.snapshot_async(aconn, job_id), principal)
-        return await _view_async(conn, snap, path_for) if snap is not None else None
+        return await _view_async(conn, snap, path_for, aconn, settings.queue_name) if snap is not None else None
 
     async def stream() -> AsyncIterator[str]:
         try:

@@ -34,6 +34,7 @@ from bailan.jobs import (
 from bailan import events, webhooks
 from bailan.blobs import BlobStore, image_key, preview_key
 from bailan.keys import ANONYMOUS
+from bailan.metrics import field, metrics_key
 from bailan.queues import RQ_QUEUE_PREFIX, key_queue_name, model_base, registered_models
 
 
@@ -319,6 +320,8 @@ def cancel(
             pipe.hsetnx(job_key, RecordField.cancel_requested, stamp)
             pipe.hsetnx(job_key, RecordField.finished_at, stamp)
             events.notify(pipe, snap.job_id)
+            # No worker ever sees this job: the API counts its final state (bailan.metrics).
+            pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total", {"status": "canceled"}), 1)
             policy = hooks if hooks is not None else webhooks.Policy.defaults(base, keep_s)
             webhooks.enqueue(conn, pipe, policy, snap.job_id, webhooks.WebhookEvent.completed, snap.params)
             pipe.execute()

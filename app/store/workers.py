@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from app.schemas import ModelOut
 from app.store.common import parse_json
@@ -30,8 +31,14 @@ class WorkerInfo:
     dtype: str | None
     max_batch: int | None
     hash: str | None = None
+    # Device figures the worker reports each tick (CUDA memory in bytes, by kind).
+    gauges: dict[str, float] = field(default_factory=dict)
     defaults: ModelDefaults = ModelDefaults()
     samplers: tuple[str, ...] = ()
+    # Measured speed and held work, for the wait estimate (bailan.eta); None/0 until measured.
+    samples_per_s: float | None = None
+    step_s: float | None = None
+    backlog: int = 0
     caps: DeviceCaps = DeviceCaps()
 
 
@@ -48,36 +55,63 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def _gpu_memory(info: dict[str, Any]) -> dict[str, float]:
+    """{allocated|reserved|total: bytes} from a worker key's gpu_memory_<kind>_bytes fields."""
+    found = {}
+    for key, value in info.items():
+        if key.startswith("gpu_memory_") and key.endswith("_bytes") and isinstance(value, (int, float)):
+            found[key.removeprefix("gpu_memory_").removesuffix("_bytes")] = float(value)
+    return found
+
+
+def _float_or_none(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return float(value) if ok else None
+
+
+def _parse_worker(key: bytes | str, raw: bytes | str | None) -> WorkerInfo | None:
+    if raw is None:  # expired between SCAN and MGET
+        return None
+    info = parse_json(raw.decode() if isinstance(raw, bytes) else raw, None)
+    if not isinstance(info, dict):
+        log.warning("ignoring malformed worker key %r", key)
+        return None
+    key_name = key.decode() if isinstance(key, bytes) else key
+    return WorkerInfo(
+        name=str(info.get("worker") or key_name.rsplit(":", 1)[-1]),
+        model=str(info.get("model") or "unknown"),
+        width=_int_or_none(info.get("width")),
+        height=_int_or_none(info.get("height")),
+        device=str(info["device"]) if info.get("device") is not None else None,
+        dtype=str(info["dtype"]) if info.get("dtype") is not None else None,
+        max_batch=_int_or_none(info.get("max_batch")),
+        hash=str(info["hash"]) if isinstance(info.get("hash"), str) else None,
+        gauges=_gpu_memory(info),
+        defaults=_defaults(info.get("defaults")),
+        samplers=tuple(str(s) for s in info.get("samplers") or () if isinstance(s, str)),
+        samples_per_s=_float_or_none(info.get("samples_per_s")),
+        step_s=_float_or_none(info.get("step_s")),
+        backlog=_int_or_none(info.get("backlog")) or 0,
+        caps=DeviceCaps.from_json(info.get("caps")),
+    )
+
+
 def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
     """Workers whose heartbeat key has not expired, as they describe themselves."""
     keys = list(conn.scan_iter(match=Keys.WORKER_PATTERN, count=WORKER_SCAN_COUNT))
     if not keys:
         return []
-    workers = []
-    for key, raw in zip(keys, conn.mget(keys)):
-        if raw is None:  # expired between SCAN and MGET
-            continue
-        info = parse_json(raw.decode() if isinstance(raw, bytes) else raw, None)
-        if not isinstance(info, dict):
-            log.warning("ignoring malformed worker key %r", key)
-            continue
-        key_name = key.decode() if isinstance(key, bytes) else key
-        workers.append(
-            WorkerInfo(
-                name=str(info.get("worker") or key_name.rsplit(":", 1)[-1]),
-                model=str(info.get("model") or "unknown"),
-                width=_int_or_none(info.get("width")),
-                height=_int_or_none(info.get("height")),
-                device=str(info["device"]) if info.get("device") is not None else None,
-                dtype=str(info["dtype"]) if info.get("dtype") is not None else None,
-                max_batch=_int_or_none(info.get("max_batch")),
-                hash=str(info["hash"]) if isinstance(info.get("hash"), str) else None,
-                defaults=_defaults(info.get("defaults")),
-                samplers=tuple(str(s) for s in info.get("samplers") or () if isinstance(s, str)),
-                caps=DeviceCaps.from_json(info.get("caps")),
-            )
-        )
-    return workers
+    found = (_parse_worker(key, raw) for key, raw in zip(keys, conn.mget(keys)))
+    return [w for w in found if w is not None]
+
+
+async def live_workers_async(aconn: redis.asyncio.Redis) -> list[WorkerInfo]:
+    """`live_workers` on the event loop."""
+    keys = [key async for key in aconn.scan_iter(match=Keys.WORKER_PATTERN, count=WORKER_SCAN_COUNT)]
+    if not keys:
+        return []
+    found = (_parse_worker(key, raw) for key, raw in zip(keys, await aconn.mget(keys)))
+    return [w for w in found if w is not None]
 
 
 class WorkerCache:

