@@ -4,7 +4,8 @@
 
 - builtin_grid.png: a few prompts (rows) × seeds (columns), service defaults;
 - builtin_previews.png: one job's previews as the worker makes them, step by
-  step (x0 through the preview decoder, and x_t), then the final image.
+  step (x0 through the preview decoder, and x_t), then the final image, at the
+  model's default guidance.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def preview_strip(model_dir: Path, out: Path, prompt: str = GRID_PROMPTS[0], see
     from worker.loader import load_model
 
     model = load_model(model_dir, torch.device("cpu"), torch.float32)
+    guidance = model.defaults.guidance_scale or 7.5  # what a job that names none gets
     keep = (1, 3, 5, 7, 10, 14, 19)
     rows: list[list[Image.Image]] = []
     for kind in ("x0", "xt"):
@@ -63,7 +65,7 @@ def preview_strip(model_dir: Path, out: Path, prompt: str = GRID_PROMPTS[0], see
 
         engine = Engine(model, 1)
         job = GenerationJob(id=kind, prompt=prompt, width=model.native_width, height=model.native_height,
-                            steps=STEPS, guidance_scale=7.5, seed=seed, preview_every=1, preview_kind=kind,
+                            steps=STEPS, guidance_scale=guidance, seed=seed, preview_every=1, preview_kind=kind,
                             on_preview=on_preview)
         engine.submit(job)
         engine.run_until_idle()
