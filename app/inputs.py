@@ -55,7 +55,8 @@ def decode_image(field: str, text: str, max_bytes: int, max_pixels: int) -> tupl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = max_pixels
+            # Image.open reads only the header; the size is checked below, before any decoding.
+            # (Not through Image.MAX_IMAGE_PIXELS: that is process-wide, and the cap is this call's.)
             image = Image.open(io.BytesIO(data))
             if image.format not in FORMATS:
                 raise refuse(field, f"format {image.format} is not accepted; send PNG, JPEG or WebP")

@@ -27,6 +27,11 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rq import Queue  # noqa: E402
+from rq.job import Job, JobStatus  # noqa: E402
+from rq.serializers import JSONSerializer  # noqa: E402
+
+from bailan.jobs import Keys, RecordField  # noqa: E402
 from bailan.launch import LaunchSettings, uvicorn_limits  # noqa: E402
 
 BARE_APP = '''
@@ -112,13 +117,19 @@ def main() -> int:
                  serve("bare_app:app", bare_port, env, args.http, bare_dir)]
     try:
         # A running job with two previews: the view has every part a polling client sees.
+        # Started as a worker starts it (RQ's own calls), previews listed as the worker lists them
+        # (scored by when their blobs expire); the view reads no blob bytes.
         job = httpx.post(f"http://127.0.0.1:{api_port}/v1/jobs", json={"prompt": "a red circle"}).json()["id"]
         conn = redis.Redis.from_url(url)
+        rq_job = Job.fetch(job, connection=conn, serializer=JSONSerializer)
+        Queue(rq_job.origin, connection=conn, serializer=JSONSerializer).remove(rq_job)
+        rq_job.set_status(JobStatus.STARTED)
+        conn.hset(Keys.job(job), mapping={RecordField.started_at: repr(time.time()), RecordField.step: "10"})
         for step in (5, 10):
-            conn.set(f"bailan:job:{job}:preview:{step}", b"jpeg", ex=600)
-            conn.zadd(f"bailan:job:{job}:previews", {str(step): step})
+            conn.zadd(Keys.previews(job), {str(step): time.time() + 600})
         view = httpx.get(f"http://127.0.0.1:{api_port}/v1/jobs/{job}")
-        assert view.status_code == 200 and len(view.json()["previews"]) == 2, view.text
+        assert view.status_code == 200 and view.json()["status"] == "running", view.text
+        assert len(view.json()["previews"]) == 2, view.text
         results = {}
         for name, port, path in [("bare FastAPI", bare_port, f"/v1/jobs/{job}"),
                                  ("GET /v1/jobs/{id}", api_port, f"/v1/jobs/{job}")]:

@@ -88,6 +88,8 @@ def test_model_loads_as_a_standard_pipeline() -> None:
 
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
     for weights in MODEL.rglob("*.safetensors"):
+        if weights.parent.name == "preview_decoder":
+            continue  # 250 KB, kept in the float32 its figures were measured in (README, Previews)
         with safe_open(weights, "pt") as f:
             assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys()), weights
     size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())

@@ -150,7 +150,9 @@ def test_real_worker_rate_gives_queued_job_a_positive_eta(service: Service) -> N
         assert view["status"] == "queued" and view["queue_position"] == 1
         assert view["eta_s"] > 0
         conn = redis.Redis.from_url(service.env["BAILAN_REDIS_URL"])
-        published = json.loads(conn.get(Keys.worker("eta-w0")))
+        # The worker key is renewed every second: the beat after the jobs started carries their backlog.
+        published = wait_for(lambda: (p := json.loads(conn.get(Keys.worker("eta-w0")) or "{}")).get("backlog") and p,
+                             10, "the worker key to carry the running jobs' backlog", 0.1)
         assert published["samples_per_s"] > 0 and published["step_s"] > 0 and published["backlog"] > 0
         service.http.post(f"/v1/jobs/{queued['id']}/cancel")
     finally:
