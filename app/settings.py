@@ -94,7 +94,7 @@ class ApiSettings(SharedSettings):
         le=60,
         description=(
             "How old the live workers a submit is checked against (their native size and caps) may be; "
-            "each re-read scans Redis's keyspace. 0 re-reads on every submit."
+            "each re-read is two Redis round trips. 0 re-reads on every submit."
         ),
     )
     openai_timeout_s: float = Field(

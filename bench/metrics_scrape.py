@@ -28,6 +28,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bailan import presence  # noqa: E402
 from bailan.jobs import Keys  # noqa: E402
 from bailan.metrics import Tally  # noqa: E402
 from bailan.queues import key_queue_name  # noqa: E402
@@ -46,7 +47,7 @@ def seed(conn: redis.Redis, queue: str, workers: int, keys: int) -> None:
         if i == 0:
             info.update(gpu_memory_allocated_bytes=1 << 33, gpu_memory_reserved_bytes=1 << 34,
                         gpu_memory_total_bytes=80 << 30)
-        pipe.set(Keys.worker(f"w{i}"), json.dumps(info), ex=3600)
+        presence.publish(pipe, f"w{i}", json.dumps(info), 3600)
     for k in range(keys):
         name = key_queue_name(queue, f"client-{k}")
         pipe.sadd(Keys.key_queues(queue), name)

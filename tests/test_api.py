@@ -26,6 +26,7 @@ from rq.serializers import JSONSerializer
 from app.main import create_app
 from app.settings import ApiSettings
 from bailan.blobs import DirBlobStore, image_key, preview_key
+from bailan import presence
 from bailan.jobs import RQ_FUNC, Keys, RecordField, now
 from bailan.reaper import Reaper
 
@@ -70,7 +71,14 @@ def submit(client: TestClient, **body: Any) -> dict[str, Any]:
 def publish_worker(conn: redis.Redis, name: str = "w1", width: int = 512, height: int = 512, **extra: Any) -> None:
     info = {"model": "tiny", "width": width, "height": height, "worker": name, "device": "cuda:0",
             "dtype": "float16", "max_batch": 8, **extra}
-    conn.set(Keys.worker(name), json.dumps(info), ex=30)
+    announce(conn, name, json.dumps(info))
+
+
+def announce(conn: redis.Redis, name: str, payload: str | bytes, ttl_s: float = 30) -> None:
+    """What a worker's presence tick writes (bailan.presence), with `payload` as its description."""
+    pipe = conn.pipeline()
+    presence.publish(pipe, name, payload, ttl_s)  # type: ignore[arg-type]
+    pipe.execute()
 
 
 def start_job(conn: redis.Redis, job_id: str, execution_score: float | None = None) -> None:
@@ -498,7 +506,7 @@ def test_models_lists_live_workers(client: TestClient, redis_conn: redis.Redis) 
     assert client.get("/v1/models").json() == {"models": [], "default": None}
     publish_worker(redis_conn, "w1")
     publish_worker(redis_conn, "w2", max_batch=16, device="cuda:1", hash="0123456789")
-    redis_conn.set(Keys.worker("junk"), b"not json", ex=30)
+    announce(redis_conn, "junk", b"not json")
     models = client.get("/v1/models").json()["models"]
     assert models == [{"model": "tiny", "width": 512, "height": 512, "workers": 2,
                        "devices": ["cuda:0", "cuda:1"], "dtypes": ["float16"], "max_batch": 16,
@@ -891,3 +899,22 @@ def test_the_default_model_takes_jobs_that_name_none(redis_url: str, redis_conn:
         big = submit(c, model="big")["params"]
         assert (big["width"], big["guidance_scale"]) == (512, 7.0)
         assert c.get("/v1/models").json()["default"] == "small"
+
+
+def test_live_workers_are_found_without_scanning_the_keyspace(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards: /readyz, /v1/models and every submit walking the whole keyspace (every job record)
+    with SCAN to find worker keys; and a dead worker's name lingering in the live set."""
+    publish_worker(redis_conn, "w1")
+    for i in range(50):
+        redis_conn.set(f"bailan:job:filler{i}", "x", ex=60)  # keys a SCAN would have to walk
+    before = redis_conn.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
+    assert client.get("/readyz").json()["workers"] == 1
+    assert [m["workers"] for m in client.get("/v1/models").json()["models"]] == [1]
+    submit(client)
+    assert redis_conn.info("commandstats").get("cmdstat_scan", {}).get("calls", 0) == before
+    # A worker whose presence lapsed a minute ago: not live, and the next reader drops its name.
+    redis_conn.zadd(Keys.workers(), {"gone": time.time() - presence.STALE_S - 1})
+    assert client.get("/readyz").json()["workers"] == 1
+    assert redis_conn.zscore(Keys.workers(), "gone") is None
+    presence.withdraw(redis_conn, "w1")
+    assert client.get("/readyz").status_code == 503

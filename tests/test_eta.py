@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from bailan.eta import WorkerRate, estimate_eta, jobs_ahead
 from bailan.jobs import Keys
-from tests.test_api import make_settings, publish_worker, start_job, submit
+from tests.test_api import announce, make_settings, publish_worker, start_job, submit
 from tests.test_e2e import Service, wait_for
 from worker.rates import StepMeter
 
@@ -118,8 +118,7 @@ def test_eta_counts_only_the_workers_of_the_jobs_model(client: TestClient, redis
 
 def test_malformed_rates_are_unknown_not_500(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards against a worker key with odd rate fields turning the status path into a 500."""
-    redis_conn.set(Keys.worker("odd"), json.dumps({"model": "tiny", "samples_per_s": "fast", "step_s": True,
-                                                   "backlog": -3}), ex=30)
+    announce(redis_conn, "odd", json.dumps({"model": "tiny", "samples_per_s": "fast", "step_s": True, "backlog": -3}))
     job = submit(client, steps=10, width=64, height=64)
     response = client.get(f"/v1/jobs/{job['id']}")
     assert response.status_code == 200 and response.json()["eta_s"] is None

@@ -27,7 +27,7 @@ from app.routes.openai import PATH as OPENAI_PATH
 from app.routes.openai import ImageGenerationRequest
 from bailan.jobs import Keys
 from bailan.keys import hash_key
-from tests.test_api import make_settings, publish_worker
+from tests.test_api import announce, make_settings, publish_worker
 
 # Cases per mode across every operation (about 10 operations).
 MAX_EXAMPLES = 250
@@ -67,7 +67,8 @@ def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     # defaults resolve (its 503 without one is the designed answer, not a fault).
     conn = redis.Redis.from_url(redis_url)
     publish_worker(conn, "fuzz-worker", width=64, height=64)
-    conn.persist(Keys.worker("fuzz-worker"))  # for the whole run, however long
+    # For the whole run, however long: an expiry a day ahead.
+    announce(conn, "fuzz-worker", conn.get(Keys.worker("fuzz-worker")), ttl_s=86400)
     yield base
     server.should_exit = True
     thread.join(timeout=10)

@@ -4,7 +4,7 @@ A SimpleWorker sends no heartbeat while a job runs, so this thread extends
 every running job's lease in RQ's started registry. A killed process stops
 extending them, and the reaper (bailan.reaper.reap_abandoned, run here and in
 the API) fails or requeues its jobs once the lease expires. The worker key
-(bailan.jobs.Keys.worker) tells the API's /readyz and /v1/models that this
+(bailan.presence) tells the API's /readyz and /v1/models that this
 worker is alive and what it serves; it is renewed every presence interval
 (1 s) with a TTL of a few seconds, so a dead worker drops out of /readyz
 that fast, while job leases keep their longer heartbeat TTL (a lease that
@@ -27,8 +27,8 @@ from typing import Any
 import redis
 from rq.utils import now as rq_now
 
+from bailan import presence, webhooks
 from bailan.jobs import Keys
-from bailan import webhooks
 from bailan.metrics import Tally
 from bailan.reaper import reap_abandoned
 from worker.outage import TRANSIENT, RedisOutage
@@ -58,7 +58,7 @@ class Liveness:
     def presence(self, pipe: Any) -> None:
         """The worker key, with a short TTL: /readyz stops counting a dead worker within it."""
         info = {**self.info, **self.gauges(), **(self.live_info() if self.live_info is not None else {})}
-        pipe.set(Keys.worker(self.settings.name), json.dumps(info), px=int(self.settings.presence_ttl_s * 1000))
+        presence.publish(pipe, self.settings.name, json.dumps(info), self.settings.presence_ttl_s)
 
     def heartbeat(self, leases: bool = True) -> None:
         """The worker key, unsent metrics and (with `leases`) every running job's lease, in one round trip."""

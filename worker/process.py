@@ -30,8 +30,9 @@ import torch
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from bailan.jobs import MODEL_NAME_MAX, MODEL_NAME_PATTERN, Keys
+from bailan.jobs import MODEL_NAME_MAX, MODEL_NAME_PATTERN
 from bailan.metrics import Tally
+from bailan import presence
 from bailan.queues import model_base
 from bailan.settings import redact_url
 from worker.bridge import JobBridge
@@ -153,7 +154,7 @@ def serve(settings: WorkerSettings) -> int:
     liveness.stop.set()
     bridge.close()
     try:
-        connection.delete(Keys.worker(settings.name))
+        presence.withdraw(connection, settings.name)
     except redis.RedisError:
         pass
     if not broken.is_set():

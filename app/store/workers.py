@@ -13,12 +13,11 @@ import redis.asyncio
 
 from app.schemas import ModelOut
 from app.store.common import parse_json
+from bailan import presence
 from bailan.caps import DeviceCaps
-from bailan.jobs import MODEL_DEFAULT_FIELDS, Keys, ModelDefaults
+from bailan.jobs import MODEL_DEFAULT_FIELDS, ModelDefaults
 
 log = logging.getLogger("bailan.api")
-
-WORKER_SCAN_COUNT = 200
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def _float_or_none(value: Any) -> float | None:
 
 
 def _parse_worker(key: bytes | str, raw: bytes | str | None) -> WorkerInfo | None:
-    if raw is None:  # expired between SCAN and MGET
+    if raw is None:  # expired between reading the live set and MGET
         return None
     info = parse_json(raw.decode() if isinstance(raw, bytes) else raw, None)
     if not isinstance(info, dict):
@@ -97,20 +96,14 @@ def _parse_worker(key: bytes | str, raw: bytes | str | None) -> WorkerInfo | Non
 
 
 def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
-    """Workers whose heartbeat key has not expired, as they describe themselves."""
-    keys = list(conn.scan_iter(match=Keys.WORKER_PATTERN, count=WORKER_SCAN_COUNT))
-    if not keys:
-        return []
-    found = (_parse_worker(key, raw) for key, raw in zip(keys, conn.mget(keys)))
+    """Workers whose presence has not expired, as they describe themselves (bailan.presence)."""
+    found = (_parse_worker(key, raw) for key, raw in presence.live(conn))
     return [w for w in found if w is not None]
 
 
 async def live_workers_async(aconn: redis.asyncio.Redis) -> list[WorkerInfo]:
     """`live_workers` on the event loop."""
-    keys = [key async for key in aconn.scan_iter(match=Keys.WORKER_PATTERN, count=WORKER_SCAN_COUNT)]
-    if not keys:
-        return []
-    found = (_parse_worker(key, raw) for key, raw in zip(keys, await aconn.mget(keys)))
+    found = (_parse_worker(key, raw) for key, raw in await presence.live_async(aconn))
     return [w for w in found if w is not None]
 
 
@@ -118,8 +111,7 @@ class WorkerCache:
     """`live_workers`, read again at most every `max_age_s` seconds (one per API process).
 
     Every submit needs the live workers (their native size and caps), and each
-    read is a SCAN, which walks the whole keyspace: with a day of finished jobs
-    in Redis that is thousands of round trips. A worker's presence changes on
+    read is two round trips (bailan.presence). A worker's presence changes on
     the scale of its heartbeat, so a second-old view is as good.
     """
 

@@ -1,0 +1,71 @@
+"""Which workers are alive, found without scanning Redis's keyspace.
+
+A worker's presence is two writes, renewed together every presence tick: its
+key (Keys.worker, its description as JSON, with a TTL of a few seconds) and
+its name in the sorted set Keys.workers, scored by when that key expires.
+Readers (the API's /readyz, /v1/models, submits, wait estimates; the
+launcher) take the names whose score is still ahead and read their keys in one
+MGET. A SCAN for `bailan:worker:*` would instead walk every key in the
+database, every job record included, on every call.
+
+A dead worker's key expires by itself; its name is dropped from the set by
+the next reader once it is a minute stale.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from bailan.jobs import Keys
+
+# How long a stale name stays in the set before a reader drops it (seconds).
+STALE_S = 60.0
+
+
+def publish(pipe: Any, name: str, payload: str, ttl_s: float) -> None:
+    """Queue on `pipe` the writes that say worker `name` is alive for `ttl_s` seconds."""
+    pipe.set(Keys.worker(name), payload, px=max(1, int(ttl_s * 1000)))
+    pipe.zadd(Keys.workers(), {name: time.time() + ttl_s})
+
+
+def withdraw(conn: redis.Redis, name: str) -> None:
+    """A worker's clean exit: it is gone at once, not a few seconds later."""
+    pipe = conn.pipeline(transaction=False)
+    pipe.delete(Keys.worker(name))
+    pipe.zrem(Keys.workers(), name)
+    pipe.execute()
+
+
+def _live_keys(names: list[bytes | str]) -> list[str]:
+    return [Keys.worker(n.decode() if isinstance(n, bytes) else n) for n in names]
+
+
+def live(conn: redis.Redis) -> list[tuple[str, bytes | None]]:
+    """(worker key, its JSON or None if it expired meanwhile) for every worker whose presence holds."""
+    now = time.time()
+    pipe = conn.pipeline(transaction=False)
+    pipe.zremrangebyscore(Keys.workers(), "-inf", now - STALE_S)
+    pipe.zrangebyscore(Keys.workers(), now, "+inf")
+    _, names = pipe.execute()
+    keys = _live_keys(names)
+    return list(zip(keys, conn.mget(keys))) if keys else []
+
+
+async def live_async(aconn: redis.asyncio.Redis) -> list[tuple[str, bytes | None]]:
+    """`live` on the event loop."""
+    now = time.time()
+    pipe = aconn.pipeline(transaction=False)
+    pipe.zremrangebyscore(Keys.workers(), "-inf", now - STALE_S)
+    pipe.zrangebyscore(Keys.workers(), now, "+inf")
+    _, names = await pipe.execute()
+    keys = _live_keys(names)
+    return list(zip(keys, await aconn.mget(keys))) if keys else []
+
+
+def any_live(conn: redis.Redis) -> bool:
+    """Whether some worker's presence holds (the launcher's "ready" line)."""
+    return bool(conn.zcount(Keys.workers(), time.time(), "+inf"))
