@@ -37,8 +37,18 @@ def settings() -> SharedSettings:
     return SharedSettings()
 
 
+def links(public_url: str | None) -> views.PathFor:
+    """How a delivery links to routes: paths, or absolute URLs under BAILAN_PUBLIC_URL (a
+    receiver has no request to resolve a path against)."""
+    if not public_url:
+        return router.url_path_for
+    root = public_url.rstrip("/")
+    return lambda name, **params: root + str(router.url_path_for(name, **params))
+
+
 def payload(conn: redis.Redis, job_id: str, event: WebhookEvent, step: int | None) -> tuple[str, str] | None:
     """(URL, JSON body) of a delivery, or None when the job's record is gone."""
+    path_for = links(settings().public_url)
     snap = records.snapshot(conn, job_id)
     params = snap.params if snap is not None else None
     if snap is None or params is None or params.webhook_url is None:
@@ -48,7 +58,7 @@ def payload(conn: redis.Redis, job_id: str, event: WebhookEvent, step: int | Non
             "id": job_id,
             "status": snap.state.value,
             "step": step,
-            "url": str(router.url_path_for(views.PREVIEW_ROUTE, job_id=job_id, step=step)),
+            "url": str(path_for(views.PREVIEW_ROUTE, job_id=job_id, step=step)),
         }
     else:
         if event is WebhookEvent.completed and snap.state not in TERMINAL_STATES:
@@ -57,7 +67,7 @@ def payload(conn: redis.Redis, job_id: str, event: WebhookEvent, step: int | Non
             # The worker queues this with the record's end, a moment before RQ
             # marks its own job done: the record alone says how it ended.
             snap = dataclasses.replace(snap, rq_status=None)
-        data = views.job_view(conn, snap, router.url_path_for).model_dump(mode="json")
+        data = views.job_view(conn, snap, path_for).model_dump(mode="json")
     body = {
         "type": f"job.{event.value}",
         "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),

@@ -88,6 +88,15 @@ class SharedSettings(BaseSettings):
             "or any other string (its UTF-8 bytes), 16 bytes at least. Unset: requests with webhook_url get 422."
         ),
     )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description=(
+            "The API's address as clients reach it (https://bailan.example.com, or with a path prefix); "
+            "webhook deliveries' links (images, previews) start with it. Unset: they are paths, as in "
+            "API answers, to be resolved against the API's address."
+        ),
+    )
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(

@@ -35,7 +35,8 @@ from app.settings import ApiSettings
 from bailan import webhooks
 from bailan.reaper import Reaper
 from bailan.settings import SharedSettings
-from bailan.webhooks import DeliveryFailed, WebhookRefused
+from bailan.jobs import JobParams
+from bailan.webhooks import DeliveryFailed, WebhookEvent, WebhookRefused
 from tests.test_api import QUEUE, start_job
 from tests.test_e2e import Service, start, stop, wait_for
 
@@ -379,3 +380,30 @@ def test_internal_address_refused_end_to_end(service: Service, receiver: Receive
         wait_for(lambda: rq_job.get_status(refresh=True) == "failed", 30, "the delivery to fail for good")
         assert "not a public address" in (rq_job.latest_result().exc_string or "")
     assert receiver.to("/named") == []
+
+
+def test_links_are_absolute_under_the_public_url(
+    redis_url: str, redis_conn: redis.Redis, receiver: Receiver, delivery_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards: a receiver handed bare paths (/v1/jobs/...), which it cannot resolve, when the
+    operator said where the API is (BAILAN_PUBLIC_URL)."""
+    monkeypatch.setenv("BAILAN_PUBLIC_URL", "https://bailan.example.com/api/")
+    delivery.settings.cache_clear()
+    settings = api_settings(redis_url, webhook_allow_hosts="127.0.0.1")
+    with TestClient(create_app(settings)) as client:
+        job = client.post("/v1/jobs", json={"prompt": "x", "webhook_url": receiver.url("/links"),
+                                            "webhook_events": ["preview"]}).json()
+    params = JobParams.model_validate(job["params"])
+    pipe = webhooks.transaction(redis_conn)
+    assert webhooks.enqueue(redis_conn, pipe, webhooks.Policy.of(settings), job["id"], WebhookEvent.preview, params, 3)
+    pipe.execute()
+    deliver_queued(redis_conn)
+    [received] = receiver.to("/links")
+    assert verified(received)["data"]["url"] == f"https://bailan.example.com/api/v1/jobs/{job['id']}/previews/3"
+
+
+def test_a_public_url_must_be_an_http_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards: a malformed BAILAN_PUBLIC_URL found only in receivers' broken links."""
+    monkeypatch.setenv("BAILAN_PUBLIC_URL", "bailan.example.com")
+    with pytest.raises(ValueError, match="public_url"):
+        SharedSettings()
