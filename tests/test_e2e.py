@@ -327,17 +327,20 @@ def test_worker_waits_for_redis_and_still_stops_on_sigterm(tiny_model_dir: Path,
             worker.kill()
 
 
-@pytest.mark.parametrize("model", ["missing", "not-a-pipeline", "default"])
+@pytest.mark.parametrize("model", ["missing", "not-a-pipeline", "default", "bad name"])
 def test_worker_without_a_model_stops_with_a_message(tmp_path: Path, model: str) -> None:
-    """Guards against a worker that starts on a missing or wrong model directory,
+    """Guards against a worker that starts on a missing or wrong model directory (or one whose
+    name requests could not give as `model`),
     or that builds random weights in the built-in model's place when the default
     path is absent (it once did): it must exit at start-up with code 2 and a
     message naming BAILAN_MODEL, and write nothing."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAILAN_")}
     expected = {"missing": "does not exist", "not-a-pipeline": "has no model_index.json",
-                "default": "start the worker from the repository root"}[model]
-    if model == "not-a-pipeline":
+                "default": "start the worker from the repository root", "bad name": "names the model"}[model]
+    if model in ("not-a-pipeline", "bad name"):
         (tmp_path / model).mkdir()
+    if model == "bad name":  # a pipeline, but requests could not name it (and its queues would carry it)
+        (tmp_path / model / "model_index.json").write_text("{}")
     if model != "default":
         env["BAILAN_MODEL"] = str(tmp_path / model)
     # From an empty directory, so the default path models/bailan-shapes is absent too.
@@ -345,7 +348,7 @@ def test_worker_without_a_model_stops_with_a_message(tmp_path: Path, model: str)
                             text=True, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "BAILAN_MODEL" in result.stderr and expected in result.stderr, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ([model] if model == "not-a-pipeline" else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([model] if model in ("not-a-pipeline", "bad name") else [])
 
 
 def test_image_to_image_through_the_service(service: Service) -> None:

@@ -165,7 +165,7 @@ def from_pipeline(
     latent_channels = pipe.vae.config.latent_channels
     factors, bias = _latent_rgb(path, pipe, latent_channels, device)
     return LoadedModel(
-        name=path.name,
+        name=path.resolve().name,  # "." or "models/x/" name the directory too
         path=path,
         pipe=pipe,
         device=device,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -30,7 +29,6 @@ import torch
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from bailan.jobs import MODEL_NAME_MAX, MODEL_NAME_PATTERN
 from bailan.metrics import Tally
 from bailan import presence
 from bailan.queues import model_base
@@ -77,10 +75,6 @@ def serve(settings: WorkerSettings) -> int:
     dtype = pick_dtype(settings.dtype, device)
     started = time.perf_counter()
     model = load_model(settings.model, device, dtype)
-    if not re.fullmatch(MODEL_NAME_PATTERN, model.name) or len(model.name) > MODEL_NAME_MAX:
-        # Requests pick a model by this name, and its queues carry it (bailan.queues).
-        raise ValueError(f"model directory name {model.name!r}: use letters, digits, '.', '_' and '-' "
-                         f"(at most {MODEL_NAME_MAX}); requests name the model by it")
     options = runner_options(settings, device)
     engine = Engine(model, settings.max_batch or default_max_batch(device), options=options)
     warm_up(engine)

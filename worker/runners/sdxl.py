@@ -48,17 +48,17 @@ class SDXLRunner(SDRunner):
     def encode(self, texts: list[str], negative: list[bool]) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
         pipe = self.model.pipe
         hidden: list[torch.Tensor] = []
-        unknown: list[list[str]] = []
-        pooled = None
+        missing: list[list[list[str]]] = []
         for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-            ids, missing = token_ids(tokenizer, texts, self.device)
+            ids, lacked = token_ids(tokenizer, texts, self.device)
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the second encoder's projected pooled output
-            # A word either vocabulary lacks is reported.
-            unknown = [sorted({*a, *b}, key=(a + b).index) for a, b in zip(unknown, missing)] if unknown else missing
+            missing.append(lacked)
+        # out[0] of the second encoder (with projection) is its pooled, projected text embedding.
+        pooled = out[0].to(self.model.dtype)
         embeds = torch.cat(hidden, dim=-1).to(self.model.dtype)
-        pooled = pooled.to(self.model.dtype)
+        # A word either vocabulary lacks is reported, once.
+        unknown = [list(dict.fromkeys(first + second)) for first, second in zip(*missing)]
         if self.zero_negative:
             zero = torch.tensor([n and not text for n, text in zip(negative, texts)], device=self.device)
             if zero.any():
