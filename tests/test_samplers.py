@@ -8,10 +8,12 @@ scheduler stepped alone.
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_ancestral
 from diffusers.utils.torch_utils import randn_tensor
 
 from worker import samplers
@@ -36,19 +38,29 @@ def fake_model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.6 * torch.tanh(x_in) + 0.3 * torch.cos(x_in * 3.0) * (t.view(-1, 1, 1, 1) / 1000.0)
 
 
-def reference(name: str, config: dict[str, Any], steps: int, seed: int) -> list[torch.Tensor]:
-    """diffusers stepping one sample alone, as the stock pipeline does; every latent along the way."""
+def reference(name: str, config: dict[str, Any], steps: int, seed: int,
+              dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """diffusers stepping one sample alone, as the stock pipeline does; every latent along the way.
+    In float64 the arithmetic is exact enough to show the float32 run's own rounding; the
+    initial latents and Euler a's noise are the float32 run's draws, widened."""
     scheduler = samplers.make_scheduler(name, config)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    x = randn_tensor(SHAPE, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+    x = (randn_tensor(SHAPE, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma).to(dtype)
     out = [x]
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
-        m = fake_model(x_in, torch.tensor([float(t)]))
-        x = scheduler.step(m, t, x, generator=generator, return_dict=False)[0]
-        out.append(x)
+    with mock.patch.object(euler_ancestral, "randn_tensor", _float32_draws):
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
+            m = fake_model(x_in, torch.tensor([float(t)], dtype=dtype))
+            x = scheduler.step(m, t, x, generator=generator, return_dict=False)[0]
+            out.append(x)
     return out
+
+
+def _float32_draws(shape: Any, *, dtype: torch.dtype, **kwargs: Any) -> torch.Tensor:
+    """randn_tensor drawing float32 whatever the dtype asked, then widened: the same stream
+    of numbers for a float64 run as for the float32 one."""
+    return randn_tensor(shape, dtype=torch.float32, **kwargs).to(dtype)
 
 
 def batched(name: str, config: dict[str, Any], plans: list[tuple[int, int, int]]) -> list[list[torch.Tensor]]:
@@ -89,7 +101,8 @@ def batched(name: str, config: dict[str, Any], plans: list[tuple[int, int, int]]
 def test_vectorised_sampler_matches_diffusers_sample_by_sample(name: str, config_name: str) -> None:
     """Guards against the vectorised update drifting from the scheduler it replaces: every
     latent of every sample, batched with rows at other steps and step counts, must equal
-    diffusers stepping that sample alone, to 1e-5 relative to the latent's scale."""
+    diffusers stepping that sample alone, to 1e-5 relative to the latent's scale, beyond the
+    rounding diffusers' own float32 run shows against a float64 one."""
     config = sd_config() if config_name == "sd_epsilon" else zero_snr_v_config()
     # Short and long schedules (DPM-Solver++ lowers its order at the end below 15 steps),
     # started at different iterations so rows are at different steps in every batch.
@@ -97,11 +110,19 @@ def test_vectorised_sampler_matches_diffusers_sample_by_sample(name: str, config
     got = batched(name, config, plans)
     for (steps, seed, _), trajectory in zip(plans, got):
         expected = reference(name, config, steps, seed)
+        exact = reference(name, config, steps, seed, torch.float64)
         assert len(trajectory) == len(expected) == steps + 1
-        for k, (a, b) in enumerate(zip(trajectory, expected)):
+        for k, (a, b, c) in enumerate(zip(trajectory, expected, exact)):
             scale = max(1.0, float(b.abs().max()))
             err = float((a - b).abs().max()) / scale
-            assert err <= 1e-5, f"{name} {config_name}: {steps} steps, latent {k}: relative error {err:.2e}"
+            # diffusers' own float32 rounding of this latent: a step that cancels large terms
+            # (zero terminal SNR's first, from sigma ~4096) rounds off more than 1e-5 of its
+            # result, in diffusers as here, and the two roundings need not agree.
+            own = float((b.double() - c).abs().max()) / scale
+            assert err <= 1e-5 + 2 * own, (
+                f"{name} {config_name}: {steps} steps, latent {k}: relative error {err:.2e} "
+                f"(diffusers' own float32 rounding: {own:.2e})"
+            )
 
 
 def test_the_table_has_one_row_per_step_and_finite_inputs() -> None:
