@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from unittest import mock
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -647,6 +648,34 @@ def test_reaper_fails_job_of_dead_worker(redis_url: str, redis_conn: redis.Redis
         assert view["status"] == "failed"
         assert view["error"]["code"] == "worker_lost"
         assert view["finished_at"] is not None
+
+
+def test_reaped_job_is_never_failed_without_its_reason(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: a poll between RQ failing an abandoned job and the reaper writing worker_lost into
+    its record, which showed the job failed with an `internal` error (and later worker_lost)."""
+    from rq.registry import StartedJobRegistry
+
+    from bailan.reaper import reap_abandoned
+
+    settings = make_settings(redis_url, abandoned_retries=0)
+    with client_for(settings) as c:
+        job_id = submit(c)["id"]
+        start_job(redis_conn, job_id, execution_score=time.time() - 100)
+        seen: list[Any] = []
+        real_cleanup = StartedJobRegistry.cleanup
+
+        def cleanup(registry: StartedJobRegistry, *args: Any, **kwargs: Any) -> Any:
+            # What a poll would read the instant RQ marks the job failed.
+            result = real_cleanup(registry, *args, **kwargs)
+            seen.append(c.get(f"/v1/jobs/{job_id}").json())
+            return result
+
+        with mock.patch.object(StartedJobRegistry, "cleanup", cleanup):
+            deadline = time.monotonic() + 5
+            while not reap_abandoned(redis_conn, QUEUE) and time.monotonic() < deadline:
+                time.sleep(0.02)  # the app's own reaper may hold the sweep lock
+        assert seen and seen[0]["status"] == "failed"
+        assert seen[0]["error"]["code"] == "worker_lost"
 
 
 def test_reaper_requeues_while_retries_left(client: TestClient, redis_conn: redis.Redis) -> None:
