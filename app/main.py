@@ -24,7 +24,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from app.api import api_router
+from app.api import AREAS
+from app.deps import JobAccess
 from app.errors import validation_error
 from app.metrics import HttpMetrics, RedisCollector
 from app.middleware import BodySizeLimit, SelfOnlyPages
@@ -32,6 +33,7 @@ from app.routes.jobs import submit_router
 from app.settings import ApiSettings
 from app.store.events import JobEvents
 from app.store.workers import WorkerCache
+from app.views import Links, RenderedViews
 from bailan import webhooks
 from bailan.blobs import open_store
 from bailan.keys import KeyRing
@@ -125,7 +127,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     # The one route built per app: its body type carries this server's caps.
     app.include_router(submit_router(settings))
-    app.include_router(api_router)
+    for area in AREAS:
+        app.include_router(area)
+    app.state.links = Links(app.url_path_for)
+    app.state.job_access = JobAccess(settings, conn, aconn, app.state.links, blobs, RenderedViews(settings.view_cache_jobs))
 
     async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("Redis unavailable during %s %s: %s", request.method, request.url.path, exc)

@@ -18,6 +18,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -157,6 +158,11 @@ class RedisCollector(Collector):
             yield family
 
 
+# Methods counted under their own name; any other (a client may send any token) counts as "other",
+# so a client cannot grow the series without bound.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class HttpMetrics:
     """Counts and times every HTTP request of this process by method, route template and status.
 
@@ -172,6 +178,29 @@ class HttpMetrics:
                                  "Seconds from request to the response's first byte, by method and route.",
                                  ["method", "route"], registry=registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        # The labelled children, kept: prometheus-client's labels() checks and locks on every call,
+        # which on the status path cost as much as the observation itself.
+        self._latencies: dict[tuple[str, str], Any] = {}
+        self._counts: dict[tuple[str, str, int], Any] = {}
+
+    def _labels(self, scope: Scope) -> tuple[str, str]:
+        method = scope["method"]
+        route = scope.get("route")
+        return method if method in KNOWN_METHODS else "other", getattr(route, "path", None) or "unmatched"
+
+    def _observe(self, scope: Scope, seconds: float) -> None:
+        key = self._labels(scope)
+        child = self._latencies.get(key)
+        if child is None:
+            child = self._latencies[key] = self.latency.labels(*key)
+        child.observe(seconds)
+
+    def _count(self, scope: Scope, status: int) -> None:
+        key = (*self._labels(scope), status)
+        child = self._counts.get(key)
+        if child is None:
+            child = self._counts[key] = self.requests.labels(key[0], key[1], str(status))
+        child.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -181,16 +210,12 @@ class HttpMetrics:
         status = 500
         timed = False
 
-        def labels() -> tuple[str, str]:
-            route = scope.get("route")
-            return scope["method"], getattr(route, "path", None) or "unmatched"
-
         async def timing_send(message: Message) -> None:
             nonlocal status, timed
             if message["type"] == "http.response.start":
                 status = message["status"]
                 # First byte: an event stream's response lasts as long as the client stays.
-                self.latency.labels(*labels()).observe(time.perf_counter() - started)
+                self._observe(scope, time.perf_counter() - started)
                 timed = True
             await send(message)
 
@@ -198,5 +223,5 @@ class HttpMetrics:
             await self.app(scope, receive, timing_send)
         finally:
             if not timed:
-                self.latency.labels(*labels()).observe(time.perf_counter() - started)
-            self.requests.labels(*labels(), str(status)).inc()
+                self._observe(scope, time.perf_counter() - started)
+            self._count(scope, status)

@@ -34,8 +34,12 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        has_body = False
         for name, value in scope.get("headers", []):
-            if name == b"content-length":
+            if name == b"transfer-encoding":
+                has_body = True
+            elif name == b"content-length":
+                has_body = True
                 try:
                     declared = int(value)
                 except ValueError:
@@ -44,6 +48,11 @@ class BodySizeLimit:
                 if declared > self.max_bytes:
                     await self._reject(send, 413, BodyTooLarge(self.max_bytes).detail)
                     return
+        if not has_body:
+            # HTTP/1.1 frames a body by one of those two headers; without either
+            # there is none to count (the polls, most requests).
+            await self.app(scope, receive, send)
+            return
         received = 0
         response_started = False
 
@@ -89,6 +98,9 @@ class BodySizeLimit:
 # a request leaves the machine. Inline script and style stay allowed: FastAPI's
 # docs pages start Swagger UI with an inline script, and ReDoc writes its
 # styles inline.
+# Paths under it are the API's (app.routes), never HTML.
+API_PREFIX = "/v1/"
+
 SELF_ONLY_POLICY = "; ".join(
     [
         "default-src 'self'",
@@ -117,7 +129,8 @@ class SelfOnlyPages:
         self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(API_PREFIX):
+            # The API answers JSON, images and event streams, never pages.
             await self.app(scope, receive, send)
             return
 

@@ -7,7 +7,7 @@ request failures.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -87,6 +87,15 @@ class ApiSettings(SharedSettings):
     )
     max_streams_per_key: int = Field(
         32, ge=1, description="Open event streams one API key may have; more get 429."
+    )
+    view_cache_jobs: int = Field(
+        4096,
+        ge=0,
+        description=(
+            "Jobs whose rendered view each API process keeps with the snapshot it was rendered from, "
+            "so a poll that finds the job unchanged is served the same bytes (the snapshot is still "
+            "read every time). About 2-5 KB each; 0 renders every poll."
+        ),
     )
     workers_cache_s: float = Field(
         1.0,

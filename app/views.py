@@ -7,13 +7,16 @@ They stay relative paths ("/v1/jobs/{id}/images/0"), as clients have them.
 
 from __future__ import annotations
 
+import functools
+import re
+from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import redis
 
 from app.schemas import ImageRef, JobError, JobOut, PreviewRef, Progress
-from app.store import records
+from app.store import records, wait
 from app.store.common import parse_json
 from bailan.jobs import ErrorCode, JobState, RecordField
 
@@ -30,6 +33,110 @@ class PathFor(Protocol):
     def __call__(self, name: str, /, **path_params: Any) -> str: ...
 
 
+# Stand-ins for path parameters while a route's path is resolved once (Links).
+_INT_SENTINEL = 7_350_912_486_031
+_STR_SENTINEL = "\x00{}\x00"
+
+
+class Links:
+    """A PathFor that asks the router for each route's path once and fills it in after.
+
+    Starlette's url_path_for walks every route in turn and raises an
+    exception at each one that does not match: on the status path that cost
+    more than reading the job from Redis. A route's path is resolved once per
+    name and parameter names, with stand-in values of the types first given,
+    split around them, and joined with the real values afterwards. A value
+    its route's convertor might format differently (not a plain str or
+    non-negative int, or not of the type the path was resolved with) goes to
+    the router as before.
+    """
+
+    def __init__(self, path_for: PathFor) -> None:
+        self._path_for = path_for
+        # Per (name, parameter names): the literal pieces, and between them each
+        # parameter's name and the type it was resolved with; None: ask the router every time.
+        self._templates: dict[tuple[str, ...], tuple[list[str], list[tuple[str, type]]] | None] = {}
+
+    def __call__(self, name: str, /, **path_params: Any) -> str:
+        key = (name, *path_params)
+        try:
+            template = self._templates[key]
+        except KeyError:
+            template = self._templates[key] = self._resolve(name, path_params)
+        if template is None:
+            return str(self._path_for(name, **path_params))
+        pieces, slots = template
+        out = pieces[0]
+        for (param, kind), piece in zip(slots, pieces[1:]):
+            value = path_params[param]
+            if type(value) is not kind or not _plain(value):
+                return str(self._path_for(name, **path_params))
+            out += str(value) + piece
+        return out
+
+    def _resolve(self, name: str, path_params: dict[str, Any]) -> tuple[list[str], list[tuple[str, type]]] | None:
+        if not all(type(v) in (int, str) and _plain(v) for v in path_params.values()):
+            return None
+        stand_ins = {
+            k: _INT_SENTINEL + i if isinstance(v, int) else _STR_SENTINEL.format(i)
+            for i, (k, v) in enumerate(path_params.items())
+        }
+        try:
+            path = str(self._path_for(name, **stand_ins))
+        except Exception:  # a convertor that refuses the stand-in, or no such route: the router answers
+            return None
+        marks = {str(v): k for k, v in stand_ins.items()}
+        if any(path.count(mark) != 1 for mark in marks):
+            return None
+        pattern = "|".join(re.escape(mark) for mark in marks)
+        pieces = re.split(pattern, path)
+        slots = [(marks[m], type(path_params[marks[m]])) for m in re.findall(pattern, path)]
+        return pieces, slots
+
+
+def _plain(value: int | str) -> bool:
+    """An int or str that every convertor accepting it writes as str(value)."""
+    if type(value) is int:
+        return value >= 0
+    return value != "" and "/" not in value and "\x00" not in value
+
+
+class RenderedViews:
+    """Each job's view as JSON bytes, kept with the snapshot answer it was rendered from.
+
+    A client polls a job far more often than it changes while it waits in the
+    queue, after it ends, and between the steps of a slow model. A view is a
+    function of the snapshot answer alone (records.read_snapshot_async: the
+    record, RQ's status, the live previews, the queue position and the wait
+    inputs; the links are the app's), so an equal answer is served the bytes
+    rendered before. The answer is still read on every poll: nothing here can
+    be stale. The most recently read `max_jobs` jobs are kept, per API process
+    (BAILAN_VIEW_CACHE_JOBS; 0 keeps none).
+    """
+
+    def __init__(self, max_jobs: int = 4096) -> None:
+        self.max_jobs = max_jobs
+        self._entries: OrderedDict[str, tuple[records.RawSnapshot, str, bytes]] = OrderedDict()
+
+    def get(self, job_id: str, raw: records.RawSnapshot) -> tuple[str, bytes] | None:
+        """(owner, view JSON) if the view was rendered from an answer equal to `raw`."""
+        entry = self._entries.get(job_id)
+        if entry is None or entry[0] != raw:
+            return None
+        self._entries.move_to_end(job_id)
+        return entry[1], entry[2]
+
+    def put(self, job_id: str, raw: records.RawSnapshot, owner: str, body: bytes) -> None:
+        if self.max_jobs == 0:
+            return
+        self._entries[job_id] = (raw, owner, body)
+        self._entries.move_to_end(job_id)
+        while len(self._entries) > self.max_jobs:
+            self._entries.popitem(last=False)
+
+
+# A job's few timestamps are formatted again on every poll of it.
+@functools.lru_cache(maxsize=4096)
 def iso(ts: str | None) -> str | None:
     if not ts:
         return None
@@ -49,11 +156,9 @@ def needs_rq_failure(snap: records.JobSnapshot) -> bool:
     return snap.state is JobState.failed and not snap.record.get(RecordField.error_code)
 
 
-def job_view(
-    conn: redis.Redis, snap: records.JobSnapshot, path_for: PathFor, eta_s: float | None = None
-) -> JobOut:
-    """The view of `snap`; it reads Redis again only when needs_rq_failure(snap).
-    `eta_s`: the caller's wait estimate for a queued job (app.store.wait)."""
+def job_view(conn: redis.Redis, snap: records.JobSnapshot, path_for: PathFor) -> JobOut:
+    """The view of `snap`; it reads Redis again only when needs_rq_failure(snap). A queued
+    job's wait estimate comes from its snapshot when that was read with its base queue."""
     record = snap.record
     job_id = snap.job_id
     state = snap.state
@@ -108,7 +213,7 @@ def job_view(
         status=state,
         progress=Progress(step=as_int(RecordField.step, 0), total_steps=total),
         queue_position=queue_position,
-        eta_s=eta_s if queue_position is not None else None,
+        eta_s=wait.eta_s(snap) if queue_position is not None else None,
         cancel_requested=bool(record.get(RecordField.cancel_requested)),
         previews=previews,
         images=images,

@@ -37,13 +37,14 @@ def settings() -> SharedSettings:
     return SharedSettings()
 
 
+@cache
 def links(public_url: str | None) -> views.PathFor:
     """How a delivery links to routes: paths, or absolute URLs under BAILAN_PUBLIC_URL (a
     receiver has no request to resolve a path against)."""
     if not public_url:
-        return router.url_path_for
+        return views.Links(router.url_path_for)
     root = public_url.rstrip("/")
-    return lambda name, **params: root + str(router.url_path_for(name, **params))
+    return views.Links(lambda name, **params: root + str(router.url_path_for(name, **params)))
 
 
 def payload(conn: redis.Redis, job_id: str, event: WebhookEvent, step: int | None) -> tuple[str, str] | None:

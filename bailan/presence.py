@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import redis
-import redis.asyncio
 
 from bailan.jobs import Keys
 
@@ -53,17 +52,6 @@ def live(conn: redis.Redis) -> list[tuple[str, bytes | None]]:
     _, names = pipe.execute()
     keys = _live_keys(names)
     return list(zip(keys, conn.mget(keys))) if keys else []
-
-
-async def live_async(aconn: redis.asyncio.Redis) -> list[tuple[str, bytes | None]]:
-    """`live` on the event loop."""
-    now = time.time()
-    pipe = aconn.pipeline(transaction=False)
-    pipe.zremrangebyscore(Keys.workers(), "-inf", now - STALE_S)
-    pipe.zrangebyscore(Keys.workers(), now, "+inf")
-    _, names = await pipe.execute()
-    keys = _live_keys(names)
-    return list(zip(keys, await aconn.mget(keys))) if keys else []
 
 
 def any_live(conn: redis.Redis) -> bool:

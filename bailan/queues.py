@@ -47,9 +47,13 @@ def key_queue_name(base: str, key_name: str) -> str:
     return base if key_name == ANONYMOUS else f"{base}:k:{key_digest(key_name)}"
 
 
+# Between a base queue's name and a model's in that model's base queue.
+MODEL_QUEUE_INFIX = ":m:"
+
+
 def model_base(base: str, model: str | None) -> str:
     """The base queue of `model`'s jobs; `base` itself for jobs that name no model."""
-    return f"{base}:m:{model}" if model else base
+    return f"{base}{MODEL_QUEUE_INFIX}{model}" if model else base
 
 
 def registered_models(conn: redis.Redis, base: str) -> list[str]:

@@ -747,24 +747,28 @@ def test_redis_out_of_memory_is_503(client: TestClient, redis_conn: redis.Redis)
 
 def test_dependencies_can_be_overridden(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards: routes reaching Redis around the injected dependency (tests and tools could not swap it)."""
+    import dataclasses
+
     import redis.asyncio
 
-    from app.deps import get_async_redis, get_redis
+    from app.deps import JobAccess, get_job_access, get_redis
 
     app = create_app(ApiSettings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", queue_name=QUEUE))
     app.dependency_overrides[get_redis] = lambda: redis_conn
-    # The status path reads through the event loop's client (one round trip, no thread).
-    async def async_conn() -> AsyncIterator[redis.asyncio.Redis]:
+
+    # The job routes read through one bundle (the status path's event-loop client among them).
+    async def access() -> AsyncIterator[JobAccess]:
         conn = redis.asyncio.Redis.from_url(redis_url)
         try:
-            yield conn
+            yield dataclasses.replace(app.state.job_access, redis=redis_conn, aredis=conn)
         finally:
             await conn.aclose()
 
-    app.dependency_overrides[get_async_redis] = async_conn
+    app.dependency_overrides[get_job_access] = access
     with TestClient(app) as c:
         job_id = submit(c)["id"]
         assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+        assert c.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "canceled"
     assert redis_conn.exists(Keys.job(job_id))
 
 

@@ -17,16 +17,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import inputs, limits, views
-from app.deps import AsyncRedisDep, AuthDep, BlobsDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
+from app.deps import AuthDep, JobAccessDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
-from app.store import idempotency, records, wait
+from app.store import idempotency, records
 from app.store.common import looks_like_job_id
 from app.store.events import JobEvents
 from app.store.workers import WorkerCache, WorkerInfo, device_refusal, live_workers, serving
@@ -91,20 +91,10 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 NOT_FOUND = {404: {"model": Detail, "description": "Unknown or expired job, or another API key's job."}}
 
-async def _bind_job_id(request: Request) -> None:
-    """Every line logged while this request runs names its job (bailan.logs).
-
-    Async, so it runs in the request's own task and context, which the route
-    (even a plain def, run in the thread pool with a copy) then shares.
-    """
-    job_id = request.path_params.get("job_id")
-    if isinstance(job_id, str) and looks_like_job_id(job_id):
-        job_id_var.set(job_id)
-
-
 log = logging.getLogger("bailan.api")
 
-router = APIRouter(prefix=PREFIX, tags=["jobs"], responses=AUTH_RESPONSES, dependencies=[Depends(_bind_job_id)])
+# Every route here takes JobAccessDep, which also names the job on each line the request logs.
+router = APIRouter(prefix=PREFIX, tags=["jobs"], responses=AUTH_RESPONSES)
 
 
 def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
@@ -116,15 +106,19 @@ def _not_found(settings: ApiSettings, job_id: str) -> HTTPException:
     )
 
 
+def _may_see(principal: Principal, owner: str) -> bool:
+    """Its own jobs, or any job for an admin key."""
+    return principal.admin or owner == principal.name
+
+
 def _visible(snap: records.JobSnapshot | None, principal: Principal) -> records.JobSnapshot | None:
-    """`snap` if `principal` may see it: its own job, or any job for an admin key."""
-    if snap is None or principal.admin or snap.owner == principal.name:
-        return snap
-    return None
+    """`snap` if `principal` may see it."""
+    return snap if snap is None or _may_see(principal, snap.owner) else None
 
 
 def _load(settings: ApiSettings, conn: redis.Redis, job_id: str, principal: Principal) -> records.JobSnapshot:
-    snap = _visible(records.snapshot(conn, job_id) if looks_like_job_id(job_id) else None, principal)
+    snap = records.snapshot(conn, job_id, settings.queue_name) if looks_like_job_id(job_id) else None
+    snap = _visible(snap, principal)
     if snap is None:
         raise _not_found(settings, job_id)
     return snap
@@ -133,22 +127,18 @@ def _load(settings: ApiSettings, conn: redis.Redis, job_id: str, principal: Prin
 async def _load_async(
     settings: ApiSettings, aconn: Any, job_id: str, principal: Principal
 ) -> records.JobSnapshot:
-    snap = await records.snapshot_async(aconn, job_id) if looks_like_job_id(job_id) else None
+    snap = await records.snapshot_async(aconn, job_id, settings.queue_name) if looks_like_job_id(job_id) else None
     snap = _visible(snap, principal)
     if snap is None:
         raise _not_found(settings, job_id)
     return snap
 
 
-async def _view_async(
-    conn: redis.Redis, snap: records.JobSnapshot, path_for: views.PathFor, aconn: Any = None, base: str = ""
-) -> JobOut:
-    """The view without a thread, unless it must read RQ's failure (a blocking call). With
-    `aconn`, a queued job's view carries its wait estimate (a few more reads, queued jobs only)."""
+async def _view_async(conn: redis.Redis, snap: records.JobSnapshot, path_for: views.PathFor) -> JobOut:
+    """The view without a thread, unless it must read RQ's failure (a blocking call)."""
     if views.needs_rq_failure(snap):
         return await run_in_threadpool(views.job_view, conn, snap, path_for)
-    eta = await wait.eta_s_async(aconn, base, snap) if aconn is not None else None
-    return views.job_view(conn, snap, path_for, eta)
+    return views.job_view(conn, snap, path_for)
 
 
 def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None, height: int | None) -> None:
@@ -323,10 +313,10 @@ def _submit(
     job_id_var.set(job_id)
     log.info("job accepted for %s%s", principal.name, " (idempotent replay)" if replayed else "")
     response.headers["Location"] = views.job_path(path_for, job_id)
-    snap = records.snapshot(conn, job_id)
+    snap = records.snapshot(conn, job_id, settings.queue_name)
     if snap is None:  # only if Redis lost it within milliseconds
         raise _not_found(settings, job_id)
-    return views.job_view(conn, snap, path_for, wait.eta_s(conn, settings.queue_name, snap))
+    return views.job_view(conn, snap, path_for)
 
 
 def submit_router(settings: ApiSettings) -> APIRouter:
@@ -394,20 +384,27 @@ def submit_router(settings: ApiSettings) -> APIRouter:
     summary="A job's status, progress, previews and images",
     responses=NOT_FOUND,
 )
-async def get_job(
-    job_id: JobId,
-    settings: SettingsDep,
-    conn: RedisDep,
-    aconn: AsyncRedisDep,
-    path_for: PathForDep,
-    principal: AuthDep,
-) -> Response:
-    # The status path that clients poll: one Redis round trip (records.snapshot_async), no thread;
-    # a queued job adds the few reads of its wait estimate (app.store.wait).
-    snap = await _load_async(settings, aconn, job_id, principal)
-    view = await _view_async(conn, snap, path_for, aconn, settings.queue_name)
+async def get_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Response:
+    # The status path that clients poll: one Redis round trip (records.read_snapshot_async), no
+    # thread, three dependency solves in all (JobAccess), and the view rendered again only when
+    # the job's snapshot changed (views.RenderedViews).
+    if not looks_like_job_id(job_id):
+        raise _not_found(jobs.settings, job_id)
+    raw = await records.read_snapshot_async(jobs.aredis, job_id, jobs.settings.queue_name)
+    kept = jobs.views.get(job_id, raw)
+    if kept is not None:
+        owner, body = kept
+        if not _may_see(principal, owner):
+            raise _not_found(jobs.settings, job_id)
+        return Response(body, media_type="application/json")
+    snap = _visible(records.parse_snapshot(job_id, raw), principal)
+    if snap is None:
+        raise _not_found(jobs.settings, job_id)
+    view = await _view_async(jobs.redis, snap, jobs.links)
     # Written here rather than by FastAPI, which would validate the model it was just built from.
-    return Response(view.model_dump_json(), media_type="application/json")
+    body = view.model_dump_json().encode()
+    jobs.views.put(job_id, raw, snap.owner, body)
+    return Response(body, media_type="application/json")
 
 
 @router.get(
@@ -428,15 +425,8 @@ async def get_job(
         429: {"model": Detail, "description": "This API key already holds its cap of open event streams."},
     },
 )
-async def job_events(
-    request: Request,
-    job_id: JobId,
-    settings: SettingsDep,
-    conn: RedisDep,
-    aconn: AsyncRedisDep,
-    path_for: PathForDep,
-    principal: AuthDep,
-) -> StreamingResponse:
+async def job_events(request: Request, job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> StreamingResponse:
+    settings, conn, aconn, path_for = jobs.settings, jobs.redis, jobs.aredis, jobs.links
     await _load_async(settings, aconn, job_id, principal)  # 404 before any stream is counted
     stream_id = uuid.uuid4().hex
     opened = await run_in_threadpool(
@@ -452,8 +442,8 @@ async def job_events(
     job_events: JobEvents = request.app.state.job_events
 
     async def view() -> JobOut | None:
-        snap = _visible(await records.snapshot_async(aconn, job_id), principal)
-        return await _view_async(conn, snap, path_for, aconn, settings.queue_name) if snap is not None else None
+        snap = _visible(await records.snapshot_async(aconn, job_id, settings.queue_name), principal)
+        return await _view_async(conn, snap, path_for) if snap is not None else None
 
     async def stream() -> AsyncIterator[str]:
         try:
@@ -519,9 +509,8 @@ async def job_events(
         409: {"model": Detail, "description": "The job already ended."},
     },
 )
-def cancel_job(
-    job_id: JobId, settings: SettingsDep, conn: RedisDep, path_for: PathForDep, principal: AuthDep
-) -> Any:
+def cancel_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Any:
+    settings, conn = jobs.settings, jobs.redis
     snap = _load(settings, conn, job_id, principal)
     try:
         outcome = records.cancel(conn, settings.queue_name, snap, settings.result_ttl_s, Policy.of(settings))
@@ -529,7 +518,7 @@ def cancel_job(
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"
         ) from None
-    view = views.job_view(conn, _load(settings, conn, job_id, principal), path_for)
+    view = views.job_view(conn, _load(settings, conn, job_id, principal), jobs.links)
     code = status.HTTP_200_OK if outcome == records.CancelOutcome.canceled else status.HTTP_202_ACCEPTED
     return JSONResponse(view.model_dump(mode="json"), status_code=code)
 
@@ -546,11 +535,9 @@ def cancel_job(
         404: {"model": Detail, "description": "Unknown job (or another API key's), or no preview yet."},
     },
 )
-def latest_preview(
-    job_id: JobId, settings: SettingsDep, conn: RedisDep, blobs: BlobsDep, principal: AuthDep
-) -> Response:
-    snap = _load(settings, conn, job_id, principal)
-    found = records.latest_preview(blobs, snap)
+def latest_preview(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Response:
+    snap = _load(jobs.settings, jobs.redis, job_id, principal)
+    found = records.latest_preview(jobs.blobs, snap)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, None))
     step, data = found
@@ -574,13 +561,12 @@ def latest_preview(
 def preview(
     job_id: JobId,
     step: Annotated[int, Path(ge=0, description="Step number, as listed in the job's previews.")],
-    settings: SettingsDep,
-    conn: RedisDep,
-    blobs: BlobsDep,
+    jobs: JobAccessDep,
     principal: AuthDep,
 ) -> Response:
-    snap = _load(settings, conn, job_id, principal)
-    data = records.preview_bytes(blobs, job_id, step)
+    settings = jobs.settings
+    snap = _load(settings, jobs.redis, job_id, principal)
+    data = records.preview_bytes(jobs.blobs, job_id, step)
     if data is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _no_preview_reason(snap, step))
     return Response(
@@ -610,12 +596,11 @@ def preview(
 def image(
     job_id: JobId,
     index: Annotated[int, Path(ge=0, description="0-based image index, below num_images.")],
-    settings: SettingsDep,
-    conn: RedisDep,
-    blobs: BlobsDep,
+    jobs: JobAccessDep,
     principal: AuthDep,
 ) -> Response:
-    snap = _load(settings, conn, job_id, principal)
+    settings, blobs = jobs.settings, jobs.blobs
+    snap = _load(settings, jobs.redis, job_id, principal)
     params = snap.params
     if params is not None and index >= params.num_images:
         raise HTTPException(

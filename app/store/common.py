@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -15,10 +16,13 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+# Ids are uuid4 hex; refusing anything else early keeps arbitrary client
+# strings out of Redis key names.
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def looks_like_job_id(job_id: str) -> bool:
-    # Ids are uuid4 hex; refusing anything else early keeps arbitrary client
-    # strings out of Redis key names.
-    return len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)
+    return _JOB_ID.fullmatch(job_id) is not None
 
 
 def parse_json(raw: str | None, default: Any) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import secrets
 import weakref
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from rq.serializers import JSONSerializer
 from app import limits
 from app.settings import ApiSettings
 from app.store.common import RECORD_TTL_MARGIN_S, new_job_id
-from app.store.workers import WorkerInfo, agreed_defaults, live_workers, native_size, serving
+from app.store.workers import WorkerInfo, agreed_defaults, live_workers, native_size, parse_worker, serving
 from bailan.jobs import (
     RQ_FUNC,
     SEED_MAX,
@@ -35,7 +38,7 @@ from bailan import events, webhooks
 from bailan.blobs import BlobStore, image_key, preview_key
 from bailan.keys import ANONYMOUS
 from bailan.metrics import field, metrics_key
-from bailan.queues import RQ_QUEUE_PREFIX, key_queue_name, model_base, registered_models
+from bailan.queues import MODEL_QUEUE_INFIX, RQ_QUEUE_PREFIX, key_queue_name, model_base, registered_models
 
 
 # ---------------------------------------------------------------- submit
@@ -146,23 +149,71 @@ def submit(
 
 # A job's whole state in one round trip: its record, RQ's status and queue,
 # the previews whose blobs have not expired (scored by expiry), and its place in its queue.
-# For a queued job that names its model, also whether a live worker serves that model.
-# KEYS: record, RQ job hash, preview steps.
-# ARGV: job id, now (unix s), RQ queue key prefix, model-live key prefix.
-_SNAPSHOT = """
+# For a queued job that names its model, also whether a live worker serves that model; for a
+# queued job whose base queue is given, what its wait estimate needs (app.store.wait): the
+# live workers' descriptions, and the lengths of the other queues served with its own (its
+# base queues, the model's and the plain one, and their API keys' queues: bailan.queues).
+# KEYS: record, RQ job hash, preview steps. ARGV: job id, now (unix s), base queue ("": no
+# wait inputs). The key layout's fixed parts are written into the source (_lua_constants):
+# each argument costs the API's client an encoding on every poll.
+_SNAPSHOT_SOURCE = """
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return false end
 local rq = redis.call('HMGET', KEYS[2], 'status', 'origin')
 local alive = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')
 local position = false
 local served = false
+local waiting = false
 if rq[1] == 'queued' and rq[2] then
-  position = redis.call('LPOS', ARGV[3] .. rq[2], ARGV[1])
+  position = redis.call('LPOS', RQ_QUEUE_PREFIX .. rq[2], ARGV[1])
   local model = redis.call('HGET', KEYS[1], 'model')
-  if model then served = redis.call('EXISTS', ARGV[4] .. model) end
+  if model then served = redis.call('EXISTS', MODEL_LIVE_PREFIX .. model) end
+  if position and ARGV[3] ~= '' then
+    local workers = {}
+    for _, name in ipairs(redis.call('ZRANGEBYSCORE', WORKERS_KEY, ARGV[2], '+inf')) do
+      table.insert(workers, name)
+      table.insert(workers, redis.call('GET', WORKER_PREFIX .. name))
+    end
+    local roots = {ARGV[3]}
+    if model then table.insert(roots, ARGV[3] .. MODEL_QUEUE_INFIX .. model) end
+    local seen = {[rq[2]] = true}
+    local lengths = {}
+    local function count(name)
+      if not seen[name] then
+        seen[name] = true
+        table.insert(lengths, redis.call('LLEN', RQ_QUEUE_PREFIX .. name))
+      end
+    end
+    for _, root in ipairs(roots) do
+      count(root)
+      for _, name in ipairs(redis.call('SMEMBERS', KEY_QUEUES_PREFIX .. root)) do count(name) end
+    end
+    waiting = {workers, lengths}
+  end
 end
-return {record, rq[1], rq[2], alive, position, served}
+return {record, rq[1], rq[2], alive, position, served, waiting}
 """
+
+
+def _lua_constants(**values: str) -> str:
+    """`local NAME = "value"` lines (JSON's string syntax is Lua's for plain ASCII)."""
+    lines = []
+    for name, value in values.items():
+        literal = json.dumps(value)
+        if not value.isascii() or "\\u" in literal:
+            raise ValueError(f"{name}: {value!r} cannot be written into the snapshot script")
+        lines.append(f"local {name} = {literal}")
+    return "\n".join(lines) + "\n"
+
+
+_SNAPSHOT = _lua_constants(
+    RQ_QUEUE_PREFIX=RQ_QUEUE_PREFIX,
+    MODEL_LIVE_PREFIX=Keys.model_live(""),
+    KEY_QUEUES_PREFIX=Keys.key_queues(""),
+    MODEL_QUEUE_INFIX=MODEL_QUEUE_INFIX,
+    WORKERS_KEY=Keys.workers(),
+    WORKER_PREFIX=Keys.worker(""),
+) + _SNAPSHOT_SOURCE
 
 
 @dataclass
@@ -177,6 +228,10 @@ class JobSnapshot:
     queue_index: int | None = None  # 0-based place in that queue, when it is in it
     # Queued for a named model: whether a live worker serves it (None when not asked).
     model_served: bool | None = None
+    # Queued, read with its base queue: the live workers, and the lengths of the other
+    # queues its workers serve (app.store.wait); None when not read.
+    live_workers: list[WorkerInfo] | None = None
+    other_queue_lengths: list[int] | None = None
 
     @property
     def state(self) -> JobState:
@@ -189,35 +244,47 @@ class JobSnapshot:
     @property
     def params(self) -> JobParams | None:
         raw = self.record.get(RecordField.params)
-        if not raw:
-            return None
-        try:
-            return JobParams.model_validate_json(raw)
-        except ValueError:
-            return None
+        return _parse_params(raw) if raw else None
 
 
-def _snapshot_args(job_id: str) -> tuple[list[str], list[str]]:
-    return (
-        [Keys.job(job_id), Job.key_for(job_id), Keys.previews(job_id)],
-        [job_id, repr(now()), RQ_QUEUE_PREFIX, Keys.model_live("")],
-    )
+# A job's params never change once written, and each poll of it would parse them again.
+# JobParams is frozen, so one parsed copy can serve every reader.
+@functools.lru_cache(maxsize=1024)
+def _parse_params(raw: str) -> JobParams | None:
+    try:
+        return JobParams.model_validate_json(raw)
+    except ValueError:
+        return None
+
+
+# The snapshot script's answer as the client decoded it: nested lists of bytes, ints and None.
+RawSnapshot = Any
+
+
+def _snapshot_args(job_id: str, base: str | None) -> tuple[list[str], list[str]]:
+    return [Keys.job(job_id), Job.key_for(job_id), Keys.previews(job_id)], [job_id, repr(now()), base or ""]
 
 
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _parse_snapshot(job_id: str, raw: list | None) -> JobSnapshot | None:
+def parse_snapshot(job_id: str, raw: RawSnapshot) -> JobSnapshot | None:
     if not raw:
         return None
-    flat, rq_status, origin, alive, position, served = raw
+    flat, rq_status, origin, alive, position, served, waiting = raw
     steps = []
     for member in alive:
         try:
             steps.append(int(member))
         except ValueError:
             continue
+    workers = lengths = None
+    if waiting:
+        pairs, lengths = waiting
+        found = (parse_worker(Keys.worker(_text(name) or ""), value) for name, value in zip(pairs[::2], pairs[1::2]))
+        workers = [w for w in found if w is not None]
+        lengths = [int(n) for n in lengths]
     return JobSnapshot(
         job_id=job_id,
         record=decode_record(dict(zip(flat[::2], flat[1::2]))),
@@ -226,6 +293,8 @@ def _parse_snapshot(job_id: str, raw: list | None) -> JobSnapshot | None:
         origin=_text(origin),
         queue_index=int(position) if position is not None else None,
         model_served=bool(served) if served is not None else None,
+        live_workers=workers,
+        other_queue_lengths=lengths,
     )
 
 
@@ -240,15 +309,102 @@ def _snapshot_script(conn: Any) -> Any:
     return script
 
 
-def snapshot(conn: redis.Redis, job_id: str) -> JobSnapshot | None:
-    keys, args = _snapshot_args(job_id)
-    return _parse_snapshot(job_id, _snapshot_script(conn)(keys=keys, args=args))
+def snapshot(conn: redis.Redis, job_id: str, base: str | None = None) -> JobSnapshot | None:
+    """The job's state; with `base` (its service's base queue, BAILAN_QUEUE), a queued job's
+    also carries what its wait estimate needs (app.store.wait)."""
+    keys, args = _snapshot_args(job_id, base)
+    return parse_snapshot(job_id, _snapshot_script(conn)(keys=keys, args=args))
 
 
-async def snapshot_async(conn: redis.asyncio.Redis, job_id: str) -> JobSnapshot | None:
-    """`snapshot` on the event loop: the status path never waits for a thread."""
-    keys, args = _snapshot_args(job_id)
-    return _parse_snapshot(job_id, await _snapshot_script(conn)(keys=keys, args=args))
+async def snapshot_async(conn: redis.asyncio.Redis, job_id: str, base: str | None = None) -> JobSnapshot | None:
+    """`snapshot` on the event loop: the status path never waits for a thread, and reads that
+    arrive together share one pipeline (SnapshotBatch)."""
+    return parse_snapshot(job_id, await read_snapshot_async(conn, job_id, base))
+
+
+async def read_snapshot_async(conn: redis.asyncio.Redis, job_id: str, base: str | None = None) -> RawSnapshot:
+    """The script's answer for `job_id` as Redis gave it, unparsed (parse_snapshot): equal
+    answers make equal snapshots, so a reader can keep what it built from one (views.RenderedViews)."""
+    batch = _batches.get(conn)
+    if batch is None:
+        batch = _batches[conn] = SnapshotBatch(conn)
+    return await batch.read(job_id, base)
+
+
+# Reads per pipeline: a larger batch goes as several, one after the other, so that no reader
+# waits for Redis to run more scripts than this ahead of its own.
+MAX_BATCH = 128
+
+
+class SnapshotBatch:
+    """Snapshot reads on one asyncio client, sent together: every read issued while the event
+    loop works through one round of ready tasks goes out as one pipeline of EVALSHAs.
+
+    A read on redis-py's asyncio client costs tens of microseconds of the
+    API's CPU on top of Redis' own work (a pooled connection taken and given
+    back, a write and a read); under polling load that was the largest part of
+    GET /v1/jobs/{id}. Each read is still one round trip, and a lone read waits
+    for nothing: the flush runs as soon as the loop has started the tasks that
+    were ready with it.
+    """
+
+    def __init__(self, conn: redis.asyncio.Redis) -> None:
+        self.conn = conn
+        self.pending: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
+        self.sha = _snapshot_script(conn).sha
+        # The loop holds tasks weakly: a flush nobody referenced could vanish mid-read.
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    async def read(self, job_id: str, base: str | None) -> Any:
+        """The script's raw answer for `job_id`."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        keys, args = _snapshot_args(job_id, base)
+        self.pending.append((keys, args, future))
+        if len(self.pending) == 1:
+            task = loop.create_task(self._flush())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        try:
+            for start in range(0, len(batch), MAX_BATCH):
+                await self._send(batch[start : start + MAX_BATCH])
+        finally:
+            # Cancelled (the app shutting down): no reader is left waiting for ever.
+            for _, _, future in batch:
+                future.cancel()
+
+    async def _send(self, batch: list[tuple[list[str], list[str], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._evalsha_all(batch)
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                # A restarted (or flushed) Redis lost the script: load it and read again.
+                self.sha = await self.conn.script_load(_SNAPSHOT)
+                results = await self._evalsha_all(batch)
+        except Exception as exc:  # every reader gets it: a 503 each
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(batch, results):
+            if future.done():  # its reader was cancelled (the client went away)
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _evalsha_all(self, batch: list[tuple[list[str], list[str], asyncio.Future[Any]]]) -> list[Any]:
+        pipe = self.conn.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self.sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
+
+
+_batches: weakref.WeakKeyDictionary[Any, SnapshotBatch] = weakref.WeakKeyDictionary()
 
 
 def queue_position(snap: JobSnapshot) -> int | None:

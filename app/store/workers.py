@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import redis.asyncio
 
 from app.schemas import ModelOut
 from app.store.common import parse_json
@@ -68,7 +67,7 @@ def _float_or_none(value: Any) -> float | None:
     return float(value) if ok else None
 
 
-def _parse_worker(key: bytes | str, raw: bytes | str | None) -> WorkerInfo | None:
+def parse_worker(key: bytes | str, raw: bytes | str | None) -> WorkerInfo | None:
     if raw is None:  # expired between reading the live set and MGET
         return None
     info = parse_json(raw.decode() if isinstance(raw, bytes) else raw, None)
@@ -97,13 +96,7 @@ def _parse_worker(key: bytes | str, raw: bytes | str | None) -> WorkerInfo | Non
 
 def live_workers(conn: redis.Redis) -> list[WorkerInfo]:
     """Workers whose presence has not expired, as they describe themselves (bailan.presence)."""
-    found = (_parse_worker(key, raw) for key, raw in presence.live(conn))
-    return [w for w in found if w is not None]
-
-
-async def live_workers_async(aconn: redis.asyncio.Redis) -> list[WorkerInfo]:
-    """`live_workers` on the event loop."""
-    found = (_parse_worker(key, raw) for key, raw in await presence.live_async(aconn))
+    found = (parse_worker(key, raw) for key, raw in presence.live(conn))
     return [w for w in found if w is not None]
 
 
