@@ -1,5 +1,6 @@
 """Dependencies of the routes, as Annotated aliases so tests can swap any of
-them through app.dependency_overrides[get_settings] (etc.).
+them through app.dependency_overrides[get_settings] (etc.). The job routes
+read through one of them, JobAccess (swap get_job_access for those).
 
 They are `async def`: each is a lookup on app.state, and a plain `def` would
 cost every request a trip through the thread pool per dependency.

@@ -94,7 +94,8 @@ class ApiSettings(SharedSettings):
         description=(
             "Jobs whose rendered view each API process keeps with the snapshot it was rendered from, "
             "so a poll that finds the job unchanged is served the same bytes (the snapshot is still "
-            "read every time). About 2-5 KB each; 0 renders every poll."
+            "read every time). Each entry holds the view and that snapshot: a few KB, more for a queued "
+            "job while many workers are live (its snapshot carries their descriptions). 0 renders every poll."
         ),
     )
     workers_cache_s: float = Field(

@@ -18,7 +18,7 @@ import redis
 from app.schemas import ImageRef, JobError, JobOut, PreviewRef, Progress
 from app.store import records, wait
 from app.store.common import parse_json
-from bailan.jobs import ErrorCode, JobState, RecordField
+from bailan.jobs import JobState, RecordField
 
 # Names of the routes a view or a Location header points to; app.routes.jobs
 # registers its routes under them.
@@ -109,8 +109,9 @@ class RenderedViews:
     function of the snapshot answer alone (records.read_snapshot_async: the
     record, RQ's status, the live previews, the queue position and the wait
     inputs; the links are the app's), so an equal answer is served the bytes
-    rendered before. The answer is still read on every poll: nothing here can
-    be stale. The most recently read `max_jobs` jobs are kept, per API process
+    rendered before. The answer is still read on every poll, and the caller
+    does not keep the one view that reads more (needs_rq_failure), so nothing
+    here can be stale. The most recently read `max_jobs` jobs are kept, per API process
     (BAILAN_VIEW_CACHE_JOBS; 0 keeps none).
     """
 
@@ -198,7 +199,8 @@ def job_view(conn: redis.Redis, snap: records.JobSnapshot, path_for: PathFor) ->
                 message=record.get(RecordField.error_message) or record[RecordField.error_code],
             )
         else:
-            error = JobError(code=ErrorCode.internal.value, message=records.rq_failure_message(conn, job_id))
+            code, message = records.rq_failure(conn, job_id)
+            error = JobError(code=code.value, message=message)
 
     def as_int(field: str, default: int) -> int:
         try:

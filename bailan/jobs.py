@@ -111,6 +111,10 @@ class ErrorCode(str, Enum):
     internal = "internal"
 
 
+# The message of a worker_lost failure, as the reaper records it and the API reports it.
+WORKER_LOST_MESSAGE = "the worker running this job stopped responding"
+
+
 def _whole_number(value: Any) -> Any:
     """A JSON number with no fraction (12 or 12.0, as JSON Schema's "integer" allows), never
     a boolean or a string: pydantic's lax mode reads `true` as 1 and "25" as 25, so a

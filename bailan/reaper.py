@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 
 from bailan import events, webhooks
 from bailan.blobs import BlobStore
-from bailan.jobs import KEY_PREFIX, ErrorCode, Keys, RecordField, now
+from bailan.jobs import KEY_PREFIX, WORKER_LOST_MESSAGE, ErrorCode, Keys, RecordField, now
 from bailan.metrics import field, metrics_key
 from bailan.queues import all_queue_names
 
@@ -65,21 +65,6 @@ def _reap_queue(
     expired = registry.get_expired_job_ids(now())
     if not expired:
         return []
-    # RQ fails, inside cleanup(), the jobs with no retry left. Their records say why first, so
-    # that no reader ever sees such a job failed without its worker_lost error (the view would
-    # call it internal until the record caught up).
-    retries = connection.pipeline()
-    for job_id in expired:
-        retries.hget(f"rq:job:{job_id}", "retries_left")
-        retries.exists(Keys.job(job_id))
-    answers = retries.execute()
-    doomed = [job_id for job_id, left, exists in zip(expired, answers[::2], answers[1::2])
-              if exists and not int(left or 0) > 0]
-    if doomed:
-        pipe = connection.pipeline()
-        for job_id in doomed:
-            _mark_lost(pipe, Keys.job(job_id))
-        pipe.execute()
     # RQ requeues a job with retries left to its origin: this same queue.
     registry.cleanup()
     check = connection.pipeline()
@@ -94,7 +79,9 @@ def _reap_queue(
         if not exists:
             continue  # the record already expired; don't recreate a stub of it
         if status in (b"failed", "failed"):
-            _mark_lost(pipe, key)
+            pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
+            pipe.hsetnx(key, RecordField.error_message, WORKER_LOST_MESSAGE)
+            pipe.hsetnx(key, RecordField.finished_at, str(now()))
             pipe.expire(key, keep_s)
             pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total",
                                                        {"status": "failed", "error": ErrorCode.worker_lost.value}), 1)
@@ -109,13 +96,6 @@ def _reap_queue(
     webhooks.enqueue_completed(connection, pipe, hooks, lost)
     pipe.execute()
     return expired
-
-
-def _mark_lost(pipe: redis.client.Pipeline, key: str) -> None:
-    """Queue on `pipe` the worker_lost end of the record `key`, unless the record already ended."""
-    pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
-    pipe.hsetnx(key, RecordField.error_message, "the worker running this job stopped responding")
-    pipe.hsetnx(key, RecordField.finished_at, str(now()))
 
 
 class Reaper:

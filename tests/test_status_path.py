@@ -53,7 +53,7 @@ class CountingConnection(redis.asyncio.Connection):
 
 def counting_client(redis_url: str) -> redis.asyncio.Redis:
     pool = redis.asyncio.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
-    return redis.asyncio.Redis(connection_pool=pool)
+    return redis.asyncio.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 @pytest.fixture
@@ -138,6 +138,29 @@ def test_a_reader_that_goes_away_leaves_the_batch_whole(client: TestClient, redi
     cancelled, rest = asyncio.run(read())
     assert cancelled
     assert [s.job_id for s in rest if s] == [jobs[0], jobs[2]]
+
+
+def test_a_client_that_outlives_its_event_loop_still_reads(client: TestClient, redis_url: str) -> None:
+    """Guards: a read left pending when its event loop ended (its flush cancelled before it ran)
+    leaving the batch with no flush to come, so that every later read on that client hung."""
+    job = submit(client)["id"]
+    conn = redis.asyncio.Redis.from_url(redis_url)
+
+    async def abandoned() -> None:
+        await asyncio.sleep(0)
+        # Left running as the loop ends: the read starts while asyncio.run cancels what is left,
+        # so its flush is cancelled before it starts.
+        asyncio.create_task(records.snapshot_async(conn, job))
+
+    async def later() -> records.JobSnapshot | None:
+        try:
+            return await asyncio.wait_for(records.snapshot_async(conn, job), 10)
+        finally:
+            await conn.aclose()
+
+    asyncio.run(abandoned())
+    snap = asyncio.run(later())
+    assert snap is not None and snap.job_id == job
 
 
 def test_a_script_redis_lost_is_loaded_again(client: TestClient, redis_url: str) -> None:

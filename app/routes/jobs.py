@@ -116,8 +116,13 @@ def _visible(snap: records.JobSnapshot | None, principal: Principal) -> records.
     return snap if snap is None or _may_see(principal, snap.owner) else None
 
 
-def _load(settings: ApiSettings, conn: redis.Redis, job_id: str, principal: Principal) -> records.JobSnapshot:
-    snap = records.snapshot(conn, job_id, settings.queue_name) if looks_like_job_id(job_id) else None
+def _load(
+    settings: ApiSettings, conn: redis.Redis, job_id: str, principal: Principal, for_view: bool = False
+) -> records.JobSnapshot:
+    """The job's snapshot, or 404. `for_view`: read a queued job's wait inputs too (its view's
+    eta_s); previews and images need none of them."""
+    base = settings.queue_name if for_view else None
+    snap = records.snapshot(conn, job_id, base) if looks_like_job_id(job_id) else None
     snap = _visible(snap, principal)
     if snap is None:
         raise _not_found(settings, job_id)
@@ -403,7 +408,8 @@ async def get_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Resp
     view = await _view_async(jobs.redis, snap, jobs.links)
     # Written here rather than by FastAPI, which would validate the model it was just built from.
     body = view.model_dump_json().encode()
-    jobs.views.put(job_id, raw, snap.owner, body)
+    if not views.needs_rq_failure(snap):  # that view also read RQ, outside the snapshot answer
+        jobs.views.put(job_id, raw, snap.owner, body)
     return Response(body, media_type="application/json")
 
 
@@ -518,7 +524,7 @@ def cancel_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Any:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"
         ) from None
-    view = views.job_view(conn, _load(settings, conn, job_id, principal), jobs.links)
+    view = views.job_view(conn, _load(settings, conn, job_id, principal, for_view=True), jobs.links)
     code = status.HTTP_200_OK if outcome == records.CancelOutcome.canceled else status.HTTP_202_ACCEPTED
     return JSONResponse(view.model_dump(mode="json"), status_code=code)
 

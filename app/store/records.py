@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import secrets
 import weakref
@@ -13,7 +14,7 @@ from typing import Any
 import redis
 import redis.asyncio
 from rq import Queue, Retry
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import AbandonedJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -25,6 +26,8 @@ from bailan.jobs import (
     RQ_FUNC,
     SEED_MAX,
     TERMINAL_STATES,
+    WORKER_LOST_MESSAGE,
+    ErrorCode,
     JobParams,
     JobRequest,
     JobState,
@@ -349,11 +352,21 @@ class SnapshotBatch:
     """
 
     def __init__(self, conn: redis.asyncio.Redis) -> None:
-        self.conn = conn
+        # Weakly: the batch lives in a WeakKeyDictionary keyed by this client.
+        self._conn = weakref.ref(conn)
         self.pending: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
-        self.sha = _snapshot_script(conn).sha
+        self.sha = hashlib.sha1(_SNAPSHOT.encode()).hexdigest()
+        # The flush that will take `pending` when it starts; None once it has (or before any).
+        self._next: asyncio.Task[None] | None = None
         # The loop holds tasks weakly: a flush nobody referenced could vanish mid-read.
         self._flushing: set[asyncio.Task[None]] = set()
+
+    @property
+    def conn(self) -> redis.asyncio.Redis:
+        conn = self._conn()
+        if conn is None:  # only while the client is being collected, with no reader left
+            raise RuntimeError("the snapshot batch's Redis client is gone")
+        return conn
 
     async def read(self, job_id: str, base: str | None) -> Any:
         """The script's raw answer for `job_id`."""
@@ -361,14 +374,19 @@ class SnapshotBatch:
         future: asyncio.Future[Any] = loop.create_future()
         keys, args = _snapshot_args(job_id, base)
         self.pending.append((keys, args, future))
-        if len(self.pending) == 1:
-            task = loop.create_task(self._flush())
+        if self._next is None or self._next.done():
+            # None waiting to start, or the one that was died with its event loop before it ran.
+            self._next = task = loop.create_task(self._flush())
             self._flushing.add(task)
             task.add_done_callback(self._flushing.discard)
         return await future
 
     async def _flush(self) -> None:
+        self._next = None
         batch, self.pending = self.pending, []
+        # A reader from an event loop that has ended (the client outlived it) is nobody's now.
+        loop = asyncio.get_running_loop()
+        batch = [entry for entry in batch if entry[2].get_loop() is loop]
         try:
             for start in range(0, len(batch), MAX_BATCH):
                 await self._send(batch[start : start + MAX_BATCH])
@@ -416,8 +434,11 @@ def queue_position(snap: JobSnapshot) -> int | None:
     return snap.queue_index + 1 if snap.queue_index is not None else None
 
 
-def rq_failure_message(conn: redis.Redis, job_id: str) -> str:
-    """Why a job died without writing its own error (an exception, a timeout): the last line RQ kept."""
+def rq_failure(conn: redis.Redis, job_id: str) -> tuple[ErrorCode, str]:
+    """Why a job died without writing its own error, from what RQ kept: the error code and
+    message. A job whose worker stopped renewing its lease (RQ failed it as abandoned, and the
+    reaper has yet to write worker_lost into its record) is worker_lost already; anything else
+    (an exception, a timeout) is internal, with the last line of RQ's traceback."""
     message = "the job failed"
     try:
         job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
@@ -425,11 +446,13 @@ def rq_failure_message(conn: redis.Redis, job_id: str) -> str:
     except NoSuchJobError:
         result = None
     exc = getattr(result, "exc_string", None) if result is not None else None
+    if exc and AbandonedJobError.__name__ in str(exc):
+        return ErrorCode.worker_lost, WORKER_LOST_MESSAGE
     if exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         if lines:
             message = lines[-1]
-    return message
+    return ErrorCode.internal, message
 
 
 # ---------------------------------------------------------------- cancel
