@@ -8,6 +8,7 @@ layout, and the single mapping from RQ's job status to Bailan's job state.
 from __future__ import annotations
 
 import json
+import re
 import time
 from enum import Enum
 from typing import Any, Mapping
@@ -26,6 +27,15 @@ DEFAULT_STEPS = 25
 # A model's name is its directory's name; it becomes part of Redis keys.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MODEL_NAME_MAX = 64
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why a model directory's name `name` cannot name its model, or None. Requests pick a
+    model by that name, and its queues carry it (bailan.queues)."""
+    if re.fullmatch(MODEL_NAME_PATTERN, name) and len(name) <= MODEL_NAME_MAX:
+        return None
+    return (f"the directory's name {name!r} names the model; use letters, digits, '.', '_' and '-' "
+            f"(at most {MODEL_NAME_MAX})")
 MAX_IMAGES = 4
 
 

@@ -255,6 +255,26 @@ def test_several_models_get_their_own_workers(monkeypatch: pytest.MonkeyPatch, t
         LaunchSettings()
 
 
+def test_a_model_named_as_no_request_could_ask_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Guards: `make run` with BAILAN_MODELS naming a directory whose name requests cannot give
+    (its workers then exited one by one after start), and "." naming its model "" rather than
+    its directory's name."""
+    bad = tmp_path / "my model!"
+    bad.mkdir()
+    (bad / "model_index.json").write_text("{}")
+    monkeypatch.setenv("BAILAN_MODELS", str(bad))
+    with pytest.raises(ValueError, match="'my model!' names the model"):
+        LaunchSettings()
+    good = tmp_path / "alpha"
+    good.mkdir()
+    (good / "model_index.json").write_text("{}")
+    monkeypatch.chdir(good)
+    monkeypatch.setenv("BAILAN_MODELS", ".")
+    assert [name for name, _ in worker_envs(LaunchSettings(), {})] == ["worker alpha"]
+
+
 def test_embedded_valkey_keeps_data_across_restarts(tmp_path: Path) -> None:
     data_dir = tmp_path / "valkey"
     server = start_valkey(data_dir, free_port())

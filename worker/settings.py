@@ -7,7 +7,6 @@ declared once for the API and the worker.
 from __future__ import annotations
 
 import os
-import re
 import socket
 from pathlib import Path
 from typing import Literal
@@ -15,7 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from bailan.caps import DeviceCaps
-from bailan.jobs import MODEL_NAME_MAX, MODEL_NAME_PATTERN
+from bailan.jobs import model_name_problem
 from bailan.settings import SharedSettings
 
 
@@ -109,11 +108,9 @@ class WorkerSettings(SharedSettings):
             if path == cls.model_fields["model"].default:
                 fix += " or start the worker from the repository root, where the built-in model lives"
             raise ValueError(f"BAILAN_MODEL={str(path)!r} ({path.resolve()}) {problem}: {fix}")
-        name = path.resolve().name
-        if not re.fullmatch(MODEL_NAME_PATTERN, name) or len(name) > MODEL_NAME_MAX:
-            # Requests pick a model by its directory's name, and its queues carry it (bailan.queues).
-            raise ValueError(f"BAILAN_MODEL={str(path)!r}: the directory's name {name!r} names the model; use "
-                             f"letters, digits, '.', '_' and '-' (at most {MODEL_NAME_MAX})")
+        problem = model_name_problem(path.resolve().name)
+        if problem is not None:
+            raise ValueError(f"BAILAN_MODEL={str(path)!r}: {problem}")
         return path
 
     @model_validator(mode="after")
