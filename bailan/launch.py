@@ -60,6 +60,15 @@ class LaunchSettings(SharedSettings):
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
     workers: int = Field(1, ge=1, description="Worker processes to start (for each model, with BAILAN_MODELS).")
+    webhook_senders: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "Webhook delivery processes to start (python -m bailan.webhooks). Each sends one delivery at a "
+            "time, so a receiver slow to answer holds up one of them, not every client's webhooks."
+        ),
+    )
     models: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description=(
@@ -568,7 +577,9 @@ def main() -> int:
         for name, worker_env in worker_envs(settings, env):
             children.append(spawn(name, [python, "-m", "worker"], worker_env))
         # Webhook deliveries (bailan.webhooks): HTTP only, on no GPU slot.
-        children.append(spawn("webhooks", [python, "-m", "bailan.webhooks"], env))
+        for i in range(settings.webhook_senders):
+            name = "webhooks" if settings.webhook_senders == 1 else f"webhooks {i + 1}"
+            children.append(spawn(name, [python, "-m", "bailan.webhooks"], env))
 
         base = http_base(settings.host, settings.port)
         text = banner(base, redis_url, valkey.data_dir if valkey else None, settings.workers, settings.models)

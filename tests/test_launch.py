@@ -44,6 +44,13 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def descendants(pid: int) -> dict[int, str]:
     """Every live process below pid, with its command line."""
     parents: dict[int, int] = {}
@@ -320,8 +327,10 @@ def test_ctrl_c_stops_api_worker_and_valkey_cleanly(launch: Launch) -> None:
     commands = list(below.values())
     assert sum("uvicorn" in c and "app.main:app" in c for c in commands) == 1, commands
     assert sum(c.rstrip().endswith("-m worker") for c in commands) == 1, commands
-    # The webhook sender (and RQ's scheduler, a fork of it that keeps its command line).
-    assert any(c.rstrip().endswith("-m bailan.webhooks") for c in commands), commands
+    # BAILAN_WEBHOOK_SENDERS webhook senders (2 by default), each the launcher's own child (RQ's
+    # scheduler is a fork of one of them that keeps its command line).
+    senders = [pid for pid, c in below.items() if c.rstrip().endswith("-m bailan.webhooks")]
+    assert sum(parent_of(pid) == launch.process.pid for pid in senders) == 2, commands
     assert any("valkey" in c for c in commands), commands
     assert "Bailan is up at" in launch.output()
 

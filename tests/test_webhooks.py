@@ -49,6 +49,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     answered: int
+    at: float = 0.0  # time.monotonic() when it arrived
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Receiver:
     server: ThreadingHTTPServer
     requests: list[Received] = field(default_factory=list)
     plan: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer first, then 200
+    delay: dict[str, float] = field(default_factory=dict)  # path -> seconds to wait before answering
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -84,7 +86,9 @@ def receiver() -> Iterator[Receiver]:
                 planned = rec.plan.get(self.path, [])
                 status = planned.pop(0) if planned else 200
                 rec.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                             body, status))
+                                             body, status, time.monotonic()))
+                delay = rec.delay.get(self.path, 0.0)
+            time.sleep(delay)
             self.send_response(status)
             if status == 302:
                 self.send_header("Location", "/target")
@@ -302,10 +306,12 @@ def service(redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempP
                   BAILAN_WEBHOOK_RETRIES="3", BAILAN_WEBHOOK_RETRY_INTERVALS_S="1",
                   BAILAN_WEBHOOK_TIMEOUT_S="5")
     svc.add_worker()
-    sender = start(["-m", "bailan.webhooks"], svc.env, tmp / "webhooks.log")
+    # Two senders, as `make run` starts them (BAILAN_WEBHOOK_SENDERS).
+    senders = [start(["-m", "bailan.webhooks"], svc.env, tmp / f"webhooks-{i}.log") for i in range(2)]
     svc.wait_ready()
     yield svc
-    stop(sender)
+    for sender in senders:
+        stop(sender)
     svc.close()
     with redis.Redis.from_url(redis_url) as conn:
         conn.flushdb()
@@ -335,6 +341,18 @@ def test_signed_started_preview_and_completed_deliveries(service: Service, recei
     preview = next(verified(r)["data"] for r in receiver.to("/ok") if verified(r)["type"] == "job.preview")
     assert preview["url"] == f"/v1/jobs/{job['id']}/previews/3"
     assert service.http.get(preview["url"]).status_code == 200
+
+
+def test_a_slow_receiver_does_not_hold_up_another_clients_webhook(service: Service, receiver: Receiver) -> None:
+    """Guards: one sender for everyone, where a receiver slow to answer (up to the timeout) held
+    up every other client's deliveries behind it."""
+    receiver.delay["/slow"] = 4.5  # under the fixture's 5 s timeout: it answers, late
+    service.submit(width=32, height=32, steps=2, webhook_url=receiver.url("/slow"))
+    wait_for(lambda: receiver.to("/slow"), 60, "the slow delivery to start")
+    slow_answers_at = receiver.to("/slow")[0].at + receiver.delay["/slow"]
+    service.submit(width=32, height=32, steps=2, webhook_url=receiver.url("/fast"))
+    wait_for(lambda: receiver.to("/fast"), 60, "the other delivery")
+    assert receiver.to("/fast")[0].at < slow_answers_at
 
 
 def test_cancel_of_running_job_delivers_canceled_view(service: Service, receiver: Receiver) -> None:
