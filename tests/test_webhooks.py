@@ -10,8 +10,6 @@ BAILAN_WEBHOOK_ALLOW_HOSTS lets a webhook reach.
 from __future__ import annotations
 
 import base64
-import json
-import os
 import secrets
 import threading
 import time
