@@ -934,6 +934,18 @@ def test_the_default_model_takes_jobs_that_name_none(redis_url: str, redis_conn:
         assert c.get("/v1/models").json()["default"] == "small"
 
 
+def test_waiting_notice_is_back_within_the_worker_keys_life(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: a model's live key renewed with the 30 s job lease, so for up to 30 s after the
+    model's last worker died, its queued jobs' views did not say waiting_for_worker."""
+    from worker.liveness import Liveness
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings(redis_url=redis_url, queue_name=QUEUE, presence_ttl_s=4, heartbeat_ttl_s=30)
+    Liveness(settings, redis_conn, slots=[], info={"model": "sd15"}).heartbeat()
+    assert redis_conn.exists(Keys.worker(settings.name))
+    assert 0 < redis_conn.pttl(Keys.model_live("sd15")) <= 4000
+
+
 def test_live_workers_are_found_without_scanning_the_keyspace(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards: /readyz, /v1/models and every submit walking the whole keyspace (every job record)
     with SCAN to find worker keys; and a dead worker's name lingering in the live set."""

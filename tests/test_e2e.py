@@ -394,7 +394,8 @@ def test_each_model_runs_its_own_jobs(redis_url: str, tiny_model_dir: Path, tmp_
 
         stop(worker_b)  # tiny-b's only worker: its jobs wait, and their view says so
         waiting = svc.submit(model="tiny-b", steps=2)["id"]
-        wait_for(lambda: svc.view(waiting)["waiting_for_worker"], 30, "the view to say no worker serves tiny-b")
+        # Within the worker key's few seconds (BAILAN_PRESENCE_TTL_S), not the lease's 30 s.
+        wait_for(lambda: svc.view(waiting)["waiting_for_worker"], 10, "the view to say no worker serves tiny-b")
         assert svc.view(waiting)["status"] == "queued"
         svc.add_worker(models["tiny-b"])
         view = svc.wait_status(waiting, {"succeeded", "failed"}, timeout=120)

@@ -67,10 +67,13 @@ class Liveness:
         self.presence(pipe)
         # The model's queues take jobs from now on, and keep taking them (to wait) when
         # its workers are gone (bailan.queues); the live key clears the job view's notice.
+        # It lives as long as the worker key, renewed with it every tick, so the notice
+        # (waiting_for_worker) is back within seconds of the model's last worker dying.
         model = str(self.info.get("model") or "")
         if model:
             pipe.sadd(Keys.models(self.settings.queue_name), model)
-            pipe.set(Keys.model_live(model), self.settings.name, ex=lease)
+            pipe.set(Keys.model_live(model), self.settings.name,
+                     px=max(1, int(self.settings.presence_ttl_s * 1000)))
         if leases:
             for slot in self.slots:
                 job, execution = slot.running_job, slot.execution
