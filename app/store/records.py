@@ -301,22 +301,20 @@ def parse_snapshot(job_id: str, raw: RawSnapshot) -> JobSnapshot | None:
     )
 
 
-# One registered script per client: EVALSHA without hashing the source on every read.
-_snapshot_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-
-def _snapshot_script(conn: Any) -> Any:
-    script = _snapshot_scripts.get(conn)
-    if script is None:
-        script = _snapshot_scripts[conn] = conn.register_script(_SNAPSHOT)
-    return script
+# EVALSHA names the script by this; Redis learns its source on the first NOSCRIPT.
+_SNAPSHOT_SHA = hashlib.sha1(_SNAPSHOT.encode()).hexdigest()
 
 
 def snapshot(conn: redis.Redis, job_id: str, base: str | None = None) -> JobSnapshot | None:
     """The job's state; with `base` (its service's base queue, BAILAN_QUEUE), a queued job's
     also carries what its wait estimate needs (app.store.wait)."""
     keys, args = _snapshot_args(job_id, base)
-    return parse_snapshot(job_id, _snapshot_script(conn)(keys=keys, args=args))
+    try:
+        raw = conn.evalsha(_SNAPSHOT_SHA, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:  # a new or restarted Redis
+        conn.script_load(_SNAPSHOT)
+        raw = conn.evalsha(_SNAPSHOT_SHA, len(keys), *keys, *args)
+    return parse_snapshot(job_id, raw)
 
 
 async def snapshot_async(conn: redis.asyncio.Redis, job_id: str, base: str | None = None) -> JobSnapshot | None:
@@ -355,7 +353,7 @@ class SnapshotBatch:
         # Weakly: the batch lives in a WeakKeyDictionary keyed by this client.
         self._conn = weakref.ref(conn)
         self.pending: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
-        self.sha = hashlib.sha1(_SNAPSHOT.encode()).hexdigest()
+        self.sha = _SNAPSHOT_SHA
         # The flush that will take `pending` when it starts; None once it has (or before any).
         self._next: asyncio.Task[None] | None = None
         # The loop holds tasks weakly: a flush nobody referenced could vanish mid-read.
