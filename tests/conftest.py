@@ -26,7 +26,10 @@ import redis
 from tests.browser import CHROMIUM, MISSING_BROWSER, ApiProcess, chromium
 
 if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
     from playwright.sync_api import Browser
+
+    from app.settings import ApiSettings
 
 OWNER_MARK = "bailan-tests:owned"
 
@@ -71,6 +74,25 @@ def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
     conn.flushdb()
     conn.set(OWNER_MARK, "1")
     conn.close()
+
+
+@pytest.fixture
+def settings(redis_url: str, redis_conn: redis.Redis) -> ApiSettings:
+    """The API's settings for in-process tests (tests.test_api.make_settings), on a clean database."""
+    from tests.test_api import make_settings
+
+    return make_settings(redis_url)
+
+
+@pytest.fixture
+def client(settings: ApiSettings) -> Iterator[TestClient]:
+    """The API in this process, started and stopped around the test."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -43,17 +43,6 @@ def make_settings(redis_url: str, **overrides: Any) -> ApiSettings:
     return ApiSettings(**values)
 
 
-@pytest.fixture
-def settings(redis_url: str, redis_conn: redis.Redis) -> ApiSettings:
-    return make_settings(redis_url)
-
-
-@pytest.fixture
-def client(settings: ApiSettings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
 def client_for(settings: ApiSettings) -> TestClient:
     return TestClient(create_app(settings))
 

@@ -22,7 +22,7 @@ from PIL import Image
 from bailan.blobs import DirBlobStore, image_key, preview_key
 from bailan.jobs import Keys
 from bailan.reaper import Reaper
-from tests.test_e2e import Service, wait_for
+from tests.test_e2e import Service
 
 JOB = "0123456789abcdef0123456789abcdef"
 
@@ -139,8 +139,7 @@ def test_a_finished_job_costs_redis_a_few_kb_and_its_images_live_in_files(
     service, blob_dir = blob_service
     conn = redis.Redis.from_url(redis_url)
     job = service.submit(width=64, height=64, steps=12, preview_every=3, num_images=2, seed=5)
-    view = wait_for(lambda: (v := service.view(job["id"]))["status"] in {"succeeded", "failed"} and v, 120,
-                    "the job to finish")
+    view = service.wait_status(job["id"], {"succeeded", "failed"}, timeout=120)
     assert view["status"] == "succeeded", view
     assert [p["step"] for p in view["previews"]] == [3, 6, 9]
 

@@ -8,7 +8,6 @@ CPU worker.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,6 @@ def publish(conn: redis.Redis, name: str, device: str, caps: Any, width: int = 1
     info = {"model": "tiny", "width": width, "height": height, "worker": name, "device": device,
             "dtype": "float32", "max_batch": 4, "caps": caps}
     announce(conn, name, json.dumps(info))
-
-
-@pytest.fixture
-def client(redis_url: str, redis_conn: redis.Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(redis_url))) as c:
-        yield c
 
 
 def test_caps_name_the_field_over_them() -> None:

@@ -11,10 +11,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from bailan.eta import WorkerRate, estimate_eta, jobs_ahead
 from bailan.jobs import Keys
-from tests.test_api import announce, make_settings, publish_worker, start_job, submit
+from tests.test_api import announce, publish_worker, start_job, submit
 from tests.test_e2e import Service, wait_for
 from worker.rates import StepMeter
 
@@ -78,12 +77,6 @@ def test_cli_progress_shows_the_estimate() -> None:
 
 
 # ---------------------------------------------------------------- the API, real Redis
-
-
-@pytest.fixture
-def client(redis_url: str, redis_conn: redis.Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(redis_url))) as c:
-        yield c
 
 
 def test_queued_view_carries_eta_from_published_rates(client: TestClient, redis_conn: redis.Redis) -> None:

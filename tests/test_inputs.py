@@ -5,20 +5,12 @@ Against a real Redis (the conftest's private Valkey), through the real app.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from tests.test_api import QUEUE, make_settings
-
-
-@pytest.fixture
-def client(redis_url: str, redis_conn: redis.Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(redis_url))) as c:
-        yield c
+from tests.test_api import QUEUE
 
 
 @pytest.mark.parametrize("field", ["guidance_scale", "width", "height", "steps", "seed", "num_images", "preview_every"])

@@ -21,6 +21,7 @@ from app.deps import JobAccess, get_job_access
 from app.main import create_app
 from app.store import records
 from app.views import Links
+from bailan.jobs import Keys
 from tests.test_api import make_settings, publish_worker, start_job, submit
 
 
@@ -91,7 +92,7 @@ def test_a_running_job_is_read_in_one_round_trip(client: TestClient, redis_conn:
     """Guards: the running job's view (what most polls read) reading Redis more than once."""
     job = submit(client, steps=10)
     start_job(redis_conn, job["id"])
-    redis_conn.zadd(f"bailan:job:{job['id']}:previews", {"5": 4102444800})
+    redis_conn.zadd(Keys.previews(job["id"]), {"5": 4102444800})
     CountingConnection.reset()
     view = client.get(f"/v1/jobs/{job['id']}").json()
     assert CountingConnection.writes == 1
@@ -163,21 +164,34 @@ def test_a_client_that_outlives_its_event_loop_still_reads(client: TestClient, r
     assert snap is not None and snap.job_id == job
 
 
-def test_a_script_redis_lost_is_loaded_again(client: TestClient, redis_url: str) -> None:
+def test_a_script_redis_lost_is_loaded_again(
+    client: TestClient, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Guards: every status read failing after Redis restarts without its scripts (NOSCRIPT)."""
+    import hashlib
+
     job = submit(client)["id"]
+    original = records._SNAPSHOT
+
+    def never_sent(tag: str) -> None:
+        """A script this server has never been sent: what a restarted one answers for ours."""
+        source = f"{original}\n-- {tag} {job}"
+        monkeypatch.setattr(records, "_SNAPSHOT", source)
+        monkeypatch.setattr(records, "_SNAPSHOT_SHA", hashlib.sha1(source.encode()).hexdigest())
 
     async def read() -> records.JobSnapshot | None:
         conn = redis.asyncio.Redis.from_url(redis_url)
         try:
-            await records.snapshot_async(conn, job)
-            # What a restarted server answers: it does not know the script the batch sends.
-            records._batches[conn].sha = "0" * 40
             return await records.snapshot_async(conn, job)
         finally:
             await conn.aclose()
 
+    never_sent("batched")
     snap = asyncio.run(read())
+    assert snap is not None and snap.job_id == job
+    never_sent("blocking")
+    with redis.Redis.from_url(redis_url) as conn:
+        snap = records.snapshot(conn, job)
     assert snap is not None and snap.job_id == job
 
 
@@ -213,7 +227,7 @@ def test_a_kept_view_is_never_stale_nor_shown_to_another_key(client: TestClient,
     """Guards: the views kept per API process (views.RenderedViews) serving a job as it was before
     it changed, or serving a kept view to an API key that does not own the job."""
     from app.auth import authenticate
-    from bailan.jobs import Keys, RecordField
+    from bailan.jobs import RecordField
     from bailan.keys import ANONYMOUS, Principal
 
     job = submit(client, steps=10)["id"]

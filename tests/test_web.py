@@ -48,16 +48,10 @@ class Tags(HTMLParser):
         self.tags.append((tag, dict(attrs)))
 
 
-@pytest.fixture
-def page_client(redis_url: str, redis_conn: redis.Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(redis_url))) as c:
-        yield c
-
-
-def test_page_and_its_files_are_served_under_a_strict_policy(page_client: TestClient) -> None:
+def test_page_and_its_files_are_served_under_a_strict_policy(client: TestClient) -> None:
     """Guards: the page missing at `/`, a file it names not served, inline script or style (which
     its policy forbids, so the page would be dead), or a policy that lets another origin in."""
-    response = page_client.get("/")
+    response = client.get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     policy = response.headers["content-security-policy"]
     assert policy == PAGE_POLICY and "unsafe-inline" not in policy and "script-src 'self'" in policy
@@ -72,23 +66,23 @@ def test_page_and_its_files_are_served_under_a_strict_policy(page_client: TestCl
     named = [a.get("src") or a.get("href") for t, a in tags.tags if t in ("script", "link")]
     assert sorted(named) == ["/web/app.js", "/web/style.css"]
     for url in named:
-        asset = page_client.get(url)
+        asset = client.get(url)
         assert asset.status_code == 200 and len(asset.content) > 500, url
-    assert page_client.get("/web/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/web/app.js").headers["content-type"].startswith("text/javascript")
 
 
 def test_page_config_and_unknown_assets(
-    page_client: TestClient, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+    client: TestClient, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     """Guards: the page asking for a key in open mode (or not asking when keys are on), form limits
     that differ from the server's caps, and a path from the URL reaching the file system."""
     publish_worker(redis_conn, "w1", model="tiny")
     publish_worker(redis_conn, "w2", model="other")
-    config = page_client.get("/web/config.json").json()
+    config = client.get("/web/config.json").json()
     assert config["keys_required"] is False and config["max_steps"] == 150 and config["max_images"] == 4
     assert "euler_a" in config["schedulers"] and config["models"] == ["other", "tiny"]
     for name in ("index.html", "..%2Fweb.py", "nope.js"):
-        assert page_client.get(f"/web/{name}").status_code == 404
+        assert client.get(f"/web/{name}").status_code == 404
     keys = tmp_path / "keys"
     keys.write_text(f"web {hash_key(KEY)}\n")
     with TestClient(create_app(make_settings(redis_url, api_keys_file=keys, max_steps=40))) as keyed:

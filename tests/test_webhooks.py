@@ -35,7 +35,7 @@ from bailan.reaper import Reaper
 from bailan.settings import SharedSettings
 from bailan.jobs import JobParams
 from bailan.webhooks import DeliveryFailed, WebhookEvent, WebhookRefused
-from tests.test_api import QUEUE, start_job
+from tests.test_api import QUEUE, make_settings, start_job
 from tests.test_e2e import Service, start, stop, wait_for
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -150,10 +150,8 @@ def test_unusable_secret_stops_start_up(secret: str) -> None:
 
 
 def api_settings(redis_url: str, **overrides: Any) -> ApiSettings:
-    values: dict[str, Any] = {"redis_url": redis_url, "queue_name": QUEUE, "reap_interval_s": 3600,
-                              "webhook_secret": SECRET, "webhook_retries": 0, "abandoned_retries": 0}
-    values.update(overrides)
-    return ApiSettings(**values)
+    return make_settings(redis_url, **{"webhook_secret": SECRET, "webhook_retries": 0, "abandoned_retries": 0,
+                                       **overrides})
 
 
 @pytest.mark.parametrize(

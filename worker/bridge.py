@@ -270,7 +270,7 @@ class JobBridge:
         }
         self._finish_record(job.id, fields)
 
-    def _finish_record(self, job_id: str, fields: dict[str, Any], before: Callable[[Any], None] | None = None) -> None:
+    def _finish_record(self, job_id: str, fields: dict[str, Any]) -> None:
         key = Keys.job(job_id)
         ttl = self.settings.result_ttl_s
         finished = now()
@@ -280,8 +280,6 @@ class JobBridge:
         def write() -> list[Any]:
             # Built afresh on every try: redis-py empties a pipeline whose execute failed.
             pipe = webhooks.transaction(self.connection)
-            if before is not None:
-                before(pipe)
             pipe.hset(key, mapping={**fields, RecordField.finished_at: finished})
             pipe.expire(key, ttl)
             # Every preview was stored before now, so none outlives this.

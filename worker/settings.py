@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from bailan.caps import DeviceCaps
-from bailan.jobs import model_name_problem
+from bailan.jobs import model_dir_problem
 from bailan.settings import SharedSettings
 
 
@@ -102,16 +102,15 @@ class WorkerSettings(SharedSettings):
     def _model_is_a_pipeline_directory(cls, path: Path) -> Path:
         # Checked with the settings, before torch loads, so a wrong path stops the
         # worker at once with what to do; the worker never serves a stand-in.
-        if not (path / "model_index.json").is_file():
-            problem = "does not exist" if not path.exists() else "has no model_index.json"
-            fix = "set BAILAN_MODEL to a local diffusers Stable Diffusion directory"
-            if path == cls.model_fields["model"].default:
-                fix += " or start the worker from the repository root, where the built-in model lives"
-            raise ValueError(f"BAILAN_MODEL={str(path)!r} ({path.resolve()}) {problem}: {fix}")
-        problem = model_name_problem(path.resolve().name)
-        if problem is not None:
+        problem = model_dir_problem(path)
+        if problem is None:
+            return path
+        if (path / "model_index.json").is_file():  # its name
             raise ValueError(f"BAILAN_MODEL={str(path)!r}: {problem}")
-        return path
+        fix = "set BAILAN_MODEL to a local diffusers Stable Diffusion directory"
+        if path == cls.model_fields["model"].default:
+            fix += " or start the worker from the repository root, where the built-in model lives"
+        raise ValueError(f"BAILAN_MODEL={str(path)!r} ({path.resolve()}): {problem}; {fix}")
 
     @model_validator(mode="after")
     def _ttls_outlive_heartbeats(self) -> "WorkerSettings":

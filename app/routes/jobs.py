@@ -132,7 +132,8 @@ def _load(
 async def _load_async(
     settings: ApiSettings, aconn: Any, job_id: str, principal: Principal
 ) -> records.JobSnapshot:
-    snap = await records.snapshot_async(aconn, job_id, settings.queue_name) if looks_like_job_id(job_id) else None
+    """The job's snapshot without its wait inputs, or 404 (the event stream's first check)."""
+    snap = await records.snapshot_async(aconn, job_id) if looks_like_job_id(job_id) else None
     snap = _visible(snap, principal)
     if snap is None:
         raise _not_found(settings, job_id)

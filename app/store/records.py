@@ -353,7 +353,6 @@ class SnapshotBatch:
         # Weakly: the batch lives in a WeakKeyDictionary keyed by this client.
         self._conn = weakref.ref(conn)
         self.pending: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
-        self.sha = _SNAPSHOT_SHA
         # The flush that will take `pending` when it starts; None once it has (or before any).
         self._next: asyncio.Task[None] | None = None
         # The loop holds tasks weakly: a flush nobody referenced could vanish mid-read.
@@ -398,7 +397,7 @@ class SnapshotBatch:
             results = await self._evalsha_all(batch)
             if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
                 # A restarted (or flushed) Redis lost the script: load it and read again.
-                self.sha = await self.conn.script_load(_SNAPSHOT)
+                await self.conn.script_load(_SNAPSHOT)
                 results = await self._evalsha_all(batch)
         except Exception as exc:  # every reader gets it: a 503 each
             for _, _, future in batch:
@@ -416,7 +415,7 @@ class SnapshotBatch:
     async def _evalsha_all(self, batch: list[tuple[list[str], list[str], asyncio.Future[Any]]]) -> list[Any]:
         pipe = self.conn.pipeline(transaction=False)
         for keys, args, _ in batch:
-            pipe.evalsha(self.sha, len(keys), *keys, *args)
+            pipe.evalsha(_SNAPSHOT_SHA, len(keys), *keys, *args)
         return await pipe.execute(raise_on_error=False)
 
 
