@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from bailan.caps import DeviceCaps
 from tests.test_api import announce, make_settings
-from tests.test_e2e import Service
+from tests.test_e2e import Service, wait_for
+from tests.test_ops import scrape, total
 
 
 def publish(conn: redis.Redis, name: str, device: str, caps: Any, width: int = 128, height: int = 128) -> None:
@@ -81,7 +82,8 @@ def test_a_cpu_worker_fails_a_job_over_its_caps_with_a_clear_code(
     redis_url: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """Guards: a CPU worker running a job over its caps (minutes a step) instead of failing it with
-    exceeds_device_limits, and a worker that does not publish its caps (the API could not refuse)."""
+    exceeds_device_limits (counted so in /metrics, not as internal), and a worker that does not
+    publish its caps (the API could not refuse)."""
     redis.Redis.from_url(redis_url).flushdb()
     service = Service(redis_url, tiny_model_dir, tmp_path, queue="caps", BAILAN_DEVICE="cpu",
                       BAILAN_MAX_PIXELS_CPU=str(32 * 32), BAILAN_MAX_STEPS_CPU="4")
@@ -93,6 +95,10 @@ def test_a_cpu_worker_fails_a_job_over_its_caps_with_a_clear_code(
         assert failed["status"] == "failed", failed
         assert failed["error"]["code"] == "exceeds_device_limits"
         assert "4096 pixels exceeds 1024" in failed["error"]["message"]
+        # Counted under its own code, not as an internal error (the worker sends counts every tick).
+        wait_for(lambda: total(scrape(service), "bailan_jobs_finished_total", error="exceeds_device_limits") == 1,
+                 10, "the refusal in /metrics")
+        assert total(scrape(service), "bailan_jobs_finished_total", error="internal") == 0
         # Its caps are published: now the API refuses the same job up front.
         r = service.http.post("/v1/jobs", json={"prompt": "x", "width": 32, "height": 32, "steps": 5})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"], r.text

@@ -45,6 +45,9 @@ log = logging.getLogger("bailan.worker")
 class ExceedsDeviceLimits(Exception):
     """A job over this worker's caps on size or steps (bailan.caps)."""
 
+    # What the failure is counted as (run's metrics), like the codes tagged on other failures.
+    bailan_error_code = ErrorCode.exceeds_device_limits.value
+
 
 INPUT_NAMES = ("init_image", "mask_image")
 
