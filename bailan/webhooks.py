@@ -297,14 +297,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
     from rq import SimpleWorker
 
+    from bailan.logs import configure as configure_logging
     from bailan.settings import SharedSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = SharedSettings()
     except ValidationError as exc:
         print(f"bailan.webhooks: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    # As the API and the workers log: BAILAN_LOG_FORMAT=json gives one JSON object a line.
+    configure_logging(settings.log_format)
     if settings.webhook_secret is None:
         log.warning("BAILAN_WEBHOOK_SECRET is unset: the API refuses webhook_url, so nothing will be delivered")
     conn = redis.Redis.from_url(settings.redis_url)

@@ -10,6 +10,7 @@ BAILAN_WEBHOOK_ALLOW_HOSTS lets a webhook reach.
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import threading
 import time
@@ -144,6 +145,21 @@ def test_unusable_secret_stops_start_up(secret: str) -> None:
     """Guards: a malformed BAILAN_WEBHOOK_SECRET found only at the first delivery."""
     with pytest.raises(ValueError, match="webhook_secret"):
         SharedSettings(webhook_secret=secret)
+
+
+def test_the_sender_logs_in_the_configured_format(redis_url: str, tmp_path: Path) -> None:
+    """Guards: `python -m bailan.webhooks` logging plain text under BAILAN_LOG_FORMAT=json, which
+    the API and the workers honour (a log pipeline then cannot parse its lines)."""
+    env = {"BAILAN_REDIS_URL": redis_url, "BAILAN_QUEUE_NAME": "logfmt", "BAILAN_LOG_FORMAT": "json"}
+    sender = start(["-m", "bailan.webhooks"], env, tmp_path / "sender.log")
+    try:
+        # Its first line: no secret set, so nothing will be delivered.
+        line = wait_for(lambda: (text := (tmp_path / "sender.log").read_text()) and text.splitlines()[0], 30,
+                        "the sender's first log line")
+        record = json.loads(line)
+        assert "BAILAN_WEBHOOK_SECRET is unset" in record["message"] and record["level"] == "WARNING"
+    finally:
+        stop(sender)
 
 
 # ---------------------------------------------------------------- submit-time checks
