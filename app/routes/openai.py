@@ -375,9 +375,10 @@ async def generate_images(
             await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
 
     try:
+        # The live workers are read in the thread too: a stale cache reads Redis, blocking.
         job_id, _ = await run_in_threadpool(
-            jobs.submit_job_request, job, settings, conn, principal, None, _spaced_previews(body),
-            worker_cache.get(conn)
+            lambda: jobs.submit_job_request(job, settings, conn, principal, None, _spaced_previews(body),
+                                            worker_cache.get(conn))
         )
     except BaseException:
         await close()
