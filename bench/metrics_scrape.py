@@ -101,9 +101,10 @@ def main() -> None:
                 if client.get("/healthz").status_code == 200:
                     break
             except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+                pass
+            if time.monotonic() > deadline or api.poll() is not None:
+                raise SystemExit("the API did not start")
+            time.sleep(0.2)
         timed(client, "/metrics", 10)  # warm up
         results = {path: timed(client, path, args.scrapes) for path in ("/healthz", "/metrics")}
         print(f"{args.workers} workers, {args.keys} key queues, {args.scrapes} sequential requests each")
