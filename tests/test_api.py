@@ -923,6 +923,18 @@ def test_the_default_model_takes_jobs_that_name_none(redis_url: str, redis_conn:
         assert c.get("/v1/models").json()["default"] == "small"
 
 
+def test_a_models_default_steps_count_against_the_cap(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: a model whose bailan_defaults.json asks for more steps than BAILAN_MAX_STEPS getting
+    jobs queued over the cap whenever a client left steps out."""
+    publish_worker(redis_conn, "w1", defaults={"steps": 80})
+    with client_for(make_settings(redis_url, max_steps=50)) as c:
+        r = c.post("/v1/jobs", json={"prompt": "x"})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", "steps"] and "default of 80 steps exceeds the limit of 50" in detail["msg"]
+        assert submit(c, steps=40)["params"]["steps"] == 40
+
+
 def test_waiting_notice_is_back_within_the_worker_keys_life(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards: a model's live key renewed with the 30 s job lease, so for up to 30 s after the
     model's last worker died, its queued jobs' views did not say waiting_for_worker."""

@@ -169,6 +169,17 @@ def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None,
     )
 
 
+def _check_default_steps(settings: ApiSettings, request: JobRequest, params: JobParams) -> None:
+    """A model's own default steps (bailan_defaults.json) count against BAILAN_MAX_STEPS too: the
+    request model checked only what the client sent."""
+    if params.steps > settings.max_steps:
+        raise inputs.refuse(
+            "steps",
+            f"the model's default of {params.steps} steps exceeds the limit of {settings.max_steps}; send steps",
+            request.steps,
+        )
+
+
 def _check_device_caps(workers: list[WorkerInfo], request: JobRequest, params: JobParams) -> None:
     """A 422 for a job no live worker would take (bailan.caps: a CPU worker's size and steps caps)."""
     refusal = device_refusal(workers, params.width, params.height, params.steps)
@@ -282,6 +293,7 @@ def submit_job_request(
     if finish is not None:
         params = finish(params)
     _check_pixels(settings, body, params.width, params.height)
+    _check_default_steps(settings, body, params)
     _check_device_caps(serving(workers, body.model), body, params)
     claim = _claim(settings, conn, body, idempotency_key, principal.name)
     if claim is not None and not claim.fresh:
