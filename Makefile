@@ -16,7 +16,7 @@ TRAIN_ARGS ?=
 .PHONY: help venv install run test train bench lint
 
 help:
-	@echo "make run     start Redis (embedded valkey), the API and a worker; Ctrl-C stops all"
+	@echo "make run     start Redis (embedded valkey), the API, a worker and the webhook senders; Ctrl-C stops all"
 	@echo "make test    run the test suite"
 	@echo "make train   train the built-in model (two stages, then its preview decoder) into models/bailan-shapes"
 	@echo "make bench   run the benchmarks in bench/"
