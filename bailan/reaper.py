@@ -154,9 +154,20 @@ class Reaper:
         return reaped
 
     def sweep_blobs(self, now: float | None = None) -> int:
-        """Delete expired blobs; never raises (a full or unmounted disk must not kill the loop)."""
+        """Delete expired blobs; never raises (a full or unmounted disk must not kill the loop).
+
+        Every API process runs a reaper, and they share the blob store: one sweep per
+        interval among them all (a lock that expires with the interval), not one each. With
+        Redis down, each sweeps on its own, as the files need no Redis.
+        """
         if self.blobs is None:
             return 0
+        lock = f"{KEY_PREFIX}:blob-sweep-lock:{self.queue_name}"
+        try:
+            if not self.conn.set(lock, "1", nx=True, px=max(1, int(self.blob_sweep_interval_s * 1000))):
+                return 0  # another process swept within the interval
+        except redis.RedisError:
+            pass
         try:
             removed = self.blobs.sweep(now)
         except Exception:

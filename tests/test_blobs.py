@@ -105,7 +105,23 @@ def test_the_reaper_sweeps_blobs_and_survives_a_failing_store(tmp_path: Path, re
         def sweep(self, now: float | None = None) -> int:
             raise OSError("disk gone")
 
-    assert Reaper(redis_conn, "blobs-test", 3600, blobs=Broken(tmp_path)).sweep_blobs() == 0
+    assert Reaper(redis_conn, "blobs-broken", 3600, blobs=Broken(tmp_path)).sweep_blobs() == 0
+
+
+def test_api_processes_share_one_blob_sweep_per_interval(tmp_path: Path, redis_conn: redis.Redis) -> None:
+    """Guards: every API process (BAILAN_API_PROCESSES) walking the whole blob store every
+    interval, N full scans of a shared volume where one does."""
+    store = DirBlobStore(tmp_path)
+    first = Reaper(redis_conn, "blobs-shared", 3600, blobs=store, blob_sweep_interval_s=3600)
+    second = Reaper(redis_conn, "blobs-shared", 3600, blobs=store, blob_sweep_interval_s=3600)
+    store.put(image_key(JOB, 0), b"old", 60)
+    expire(store, image_key(JOB, 0))
+    assert first.sweep_blobs() == 1
+    store.put(image_key(JOB, 1), b"old", 60)
+    expire(store, image_key(JOB, 1))
+    assert second.sweep_blobs() == 0 and store._path(image_key(JOB, 1)).exists()  # swept this interval
+    redis_conn.delete("bailan:blob-sweep-lock:blobs-shared")  # the interval has passed
+    assert second.sweep_blobs() == 1 and not store._path(image_key(JOB, 1)).exists()
 
 
 # ------------------------------------------------------------------ the real service
