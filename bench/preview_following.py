@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from world.evaluate import prompt_suite, read_attributes
+from bailan.jobs import JobRequest
 from worker.engine import Engine, GenerationJob
 from worker.loader import LoadedModel, load_model
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model = load_model(args.model, torch.device("cpu"), torch.float32)
     decoder = model.preview_decoder
-    guidance = args.guidance if args.guidance is not None else (model.defaults.guidance_scale or 7.5)
+    guidance = next(g for g in (args.guidance, model.defaults.guidance_scale,
+                                JobRequest.model_fields["guidance_scale"].default) if g is not None)
     suite = prompt_suite()
     variants = [("x0, preview decoder", "x0", decoder)] if decoder is not None else []
     variants += [("x0, linear map", "x0", None), ("xt, linear map", "xt", None)]

@@ -49,11 +49,15 @@ def preview_strip(model_dir: Path, out: Path, prompt: str = GRID_PROMPTS[0], see
     """One job's previews as the worker makes them, step by step, then the final image: the
     top row shows x0 (the default: the model's estimate of the finished picture, through
     the model's preview decoder), the bottom row x_t (the sampler's noisy state)."""
+    from bailan.jobs import JobRequest
     from worker.engine import Engine, GenerationJob
     from worker.loader import load_model
 
     model = load_model(model_dir, torch.device("cpu"), torch.float32)
-    guidance = model.defaults.guidance_scale or 7.5  # what a job that names none gets
+    # What a job that names none gets: the model's default, else the request's.
+    guidance = model.defaults.guidance_scale
+    if guidance is None:
+        guidance = JobRequest.model_fields["guidance_scale"].default
     keep = (1, 3, 5, 7, 10, 14, 19)
     rows: list[list[Image.Image]] = []
     for kind in ("x0", "xt"):
