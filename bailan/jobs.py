@@ -437,6 +437,27 @@ class Keys:
         """Sorted set: an API key's open event streams, scored by lease expiry (API only)."""
         return f"{KEY_PREFIX}:streams:{key_digest}"
 
+    @staticmethod
+    def reaper_lock(queue_name: str) -> str:
+        """String with a TTL: a sweep for abandoned jobs is under way (bailan.reaper)."""
+        return f"{KEY_PREFIX}:reaper-lock:{queue_name}"
+
+    @staticmethod
+    def reaper_seen(queue_name: str) -> str:
+        """String: unix time of the last sweep for abandoned jobs, by any process; a stale one
+        means nobody reached Redis for a while (bailan.reaper)."""
+        return f"{KEY_PREFIX}:reaper-seen:{queue_name}"
+
+    @staticmethod
+    def reaper_hold(queue_name: str) -> str:
+        """String with a TTL: sweeps wait while workers renew leases after a silence (bailan.reaper)."""
+        return f"{KEY_PREFIX}:reaper-hold:{queue_name}"
+
+    @staticmethod
+    def blob_sweep_lock(queue_name: str) -> str:
+        """String with a TTL of one sweep interval: some API process swept the blob store (bailan.reaper)."""
+        return f"{KEY_PREFIX}:blob-sweep-lock:{queue_name}"
+
 
 class RecordField:
     """Fields of the job hash. Written by the API at submit and the worker afterwards."""

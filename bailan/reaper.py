@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 
 from bailan import events, webhooks
 from bailan.blobs import BlobStore
-from bailan.jobs import KEY_PREFIX, WORKER_LOST_MESSAGE, ErrorCode, Keys, RecordField, now
+from bailan.jobs import WORKER_LOST_MESSAGE, ErrorCode, Keys, RecordField, now
 from bailan.metrics import field, metrics_key
 from bailan.queues import all_queue_names
 
@@ -30,23 +30,36 @@ log = logging.getLogger("bailan.api.reaper")
 
 
 def reap_abandoned(
-    connection: redis.Redis, queue_name: str, keep_s: int = 86400, hooks: webhooks.Policy | None = None
+    connection: redis.Redis,
+    queue_name: str,
+    keep_s: int = 86400,
+    hooks: webhooks.Policy | None = None,
+    interval_s: float = 10.0,
 ) -> list[str]:
     """Fail (or requeue, while retries are left) jobs whose worker stopped heartbeating.
 
     A running job's entry in RQ's started registry is scored with the time its
     worker's heartbeat expires; RQ's own cleanup moves expired entries on. RQ
-    runs it only every ten minutes, so the API and every worker call this on a
-    short interval instead. Returns the ids it found abandoned. Also forgets
+    runs it only every ten minutes, so the API and every worker call this every
+    `interval_s` instead. Returns the ids it found abandoned. Also forgets
     canceled jobs older than `keep_s` (RQ never trims that registry). A job it
     fails gets its `completed` webhook, queued by `hooks` (default: the defaults).
+
+    After a silence (no sweep by anyone for two intervals: Redis was down or
+    unreachable, or every process was stopped), sweeping waits one interval:
+    leases ran out meanwhile while their workers still ran the jobs, and the
+    workers renew them within a second of reaching Redis again. The silence is
+    read from Redis, so every sweeper holds back, including a process that
+    started after the outage and never saw it.
     """
     hooks = hooks if hooks is not None else webhooks.Policy.defaults(queue_name, keep_s)
     # One sweeper at a time: two concurrent RQ cleanups would both requeue a job.
-    lock = f"{KEY_PREFIX}:reaper-lock:{queue_name}"
+    lock = Keys.reaper_lock(queue_name)
     if not connection.set(lock, "1", nx=True, px=30_000):
         return []
     try:
+        if _holding_back(connection, queue_name, interval_s):
+            return []
         reaped: list[str] = []
         # Each API key's jobs run from its own queue (bailan.queues), and RQ keeps a
         # started and a canceled registry per queue: visit every one.
@@ -55,6 +68,23 @@ def reap_abandoned(
         return reaped
     finally:
         connection.delete(lock)
+
+
+def _holding_back(connection: redis.Redis, queue_name: str, interval_s: float) -> bool:
+    """Whether sweeps wait for workers to renew their leases after a silence (reap_abandoned)."""
+    seen, hold = Keys.reaper_seen(queue_name), Keys.reaper_hold(queue_name)
+    stamp = now()
+    previous = connection.set(seen, repr(stamp), get=True)
+    try:
+        silent = previous is not None and stamp - float(previous) > 2 * interval_s
+    except ValueError:
+        silent = True  # unreadable: treat as the longest silence
+    if silent:
+        connection.set(hold, "1", px=max(1, int(interval_s * 1000)))
+        log.warning("reaper: no sweep for %.0f s (Redis was unreachable or nothing ran); sweeping again in "
+                    "%.0f s, once workers renewed their leases", stamp - float(previous or 0), interval_s)
+        return True
+    return bool(connection.exists(hold))
 
 
 def _reap_queue(
@@ -123,28 +153,14 @@ class Reaper:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._after_outage = False
 
     def sweep(self) -> list[str]:
-        """One pass; never raises, because a Redis outage must not kill the loop.
-
-        The first pass that reaches Redis after an outage only looks: leases ran
-        out during the outage while their workers still ran the jobs, and the
-        workers renew them within a second of Redis' return (their presence
-        tick); one interval later, only the jobs of workers that really died
-        are expired still.
-        """
+        """One pass; never raises, because a Redis outage must not kill the loop (after
+        one, reap_abandoned itself holds back while workers renew their leases)."""
         try:
-            if self._after_outage:
-                self.conn.ping()
-                self._after_outage = False
-                log.warning("reaper: Redis is back; sweeping again in %.0f s, once workers renewed their leases",
-                            self.interval_s)
-                return []
-            reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s, self.hooks)
+            reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s, self.hooks, self.interval_s)
         except redis.RedisError as exc:
             log.warning("reaper: Redis unavailable (%s); retrying in %.0f s", exc, self.interval_s)
-            self._after_outage = True
             return []
         except Exception:
             log.exception("reaper: sweep failed")
@@ -162,7 +178,7 @@ class Reaper:
         """
         if self.blobs is None:
             return 0
-        lock = f"{KEY_PREFIX}:blob-sweep-lock:{self.queue_name}"
+        lock = Keys.blob_sweep_lock(self.queue_name)
         try:
             if not self.conn.set(lock, "1", nx=True, px=max(1, int(self.blob_sweep_interval_s * 1000))):
                 return 0  # another process swept within the interval

@@ -308,10 +308,12 @@ def test_restart_policy_backs_off_and_gives_up_on_quick_crashes() -> None:
 def test_reaper_waits_one_interval_after_an_outage(tmp_path: Path) -> None:
     """Guards against the API's reaper requeueing running jobs because their leases ran
     out while Redis was down (their workers renew them within a second of its return):
-    the first sweep that reaches Redis after an outage reaps nothing, the next one
-    reaps what is still expired."""
+    the first sweep that reaches Redis after an outage reaps nothing, nor does any sweep
+    for one interval; then what is still expired is reaped. The outage shows as a stale
+    last-sweep time in Redis (written here, not slept for)."""
     from rq.registry import StartedJobRegistry
 
+    from bailan.jobs import Keys
     from bailan.reaper import Reaper
 
     data = tmp_path / "valkey"
@@ -321,16 +323,43 @@ def test_reaper_waits_one_interval_after_an_outage(tmp_path: Path) -> None:
     conn = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
     reaper = Reaper(conn, "reap", interval_s=10)
     key = StartedJobRegistry("reap", connection=conn).key
+    lease = "0123456789abcdef0123456789abcdef:exec"
     try:
         assert reaper.sweep() == []
         server.stop()
         assert reaper.sweep() == []  # Redis down: no raise
         server = _valkey(data, port)
-        conn.zadd(key, {"0123456789abcdef0123456789abcdef:exec": 1.0})  # a lease that ran out long ago
-        assert reaper.sweep() == []  # just back: workers get a tick to renew
-        assert conn.zscore(key, "0123456789abcdef0123456789abcdef:exec") == 1.0
+        conn.set(Keys.reaper_seen("reap"), repr(time.time() - 25))  # nobody swept during the outage
+        conn.zadd(key, {lease: 1.0})  # a lease that ran out long ago
+        assert reaper.sweep() == []  # just back: workers get an interval to renew
+        assert conn.zscore(key, lease) == 1.0
+        assert 0 < conn.pttl(Keys.reaper_hold("reap")) <= 10_000
+        assert reaper.sweep() == []  # still within that interval
+        assert conn.zscore(key, lease) == 1.0
+        conn.delete(Keys.reaper_hold("reap"))  # the interval has passed
         assert reaper.sweep() == ["0123456789abcdef0123456789abcdef"]
     finally:
         conn.close()
         if server._process is not None:  # noqa: SLF001
             server.stop()
+
+
+def test_a_new_process_holds_back_after_an_outage_it_never_saw(redis_conn: redis.Redis) -> None:
+    """Guards against a reaper that only remembered outages it saw itself: an API process
+    started after Redis came back (or a worker that joined then) swept at once and failed
+    jobs whose live workers had not yet renewed their leases. Sweeps by others keep the
+    last-sweep time fresh, so a short gap does not hold anyone back."""
+    from rq.registry import StartedJobRegistry
+
+    from bailan.jobs import Keys
+    from bailan.reaper import reap_abandoned
+
+    key = StartedJobRegistry("fresh", connection=redis_conn).key
+    redis_conn.zadd(key, {"fedcba9876543210fedcba9876543210:exec": 1.0})
+    redis_conn.set(Keys.reaper_seen("fresh"), repr(time.time() - 60))  # the last sweep, before the outage
+    assert reap_abandoned(redis_conn, "fresh", interval_s=10) == []
+    # Another process a second later: the hold is in Redis, not in the first one's memory.
+    assert reap_abandoned(redis_conn, "fresh", interval_s=10) == []
+    redis_conn.delete(Keys.reaper_hold("fresh"))
+    redis_conn.set(Keys.reaper_seen("fresh"), repr(time.time() - 15))  # swept 15 s ago: no silence
+    assert reap_abandoned(redis_conn, "fresh", interval_s=10) == ["fedcba9876543210fedcba9876543210"]

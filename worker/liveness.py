@@ -55,6 +55,10 @@ class Liveness:
     # Fields that change while the worker runs (measured speed, backlog: bailan.eta), read at each beat.
     live_info: Callable[[], dict[str, Any]] | None = None
 
+    def __post_init__(self) -> None:
+        # Who gets the `completed` webhook of a job the sweep fails: fixed for the process.
+        self.hooks = webhooks.Policy.of(self.settings)
+
     def presence(self, pipe: Any) -> None:
         """The worker key, with a short TTL: /readyz stops counting a dead worker within it."""
         info = {**self.info, **self.gauges(), **(self.live_info() if self.live_info is not None else {})}
@@ -94,7 +98,6 @@ class Liveness:
         """The liveness thread: presence every tick, leases and a reaper sweep on their intervals."""
         last_reap = 0.0
         last_leases = 0.0
-        reap_after = 0.0
         while not self.stop.is_set():
             tick = time.monotonic()
             # Leases first and on their own: a failing sweep must never stop them.
@@ -112,15 +115,13 @@ class Liveness:
                     log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat failed")
-            if self.outage is not None and self.outage.down:
-                # No sweep during an outage, nor for one interval after it: leases ran out
-                # meanwhile, and the other workers need a tick to renew theirs (bailan.reaper).
-                reap_after = time.monotonic() + self.settings.reap_interval_s
-            if time.monotonic() >= reap_after and time.monotonic() - last_reap >= self.settings.reap_interval_s:
+            # No sweep during an outage (after one, reap_abandoned holds back by itself).
+            outage = self.outage is not None and self.outage.down
+            if not outage and time.monotonic() - last_reap >= self.settings.reap_interval_s:
                 last_reap = time.monotonic()
                 try:
                     lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s,
-                                          webhooks.Policy.of(self.settings))
+                                          self.hooks, self.settings.reap_interval_s)
                     if lost:
                         log.warning("reaped abandoned jobs: %s", lost)
                 except redis.RedisError as exc:
