@@ -15,7 +15,8 @@ import io
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -50,6 +51,9 @@ class ExceedsDeviceLimits(Exception):
 
 
 INPUT_NAMES = ("init_image", "mask_image")
+
+# The longest a job's end waits for its previews still being stored (seconds).
+PREVIEW_DRAIN_S = 10.0
 
 
 @dataclass(eq=False)
@@ -87,6 +91,8 @@ class JobBridge:
         self.hooks = webhooks.Policy.of(self.settings)
         # Params of the jobs between their start and their end that asked for webhooks.
         self.hooked: dict[str, JobParams] = {}
+        # Previews handed to the pool and not yet stored, by job: a job's end waits for them.
+        self.storing: dict[str, list[Future]] = {}
 
     # ---- one job, on a slot thread --------------------------------------------
 
@@ -112,6 +118,7 @@ class JobBridge:
         finally:
             with self.lock:  # normally gone already (_finish_record); not so after a Redis error
                 self.hooked.pop(job_id, None)
+                self.storing.pop(job_id, None)
         if result == CANCELED_RESULT:
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "canceled"})
             log.info("job canceled after %.2f s", time.perf_counter() - started)
@@ -276,9 +283,13 @@ class JobBridge:
     def _finish_record(self, job_id: str, fields: dict[str, Any]) -> None:
         key = Keys.job(job_id)
         ttl = self.settings.result_ttl_s
-        finished = now()
         with self.lock:
             params = self.hooked.pop(job_id, None)
+            storing = self.storing.pop(job_id, [])
+        # A preview stored after the end would outlive it (its write renews the list's TTL)
+        # and come after the client saw the job end; the pool is one thread, so this is brief.
+        futures.wait(storing, timeout=PREVIEW_DRAIN_S)
+        finished = now()
 
         def write() -> list[Any]:
             # Built afresh on every try: redis-py empties a pipeline whose execute failed.
@@ -306,7 +317,10 @@ class JobBridge:
 
     def _on_preview(self, job: GenerationJob, step: int, rgb: np.ndarray) -> None:
         # Called on the engine's thread: hand off at once, encode elsewhere.
-        self.previews.submit(self._store_preview, job.id, step, rgb)
+        stored = self.previews.submit(self._store_preview, job.id, step, rgb)
+        with self.lock:
+            pending = [f for f in self.storing.get(job.id, []) if not f.done()]
+            self.storing[job.id] = [*pending, stored]
 
     def _store_preview(self, job_id: str, step: int, rgb: np.ndarray) -> None:
         try:
