@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 
 from world.evaluate import read_attributes
@@ -79,30 +77,3 @@ def test_x0_previews_show_the_picture_at_40_percent_of_the_steps() -> None:
         difference = np.abs(frames["x0"][str(i)].astype(int) - frames["xt"][str(i)].astype(int)).mean()
         assert difference > 5, f"x0 and x_t previews of job {i} are the same picture ({difference:.1f} levels apart)"
 
-
-def test_a_jobs_end_waits_for_its_previews_to_be_stored(
-    tiny_model_dir: Path, tmp_path: Path, redis_conn: redis.Redis, redis_url: str
-) -> None:
-    """Guards against a preview stored after its job's end: the preview pool is a thread
-    of its own, and a late preview write renewed the preview list's TTL from the
-    preview lifetime to the record's (a day) and reached clients after `succeeded`."""
-    from bailan.jobs import Keys, RecordField
-    from worker.bridge import JobBridge
-    from worker.settings import WorkerSettings
-
-    settings = WorkerSettings(model=tiny_model_dir, redis_url=redis_url, blob_dir=tmp_path / "blobs",
-                              preview_ttl_s=600, result_ttl_s=86400)
-    model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
-    bridge = JobBridge(settings, model, Engine(model, 1), redis_conn)
-    job = GenerationJob(id="late", prompt="a red circle", width=32, height=32, steps=4, guidance_scale=1.0, seed=1)
-    gate = threading.Event()
-    bridge.previews.submit(gate.wait, 5)  # the pool is busy when the preview is handed over
-    try:
-        bridge._on_preview(job, 2, np.zeros((8, 8, 3), dtype=np.uint8))  # noqa: SLF001
-        threading.Timer(0.3, gate.set).start()
-        bridge._finish_record("late", {RecordField.step: 4})  # noqa: SLF001
-        assert redis_conn.zscore(Keys.previews("late"), "2") is not None  # stored before the end
-        assert 0 < redis_conn.ttl(Keys.previews("late")) <= 600
-    finally:
-        gate.set()
-        bridge.close()

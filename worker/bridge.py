@@ -46,9 +46,6 @@ log = logging.getLogger("bailan.worker")
 class ExceedsDeviceLimits(Exception):
     """A job over this worker's caps on size or steps (bailan.caps)."""
 
-    # What the failure is counted as (run's metrics), like the codes tagged on other failures.
-    bailan_error_code = ErrorCode.exceeds_device_limits.value
-
 
 INPUT_NAMES = ("init_image", "mask_image")
 
@@ -157,16 +154,11 @@ class JobBridge:
             # live worker would take it, so this one fails it rather than spending minutes a step.
             message = (f"{refusal[1]}, the most this worker ({self.model.device.type}) takes; "
                        f"ask for less {refusal[0]}")
-            self._finish_record(job_id, {RecordField.error_code: ErrorCode.exceeds_device_limits.value,
-                                         RecordField.error_message: message})
-            raise ExceedsDeviceLimits(message)
+            raise self._failed(job_id, ExceedsDeviceLimits(message), ErrorCode.exceeds_device_limits, message)
         try:
             init_image, mask = self._inputs(job_id, params, width, height)
         except InvalidInput as exc:
-            self._finish_record(job_id, {RecordField.error_code: ErrorCode.invalid_for_model.value,
-                                         RecordField.error_message: str(exc)})
-            exc.bailan_error_code = ErrorCode.invalid_for_model.value  # type: ignore[attr-defined]
-            raise
+            raise self._failed(job_id, exc, ErrorCode.invalid_for_model, str(exc))
         job = GenerationJob(
             id=job_id,
             prompt=params.prompt,
@@ -212,10 +204,7 @@ class JobBridge:
         try:
             future = self.engine.submit(job)
         except InvalidForModel as exc:
-            self._finish_record(job_id, {RecordField.error_code: ErrorCode.invalid_for_model.value,
-                                         RecordField.error_message: str(exc)})
-            exc.bailan_error_code = ErrorCode.invalid_for_model.value  # type: ignore[attr-defined]
-            raise
+            raise self._failed(job_id, exc, ErrorCode.invalid_for_model, str(exc))
         with self.lock:
             self.in_flight[job_id] = _InFlight(job)
         try:
@@ -225,14 +214,9 @@ class JobBridge:
                                          RecordField.unknown_words: dumps(job.unknown_words)})
             return CANCELED_RESULT
         except OOM_ERRORS as exc:
-            self._finish_record(job_id, {RecordField.error_code: ErrorCode.out_of_memory.value,
-                                         RecordField.error_message: f"out of GPU memory: {exc}".strip()[:500]})
-            exc.bailan_error_code = ErrorCode.out_of_memory.value  # type: ignore[attr-defined]
-            raise
+            raise self._failed(job_id, exc, ErrorCode.out_of_memory, f"out of GPU memory: {exc}".strip())
         except Exception as exc:
-            self._finish_record(job_id, {RecordField.error_code: ErrorCode.internal.value,
-                                         RecordField.error_message: f"{type(exc).__name__}: {exc}"[:500]})
-            raise
+            raise self._failed(job_id, exc, ErrorCode.internal, f"{type(exc).__name__}: {exc}")
         finally:
             with self.lock:
                 self.in_flight.pop(job_id, None)
@@ -279,6 +263,12 @@ class JobBridge:
             RecordField.unknown_words: dumps(job.unknown_words),
         }
         self._finish_record(job.id, fields)
+
+    def _failed(self, job_id: str, exc: BaseException, code: ErrorCode, message: str) -> BaseException:
+        """Record the job's failure and tag `exc` with its code (run counts it); returns `exc` to raise."""
+        self._finish_record(job_id, {RecordField.error_code: code.value, RecordField.error_message: message[:500]})
+        exc.bailan_error_code = code.value  # type: ignore[attr-defined]
+        return exc
 
     def _finish_record(self, job_id: str, fields: dict[str, Any]) -> None:
         key = Keys.job(job_id)

@@ -1,0 +1,116 @@
+"""The bridge from RQ jobs to the engine (worker.bridge): what a job's end writes to its
+record, against a real Redis and a real (tiny) model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, now
+from tests.fixtures.oom_unet import OOMAboveRows
+from worker.bridge import ExceedsDeviceLimits, JobBridge
+from worker.engine import Engine, GenerationJob
+from worker.loader import LoadedModel, load_model
+from worker.settings import WorkerSettings
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture
+def bridge(model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_conn: redis.Redis,
+           redis_url: str) -> Iterator[JobBridge]:
+    """A bridge whose engine loop runs on a thread, as the worker's main thread runs it."""
+    settings = WorkerSettings(model=tiny_model_dir, redis_url=redis_url, blob_dir=tmp_path / "blobs",
+                              preview_ttl_s=600, result_ttl_s=86400, max_steps_cuda=50)
+    engine = Engine(model, 2)
+    stop = threading.Event()
+    loop = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    loop.start()
+    made = JobBridge(settings, model, engine, redis_conn)
+    yield made
+    made.close()
+    stop.set()
+    loop.join(timeout=10)
+
+
+def submit(conn: redis.Redis, job_id: str, **fields: object) -> None:
+    """A job record as the API writes it at submit."""
+    params = JobParams.model_validate({"prompt": "a red circle", "width": 32, "height": 32, "steps": 3, "seed": 1,
+                                       **fields})
+    conn.hset(Keys.job(job_id), mapping={RecordField.params: params.model_dump_json(), RecordField.created_at: now()})
+
+
+def record(conn: redis.Redis, job_id: str) -> dict[str, str]:
+    return decode_record(conn.hgetall(Keys.job(job_id)))
+
+
+def test_a_job_that_runs_out_of_memory_alone_is_recorded_so(
+    bridge: JobBridge, model: LoadedModel, redis_conn: redis.Redis
+) -> None:
+    """Guards against an out-of-memory failure recorded (and counted) as an internal error:
+    the client's view must say out_of_memory, with the device's message, and the error
+    raised to RQ carries that code for /metrics."""
+    original = model.pipe.unet
+    model.pipe.unet = OOMAboveRows(original, max_rows=0)  # not even one row fits
+    try:
+        submit(redis_conn, "oom")
+        with pytest.raises(torch.OutOfMemoryError) as raised:
+            bridge.run("oom")
+    finally:
+        model.pipe.unet = original
+    assert getattr(raised.value, "bailan_error_code", None) == ErrorCode.out_of_memory.value
+    found = record(redis_conn, "oom")
+    assert found[RecordField.error_code] == ErrorCode.out_of_memory.value
+    assert found[RecordField.error_message].startswith("out of GPU memory: CUDA out of memory")
+    assert RecordField.finished_at in found
+    assert bridge.tally.take()  # counted (run's metrics)
+
+
+def test_a_job_over_the_workers_caps_fails_with_their_code(bridge: JobBridge, redis_conn: redis.Redis) -> None:
+    """Guards against a job over this worker's caps being run for minutes a step, or failed
+    without saying which cap: the record names the field and the error carries its code."""
+    bridge.caps = bridge.settings.device_caps("cuda")  # 50 steps at most
+    submit(redis_conn, "long", steps=80)
+    with pytest.raises(ExceedsDeviceLimits):
+        bridge.run("long")
+    found = record(redis_conn, "long")
+    assert found[RecordField.error_code] == ErrorCode.exceeds_device_limits.value
+    assert "steps" in found[RecordField.error_message]
+
+
+def test_a_jobs_end_waits_for_its_previews_to_be_stored(bridge: JobBridge, redis_conn: redis.Redis) -> None:
+    """Guards against a preview stored after its job's end: the preview pool is a thread
+    of its own, and a late preview write renewed the preview list's TTL from the
+    preview lifetime to the record's (a day) and reached clients after `succeeded`."""
+    job = GenerationJob(id="late", prompt="a red circle", width=32, height=32, steps=4, guidance_scale=1.0, seed=1)
+    gate = threading.Event()
+    bridge.previews.submit(gate.wait, 5)  # the pool is busy when the preview is handed over
+    try:
+        bridge._on_preview(job, 2, np.zeros((8, 8, 3), dtype=np.uint8))  # noqa: SLF001
+        threading.Timer(0.3, gate.set).start()
+        bridge._finish_record("late", {RecordField.step: 4})  # noqa: SLF001
+        assert redis_conn.zscore(Keys.previews("late"), "2") is not None  # stored before the end
+        assert 0 < redis_conn.ttl(Keys.previews("late")) <= 600
+    finally:
+        gate.set()
+
+
+def test_a_job_succeeds_with_its_images_and_previews(bridge: JobBridge, redis_conn: redis.Redis) -> None:
+    """Guards the plain path through the bridge: images stored, record finished, every
+    preview listed (every step but the last, whose picture is the image), nothing of the
+    job left in flight."""
+    submit(redis_conn, "ok", preview_every=1)
+    assert bridge.run("ok") == {"images": 1}
+    found = record(redis_conn, "ok")
+    assert found[RecordField.step] == "3" and RecordField.error_code not in found
+    assert sorted(int(m) for m in redis_conn.zrange(Keys.previews("ok"), 0, -1)) == [1, 2]
+    assert bridge.blobs is not None and bridge.in_flight == {} and bridge.storing == {}
