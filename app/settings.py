@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from PIL import Image
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
@@ -57,7 +58,12 @@ class ApiSettings(SharedSettings):
         4 * 2**20, ge=1024, description="Largest input image (init_image, mask_image), in bytes as decoded from base64."
     )
     max_image_pixels: int = Field(
-        2048 * 2048, ge=64 * 64, description="Most pixels an input image may have (checked before it is decoded)."
+        2048 * 2048,
+        ge=64 * 64,
+        # Above Pillow's decompression-bomb threshold, Pillow itself would refuse what the cap allows.
+        le=Image.MAX_IMAGE_PIXELS,
+        description="Most pixels an input image may have (checked before it is decoded); "
+        f"at most {Image.MAX_IMAGE_PIXELS} (Pillow's decompression-bomb threshold).",
     )
     abandoned_retries: int = Field(
         1, ge=0, description="Times a job whose worker died is requeued before it fails with worker_lost."

@@ -63,3 +63,19 @@ def test_json_safe_keeps_what_json_carries() -> None:
 
     assert json_safe({"a": [1, 2.5, "é", None, True]}) == {"a": [1, 2.5, "é", None, True]}
     assert json_safe([float("nan"), float("inf"), -float("inf"), "\ud800"]) == ["NaN", "Infinity", "-Infinity", "\\ud800"]
+
+
+def test_the_pixel_cap_cannot_exceed_pillows_bomb_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against a BAILAN_MAX_IMAGE_PIXELS that Pillow overrules: above its
+    decompression-bomb threshold an image within the cap was refused with a message
+    naming the cap, so the setting is refused at start-up instead, naming it."""
+    from PIL import Image
+    from pydantic import ValidationError
+
+    from app.settings import ApiSettings
+
+    monkeypatch.setenv("BAILAN_MAX_IMAGE_PIXELS", str(Image.MAX_IMAGE_PIXELS + 1))
+    with pytest.raises(ValidationError, match="max_image_pixels"):
+        ApiSettings()
+    monkeypatch.setenv("BAILAN_MAX_IMAGE_PIXELS", str(Image.MAX_IMAGE_PIXELS))
+    assert ApiSettings().max_image_pixels == Image.MAX_IMAGE_PIXELS
