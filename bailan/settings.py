@@ -116,12 +116,13 @@ class SharedSettings(BaseSettings):
         2048, ge=16, le=URL_HARD_MAX_CHARS, description="Longest webhook_url a request may give."
     )
 
-    @field_validator("webhook_allow_hosts", mode="before")
+    _split_hosts = field_validator("webhook_allow_hosts", mode="before")(comma_separated)
+
+    @field_validator("webhook_allow_hosts")
     @classmethod
-    def _split_hosts(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [h.strip().strip("[]").rstrip(".").lower() for h in value.split(",") if h.strip()]
-        return value
+    def _normal_hosts(cls, value: list[str]) -> list[str]:
+        # As a URL's host compares (bailan.webhooks): no IPv6 brackets, no root dot, lower case.
+        return [host.strip().strip("[]").rstrip(".").lower() for host in value if host.strip()]
 
     _split_intervals = field_validator("webhook_retry_intervals_s", mode="before")(comma_separated)
 

@@ -437,3 +437,14 @@ def test_a_public_url_must_be_an_http_address(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("BAILAN_PUBLIC_URL", "bailan.example.com")
     with pytest.raises(ValueError, match="public_url"):
         SharedSettings()
+
+
+def test_allowed_hosts_compare_as_url_hosts_however_given() -> None:
+    """Guards against an allow-list entry that never matches: hosts written with IPv6
+    brackets, a root dot or capitals were normalised only from the environment's comma
+    list, not when given as a list (init arguments), so they passed as typed."""
+    from bailan.settings import SharedSettings
+
+    want = ["::1", "example.com"]
+    assert SharedSettings(webhook_allow_hosts="[::1], Example.COM., ").webhook_allow_hosts == want
+    assert SharedSettings(webhook_allow_hosts=["[::1]", " Example.COM."]).webhook_allow_hosts == want
