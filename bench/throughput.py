@@ -52,7 +52,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from worker.engine import Engine, GenerationJob, RunnerOptions
-from worker.loader import LoadedModel, from_pipeline, pipeline_class
+from worker.loader import LoadedModel, from_pipeline, read_pipeline
 from worker.imaging import encode_preview
 from world.tiny import TINY_WORDS, build_tiny_pipeline
 
@@ -140,21 +140,14 @@ def build_sdxl_random(device: torch.device, dtype: torch.dtype) -> Any:
     """SDXL base's published configurations (UNet, both text encoders, VAE) with random
     weights, built on `device`: the compute of SDXL at no download. Scaled as build_sd15_random."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    from world.sd_components import sd_noise_scheduler
+    from world.sd_components import clip_text_encoder, sd_noise_scheduler
     from world.wordtok import build_word_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=77)
     tokenizer_2 = build_word_tokenizer(TINY_WORDS, model_max_length=77)
-
-    def clip(cls: Any, hidden: int, layers: int, heads: int, intermediate: int, **extra: Any) -> Any:
-        return cls(CLIPTextConfig(
-            vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
-        ))
 
     with torch.device(device):
         unet = UNet2DConditionModel(
@@ -174,8 +167,12 @@ def build_sdxl_random(device: torch.device, dtype: torch.dtype) -> Any:
             projection_class_embeddings_input_dim=2816,
         )
         vae = sd_vae(1024, 0.13025, force_upcast=True)
-        text_encoder = clip(CLIPTextModel, 768, 12, 12, 3072, hidden_act="quick_gelu")
-        text_encoder_2 = clip(CLIPTextModelWithProjection, 1280, 32, 20, 5120, hidden_act="gelu", projection_dim=1280)
+        # SDXL's: CLIP ViT-L's text tower, then OpenCLIP bigG's with its projection.
+        text_encoder = clip_text_encoder(tokenizer, hidden=768, intermediate=3072, layers=12, heads=12,
+                                         vocab_size=49408, hidden_act="quick_gelu")
+        text_encoder_2 = clip_text_encoder(tokenizer_2, hidden=1280, intermediate=5120, layers=32, heads=20,
+                                           vocab_size=49408, hidden_act="gelu", projection_dim=1280,
+                                           model_class=CLIPTextModelWithProjection)
     with torch.no_grad():
         for module in (unet, vae):
             for p in module.parameters():
@@ -199,9 +196,7 @@ def build_pipeline(
     """The pipeline, its name for the report, and its directory (for latent_rgb.json)."""
     path = Path(args.model) if args.model else BUILTIN
     if args.model or (device.type == "cpu" and (BUILTIN / "model_index.json").is_file()):
-        cls = pipeline_class(path)
-        extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
-        pipe = cls.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
+        pipe = read_pipeline(path, dtype)
         name = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
         return pipe.to(device), name, path
     if device.type == "cuda" and args.arch == "sdxl":

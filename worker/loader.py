@@ -98,13 +98,17 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Lo
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-    cls = pipeline_class(path)
-    extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
-    model = from_pipeline(pipe, path, device, dtype)
+    model = from_pipeline(read_pipeline(path, dtype), path, device, dtype)
     model.hash = model_hash(path)
     model.defaults = load_defaults(path)
     return model
+
+
+def read_pipeline(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The pipeline in a local directory, on the CPU: its family's class, no safety checker, no download."""
+    cls = pipeline_class(path)
+    extra = {} if cls is StableDiffusionXLPipeline else {"safety_checker": None, "requires_safety_checker": False}
+    return cls.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
 
 
 def pipeline_class(path: Path) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedModel
 
 
 def sd_noise_scheduler(**overrides: Any) -> DDPMScheduler:
@@ -24,8 +24,17 @@ def sd_noise_scheduler(**overrides: Any) -> DDPMScheduler:
     return DDPMScheduler(**{**config, **overrides})
 
 
-def clip_text_encoder(tokenizer: Any, hidden: int, intermediate: int, layers: int, heads: int, **extra: Any) -> CLIPTextModel:
-    """A CLIP text encoder sized for `tokenizer` (its vocabulary and special tokens)."""
+def clip_text_encoder(
+    tokenizer: Any,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    model_class: type[PreTrainedModel] = CLIPTextModel,
+    **extra: Any,
+) -> PreTrainedModel:
+    """A CLIP text encoder sized for `tokenizer` (its vocabulary and special tokens); SDXL's
+    second encoder is `model_class=CLIPTextModelWithProjection` with a `projection_dim`."""
     config = CLIPTextConfig(
         vocab_size=extra.pop("vocab_size", len(tokenizer)),
         hidden_size=hidden,
@@ -38,7 +47,7 @@ def clip_text_encoder(tokenizer: Any, hidden: int, intermediate: int, layers: in
         pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
-    return CLIPTextModel(config)
+    return model_class(config)
 
 
 def assemble_pipeline(

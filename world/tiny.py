@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection
 
 from world.sd_components import assemble_pipeline, clip_text_encoder, sd_noise_scheduler
 from world.wordtok import build_word_tokenizer
@@ -70,12 +70,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16) -> StableDiff
     tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=16)
     tokenizer_2 = build_word_tokenizer(TINY_WORDS, model_max_length=16)
     text_encoder = clip_text_encoder(tokenizer, hidden=32, intermediate=37, layers=2, heads=4)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer_2), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
-        bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
-        pad_token_id=tokenizer_2.pad_token_id,
-    ))
+    text_encoder_2 = clip_text_encoder(tokenizer_2, hidden=32, intermediate=37, layers=2, heads=4,
+                                       model_class=CLIPTextModelWithProjection, projection_dim=32)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
