@@ -1,8 +1,11 @@
 """The whole service under load, measured as its clients see it: over HTTP.
 
 Each client submits a job (POST /v1/jobs), polls its status (GET /v1/jobs/{id})
-until it ends, then fetches its image; latency is submit -> `succeeded` seen,
-and submit -> image bytes in hand. Modes, in one run against one service:
+until it ends, or follows its event stream (GET /v1/jobs/{id}/events, pushed as
+the job changes), then fetches its image; latency is submit -> `succeeded` seen,
+and submit -> image bytes in hand. By default every mode is measured both ways
+(`--notify`; the rows of the event-stream clients end in `_events`). Modes, in
+one run against one service:
 
   single     one client alone, one job after another (`--single-reps` of them);
   clients N  N clients at once, one job each (for every N in `--clients`);
@@ -46,18 +49,23 @@ def prompt(i: int) -> str:
 
 
 class Client:
-    """One client: its own connection, one job at a time."""
+    """One client: its own connection, one job at a time. It learns that its job ended by
+    polling every `poll_s`, or (`follow`) from the job's event stream, which the service
+    pushes as the job changes."""
 
-    def __init__(self, base: str, poll_s: float, body: dict[str, Any]) -> None:
+    def __init__(self, base: str, poll_s: float, body: dict[str, Any], follow: bool = False) -> None:
         self.http = httpx.Client(base_url=base, timeout=120)
         self.poll_s = poll_s
         self.body = body
+        self.follow = follow
 
     def generate(self, i: int, steps: int) -> dict[str, Any]:
         wall0, t0 = time.time(), time.perf_counter()
         r = self.http.post("/v1/jobs", json={**self.body, "prompt": prompt(i), "seed": i, "steps": steps})
         r.raise_for_status()
         job = r.json()
+        if self.follow and job["status"] not in TERMINAL:
+            job = self.follow_events(job)
         while job["status"] not in TERMINAL:
             time.sleep(self.poll_s)
             job = self.http.get(f"/v1/jobs/{job['id']}").json()
@@ -69,6 +77,24 @@ class Client:
         image = self.http.get(job["images"][0]["url"])
         image.raise_for_status()
         return {**out, "image": time.perf_counter(), "bytes": len(image.content)}
+
+    def follow_events(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The job's last view from GET /v1/jobs/{id}/events: its final one, unless the
+        stream was refused or ended early (the caller then polls)."""
+        event = ""
+        with self.http.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+            if stream.status_code != 200:
+                return job
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    event = line[len("event: "):]
+                elif line.startswith("data: ") and event == "job":
+                    job = json.loads(line[len("data: "):])
+                    if job["status"] in TERMINAL:
+                        return job
+                elif line.startswith("data: "):  # gone or error: the poll says what became of it
+                    return job
+        return job
 
     def close(self) -> None:
         self.http.close()
@@ -90,9 +116,9 @@ def phases(job: dict[str, Any], submitted: float, seen: float) -> dict[str, floa
 
 
 def run_mode(name: str, base: str, body: dict[str, Any], steps: list[int], poll_s: float,
-             interval: float = 0.0) -> dict[str, Any]:
+             interval: float = 0.0, follow: bool = False) -> dict[str, Any]:
     """len(steps) clients, client i submitting at i * interval (all at once when 0)."""
-    clients = [Client(base, poll_s, body) for _ in steps]
+    clients = [Client(base, poll_s, body, follow) for _ in steps]
     start = time.perf_counter()
 
     def one(i: int) -> dict[str, Any]:
@@ -105,21 +131,22 @@ def run_mode(name: str, base: str, body: dict[str, Any], steps: list[int], poll_
         results = list(pool.map(one, range(len(steps))))
     for client in clients:
         client.close()
-    return summarise(name, results, poll_s, steps, interval)
+    return summarise(name, results, poll_s, steps, interval, follow)
 
 
-def run_single(base: str, body: dict[str, Any], steps: int, reps: int, poll_s: float) -> dict[str, Any]:
-    client = Client(base, poll_s, body)
+def run_single(base: str, body: dict[str, Any], steps: int, reps: int, poll_s: float,
+               follow: bool = False) -> dict[str, Any]:
+    client = Client(base, poll_s, body, follow)
     results = [client.generate(i, steps) for i in range(reps)]
     client.close()
-    row = summarise("single_client", results, poll_s, [steps] * reps, 0.0)
+    row = summarise("single_client" + ("_events" if follow else ""), results, poll_s, [steps] * reps, 0.0, follow)
     # One after another: throughput is one over the latency, not images over the makespan.
     row["images_per_s"] = round(1 / row["latency_p50_s"], 3)
     return row
 
 
 def summarise(name: str, results: list[dict[str, Any]], poll_s: float, steps: list[int],
-              interval: float) -> dict[str, Any]:
+              interval: float, follow: bool = False) -> dict[str, Any]:
     failed = [r for r in results if r["status"] != "succeeded"]
     lat = sorted(r["done"] - r["submitted"] for r in results)
     img = sorted(r["image"] - r["submitted"] for r in results)
@@ -137,6 +164,7 @@ def summarise(name: str, results: list[dict[str, Any]], poll_s: float, steps: li
         "image_latency_p50_s": round(float(np.percentile(img, 50)), 4),
         "phases_p50_s": {k: round(float(np.median([r["phases"][k] for r in results if r["phases"]])), 4)
                          for k in ("submit", "queue", "run", "notify") if any(r["phases"] for r in results)},
+        "notified_by": "event stream" if follow else f"polling every {poll_s} s",
         "poll_s": poll_s,
         "steps": sorted(set(steps)),
         **({"arrival_interval_s": interval} if interval else {}),
@@ -196,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--single-reps", type=int, default=5)
     p.add_argument("--poll", type=float, help="seconds between a client's polls (default 10 ms, clients/1600 above 16)")
+    p.add_argument("--notify", choices=["poll", "events", "both"], default="both",
+                   help="how clients learn that their job ended: polling, following its event stream, or each "
+                        "mode measured both ways (the events rows are named *_events)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -234,17 +265,21 @@ def main(argv: list[str] | None = None) -> int:
         results["models"] = httpx.get(f"{base}/v1/models", timeout=10).json()
         # Warm-up: the first requests through every process path.
         run_mode("warm-up", base, body, [2] * 4, 0.01)
-        record(run_single(base, body, args.steps, args.single_reps, poll_for(1)))
-        for n in [int(c) for c in args.clients.split(",") if c]:
-            record(run_mode(f"clients_{n}", base, body, [args.steps] * n, poll_for(n)))
-        mixed = [int(s) for s in args.mixed_steps.split(",")]
-        n = args.stagger_clients
-        # Arrivals twice as fast as N clients at once were served, so the arrival process
-        # never starves the worker: the comparison is of batching mixed work, not of idling.
-        burst = results["modes"].get(f"clients_{n}")
-        interval = args.stagger if args.stagger is not None else (burst["makespan_s"] / (2 * n) if burst else 0.05)
-        record(run_mode(f"staggered_{n}_mixed_steps", base, body, [mixed[i % len(mixed)] for i in range(n)],
-                        poll_for(n), interval=interval))
+        ways = {"poll": [False], "events": [True], "both": [False, True]}[args.notify]
+        for follow in ways:
+            run_mode("warm-up", base, body, [2] * 4, 0.01, follow=follow)
+            suffix = "_events" if follow else ""
+            record(run_single(base, body, args.steps, args.single_reps, poll_for(1), follow))
+            for n in [int(c) for c in args.clients.split(",") if c]:
+                record(run_mode(f"clients_{n}{suffix}", base, body, [args.steps] * n, poll_for(n), follow=follow))
+            mixed = [int(s) for s in args.mixed_steps.split(",")]
+            n = args.stagger_clients
+            # Arrivals twice as fast as N clients at once were served, so the arrival process
+            # never starves the worker: the comparison is of batching mixed work, not of idling.
+            burst = results["modes"].get(f"clients_{n}{suffix}")
+            interval = args.stagger if args.stagger is not None else (burst["makespan_s"] / (2 * n) if burst else 0.05)
+            record(run_mode(f"staggered_{n}_mixed_steps{suffix}", base, body, [mixed[i % len(mixed)] for i in range(n)],
+                            poll_for(n), interval=interval, follow=follow))
     finally:
         if process is not None:
             stop_service(process)
