@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One benchmark run on a GPU machine (e.g. the device tool's H100/H200), at most ~8 minutes:
 #   bash bench/gpu.sh                 # writes $OUT/throughput_gpu.{json,log}, $OUT/service_gpu.{json,log}
-#   BENCH_DEVICE=cpu PYTHON=.venv/bin/python CLIENTS=4 bash bench/gpu.sh   # a dry run on the CPU, built-in model
+#   BENCH_DEVICE=cpu PYTHON=.venv/bin/python CLIENTS=4 STAGGER_CLIENTS=4 bash bench/gpu.sh   # a dry run on the CPU, built-in model
 #
 # In order: the stock diffusers baselines (one at a time, static batch of 16), Bailan's
 # engine in-process (CUDA graphs, each lever alone, then compiled as the worker runs it),
 # then the whole service -- launcher, embedded valkey, API, one worker -- serving an
 # SD1.5-architecture random-weight directory written first with save_pretrained, driven
-# over HTTP by bench/service.py with 1, 16 and 32 clients and staggered arrivals.
+# over HTTP by bench/service.py with 1, 16 and 32 clients and staggered arrivals, each
+# polling and following the event stream.
 #
 # Packages the machine lacks travel as wheels in .whl/ (README "Performance" lists them).
 set -o pipefail
@@ -46,8 +47,9 @@ else
   echo "stage 1 exit: $?" | tee -a "$LOG"
 fi
 export BAILAN_VALKEY_DIR=/tmp/bailan-bench-valkey BAILAN_VALKEY_PORT=6395 BAILAN_COMPILE_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR
+# Every mode twice: clients polling, then clients following the event stream (*_events rows).
 timeout "${STAGE2_S:-240}" $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
-  --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" 2>&1 | tee -a "$LOG"
+  --stagger-clients "${STAGGER_CLIENTS:-16}" --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" 2>&1 | tee -a "$LOG"
 echo "stage 2 exit: $?" | tee -a "$LOG"
 du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
 grep -E "warm-up|ready|compil|graph" "$OUT/service_gpu.log" | tail -8 | tee -a "$LOG"
