@@ -70,21 +70,31 @@ def reap_abandoned(
         connection.delete(lock)
 
 
+# Whether sweeps hold back (reap_abandoned): 0 no; 1 yes, a hold is on; 2 yes, a silence just
+# ended. Redis' own clock, so sweepers on hosts whose clocks disagree read the same silence.
+_HOLD_BACK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local previous = tonumber(redis.call('GET', KEYS[1]))
+redis.call('SET', KEYS[1], string.format('%.6f', now))
+if previous ~= nil and now - previous > tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+  return {2, tostring(now - previous)}
+end
+return {redis.call('EXISTS', KEYS[2]), '0'}
+"""
+
+
 def _holding_back(connection: redis.Redis, queue_name: str, interval_s: float) -> bool:
     """Whether sweeps wait for workers to renew their leases after a silence (reap_abandoned)."""
-    seen, hold = Keys.reaper_seen(queue_name), Keys.reaper_hold(queue_name)
-    stamp = now()
-    previous = connection.set(seen, repr(stamp), get=True)
-    try:
-        silent = previous is not None and stamp - float(previous) > 2 * interval_s
-    except ValueError:
-        silent = True  # unreadable: treat as the longest silence
-    if silent:
-        connection.set(hold, "1", px=max(1, int(interval_s * 1000)))
+    verdict, silence = connection.register_script(_HOLD_BACK)(
+        keys=[Keys.reaper_seen(queue_name), Keys.reaper_hold(queue_name)],
+        args=[2 * interval_s, max(1, int(interval_s * 1000))],
+    )
+    if int(verdict) == 2:
         log.warning("reaper: no sweep for %.0f s (Redis was unreachable or nothing ran); sweeping again in "
-                    "%.0f s, once workers renewed their leases", stamp - float(previous or 0), interval_s)
-        return True
-    return bool(connection.exists(hold))
+                    "%.0f s, once workers renewed their leases", float(silence), interval_s)
+    return int(verdict) != 0
 
 
 def _reap_queue(
