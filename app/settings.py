@@ -92,7 +92,15 @@ class ApiSettings(SharedSettings):
         500, ge=1, description="Queued jobs one API key may have; more get 429 (in open mode: everyone's)."
     )
     max_streams_per_key: int = Field(
-        32, ge=1, description="Open event streams one API key may have; more get 429."
+        32,
+        ge=1,
+        description="Open event streams one API key may have; more get 429. Requests held by `Prefer: wait` count too.",
+    )
+    max_wait_s: int = Field(
+        60,
+        ge=0,
+        le=600,
+        description="Longest a request is held by `Prefer: wait=N` until its job ends (POST /v1/jobs, GET /v1/jobs/{id}); 0: never held.",
     )
     view_cache_jobs: int = Field(
         4096,

@@ -8,7 +8,7 @@
 # then the whole service -- launcher, embedded valkey, API, one worker -- serving an
 # SD1.5-architecture random-weight directory written first with save_pretrained, driven
 # over HTTP by bench/service.py with 1, 16 and 32 clients and staggered arrivals, each
-# polling and following the event stream.
+# polling, following the event stream, and held by Prefer: wait.
 #
 # Packages the machine lacks travel as wheels in .whl/ (README "Performance" lists them).
 set -o pipefail
@@ -47,8 +47,10 @@ else
   echo "stage 1 exit: $?" | tee -a "$LOG"
 fi
 export BAILAN_VALKEY_DIR=/tmp/bailan-bench-valkey BAILAN_VALKEY_PORT=6395 BAILAN_COMPILE_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR
-# Every mode twice: clients polling, then clients following the event stream (*_events rows).
-timeout "${STAGE2_S:-240}" $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
+# Every mode three times: clients polling, following the event stream (*_events rows), and
+# holding their submit with Prefer: wait (*_wait rows).
+[ "$DEVICE" = cuda ] && STAGE2_DEFAULT_S=240 || STAGE2_DEFAULT_S=900
+timeout "${STAGE2_S:-$STAGE2_DEFAULT_S}" $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
   --stagger-clients "${STAGGER_CLIENTS:-16}" --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" 2>&1 | tee -a "$LOG"
 echo "stage 2 exit: $?" | tee -a "$LOG"
 du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"

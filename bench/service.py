@@ -2,9 +2,10 @@
 
 Each client submits a job (POST /v1/jobs), polls its status (GET /v1/jobs/{id})
 until it ends, or follows its event stream (GET /v1/jobs/{id}/events, pushed as
-the job changes), then fetches its image; latency is submit -> `succeeded` seen,
-and submit -> image bytes in hand. By default every mode is measured both ways
-(`--notify`; the rows of the event-stream clients end in `_events`). Modes, in
+the job changes), or has its submit held until the job ends (`Prefer: wait`),
+then fetches its image; latency is submit -> `succeeded` seen, and submit ->
+image bytes in hand. By default every mode is measured all three ways
+(`--notify`; rows end in `_events` and `_wait` for the last two). Modes, in
 one run against one service:
 
   single     one client alone, one job after another (`--single-reps` of them);
@@ -48,27 +49,37 @@ def prompt(i: int) -> str:
     return f"a {('small', 'large', 'big', 'tiny')[i % 4]} {fg} {SHAPES[i % len(SHAPES)]} on a {bg} background"
 
 
+# How a client learns that its job ended (--notify).
+NOTIFY_WAYS = ("poll", "events", "wait")
+# Rows of clients notified otherwise than by polling carry the way in their name.
+SUFFIX = {"poll": "", "events": "_events", "wait": "_wait"}
+
+
 class Client:
     """One client: its own connection, one job at a time. It learns that its job ended by
-    polling every `poll_s`, or (`follow`) from the job's event stream, which the service
-    pushes as the job changes."""
+    polling every `poll_s` ("poll"), from the job's event stream, which the service pushes
+    as the job changes ("events"), or by asking its submit to be held until the end
+    (`Prefer: wait`, "wait")."""
 
-    def __init__(self, base: str, poll_s: float, body: dict[str, Any], follow: bool = False) -> None:
+    def __init__(self, base: str, poll_s: float, body: dict[str, Any], notify: str = "poll") -> None:
         self.http = httpx.Client(base_url=base, timeout=120)
         self.poll_s = poll_s
         self.body = body
-        self.follow = follow
+        self.notify = notify
 
     def generate(self, i: int, steps: int) -> dict[str, Any]:
         wall0, t0 = time.time(), time.perf_counter()
-        r = self.http.post("/v1/jobs", json={**self.body, "prompt": prompt(i), "seed": i, "steps": steps})
+        held = {"Prefer": "wait=60"} if self.notify == "wait" else {}
+        r = self.http.post("/v1/jobs", json={**self.body, "prompt": prompt(i), "seed": i, "steps": steps},
+                           headers=held)
         r.raise_for_status()
         job = r.json()
-        if self.follow and job["status"] not in TERMINAL:
+        if self.notify == "events" and job["status"] not in TERMINAL:
             job = self.follow_events(job)
         while job["status"] not in TERMINAL:
-            time.sleep(self.poll_s)
-            job = self.http.get(f"/v1/jobs/{job['id']}").json()
+            if not held:
+                time.sleep(self.poll_s)
+            job = self.http.get(f"/v1/jobs/{job['id']}", headers=held).json()
         done, wall_done = time.perf_counter(), time.time()
         out: dict[str, Any] = {"submitted": t0, "done": done, "image": done, "status": job["status"],
                                "phases": phases(job, wall0, wall_done)}
@@ -116,9 +127,9 @@ def phases(job: dict[str, Any], submitted: float, seen: float) -> dict[str, floa
 
 
 def run_mode(name: str, base: str, body: dict[str, Any], steps: list[int], poll_s: float,
-             interval: float = 0.0, follow: bool = False) -> dict[str, Any]:
+             interval: float = 0.0, notify: str = "poll") -> dict[str, Any]:
     """len(steps) clients, client i submitting at i * interval (all at once when 0)."""
-    clients = [Client(base, poll_s, body, follow) for _ in steps]
+    clients = [Client(base, poll_s, body, notify) for _ in steps]
     start = time.perf_counter()
 
     def one(i: int) -> dict[str, Any]:
@@ -131,22 +142,22 @@ def run_mode(name: str, base: str, body: dict[str, Any], steps: list[int], poll_
         results = list(pool.map(one, range(len(steps))))
     for client in clients:
         client.close()
-    return summarise(name, results, poll_s, steps, interval, follow)
+    return summarise(name, results, poll_s, steps, interval, notify)
 
 
 def run_single(base: str, body: dict[str, Any], steps: int, reps: int, poll_s: float,
-               follow: bool = False) -> dict[str, Any]:
-    client = Client(base, poll_s, body, follow)
+               notify: str = "poll") -> dict[str, Any]:
+    client = Client(base, poll_s, body, notify)
     results = [client.generate(i, steps) for i in range(reps)]
     client.close()
-    row = summarise("single_client" + ("_events" if follow else ""), results, poll_s, [steps] * reps, 0.0, follow)
+    row = summarise("single_client" + SUFFIX[notify], results, poll_s, [steps] * reps, 0.0, notify)
     # One after another: throughput is one over the latency, not images over the makespan.
     row["images_per_s"] = round(1 / row["latency_p50_s"], 3)
     return row
 
 
 def summarise(name: str, results: list[dict[str, Any]], poll_s: float, steps: list[int],
-              interval: float, follow: bool = False) -> dict[str, Any]:
+              interval: float, notify: str = "poll") -> dict[str, Any]:
     failed = [r for r in results if r["status"] != "succeeded"]
     lat = sorted(r["done"] - r["submitted"] for r in results)
     img = sorted(r["image"] - r["submitted"] for r in results)
@@ -164,7 +175,8 @@ def summarise(name: str, results: list[dict[str, Any]], poll_s: float, steps: li
         "image_latency_p50_s": round(float(np.percentile(img, 50)), 4),
         "phases_p50_s": {k: round(float(np.median([r["phases"][k] for r in results if r["phases"]])), 4)
                          for k in ("submit", "queue", "run", "notify") if any(r["phases"] for r in results)},
-        "notified_by": "event stream" if follow else f"polling every {poll_s} s",
+        "notified_by": {"poll": f"polling every {poll_s} s", "events": "event stream",
+                        "wait": "Prefer: wait (held submit)"}[notify],
         "poll_s": poll_s,
         "steps": sorted(set(steps)),
         **({"arrival_interval_s": interval} if interval else {}),
@@ -224,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--single-reps", type=int, default=5)
     p.add_argument("--poll", type=float, help="seconds between a client's polls (default 10 ms, clients/1600 above 16)")
-    p.add_argument("--notify", choices=["poll", "events", "both"], default="both",
-                   help="how clients learn that their job ended: polling, following its event stream, or each "
-                        "mode measured both ways (the events rows are named *_events)")
+    p.add_argument("--notify", default=",".join(NOTIFY_WAYS),
+                   help="how clients learn that their job ended, each measured in turn: poll, events (following "
+                        "the job's event stream; rows named *_events), wait (a submit held by Prefer: wait; *_wait)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -265,13 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         results["models"] = httpx.get(f"{base}/v1/models", timeout=10).json()
         # Warm-up: the first requests through every process path.
         run_mode("warm-up", base, body, [2] * 4, 0.01)
-        ways = {"poll": [False], "events": [True], "both": [False, True]}[args.notify]
-        for follow in ways:
-            run_mode("warm-up", base, body, [2] * 4, 0.01, follow=follow)
-            suffix = "_events" if follow else ""
-            record(run_single(base, body, args.steps, args.single_reps, poll_for(1), follow))
+        ways = [way.strip() for way in args.notify.split(",") if way.strip()]
+        if not ways or set(ways) - set(NOTIFY_WAYS):
+            p.error(f"--notify takes a comma-separated list of {', '.join(NOTIFY_WAYS)}")
+        for notify in ways:
+            run_mode("warm-up", base, body, [2] * 4, 0.01, notify=notify)
+            suffix = SUFFIX[notify]
+            record(run_single(base, body, args.steps, args.single_reps, poll_for(1), notify))
             for n in [int(c) for c in args.clients.split(",") if c]:
-                record(run_mode(f"clients_{n}{suffix}", base, body, [args.steps] * n, poll_for(n), follow=follow))
+                record(run_mode(f"clients_{n}{suffix}", base, body, [args.steps] * n, poll_for(n), notify=notify))
             mixed = [int(s) for s in args.mixed_steps.split(",")]
             n = args.stagger_clients
             # Arrivals twice as fast as N clients at once were served, so the arrival process
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             burst = results["modes"].get(f"clients_{n}{suffix}")
             interval = args.stagger if args.stagger is not None else (burst["makespan_s"] / (2 * n) if burst else 0.05)
             record(run_mode(f"staggered_{n}_mixed_steps{suffix}", base, body, [mixed[i % len(mixed)] for i in range(n)],
-                            poll_for(n), interval=interval, follow=follow))
+                            poll_for(n), interval=interval, notify=notify))
     finally:
         if process is not None:
             stop_service(process)

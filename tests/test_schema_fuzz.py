@@ -52,8 +52,10 @@ def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text(f"fuzz {hash_key(KEY)}\n")
     # No worker runs here: a valid OpenAI-style call would wait for its job; 1 s bounds a case
-    # that slips through (and its 504 fails the run, so none may).
-    app = create_app(make_settings(redis_url, rate_limit="none", api_keys_file=keys, openai_timeout_s=1))
+    # that slips through (and its 504 fails the run, so none may). Likewise a generated
+    # `Prefer: wait=N` holds a request at most 1 s.
+    app = create_app(make_settings(redis_url, rate_limit="none", api_keys_file=keys, openai_timeout_s=1,
+                                   max_wait_s=1))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

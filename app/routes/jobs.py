@@ -22,8 +22,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app import inputs, limits, views
-from app.deps import AuthDep, JobAccessDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
+from app import hold, inputs, limits, views
+from app.deps import AuthDep, JobAccess, JobAccessDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
 from app.store import idempotency, records
@@ -63,6 +63,8 @@ IdempotencyKey = Annotated[
         ),
     ),
 ]
+
+PreferHeader = Annotated[str | None, Header(alias="Prefer", description=hold.PREFER_DESCRIPTION)]
 
 SUBMIT_EXAMPLES: dict[str, Any] = {
     "minimal": {"summary": "Just a prompt", "value": {"prompt": "a watercolor lighthouse at dawn"}},
@@ -356,6 +358,8 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         summary="Submit a generation job",
         description=(
             "Queues a job and answers 202 with its view and a `Location` header to poll. "
+            "With `Prefer: wait=N`, the answer (still 202) comes once the job has ended, or after N "
+            "seconds, with the view as it then is. "
             "The seed, when omitted, is chosen by the server and reported in `params.seed`; "
             "width and height, when omitted, default to the native size of the model the live "
             "workers serve. " + limits
@@ -377,7 +381,8 @@ def submit_router(settings: ApiSettings) -> APIRouter:
             **AUTH_RESPONSES,
         },
     )
-    def submit_job(
+    async def submit_job(
+        request: Request,
         body: Annotated[request_model, Body(openapi_examples=SUBMIT_EXAMPLES)],  # type: ignore[valid-type]
         response: Response,
         settings: SettingsDep,
@@ -386,8 +391,20 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         principal: AuthDep,
         worker_cache: WorkerCacheDep,
         idempotency_key: IdempotencyKey = None,
+        prefer: PreferHeader = None,
     ) -> JobOut:
-        return _submit(body, response, settings, conn, path_for, idempotency_key, principal, worker_cache)
+        view = await run_in_threadpool(
+            _submit, body, response, settings, conn, path_for, idempotency_key, principal, worker_cache
+        )
+        wait = hold.prefer_wait(prefer, settings.max_wait_s) if prefer else None
+        if wait is None or view.status in TERMINAL_STATES:
+            return view
+        access: JobAccess = request.app.state.job_access
+        if not await hold.until_ended(access, request.app.state.job_events, principal, view.id, wait):
+            return view
+        response.headers["Preference-Applied"] = f"wait={wait}"
+        snap = await records.snapshot_async(access.aredis, view.id, settings.queue_name)
+        return await _view_async(conn, snap, path_for) if snap is not None else view
 
     return submit
 
@@ -400,21 +417,35 @@ def submit_router(settings: ApiSettings) -> APIRouter:
     name=views.JOB_ROUTE,
     response_model=JobOut,
     summary="A job's status, progress, previews and images",
+    description="With `Prefer: wait=N`, answered once the job has ended or after N seconds (app.hold).",
     responses=NOT_FOUND,
 )
-async def get_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Response:
+async def get_job(
+    request: Request, job_id: JobId, jobs: JobAccessDep, principal: AuthDep, prefer: PreferHeader = None
+) -> Response:
     # The status path that clients poll: one Redis round trip (records.read_snapshot_async), no
     # thread, three dependency solves in all (JobAccess), and the view rendered again only when
     # the job's snapshot changed (views.RenderedViews).
     if not looks_like_job_id(job_id):
         raise _not_found(jobs.settings, job_id)
     raw = await records.read_snapshot_async(jobs.aredis, job_id, jobs.settings.queue_name)
+    headers: dict[str, str] = {}
+    wait = hold.prefer_wait(prefer, jobs.settings.max_wait_s) if prefer else None
+    if wait is not None:
+        snap = _visible(records.parse_snapshot(job_id, raw), principal)
+        if snap is None:
+            raise _not_found(jobs.settings, job_id)
+        if snap.state not in TERMINAL_STATES and await hold.until_ended(
+            jobs, request.app.state.job_events, principal, job_id, wait
+        ):
+            headers["Preference-Applied"] = f"wait={wait}"
+            raw = await records.read_snapshot_async(jobs.aredis, job_id, jobs.settings.queue_name)
     kept = jobs.views.get(job_id, raw)
     if kept is not None:
         owner, body = kept
         if not _may_see(principal, owner):
             raise _not_found(jobs.settings, job_id)
-        return Response(body, media_type="application/json")
+        return Response(body, media_type="application/json", headers=headers)
     snap = _visible(records.parse_snapshot(job_id, raw), principal)
     if snap is None:
         raise _not_found(jobs.settings, job_id)
@@ -423,7 +454,7 @@ async def get_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Resp
     body = view.model_dump_json().encode()
     if not views.needs_rq_failure(snap):  # that view also read RQ, outside the snapshot answer
         jobs.views.put(job_id, raw, snap.owner, body)
-    return Response(body, media_type="application/json")
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.get(

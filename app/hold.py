@@ -1,0 +1,88 @@
+"""`Prefer: wait=N` (RFC 7240): a request held until its job ends, instead of polling.
+
+A client that sends `Prefer: wait=30` with `POST /v1/jobs` or `GET /v1/jobs/{id}`
+gets its answer when the job has ended, or after 30 seconds, whichever comes
+first (as Replicate's API does for predictions). One request replaces a poll
+loop, and the service is told of the end by the worker's notification
+(bailan.events), not by the next poll: where the API shares cores with a
+worker, hard polling takes the worker's CPU (README, "Polling against event
+streams").
+
+A held request takes one of its API key's event-stream places
+(BAILAN_MAX_STREAMS_PER_KEY) while it waits; with none free it is answered at
+once, without `Preference-Applied`, as RFC 7240 lets a server ignore a
+preference. A preference this server cannot read is ignored the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import redis
+from fastapi.concurrency import run_in_threadpool
+
+from app import limits
+from app.deps import JobAccess
+from app.store import records
+from app.store.events import JobEvents
+from bailan.jobs import TERMINAL_STATES
+from bailan.keys import Principal
+
+PREFER_DESCRIPTION = (
+    "`wait=N` (RFC 7240): hold the answer until the job has ended or N seconds have passed "
+    "(at most BAILAN_MAX_WAIT_S); the response then carries `Preference-Applied: wait=N`. "
+    "Other preferences are ignored."
+)
+
+
+def prefer_wait(header: str | None, cap_s: float) -> int | None:
+    """Seconds `Prefer: wait=N` asks to be held, at most `cap_s`; None when it asks for no wait,
+    or for one this server does not grant (RFC 7240: an unreadable preference is ignored)."""
+    if not header or cap_s < 1:
+        return None
+    for preference in header.split(","):
+        token = preference.split(";", 1)[0].strip()
+        name, _, value = token.partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not value.isdigit():
+            return None
+        seconds = min(int(value), int(cap_s))
+        return seconds if seconds > 0 else None
+    return None
+
+
+async def until_ended(
+    access: JobAccess, events: JobEvents, principal: Principal, job_id: str, seconds: float
+) -> bool:
+    """Hold until the job ends (or is gone), or `seconds` pass; False when the API key's
+    stream places are all taken, so nothing was held."""
+    conn, settings = access.redis, access.settings
+    hold_id = uuid.uuid4().hex
+    opened = await run_in_threadpool(limits.open_stream, conn, principal.name, hold_id, settings.max_streams_per_key)
+    if not opened:
+        return False
+    deadline = time.monotonic() + seconds
+    renewed = time.monotonic()
+    try:
+        async with events.follow(job_id) as changed:
+            # Subscribed first, read second: an end between the two is not missed.
+            while True:
+                snap = await records.snapshot_async(access.aredis, job_id, settings.queue_name)
+                left = deadline - time.monotonic()
+                if snap is None or snap.state in TERMINAL_STATES or left <= 0:
+                    return True
+                # Until the worker says the job changed, or the safety poll (a lost notification).
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(left, settings.events_poll_interval_s))
+                changed.clear()
+                if time.monotonic() - renewed >= limits.STREAM_RENEW_S:
+                    await run_in_threadpool(limits.renew_stream, conn, principal.name, hold_id)
+                    renewed = time.monotonic()
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            await run_in_threadpool(limits.close_stream, conn, principal.name, hold_id)

@@ -1,0 +1,140 @@
+"""`Prefer: wait=N` (app.hold): a request held until its job ends, against a real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from app.hold import prefer_wait
+from app.main import create_app
+from bailan import events
+from bailan.jobs import Keys, RecordField, now
+from tests.test_api import make_settings, start_job
+
+
+@pytest.mark.parametrize(
+    ("header", "cap", "wanted"),
+    [
+        ("wait=10", 60, 10),
+        ("respond-async, wait=10", 60, 10),
+        ('WAIT = "5"; foo=bar', 60, 5),
+        ("wait=600", 60, 60),  # capped
+        ("wait=0", 60, None),
+        ("wait=soon", 60, None),  # unreadable: ignored (RFC 7240)
+        ("wait=-3", 60, None),
+        ("wait", 60, None),
+        ("return=minimal", 60, None),
+        ("wait=10", 0, None),  # holding off on this server
+        ("", 60, None),
+    ],
+)
+def test_prefer_wait_reads_rfc_7240(header: str, cap: int, wanted: int | None) -> None:
+    """Guards against a preference misread: a wait beyond the server's cap, or a hold
+    granted for a value that is no number of seconds."""
+    assert prefer_wait(header, cap) == wanted
+
+
+def finish_later(conn: redis.Redis, job_id: str, after_s: float) -> threading.Thread:
+    """Start the job, then end it `after_s` later, as a worker does (RQ status, record, notification)."""
+
+    def work() -> None:
+        start_job(conn, job_id)
+        events.notify(conn, job_id)
+        time.sleep(after_s)
+        conn.hset(Keys.job(job_id), mapping={RecordField.step: "25", RecordField.finished_at: repr(now())})
+        Job.fetch(job_id, connection=conn, serializer=JSONSerializer).set_status(JobStatus.FINISHED)
+        events.notify(conn, job_id)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread
+
+
+def test_a_held_poll_answers_when_the_job_ends(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards against `Prefer: wait` answering at once (a client's poll loop again) or only on
+    the safety poll: with that at 60 s, the end must arrive by the worker's notification."""
+    with TestClient(create_app(make_settings(redis_url, events_poll_interval_s=60))) as c:
+        job_id = c.post("/v1/jobs", json={"prompt": "x"}).json()["id"]
+        worker = finish_later(redis_conn, job_id, 0.5)
+        started = time.monotonic()
+        r = c.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=20"})
+        held = time.monotonic() - started
+        worker.join()
+        assert r.status_code == 200 and r.json()["status"] == "succeeded"
+        assert r.headers["preference-applied"] == "wait=20"
+        assert 0.4 < held < 10
+        assert c.app.state.job_events.waiters == {}  # the subscription went with the request
+        assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0  # its stream place too
+
+
+def test_a_held_submit_answers_with_the_ended_job(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards against POST with `Prefer: wait` holding nothing, or answering without the
+    finished view: one request from submit to `succeeded`."""
+    with TestClient(create_app(make_settings(redis_url, events_poll_interval_s=60))) as c:
+        done: list[threading.Thread] = []
+
+        def worker() -> None:
+            # The job id is known once the submit wrote it; a worker takes it from the queue.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                ids = [k.decode().rsplit(":", 1)[-1] for k in redis_conn.scan_iter(Keys.job("*"))]
+                if ids:
+                    done.append(finish_later(redis_conn, ids[0], 0.3))
+                    return
+                time.sleep(0.02)
+
+        taker = threading.Thread(target=worker)
+        taker.start()
+        r = c.post("/v1/jobs", json={"prompt": "x"}, headers={"Prefer": "wait=20"})
+        taker.join()
+        done[0].join()
+        assert r.status_code == 202
+        assert r.json()["status"] == "succeeded" and r.headers["preference-applied"] == "wait=20"
+        assert r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+
+
+def test_a_hold_ends_after_its_seconds_with_the_job_as_it_is(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards against a hold that outlives its N seconds (a client's timeout, a proxy's)."""
+    with TestClient(create_app(make_settings(redis_url, events_poll_interval_s=60))) as c:
+        job_id = c.post("/v1/jobs", json={"prompt": "x"}).json()["id"]
+        started = time.monotonic()
+        r = c.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=1"})
+        assert 0.9 < time.monotonic() - started < 5
+        assert r.json()["status"] == "queued" and r.headers["preference-applied"] == "wait=1"
+
+
+def test_a_hold_beyond_the_keys_stream_places_is_answered_at_once(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards against held requests escaping BAILAN_MAX_STREAMS_PER_KEY (each holds a
+    connection and a subscription): with no place free the answer comes at once and says
+    no preference was applied; an ended job is never held."""
+    with TestClient(create_app(make_settings(redis_url, max_streams_per_key=1))) as c:
+        job_id = c.post("/v1/jobs", json={"prompt": "x"}).json()["id"]
+        redis_conn.zadd(Keys.streams(_digest("anonymous")), {"someone-else": time.time() + 60})
+        started = time.monotonic()
+        r = c.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=20"})
+        assert time.monotonic() - started < 2
+        assert r.json()["status"] == "queued" and "preference-applied" not in r.headers
+        c.post(f"/v1/jobs/{job_id}/cancel")
+        r = c.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=20"})
+        assert r.json()["status"] == "canceled" and "preference-applied" not in r.headers
+
+
+def test_a_hold_on_an_unknown_job_is_404_at_once(redis_url: str) -> None:
+    """Guards against `Prefer: wait` holding a request for a job that does not exist (or that
+    the key may not see) instead of answering 404."""
+    with TestClient(create_app(make_settings(redis_url))) as c:
+        started = time.monotonic()
+        r = c.get("/v1/jobs/0123456789abcdef0123456789abcdef", headers={"Prefer": "wait=5"})
+        assert r.status_code == 404 and time.monotonic() - started < 2
+
+
+def _digest(name: str) -> str:
+    from bailan.queues import key_digest
+
+    return key_digest(name)
