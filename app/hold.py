@@ -20,16 +20,23 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import redis
 from fastapi.concurrency import run_in_threadpool
 
 from app import limits
 from app.deps import JobAccess
+from app.settings import ApiSettings
 from app.store import records
 from app.store.events import JobEvents
 from bailan.jobs import TERMINAL_STATES
 from bailan.keys import Principal
+
+# Proxies drop idle connections after about a minute; streams send a comment line this often,
+# so a wait re-reads its job at least as often (a lost notification costs no more than that).
+KEEPALIVE_S = 15.0
 
 PREFER_DESCRIPTION = (
     "`wait=N` (RFC 7240): hold the answer until the job has ended or N seconds have passed "
@@ -56,6 +63,38 @@ def prefer_wait(header: str | None, cap_s: float) -> int | None:
     return None
 
 
+async def snapshots(
+    events: JobEvents,
+    settings: ApiSettings,
+    conn: redis.Redis,
+    aconn: Any,
+    principal: Principal,
+    stream_id: str,
+    job_id: str,
+    deadline: float,
+) -> AsyncIterator[records.JobSnapshot | None]:
+    """The job's snapshot now and whenever a worker says it changed (or at the safety poll),
+    until it ends, expires (None), or `deadline` (monotonic) passes: then the last one
+    yielded is not final. `stream_id` is the caller's place among its key's streams,
+    renewed here while it waits."""
+    async with events.follow(job_id) as changed:
+        # Subscribed first, read second: an end between the two is not missed.
+        last_renewed = time.monotonic()
+        while True:
+            snap = await records.snapshot_async(aconn, job_id)
+            yield snap
+            remaining = deadline - time.monotonic()
+            if snap is None or snap.state in TERMINAL_STATES or remaining <= 0:
+                return
+            wait = min(settings.events_poll_interval_s, KEEPALIVE_S, remaining)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), wait)
+            changed.clear()
+            if time.monotonic() - last_renewed >= limits.STREAM_RENEW_S:
+                await run_in_threadpool(limits.renew_stream, conn, principal.name, stream_id)
+                last_renewed = time.monotonic()
+
+
 async def until_ended(
     access: JobAccess, events: JobEvents, principal: Principal, job_id: str, seconds: float
 ) -> bool:
@@ -66,23 +105,11 @@ async def until_ended(
     opened = await run_in_threadpool(limits.open_stream, conn, principal.name, hold_id, settings.max_streams_per_key)
     if not opened:
         return False
-    deadline = time.monotonic() + seconds
-    renewed = time.monotonic()
     try:
-        async with events.follow(job_id) as changed:
-            # Subscribed first, read second: an end between the two is not missed.
-            while True:
-                snap = await records.snapshot_async(access.aredis, job_id, settings.queue_name)
-                left = deadline - time.monotonic()
-                if snap is None or snap.state in TERMINAL_STATES or left <= 0:
-                    return True
-                # Until the worker says the job changed, or the safety poll (a lost notification).
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), min(left, settings.events_poll_interval_s))
-                changed.clear()
-                if time.monotonic() - renewed >= limits.STREAM_RENEW_S:
-                    await run_in_threadpool(limits.renew_stream, conn, principal.name, hold_id)
-                    renewed = time.monotonic()
+        deadline = time.monotonic() + seconds
+        async for _ in snapshots(events, settings, conn, access.aredis, principal, hold_id, job_id, deadline):
+            pass
+        return True
     finally:
         with contextlib.suppress(redis.RedisError):
             await run_in_threadpool(limits.close_stream, conn, principal.name, hold_id)

@@ -45,9 +45,8 @@ from bailan.jobs import (
 )
 
 PREFIX = "/v1/jobs"
-# Proxies drop idle connections after about a minute; a comment line this
-# often keeps an event stream open while a job waits in the queue.
-EVENTS_KEEPALIVE_S = 15.0
+# A comment line this often keeps an event stream open while a job waits in the queue.
+EVENTS_KEEPALIVE_S = hold.KEEPALIVE_S
 
 JobId = Annotated[str, Path(description="Job id as returned by POST /v1/jobs.")]
 IdempotencyKey = Annotated[

@@ -14,7 +14,6 @@ that OpenAI's SDKs raise their usual exceptions with our message.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -35,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 # Starlette's, the base of FastAPI's: body parsing raises it too.
 from starlette.exceptions import HTTPException
 
-from app import limits, views
+from app import hold, limits, views
 from app.deps import AsyncRedisDep, AuthDep, BlobsDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
 from app.errors import json_safe
 from app.routes import jobs
@@ -44,7 +43,6 @@ from app.settings import ApiSettings
 from app.store import records
 from bailan.blobs import BlobStore
 from bailan.jobs import MAX_IMAGES, PREVIEW_FORMAT, TERMINAL_STATES, ErrorCode, JobParams, JobRequest, JobState
-from bailan.keys import Principal
 
 PATH = "/v1/images/generations"
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
@@ -258,35 +256,6 @@ def _spaced_previews(body: ImageGenerationRequest) -> Callable[[JobParams], JobP
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 
-async def _wait(
-    request: Request,
-    settings: ApiSettings,
-    conn: redis.Redis,
-    aconn: Any,
-    principal: Principal,
-    stream_id: str,
-    job_id: str,
-    deadline: float,
-) -> AsyncIterator[records.JobSnapshot | None]:
-    """The job's snapshot now and whenever a worker says it changed (or at the safety poll),
-    until it ends, expires (None), or `deadline` passes (the last one yielded is not final)."""
-    async with request.app.state.job_events.follow(job_id) as changed:
-        last_renewed = time.monotonic()
-        while True:
-            snap = await records.snapshot_async(aconn, job_id)
-            yield snap
-            remaining = deadline - time.monotonic()
-            if snap is None or snap.state in TERMINAL_STATES or remaining <= 0:
-                return
-            wait = min(settings.events_poll_interval_s, jobs.EVENTS_KEEPALIVE_S, remaining)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), wait)
-            changed.clear()
-            if time.monotonic() - last_renewed >= limits.STREAM_RENEW_S:
-                await run_in_threadpool(limits.renew_stream, conn, principal.name, stream_id)
-                last_renewed = time.monotonic()
-
-
 def _outcome_error(settings: ApiSettings, job_id: str, snap: records.JobSnapshot | None, view: JobOut | None,
                    timeout: bool) -> OpenAIError:
     """Why the job gave no images: it expired, timed out, failed or was canceled."""
@@ -393,7 +362,8 @@ async def generate_images(
     if not body.stream:
         try:
             snap = None
-            async for snap in _wait(request, settings, conn, aconn, principal, stream_id, job_id, deadline):
+            async for snap in hold.snapshots(request.app.state.job_events, settings, conn, aconn, principal,
+                                             stream_id, job_id, deadline):
                 pass
             view = await final_view(snap)
             if view is None or view.status is not JobState.succeeded:
@@ -417,7 +387,8 @@ async def generate_images(
             sent: set[int] = set()
             last_sent = time.monotonic()
             snap = None
-            async for snap in _wait(request, settings, conn, aconn, principal, stream_id, job_id, deadline):
+            async for snap in hold.snapshots(request.app.state.job_events, settings, conn, aconn, principal,
+                                             stream_id, job_id, deadline):
                 if snap is None:
                     break
                 size = f"{snap.params.width}x{snap.params.height}" if snap.params and snap.params.width else "auto"
