@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from app import limits
@@ -33,6 +35,9 @@ from app.store import records
 from app.store.events import JobEvents
 from bailan.jobs import TERMINAL_STATES
 from bailan.keys import Principal
+
+# delta-seconds (RFC 7240 via RFC 9110): a few ASCII digits; more than six would be days.
+_SECONDS = re.compile(r"[0-9]{1,6}")
 
 # Proxies drop idle connections after about a minute; streams send a comment line this often,
 # so a wait re-reads its job at least as often (a lost notification costs no more than that).
@@ -56,7 +61,7 @@ def prefer_wait(header: str | None, cap_s: float) -> int | None:
         if name.strip().lower() != "wait":
             continue
         value = value.strip().strip('"')
-        if not value.isdigit():
+        if not _SECONDS.fullmatch(value):  # ASCII digits only: str.isdigit takes "²", which int() refuses
             return None
         seconds = min(int(value), int(cap_s))
         return seconds if seconds > 0 else None
@@ -95,21 +100,29 @@ async def snapshots(
                 last_renewed = time.monotonic()
 
 
-async def until_ended(
-    access: JobAccess, events: JobEvents, principal: Principal, job_id: str, seconds: float
-) -> bool:
-    """Hold until the job ends (or is gone), or `seconds` pass; False when the API key's
-    stream places are all taken, so nothing was held."""
+async def until_ended(request: Request, access: JobAccess, principal: Principal, job_id: str, seconds: float) -> bool:
+    """Hold until the job ends (or is gone), the client goes away, or `seconds` pass. False
+    when nothing was held: the API key's stream places were all taken, or Redis failed (the
+    caller answers with what it has, not a 503 after the job was accepted)."""
     conn, settings = access.redis, access.settings
     hold_id = uuid.uuid4().hex
-    opened = await run_in_threadpool(limits.open_stream, conn, principal.name, hold_id, settings.max_streams_per_key)
+    try:
+        opened = await run_in_threadpool(limits.open_stream, conn, principal.name, hold_id,
+                                         settings.max_streams_per_key)
+    except redis.RedisError:
+        return False
     if not opened:
         return False
     try:
         deadline = time.monotonic() + seconds
-        async for _ in snapshots(events, settings, conn, access.aredis, principal, hold_id, job_id, deadline):
-            pass
+        async for _ in snapshots(request.app.state.job_events, settings, conn, access.aredis, principal, hold_id,
+                                 job_id, deadline):
+            # Woken at every change and safety poll: a client gone meanwhile frees its place.
+            if await request.is_disconnected():
+                break
         return True
+    except redis.RedisError:
+        return False
     finally:
         with contextlib.suppress(redis.RedisError):
             await run_in_threadpool(limits.close_stream, conn, principal.name, hold_id)

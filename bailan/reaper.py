@@ -35,6 +35,7 @@ def reap_abandoned(
     keep_s: int = 86400,
     hooks: webhooks.Policy | None = None,
     interval_s: float = 10.0,
+    after_outage: bool = False,
 ) -> list[str]:
     """Fail (or requeue, while retries are left) jobs whose worker stopped heartbeating.
 
@@ -45,12 +46,13 @@ def reap_abandoned(
     canceled jobs older than `keep_s` (RQ never trims that registry). A job it
     fails gets its `completed` webhook, queued by `hooks` (default: the defaults).
 
-    After a silence (no sweep by anyone for two intervals: Redis was down or
-    unreachable, or every process was stopped), sweeping waits one interval:
-    leases ran out meanwhile while their workers still ran the jobs, and the
-    workers renew them within a second of reaching Redis again. The silence is
-    read from Redis, so every sweeper holds back, including a process that
-    started after the outage and never saw it.
+    After an outage, sweeping waits one interval: leases ran out meanwhile
+    while their workers still ran the jobs, and the workers renew them within a
+    second of reaching Redis again. An outage is seen two ways: the caller saw
+    Redis fail itself (`after_outage`), or Redis says nobody swept for two
+    intervals (it was down or unreachable for all, or every process was
+    stopped). The hold is a key in Redis, so every sweeper obeys it, including
+    a process that started after the outage and never saw it.
     """
     hooks = hooks if hooks is not None else webhooks.Policy.defaults(queue_name, keep_s)
     # One sweeper at a time: two concurrent RQ cleanups would both requeue a job.
@@ -58,7 +60,7 @@ def reap_abandoned(
     if not connection.set(lock, "1", nx=True, px=30_000):
         return []
     try:
-        if _holding_back(connection, queue_name, interval_s):
+        if _holding_back(connection, queue_name, interval_s, after_outage):
             return []
         reaped: list[str] = []
         # Each API key's jobs run from its own queue (bailan.queues), and RQ keeps a
@@ -71,29 +73,34 @@ def reap_abandoned(
 
 
 # Whether sweeps hold back (reap_abandoned): 0 no; 1 yes, a hold is on; 2 yes, a silence just
-# ended. Redis' own clock, so sweepers on hosts whose clocks disagree read the same silence.
+# ended (or the caller saw an outage itself, ARGV[3]). Redis' own clock, so sweepers on hosts
+# whose clocks disagree read the same silence.
 _HOLD_BACK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local previous = tonumber(redis.call('GET', KEYS[1]))
 redis.call('SET', KEYS[1], string.format('%.6f', now))
-if previous ~= nil and now - previous > tonumber(ARGV[1]) then
+local silence = previous ~= nil and now - previous > tonumber(ARGV[1])
+if silence or ARGV[3] == '1' then
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-  return {2, tostring(now - previous)}
+  return {2, tostring(previous ~= nil and now - previous or 0)}
 end
 return {redis.call('EXISTS', KEYS[2]), '0'}
 """
+# Bytes, so no client is needed to encode it; each call names its client.
+_hold_back = redis.client.Script(None, _HOLD_BACK.encode())  # type: ignore[arg-type]
 
 
-def _holding_back(connection: redis.Redis, queue_name: str, interval_s: float) -> bool:
-    """Whether sweeps wait for workers to renew their leases after a silence (reap_abandoned)."""
-    verdict, silence = connection.register_script(_HOLD_BACK)(
+def _holding_back(connection: redis.Redis, queue_name: str, interval_s: float, after_outage: bool) -> bool:
+    """Whether sweeps wait for workers to renew their leases after a silence or an outage (reap_abandoned)."""
+    verdict, silence = _hold_back(
         keys=[Keys.reaper_seen(queue_name), Keys.reaper_hold(queue_name)],
-        args=[2 * interval_s, max(1, int(interval_s * 1000))],
+        args=[2 * interval_s, max(1, int(interval_s * 1000)), int(after_outage)],
+        client=connection,
     )
     if int(verdict) == 2:
-        log.warning("reaper: no sweep for %.0f s (Redis was unreachable or nothing ran); sweeping again in "
-                    "%.0f s, once workers renewed their leases", float(silence), interval_s)
+        why = "Redis was unreachable from here" if after_outage else f"no sweep by anyone for {float(silence):.0f} s"
+        log.warning("reaper: %s; sweeping again in %.0f s, once workers renewed their leases", why, interval_s)
     return int(verdict) != 0
 
 
@@ -163,14 +170,18 @@ class Reaper:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._saw_outage = False
 
     def sweep(self) -> list[str]:
         """One pass; never raises, because a Redis outage must not kill the loop (after
-        one, reap_abandoned itself holds back while workers renew their leases)."""
+        one, reap_abandoned holds back while workers renew their leases)."""
         try:
-            reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s, self.hooks, self.interval_s)
+            reaped = reap_abandoned(self.conn, self.queue_name, self.keep_s, self.hooks, self.interval_s,
+                                    after_outage=self._saw_outage)
+            self._saw_outage = False
         except redis.RedisError as exc:
             log.warning("reaper: Redis unavailable (%s); retrying in %.0f s", exc, self.interval_s)
+            self._saw_outage = True
             return []
         except Exception:
             log.exception("reaper: sweep failed")

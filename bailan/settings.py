@@ -122,7 +122,8 @@ class SharedSettings(BaseSettings):
     @classmethod
     def _normal_hosts(cls, value: list[str]) -> list[str]:
         # As a URL's host compares (bailan.webhooks): no IPv6 brackets, no root dot, lower case.
-        return [host.strip().strip("[]").rstrip(".").lower() for host in value if host.strip()]
+        hosts = (host.strip().strip("[]").rstrip(".").lower() for host in value)
+        return [host for host in hosts if host]
 
     _split_intervals = field_validator("webhook_retry_intervals_s", mode="before")(comma_separated)
 

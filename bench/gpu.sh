@@ -47,6 +47,8 @@ else
   echo "stage 1 exit: $?" | tee -a "$LOG"
 fi
 export BAILAN_VALKEY_DIR=/tmp/bailan-bench-valkey BAILAN_VALKEY_PORT=6395 BAILAN_COMPILE_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR
+# 32 clients following streams or held are 32 stream places, the default cap: room to spare.
+export BAILAN_MAX_STREAMS_PER_KEY=${BAILAN_MAX_STREAMS_PER_KEY:-64}
 # Every mode three times: clients polling, following the event stream (*_events rows), and
 # holding their submit with Prefer: wait (*_wait rows).
 [ "$DEVICE" = cuda ] && STAGE2_DEFAULT_S=240 || STAGE2_DEFAULT_S=900

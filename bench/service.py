@@ -77,9 +77,10 @@ class Client:
         if self.notify == "events" and job["status"] not in TERMINAL:
             job = self.follow_events(job)
         while job["status"] not in TERMINAL:
-            if not held:
+            if "preference-applied" not in r.headers:  # polling, or a hold the service refused
                 time.sleep(self.poll_s)
-            job = self.http.get(f"/v1/jobs/{job['id']}", headers=held).json()
+            r = self.http.get(f"/v1/jobs/{job['id']}", headers=held)
+            job = r.json()
         done, wall_done = time.perf_counter(), time.time()
         out: dict[str, Any] = {"submitted": t0, "done": done, "image": done, "status": job["status"],
                                "phases": phases(job, wall0, wall_done)}
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
+    ways = [way.strip() for way in args.notify.split(",") if way.strip()]
+    if not ways or set(ways) - set(NOTIFY_WAYS):
+        p.error(f"--notify takes a comma-separated list of {', '.join(NOTIFY_WAYS)}")
     base = f"http://127.0.0.1:{args.port}" if args.start else args.url.rstrip("/")
     body: dict[str, Any] = {"guidance_scale": args.guidance, "scheduler": "dpmpp_2m"}
     if args.size:
@@ -277,9 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         results["models"] = httpx.get(f"{base}/v1/models", timeout=10).json()
         # Warm-up: the first requests through every process path.
         run_mode("warm-up", base, body, [2] * 4, 0.01)
-        ways = [way.strip() for way in args.notify.split(",") if way.strip()]
-        if not ways or set(ways) - set(NOTIFY_WAYS):
-            p.error(f"--notify takes a comma-separated list of {', '.join(NOTIFY_WAYS)}")
         for notify in ways:
             run_mode("warm-up", base, body, [2] * 4, 0.01, notify=notify)
             suffix = SUFFIX[notify]

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import redis
 import torch
+from rq.job import Job
 
+from bailan import webhooks
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, now
+from bailan.webhooks import WebhookEvent
 from tests.fixtures.oom_unet import OOMAboveRows
 from worker.bridge import ExceedsDeviceLimits, JobBridge
 from worker.engine import Engine, GenerationJob
@@ -80,8 +83,9 @@ def test_a_job_over_the_workers_caps_fails_with_their_code(bridge: JobBridge, re
     without saying which cap: the record names the field and the error carries its code."""
     bridge.caps = bridge.settings.device_caps("cuda")  # 50 steps at most
     submit(redis_conn, "long", steps=80)
-    with pytest.raises(ExceedsDeviceLimits):
+    with pytest.raises(ExceedsDeviceLimits) as raised:
         bridge.run("long")
+    assert getattr(raised.value, "bailan_error_code", None) == ErrorCode.exceeds_device_limits.value
     found = record(redis_conn, "long")
     assert found[RecordField.error_code] == ErrorCode.exceeds_device_limits.value
     assert "steps" in found[RecordField.error_message]
@@ -90,8 +94,12 @@ def test_a_job_over_the_workers_caps_fails_with_their_code(bridge: JobBridge, re
 def test_a_jobs_end_waits_for_its_previews_to_be_stored(bridge: JobBridge, redis_conn: redis.Redis) -> None:
     """Guards against a preview stored after its job's end: the preview pool is a thread
     of its own, and a late preview write renewed the preview list's TTL from the
-    preview lifetime to the record's (a day) and reached clients after `succeeded`."""
+    preview lifetime to the record's (a day) and reached clients after `succeeded`; and
+    against the previews drained at the end losing their webhooks."""
     job = GenerationJob(id="late", prompt="a red circle", width=32, height=32, steps=4, guidance_scale=1.0, seed=1)
+    # The job asked for preview webhooks: a preview stored during the drain still sends one.
+    bridge.hooked["late"] = JobParams.model_validate(
+        {"prompt": "a red circle", "seed": 1, "webhook_url": "http://127.0.0.1:9/hook", "webhook_events": ["preview"]})
     gate = threading.Event()
     bridge.previews.submit(gate.wait, 5)  # the pool is busy when the preview is handed over
     try:
@@ -100,6 +108,8 @@ def test_a_jobs_end_waits_for_its_previews_to_be_stored(bridge: JobBridge, redis
         bridge._finish_record("late", {RecordField.step: 4})  # noqa: SLF001
         assert redis_conn.zscore(Keys.previews("late"), "2") is not None  # stored before the end
         assert 0 < redis_conn.ttl(Keys.previews("late")) <= 600
+        delivery = webhooks.message_id("late", WebhookEvent.preview, 2)
+        assert Job.exists(delivery, connection=redis_conn)
     finally:
         gate.set()
 

@@ -28,6 +28,8 @@ from tests.test_api import make_settings, start_job
         ("wait=0", 60, None),
         ("wait=soon", 60, None),  # unreadable: ignored (RFC 7240)
         ("wait=-3", 60, None),
+        ("wait=\u00b2", 60, None),  # a digit to str.isdigit, not to int(): was a 500
+        ("wait=" + "9" * 5000, 60, None),
         ("wait", 60, None),
         ("return=minimal", 60, None),
         ("wait=10", 0, None),  # holding off on this server
@@ -120,14 +122,16 @@ def test_a_hold_beyond_the_keys_stream_places_is_answered_at_once(redis_url: str
         r = c.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=20"})
         assert time.monotonic() - started < 2
         assert r.json()["status"] == "queued" and "preference-applied" not in r.headers
+        redis_conn.delete(Keys.streams(_digest("anonymous")))  # the place is free again
         c.post(f"/v1/jobs/{job_id}/cancel")
         r = c.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=20"})
         assert r.json()["status"] == "canceled" and "preference-applied" not in r.headers
+        assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0  # no place was taken
 
 
 def test_a_hold_on_an_unknown_job_is_404_at_once(redis_url: str) -> None:
-    """Guards against `Prefer: wait` holding a request for a job that does not exist (or that
-    the key may not see) instead of answering 404."""
+    """Guards against `Prefer: wait` holding a request for a job that does not exist instead
+    of answering 404 (another key's job is refused by the same check, test_auth)."""
     with TestClient(create_app(make_settings(redis_url))) as c:
         started = time.monotonic()
         r = c.get("/v1/jobs/0123456789abcdef0123456789abcdef", headers={"Prefer": "wait=5"})

@@ -309,8 +309,9 @@ def test_reaper_waits_one_interval_after_an_outage(tmp_path: Path) -> None:
     """Guards against the API's reaper requeueing running jobs because their leases ran
     out while Redis was down (their workers renew them within a second of its return):
     the first sweep that reaches Redis after an outage reaps nothing, nor does any sweep
-    for one interval; then what is still expired is reaped. The outage shows as a stale
-    last-sweep time in Redis (written here, not slept for)."""
+    for one interval; then what is still expired is reaped. An outage shows to the reaper
+    that saw Redis fail (however short), and to every sweeper as a stale last-sweep time in
+    Redis (written here, not slept for)."""
     from rq.registry import StartedJobRegistry
 
     from bailan.jobs import Keys
@@ -329,7 +330,8 @@ def test_reaper_waits_one_interval_after_an_outage(tmp_path: Path) -> None:
         server.stop()
         assert reaper.sweep() == []  # Redis down: no raise
         server = _valkey(data, port)
-        conn.set(Keys.reaper_seen("reap"), repr(time.time() - 25))  # nobody swept during the outage
+        # A short outage: others swept a moment ago, but this reaper saw Redis fail.
+        conn.set(Keys.reaper_seen("reap"), repr(time.time() - 1))
         conn.zadd(key, {lease: 1.0})  # a lease that ran out long ago
         assert reaper.sweep() == []  # just back: workers get an interval to renew
         assert conn.zscore(key, lease) == 1.0
@@ -338,6 +340,11 @@ def test_reaper_waits_one_interval_after_an_outage(tmp_path: Path) -> None:
         assert conn.zscore(key, lease) == 1.0
         conn.delete(Keys.reaper_hold("reap"))  # the interval has passed
         assert reaper.sweep() == ["0123456789abcdef0123456789abcdef"]
+        # An outage nobody's sweep saw (all down, or every process stopped): the stale stamp.
+        conn.zadd(key, {lease: 1.0})
+        conn.set(Keys.reaper_seen("reap"), repr(time.time() - 25))
+        assert reaper.sweep() == []
+        assert conn.zscore(key, lease) == 1.0
     finally:
         conn.close()
         if server._process is not None:  # noqa: SLF001

@@ -446,5 +446,5 @@ def test_allowed_hosts_compare_as_url_hosts_however_given() -> None:
     from bailan.settings import SharedSettings
 
     want = ["::1", "example.com"]
-    assert SharedSettings(webhook_allow_hosts="[::1], Example.COM., ").webhook_allow_hosts == want
+    assert SharedSettings(webhook_allow_hosts="[::1], Example.COM., ., []").webhook_allow_hosts == want
     assert SharedSettings(webhook_allow_hosts=["[::1]", " Example.COM."]).webhook_allow_hosts == want

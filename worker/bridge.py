@@ -274,11 +274,15 @@ class JobBridge:
         key = Keys.job(job_id)
         ttl = self.settings.result_ttl_s
         with self.lock:
-            params = self.hooked.pop(job_id, None)
             storing = self.storing.pop(job_id, [])
         # A preview stored after the end would outlive it (its write renews the list's TTL)
         # and come after the client saw the job end; the pool is one thread, so this is brief.
-        futures.wait(storing, timeout=PREVIEW_DRAIN_S)
+        _, late = futures.wait(storing, timeout=PREVIEW_DRAIN_S)
+        for future in late:
+            future.cancel()  # too late to be shown; one already running may still land
+        with self.lock:
+            # After the drain: the previews stored just now still send their webhooks.
+            params = self.hooked.pop(job_id, None)
         finished = now()
 
         def write() -> list[Any]:

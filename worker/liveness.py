@@ -98,6 +98,7 @@ class Liveness:
         """The liveness thread: presence every tick, leases and a reaper sweep on their intervals."""
         last_reap = 0.0
         last_leases = 0.0
+        saw_outage = False
         while not self.stop.is_set():
             tick = time.monotonic()
             # Leases first and on their own: a failing sweep must never stop them.
@@ -115,13 +116,15 @@ class Liveness:
                     log.warning("heartbeat failed: %s", exc)
             except Exception:
                 log.exception("heartbeat failed")
-            # No sweep during an outage (after one, reap_abandoned holds back by itself).
+            # No sweep during an outage; the first one after it holds every sweeper back (bailan.reaper).
             outage = self.outage is not None and self.outage.down
+            saw_outage = saw_outage or outage
             if not outage and time.monotonic() - last_reap >= self.settings.reap_interval_s:
                 last_reap = time.monotonic()
                 try:
                     lost = reap_abandoned(self.connection, self.settings.queue_name, self.settings.result_ttl_s,
-                                          self.hooks, self.settings.reap_interval_s)
+                                          self.hooks, self.settings.reap_interval_s, after_outage=saw_outage)
+                    saw_outage = False
                     if lost:
                         log.warning("reaped abandoned jobs: %s", lost)
                 except redis.RedisError as exc:

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import hold, inputs, limits, views
-from app.deps import AuthDep, JobAccess, JobAccessDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
+from app.deps import AuthDep, JobAccessDep, WorkerCacheDep
 from app.schemas import Detail, JobOut, make_request_model
 from app.settings import ApiSettings
 from app.store import idempotency, records
@@ -384,26 +384,29 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         request: Request,
         body: Annotated[request_model, Body(openapi_examples=SUBMIT_EXAMPLES)],  # type: ignore[valid-type]
         response: Response,
-        settings: SettingsDep,
-        conn: RedisDep,
-        path_for: PathForDep,
+        jobs: JobAccessDep,
         principal: AuthDep,
         worker_cache: WorkerCacheDep,
         idempotency_key: IdempotencyKey = None,
         prefer: PreferHeader = None,
     ) -> JobOut:
+        settings, conn, path_for = jobs.settings, jobs.redis, jobs.links
         view = await run_in_threadpool(
             _submit, body, response, settings, conn, path_for, idempotency_key, principal, worker_cache
         )
+        job_id_var.set(view.id)  # set in the thread's copy of the context; the hold logs here
         wait = hold.prefer_wait(prefer, settings.max_wait_s) if prefer else None
         if wait is None or view.status in TERMINAL_STATES:
             return view
-        access: JobAccess = request.app.state.job_access
-        if not await hold.until_ended(access, request.app.state.job_events, principal, view.id, wait):
+        if not await hold.until_ended(request, jobs, principal, view.id, wait):
             return view
+        try:
+            snap = await records.snapshot_async(jobs.aredis, view.id, settings.queue_name)
+            ended = await _view_async(conn, snap, path_for) if snap is not None else view
+        except redis.RedisError:
+            return view  # accepted already: the view from the submit, not a 503 that invites a resubmit
         response.headers["Preference-Applied"] = f"wait={wait}"
-        snap = await records.snapshot_async(access.aredis, view.id, settings.queue_name)
-        return await _view_async(conn, snap, path_for) if snap is not None else view
+        return ended
 
     return submit
 
@@ -434,9 +437,7 @@ async def get_job(
         snap = _visible(records.parse_snapshot(job_id, raw), principal)
         if snap is None:
             raise _not_found(jobs.settings, job_id)
-        if snap.state not in TERMINAL_STATES and await hold.until_ended(
-            jobs, request.app.state.job_events, principal, job_id, wait
-        ):
+        if snap.state not in TERMINAL_STATES and await hold.until_ended(request, jobs, principal, job_id, wait):
             headers["Preference-Applied"] = f"wait={wait}"
             raw = await records.read_snapshot_async(jobs.aredis, job_id, jobs.settings.queue_name)
     kept = jobs.views.get(job_id, raw)
