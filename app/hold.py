@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import time
 import uuid
@@ -76,17 +77,19 @@ async def snapshots(
     principal: Principal,
     stream_id: str,
     job_id: str,
-    deadline: float,
+    deadline: float = math.inf,
+    base: str | None = None,
 ) -> AsyncIterator[records.JobSnapshot | None]:
-    """The job's snapshot now and whenever a worker says it changed (or at the safety poll),
-    until it ends, expires (None), or `deadline` (monotonic) passes: then the last one
-    yielded is not final. `stream_id` is the caller's place among its key's streams,
-    renewed here while it waits."""
+    """The job's snapshot now and whenever a worker says it changed (or at the safety poll,
+    at least every KEEPALIVE_S), until it ends, expires (None), or `deadline` (monotonic)
+    passes: then the last one yielded is not final. `stream_id` is the caller's place among
+    its key's streams, renewed here while it waits. With `base` (the queue name), a queued
+    job's snapshot carries its wait inputs (a view's eta_s)."""
     async with events.follow(job_id) as changed:
         # Subscribed first, read second: an end between the two is not missed.
         last_renewed = time.monotonic()
         while True:
-            snap = await records.snapshot_async(aconn, job_id)
+            snap = await records.snapshot_async(aconn, job_id, base)
             yield snap
             remaining = deadline - time.monotonic()
             if snap is None or snap.state in TERMINAL_STATES or remaining <= 0:

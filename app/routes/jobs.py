@@ -8,7 +8,6 @@ No `from __future__ import annotations` here: the request body's type is built
 from the settings at run time, and FastAPI must see it as a real class.
 """
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -491,44 +490,27 @@ async def job_events(request: Request, job_id: JobId, jobs: JobAccessDep, princi
         )
     job_events: JobEvents = request.app.state.job_events
 
-    async def view() -> JobOut | None:
-        snap = _visible(await records.snapshot_async(aconn, job_id, settings.queue_name), principal)
-        return await _view_async(conn, snap, path_for) if snap is not None else None
-
     async def stream() -> AsyncIterator[str]:
+        last_data = ""
+        last_sent = time.monotonic()
         try:
-            async with job_events.follow(job_id) as changed:
-                # Subscribed first, read second: a change between the two is not missed.
-                current: JobOut | None = await view()
-                last_data = ""
-                last_sent = last_renewed = time.monotonic()
-                while True:
-                    if current is None:
-                        yield f"event: gone\ndata: {_not_found(settings, job_id).detail}\n\n"
-                        return
-                    data = current.model_dump_json()
-                    if data != last_data:
-                        yield f"event: job\ndata: {data}\n\n"
-                        last_data, last_sent = data, time.monotonic()
-                    elif time.monotonic() - last_sent >= EVENTS_KEEPALIVE_S:
-                        yield ": keepalive\n\n"
-                        last_sent = time.monotonic()
-                    if current.status in TERMINAL_STATES:
-                        return
-                    # Until a worker says the job changed, or the safety poll, or a keepalive is due.
-                    wait = min(settings.events_poll_interval_s, EVENTS_KEEPALIVE_S)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(changed.wait(), wait)
-                    changed.clear()
-                    try:
-                        if time.monotonic() - last_renewed >= limits.STREAM_RENEW_S:
-                            await run_in_threadpool(limits.renew_stream, conn, principal.name, stream_id)
-                            last_renewed = time.monotonic()
-                        current = await view()
-                    except redis.RedisError as exc:
-                        # The response has started, so a 503 is no longer possible.
-                        yield f"event: error\ndata: the job store (Redis) is unavailable: {exc}\n\n"
-                        return
+            # Woken by the worker's notifications, the safety poll, and often enough for keepalives.
+            async for found in hold.snapshots(job_events, settings, conn, aconn, principal, stream_id, job_id,
+                                              base=settings.queue_name):
+                snap = _visible(found, principal)
+                if snap is None:
+                    yield f"event: gone\ndata: {_not_found(settings, job_id).detail}\n\n"
+                    return
+                data = (await _view_async(conn, snap, path_for)).model_dump_json()
+                if data != last_data:
+                    yield f"event: job\ndata: {data}\n\n"
+                    last_data, last_sent = data, time.monotonic()
+                elif time.monotonic() - last_sent >= EVENTS_KEEPALIVE_S:
+                    yield ": keepalive\n\n"
+                    last_sent = time.monotonic()
+        except redis.RedisError as exc:
+            # The response has started, so a 503 is no longer possible.
+            yield f"event: error\ndata: the job store (Redis) is unavailable: {exc}\n\n"
         finally:
             with contextlib.suppress(redis.RedisError):
                 await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
