@@ -12,12 +12,14 @@ import subprocess
 import sys
 import time
 from unittest import mock
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from rq import Queue
 from rq.job import Job, JobStatus
@@ -734,26 +736,32 @@ def test_redis_out_of_memory_is_503(client: TestClient, redis_conn: redis.Redis)
     assert r.headers["retry-after"]
 
 
-def test_dependencies_can_be_overridden(redis_url: str, redis_conn: redis.Redis) -> None:
-    """Guards: routes reaching Redis around the injected dependency (tests and tools could not swap it)."""
+def override_job_access(app: FastAPI, connect: Callable[[], redis.asyncio.Redis], **fields: Any) -> None:
+    """The job routes read through one bundle (app.deps.JobAccess): swap its event-loop client
+    for one `connect()` makes per request (closed after it), and any other `fields`."""
     import dataclasses
 
-    import redis.asyncio
+    from app.deps import JobAccess, get_job_access
 
-    from app.deps import JobAccess, get_job_access, get_redis
-
-    app = create_app(ApiSettings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", queue_name=QUEUE))
-    app.dependency_overrides[get_redis] = lambda: redis_conn
-
-    # The job routes read through one bundle (the status path's event-loop client among them).
     async def access() -> AsyncIterator[JobAccess]:
-        conn = redis.asyncio.Redis.from_url(redis_url)
+        conn = connect()
         try:
-            yield dataclasses.replace(app.state.job_access, redis=redis_conn, aredis=conn)
+            yield dataclasses.replace(app.state.job_access, aredis=conn, **fields)
         finally:
             await conn.aclose()
 
     app.dependency_overrides[get_job_access] = access
+
+
+def test_dependencies_can_be_overridden(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards: routes reaching Redis around the injected dependency (tests and tools could not swap it)."""
+    import redis.asyncio
+
+    from app.deps import get_redis
+
+    app = create_app(ApiSettings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", queue_name=QUEUE))
+    app.dependency_overrides[get_redis] = lambda: redis_conn
+    override_job_access(app, lambda: redis.asyncio.Redis.from_url(redis_url), redis=redis_conn)
     with TestClient(app) as c:
         job_id = submit(c)["id"]
         assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"

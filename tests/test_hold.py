@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -12,7 +11,6 @@ from fastapi.testclient import TestClient
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from app.deps import JobAccess
 from app.hold import prefer_wait
 from app.main import create_app
 from bailan import events
@@ -150,23 +148,12 @@ def test_a_hold_that_loses_redis_answers_with_the_accepted_job(redis_url: str, r
     """Guards against a submit whose hold meets a Redis error answering 503 after the job was
     accepted: a client without an Idempotency-Key would submit it again. The hold's reads
     fail here (its event-loop client points at a closed port); the submit's own writes do not."""
-    import dataclasses
-
     import redis.asyncio
 
-    from app.deps import get_job_access
-    from tests.test_api import closed_port
+    from tests.test_api import closed_port, override_job_access
 
     app = create_app(make_settings(redis_url, events_poll_interval_s=60))
-
-    async def broken_reads() -> AsyncIterator[JobAccess]:
-        dead = redis.asyncio.Redis(port=closed_port(), socket_connect_timeout=0.5)
-        try:
-            yield dataclasses.replace(app.state.job_access, aredis=dead)
-        finally:
-            await dead.aclose()
-
-    app.dependency_overrides[get_job_access] = broken_reads
+    override_job_access(app, lambda: redis.asyncio.Redis(port=closed_port(), socket_connect_timeout=0.5))
     with TestClient(app) as c:
         r = c.post("/v1/jobs", json={"prompt": "x"}, headers={"Prefer": "wait=5"})
     assert r.status_code == 202 and r.json()["status"] == "queued"

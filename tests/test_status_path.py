@@ -7,8 +7,7 @@ connections.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,12 +16,11 @@ import redis.asyncio
 from fastapi.testclient import TestClient
 from starlette.routing import NoMatchFound
 
-from app.deps import JobAccess, get_job_access
 from app.main import create_app
 from app.store import records
 from app.views import Links
 from bailan.jobs import Keys
-from tests.test_api import make_settings, publish_worker, start_job, submit
+from tests.test_api import make_settings, override_job_access, publish_worker, start_job, submit
 
 
 class CountingConnection(redis.asyncio.Connection):
@@ -61,15 +59,7 @@ def counting_client(redis_url: str) -> redis.asyncio.Redis:
 def client(redis_url: str, redis_conn: redis.Redis) -> Iterator[TestClient]:
     """The API, with the job routes' event-loop client counting its round trips."""
     app = create_app(make_settings(redis_url))
-
-    async def access() -> AsyncIterator[JobAccess]:
-        conn = counting_client(redis_url)
-        try:
-            yield dataclasses.replace(app.state.job_access, aredis=conn)
-        finally:
-            await conn.aclose()
-
-    app.dependency_overrides[get_job_access] = access
+    override_job_access(app, lambda: counting_client(redis_url))
     with TestClient(app) as c:
         yield c
 
