@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 import time
 from enum import Enum
+from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -45,6 +45,8 @@ def model_name_problem(name: str) -> str | None:
         return None
     return (f"the directory's name {name!r} names the model; use letters, digits, '.', '_' and '-' "
             f"(at most {MODEL_NAME_MAX})")
+
+
 MAX_IMAGES = 4
 
 
