@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import redis
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -67,6 +68,15 @@ def prefer_wait(header: str | None, cap_s: float) -> int | None:
         seconds = min(int(value), int(cap_s))
         return seconds if seconds > 0 else None
     return None
+
+
+async def give_back_place(conn: redis.Redis, principal: Principal, stream_id: str) -> None:
+    """Free a stream's or hold's place among its key's (BAILAN_MAX_STREAMS_PER_KEY), also
+    from a stream whose client went away: Starlette then cancels the stream, and an await
+    in its `finally` would be cancelled at once, leaving the place taken until its lease
+    (limits.STREAM_LEASE_S) ran out."""
+    with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
+        await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
 
 
 async def snapshots(
@@ -127,5 +137,4 @@ async def until_ended(request: Request, access: JobAccess, principal: Principal,
     except redis.RedisError:
         return False
     finally:
-        with contextlib.suppress(redis.RedisError):
-            await run_in_threadpool(limits.close_stream, conn, principal.name, hold_id)
+        await give_back_place(conn, principal, hold_id)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -15,7 +17,10 @@ from app.hold import prefer_wait
 from app.main import create_app
 from bailan import events
 from bailan.jobs import Keys, RecordField, now
+from bailan.queues import key_digest
+from tests.browser import ApiProcess
 from tests.test_api import make_settings, start_job
+from tests.test_e2e import wait_for
 
 
 @pytest.mark.parametrize(
@@ -160,3 +165,38 @@ def test_a_hold_that_loses_redis_answers_with_the_accepted_job(redis_url: str, r
     assert "preference-applied" not in r.headers
     assert redis_conn.exists(Keys.job(r.json()["id"]))
     assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0  # its place was given back
+
+
+def test_clients_that_leave_a_held_call_give_back_their_places(redis_url: str, redis_conn: redis.Redis,
+                                                              tmp_path: Path) -> None:
+    """Guards against held calls whose client went away keeping their API key's stream
+    places: an OpenAI-style generation renewed its place for the whole of
+    BAILAN_OPENAI_TIMEOUT_S (300 s) after its client had gone, and an event stream's
+    cancelled cleanup left its place taken for the 60 s lease. The real server (uvicorn)
+    and real disconnects: each client gives up after one second."""
+    api = ApiProcess(redis_url, tmp_path / "api.log", BAILAN_QUEUE_NAME="leavers",
+                     BAILAN_EVENTS_POLL_INTERVAL_S="0.2")
+    places = Keys.streams(key_digest("anonymous"))
+    before = redis_conn.zcard(places)
+    impatient = httpx.Timeout(5, read=1)
+    base = f"http://127.0.0.1:{api.port}"
+
+    def follow(url: str) -> None:
+        with httpx.stream("GET", url, timeout=impatient) as r:
+            for _ in r.iter_lines():  # the first view at once, then silence: a queued job
+                pass
+
+    try:
+        calls = [
+            lambda: httpx.post(f"{base}/v1/images/generations", json={"prompt": "x"}, timeout=impatient),
+            lambda: httpx.post(f"{base}/v1/jobs", json={"prompt": "x"}, headers={"Prefer": "wait=60"},
+                               timeout=impatient),
+            lambda: follow(f"{base}/v1/jobs/{job_id}/events"),
+        ]
+        job_id = api.http.post("/v1/jobs", json={"prompt": "x"}).json()["id"]  # stays queued: no worker
+        for call in calls:
+            with pytest.raises(httpx.ReadTimeout):
+                call()
+        wait_for(lambda: redis_conn.zcard(places) == before, 5, "every place to be given back")
+    finally:
+        api.close()

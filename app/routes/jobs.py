@@ -8,7 +8,6 @@ No `from __future__ import annotations` here: the request body's type is built
 from the settings at run time, and FastAPI must see it as a real class.
 """
 
-import contextlib
 import logging
 import time
 import uuid
@@ -512,8 +511,7 @@ async def job_events(request: Request, job_id: JobId, jobs: JobAccessDep, princi
             # The response has started, so a 503 is no longer possible.
             yield f"event: error\ndata: the job store (Redis) is unavailable: {exc}\n\n"
         finally:
-            with contextlib.suppress(redis.RedisError):
-                await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
+            await hold.give_back_place(conn, principal, stream_id)
 
     return StreamingResponse(
         stream(),

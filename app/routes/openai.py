@@ -15,7 +15,6 @@ that OpenAI's SDKs raise their usual exceptions with our message.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import math
 import re
@@ -339,10 +338,6 @@ async def generate_images(
             "requests", None, "rate_limit_exceeded", {"Retry-After": str(settings.retry_after_s)},
         )
 
-    async def close() -> None:
-        with contextlib.suppress(redis.RedisError):
-            await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
-
     try:
         # The live workers are read in the thread too: a stale cache reads Redis, blocking.
         job_id, _ = await run_in_threadpool(
@@ -350,7 +345,7 @@ async def generate_images(
                                             worker_cache.get(conn))
         )
     except BaseException:
-        await close()
+        await hold.give_back_place(conn, principal, stream_id)
         raise
     created = int(time.time())
     deadline = time.monotonic() + settings.openai_timeout_s
@@ -364,7 +359,9 @@ async def generate_images(
             snap = None
             async for snap in hold.snapshots(request.app.state.job_events, settings, conn, aconn, principal,
                                              stream_id, job_id, deadline):
-                pass
+                # A client gone gives back its place now, not at openai_timeout_s (the job goes on).
+                if await request.is_disconnected():
+                    return Response(status_code=499)
             view = await final_view(snap)
             if view is None or view.status is not JobState.succeeded:
                 raise _outcome_error(settings, job_id, snap, view, timeout=view is not None and
@@ -375,7 +372,7 @@ async def generate_images(
             else:
                 data = [{"b64_json": await _image_b64(blobs, job_id, image.index)} for image in view.images]
         finally:
-            await close()
+            await hold.give_back_place(conn, principal, stream_id)
         return JSONResponse(
             {"created": created, "data": data, "size": _size(view), "output_format": output_format,
              "background": BACKGROUND},
@@ -428,7 +425,7 @@ async def generate_images(
             yield _sse("error", OpenAIError(503, f"the job store (Redis) is unavailable: {exc}", "server_error",
                                             None, "service_unavailable").body)
         finally:
-            await close()
+            await hold.give_back_place(conn, principal, stream_id)
 
     return StreamingResponse(
         events(),

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import anyio
 import redis
 import redis.asyncio
 
@@ -71,7 +72,9 @@ class JobEvents:
             waiters.discard(event)
             if not waiters:
                 del self.waiters[channel]
-                with contextlib.suppress(redis.RedisError):
+                # Shielded: a stream whose client left is cancelled, and an unshielded await
+                # here would be too, leaving the channel subscribed for the process's life.
+                with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
                     await self.pubsub.unsubscribe(channel)
 
     def _wake_all(self) -> None:
