@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from tests.fixtures.oom_unet import OOMAboveRows
+from tests.fixtures.oom_unet import OOMAboveRows, OOMAtCalls
 from worker.loader import LoadedModel, fit_latent_rgb, load_model
 from worker.engine import Engine, GenerationJob, InvalidForModel, JobCanceled
 from worker.samplers import SCHEDULERS
@@ -195,6 +195,33 @@ def test_out_of_memory_fails_only_what_must_fail(model: LoadedModel) -> None:
     # Split batches still give each job the image it gets alone.
     alone = run_alone(Engine(model, max_batch=8), make_job("o0", seed=0, guidance_scale=5.0))
     assert torch.allclose(alone.latents[0], jobs[0].latents[0], atol=1e-4)
+
+
+def test_a_job_failed_in_a_later_half_does_not_take_the_others_down(model: LoadedModel) -> None:
+    """Guards against one job's out-of-memory error failing every job on the worker: a
+    two-image job whose first image ran in the first half of a split step and whose
+    second failed alone in the second half left its first slot counted as stepped; on
+    the last step the engine finished a slot with no job (AttributeError), and the
+    worker failed everything it held."""
+    original = model.pipe.unet
+    # Two steps. Step 2: the whole batch fails (call 2); [a0] runs (3); [a1, b] fails (4);
+    # [a1] fails alone (5): job a is out of memory; [b] runs (6).
+    model.pipe.unet = OOMAtCalls(original, failing={2, 4, 5})
+    try:
+        engine = Engine(model, max_batch=8)
+        two = make_job("a", steps=2, guidance_scale=1.0, num_images=2)
+        other = make_job("b", steps=2, guidance_scale=5.0, seed=2)
+        engine.submit(two)
+        engine.submit(other)
+        engine.run_until_idle()
+        assert model.pipe.unet.calls == [4, 4, 1, 3, 1, 2]
+        with pytest.raises(torch.OutOfMemoryError):
+            two.future.result(timeout=0)
+        assert other.future.result(timeout=0)
+        model.pipe.unet = original
+        assert run_alone(engine, make_job("after", steps=2)).images[0] is not None
+    finally:
+        model.pipe.unet = original
 
 
 def test_cancel_stops_a_running_job_at_the_next_step(engine: Engine) -> None:

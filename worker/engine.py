@@ -231,7 +231,10 @@ class Engine:
             alive = self.scheduler.restrict(part, np.ones(len(part), dtype=bool))
             if alive is not None:
                 ran.extend(self._run(alive))
-        return ran
+        # A job failed in a later part may have samples in a part that already ran; their
+        # slots are free now, and counting them as stepped would finish a job that is gone.
+        kept = (self.scheduler.restrict(part, np.ones(len(part), dtype=bool)) for part in ran)
+        return [part for part in kept if part is not None]
 
     def _update(self, plan: StepPlan) -> None:
         """Count the step, report progress and previews, finish what is done."""
