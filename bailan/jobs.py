@@ -50,6 +50,12 @@ def model_name_problem(name: str) -> str | None:
 MAX_IMAGES = 4
 
 
+def img2img_run_steps(steps: int, strength: float) -> int:
+    """Steps an image-to-image job runs, as diffusers' pipelines count them: the last
+    `int(steps * strength)`. Zero is a job the API refuses and a worker fails."""
+    return min(int(steps * strength), steps)
+
+
 # A hard bound on webhook_url in the request schema; BAILAN_WEBHOOK_URL_MAX_CHARS narrows it.
 URL_HARD_MAX_CHARS = 8192
 

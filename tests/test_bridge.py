@@ -3,6 +3,7 @@ record, against a real Redis and a real (tiny) model."""
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 import torch
+from PIL import Image
 from rq.job import Job
 
 from bailan import webhooks
@@ -19,6 +21,7 @@ from bailan.webhooks import WebhookEvent
 from tests.fixtures.oom_unet import OOMAboveRows
 from worker.bridge import ExceedsDeviceLimits, JobBridge
 from worker.engine import Engine, GenerationJob
+from worker.generation import InvalidForModel
 from worker.loader import LoadedModel, load_model
 from worker.settings import WorkerSettings
 
@@ -124,3 +127,40 @@ def test_a_job_succeeds_with_its_images_and_previews(bridge: JobBridge, redis_co
     assert found[RecordField.step] == "3" and RecordField.error_code not in found
     assert sorted(int(m) for m in redis_conn.zrange(Keys.previews("ok"), 0, -1)) == [1, 2]
     assert bridge.blobs is not None and bridge.in_flight == {} and bridge.storing == {}
+
+
+def test_a_job_that_fails_before_it_runs_is_recorded_as_failed(bridge: JobBridge, redis_conn: redis.Redis) -> None:
+    """Guards against a job whose failure came from where no outcome was written: an image to
+    image job running no step (queued before the API refused such jobs) raised while it
+    was marked started, and ended in RQ alone, as an internal error with no end time, its
+    input image kept for the record's lifetime."""
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(image, "PNG")
+    submit(redis_conn, "low", steps=3, strength=0.1,
+           init_image={"width": 32, "height": 32, "format": "png", "bytes": len(image.getvalue()), "resized": False})
+    redis_conn.set(Keys.input_image("low", "init_image"), image.getvalue())
+    with pytest.raises(InvalidForModel):
+        bridge.run("low")
+    found = record(redis_conn, "low")
+    assert found[RecordField.error_code] == ErrorCode.invalid_for_model.value
+    assert "no step to run" in found[RecordField.error_message]
+    assert RecordField.finished_at in found
+    assert not redis_conn.exists(Keys.input_image("low", "init_image"))
+
+
+def test_a_job_whose_images_cannot_be_stored_ends_failed(bridge: JobBridge, redis_conn: redis.Redis) -> None:
+    """Guards against an unforeseen error (the blob store's disk refusing a write) leaving
+    the job's record started but never ended: its view said running while RQ said failed,
+    and no completed webhook was sent."""
+    settings = bridge.settings
+    blocked = settings.blob_dir / "di"  # the directory blobs of job ids "di..." go in, made a file
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_bytes(b"")
+    submit(redis_conn, "disk", steps=2)
+    with pytest.raises(OSError) as raised:
+        bridge.run("disk")
+    found = record(redis_conn, "disk")
+    assert found[RecordField.error_code] == ErrorCode.internal.value
+    assert found[RecordField.error_message].startswith(type(raised.value).__name__)
+    assert RecordField.finished_at in found
+    assert getattr(raised.value, "bailan_error_code", None) == ErrorCode.internal.value

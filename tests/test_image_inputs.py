@@ -121,3 +121,14 @@ def test_a_mask_needs_a_picture_and_strength_is_bounded(client: TestClient) -> N
     for strength in (0, 1.5, True):
         r = submit(client, init_image=b64(encoded(16, 16)), strength=strength)
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "strength"]
+
+
+def test_a_strength_that_runs_no_step_is_refused(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards against an image-to-image job that runs no step (int(strength x steps) = 0)
+    being queued: its worker failed it after it had waited its turn, as an internal error."""
+    r = submit(client, init_image=b64(encoded(16, 16)), strength=0.1, steps=3)
+    status, loc, msg = field_error(r)
+    assert (status, loc) == (422, ["body", "strength"]) and "runs no step" in msg and "3 steps" in msg
+    assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
+    # The last int(strength x steps) steps run: one step is enough.
+    assert submit(client, init_image=b64(encoded(16, 16)), strength=0.34, steps=3).status_code == 202

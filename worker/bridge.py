@@ -108,7 +108,12 @@ class JobBridge:
         except RedisGone:
             raise  # not an outcome: the process exits and the reaper requeues the job
         except Exception as exc:
-            code = getattr(exc, "bailan_error_code", ErrorCode.internal.value)
+            code = getattr(exc, "bailan_error_code", None)
+            if code is None:
+                # Raised where no outcome was recorded (a full disk, a bug): without this the job
+                # ended in RQ alone, its view with no end time or error and no webhook sent.
+                self._failed(job_id, exc, ErrorCode.internal, f"{type(exc).__name__}: {exc}")
+                code = ErrorCode.internal.value
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "failed", "error": code})
             log.warning("job failed (%s) after %.2f s: %s", code, time.perf_counter() - started, exc)
             raise
@@ -133,7 +138,9 @@ class JobBridge:
         key = Keys.job(job_id)
         record = decode_record(self._redis("reading a job record", lambda: self.connection.hgetall(key)))
         if not record.get(RecordField.params):
-            raise RuntimeError(f"job {job_id} has no record (expired before it ran?)")
+            gone = RuntimeError(f"job {job_id} has no record (expired before it ran?)")
+            gone.bailan_error_code = ErrorCode.internal.value  # type: ignore[attr-defined]  # none to write to
+            raise gone
         params = JobParams.model_validate_json(record[RecordField.params])
         if params.webhook_url is not None:
             with self.lock:
@@ -200,8 +207,8 @@ class JobBridge:
             webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params)
             return pipe.execute()
 
-        self._redis("marking a job started", mark_started)
         try:
+            self._redis("marking a job started", mark_started)  # job.run_steps refuses a strength too low
             future = self.engine.submit(job)
         except InvalidForModel as exc:
             raise self._failed(job_id, exc, ErrorCode.invalid_for_model, str(exc))

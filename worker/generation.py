@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from bailan.jobs import img2img_run_steps
+
 
 class JobCanceled(Exception):
     """The client canceled the job; it stopped at a step boundary."""
@@ -26,7 +28,7 @@ class InvalidInput(InvalidForModel):
 def img2img_start(steps: int, strength: float) -> int:
     """The step an image-to-image job starts at, as diffusers' pipelines choose it: the
     last `int(steps * strength)` steps are run."""
-    run = min(int(steps * strength), steps)
+    run = img2img_run_steps(steps, strength)
     if run < 1:
         raise InvalidForModel(f"strength {strength} of {steps} steps leaves no step to run; raise either")
     return steps - run

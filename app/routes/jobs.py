@@ -40,6 +40,7 @@ from bailan.jobs import (
     JobParams,
     JobRequest,
     JobState,
+    img2img_run_steps,
 )
 
 PREFIX = "/v1/jobs"
@@ -179,6 +180,18 @@ def _check_default_steps(settings: ApiSettings, request: JobRequest, params: Job
         )
 
 
+def _check_img2img_steps(request: JobRequest, params: JobParams) -> None:
+    """An image-to-image job must run at least one step (the last int(strength x steps)): the
+    worker would fail it, after it had waited its turn in the queue."""
+    if params.init_image is not None and img2img_run_steps(params.steps, params.strength) < 1:
+        raise inputs.refuse(
+            "strength",
+            f"strength {params.strength} of {params.steps} steps runs no step (image to image runs the "
+            f"last int(strength x steps)); raise strength or steps",
+            request.strength,
+        )
+
+
 def _check_device_caps(workers: list[WorkerInfo], request: JobRequest, params: JobParams) -> None:
     """A 422 for a job no live worker would take (bailan.caps: a CPU worker's size and steps caps)."""
     refusal = device_refusal(workers, params.width, params.height, params.steps)
@@ -293,6 +306,7 @@ def submit_job_request(
         params = finish(params)
     _check_pixels(settings, body, params.width, params.height)
     _check_default_steps(settings, body, params)
+    _check_img2img_steps(body, params)
     _check_device_caps(serving(workers, body.model), body, params)
     claim = _claim(settings, conn, body, idempotency_key, principal.name)
     if claim is not None and not claim.fresh:
