@@ -13,17 +13,24 @@ import pytest
 import redis
 import torch
 from PIL import Image
-from rq.job import Job
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
 
 from bailan import webhooks
-from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, now
+from bailan.jobs import RQ_FUNC, ErrorCode, JobParams, Keys, RecordField, decode_record, now
+from bailan.reaper import reap_abandoned
 from bailan.webhooks import WebhookEvent
 from tests.fixtures.oom_unet import OOMAboveRows
+from tests.test_e2e import wait_for
+from tests.test_slots import work_in_thread
 from worker.bridge import ExceedsDeviceLimits, JobBridge
 from worker.engine import Engine, GenerationJob
 from worker.generation import InvalidForModel
 from worker.loader import LoadedModel, load_model
 from worker.settings import WorkerSettings
+from worker.slots import SlotWorker
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +171,53 @@ def test_a_job_whose_images_cannot_be_stored_ends_failed(bridge: JobBridge, redi
     assert found[RecordField.error_message].startswith(type(raised.value).__name__)
     assert RecordField.finished_at in found
     assert getattr(raised.value, "bailan_error_code", None) == ErrorCode.internal.value
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_job_taken_from_its_worker_keeps_the_reapers_verdict(
+    model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_conn: redis.Redis, redis_url: str, retries: int
+) -> None:
+    """Guards against a worker that lost its lease (Redis unreachable from its host alone
+    for longer than the lease, shorter than its outage limit) writing its outcome over the
+    reaper's: a job failed as worker_lost turned succeeded, and a requeued job showed
+    succeeded while its second run was still to come. The late outcome is dropped, in the
+    record and in RQ."""
+    queue_name = f"fence{retries}"
+    job_id = f"fenced{retries}"
+    queue = Queue(queue_name, connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue_call(func=RQ_FUNC, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600, timeout=-1,
+                       retry=Retry(max=retries) if retries else None)
+    submit(redis_conn, job_id, steps=2)
+    settings = WorkerSettings(model=tiny_model_dir, redis_url=redis_url, blob_dir=tmp_path / "blobs")
+    engine = Engine(model, 2)  # its loop starts once the reaper has taken the job
+    made = JobBridge(settings, model, engine, redis_conn)
+    stop, engine_stop = threading.Event(), threading.Event()
+    slot = SlotWorker([queue], name=f"{queue_name}.0", connection=redis_conn, serializer=JSONSerializer,
+                      worker_ttl=20, runner=made.run, stop=stop)
+    errors: list[BaseException] = []
+    thread = work_in_thread(slot, errors)
+    loop = threading.Thread(target=engine.run, args=(engine_stop,), daemon=True)
+    try:
+        wait_for(lambda: RecordField.started_at in record(redis_conn, job_id), 30, "the job to start")
+        # Its lease runs out (nobody renews it: the worker's host cannot reach Redis).
+        leases = StartedJobRegistry(queue_name, connection=redis_conn).key
+        redis_conn.zadd(leases, {member: now() - 1 for member in redis_conn.zrange(leases, 0, -1)})
+        assert reap_abandoned(redis_conn, queue_name, interval_s=10.0) == [job_id]
+        verdict = record(redis_conn, job_id)
+        stop.set()  # no second run here: the slot stops once this one returns
+        loop.start()  # the worker reaches Redis again and its job ends
+        thread.join(timeout=60)
+        assert not thread.is_alive() and errors == []
+    finally:
+        stop.set()
+        engine_stop.set()
+        made.close()
+    status = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).get_status()
+    assert record(redis_conn, job_id) == verdict
+    assert RecordField.images not in verdict
+    if retries:
+        assert status == JobStatus.QUEUED and job_id in queue.get_job_ids()
+        assert RecordField.finished_at not in verdict
+    else:
+        assert status == JobStatus.FAILED
+        assert verdict[RecordField.error_code] == ErrorCode.worker_lost.value

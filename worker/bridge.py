@@ -36,7 +36,7 @@ from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, Jo
 from worker.generation import InvalidInput
 from worker.outage import TRANSIENT, RedisGone, RedisOutage
 from worker.settings import WorkerSettings
-from worker.slots import CANCELED_RESULT
+from worker.slots import CANCELED_RESULT, SUPERSEDED_RESULT
 
 T = TypeVar("T")
 
@@ -45,6 +45,11 @@ log = logging.getLogger("bailan.worker")
 
 class ExceedsDeviceLimits(Exception):
     """A job over this worker's caps on size or steps (bailan.caps)."""
+
+
+class Superseded(Exception):
+    """The job's record no longer shows this attempt (a reaper requeued or failed it while
+    this worker could not reach Redis): its outcome is not written."""
 
 
 INPUT_NAMES = ("init_image", "mask_image")
@@ -90,6 +95,9 @@ class JobBridge:
         self.hooked: dict[str, JobParams] = {}
         # Previews handed to the pool and not yet stored, by job: a job's end waits for them.
         self.storing: dict[str, list[Future]] = {}
+        # The started_at each running job's record got from this attempt: its end is written
+        # only while the record still shows it (a reaper's requeue or failure changes it).
+        self.attempts: dict[str, str] = {}
 
     # ---- one job, on a slot thread --------------------------------------------
 
@@ -107,6 +115,9 @@ class JobBridge:
             result = self._run(job_id)
         except RedisGone:
             raise  # not an outcome: the process exits and the reaper requeues the job
+        except Superseded as exc:
+            log.warning("job taken from this worker while it ran (%s); its outcome is dropped", exc)
+            return SUPERSEDED_RESULT
         except Exception as exc:
             code = getattr(exc, "bailan_error_code", None)
             if code is None:
@@ -121,6 +132,7 @@ class JobBridge:
             with self.lock:  # normally gone already (_finish_record); not so after a Redis error
                 self.hooked.pop(job_id, None)
                 self.storing.pop(job_id, None)
+                self.attempts.pop(job_id, None)
         if result == CANCELED_RESULT:
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "canceled"})
             log.info("job canceled after %.2f s", time.perf_counter() - started)
@@ -209,6 +221,8 @@ class JobBridge:
 
         try:
             self._redis("marking a job started", mark_started)  # job.run_steps refuses a strength too low
+            with self.lock:
+                self.attempts[job_id] = repr(started)  # as redis-py writes a float
             future = self.engine.submit(job)
         except InvalidForModel as exc:
             raise self._failed(job_id, exc, ErrorCode.invalid_for_model, str(exc))
@@ -290,23 +304,40 @@ class JobBridge:
         with self.lock:
             # After the drain: the previews stored just now still send their webhooks.
             params = self.hooked.pop(job_id, None)
+            attempt = self.attempts.pop(job_id, None)
         finished = now()
 
         def write() -> list[Any]:
             # Built afresh on every try: redis-py empties a pipeline whose execute failed.
-            pipe = webhooks.transaction(self.connection)
-            pipe.hset(key, mapping={**fields, RecordField.finished_at: finished})
-            pipe.expire(key, ttl)
-            # Every preview was stored before now, so none outlives this.
-            pipe.expire(Keys.previews(job_id), self.settings.preview_ttl_s)
-            # The client's input images (megabytes, possibly) are spent once the job has ended.
-            pipe.delete(*(Keys.input_image(job_id, name) for name in INPUT_NAMES))
-            events.notify(pipe, job_id)  # event streams: look again
-            # The one place a job the worker ran ends: its `completed` webhook goes with the end.
-            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.completed, params)
-            return pipe.execute()
+            with self.connection.pipeline(transaction=True) as pipe:
+                if attempt is not None:
+                    # A fence: the record must still show this attempt, unended, when the end
+                    # is written; WATCH makes a change between this read and EXEC refuse it.
+                    pipe.watch(key)
+                    started, ended = pipe.hmget(key, RecordField.started_at, RecordField.finished_at)
+                    if started is None or started.decode() != attempt or ended is not None:
+                        raise Superseded(f"its record was {'ended' if ended is not None else 'restarted'} "
+                                         "by another process")
+                pipe.multi()
+                pipe.hset(key, mapping={**fields, RecordField.finished_at: finished})
+                pipe.expire(key, ttl)
+                # Every preview was stored before now, so none outlives this.
+                pipe.expire(Keys.previews(job_id), self.settings.preview_ttl_s)
+                # The client's input images (megabytes, possibly) are spent once the job has ended.
+                pipe.delete(*(Keys.input_image(job_id, name) for name in INPUT_NAMES))
+                events.notify(pipe, job_id)  # event streams: look again
+                # The one place a job the worker ran ends: its `completed` webhook goes with the end.
+                webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.completed, params)
+                return pipe.execute()
 
-        self._redis("storing a job's outcome", write)
+        def write_fenced() -> list[Any]:
+            while True:
+                try:
+                    return write()
+                except redis.WatchError:
+                    continue  # the record changed meanwhile (a progress write, a cancel): read it again
+
+        self._redis("storing a job's outcome", write_fenced)
 
     def backlog(self) -> int:
         """Sample-steps still to run of the jobs this worker holds (for the wait estimate, bailan.eta)."""

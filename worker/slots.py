@@ -46,6 +46,10 @@ QUICK_END_S = 2.0
 # What a runner returns for a job the client canceled; its slot records it as
 # RQ's canceled status instead of finished.
 CANCELED_RESULT: dict[str, Any] = {"canceled": True}
+# What a runner returns for a job that was taken from it while it ran: its lease ran out
+# (Redis unreachable from this host alone) and a reaper requeued or failed it. Its slot
+# leaves the job's RQ state to whoever holds it now.
+SUPERSEDED_RESULT: dict[str, Any] = {"superseded": True}
 
 # How long an idle slot blocks in RQ's dequeue before it looks for new key
 # queues (bailan.queues): a key's very first job waits at most this long.
@@ -183,6 +187,7 @@ class SlotWorker(SimpleWorker):
             raise RuntimeError(f"slot {self.name} has no runner")
         result = self.runner(job_id)
         self.job_was_canceled = result == CANCELED_RESULT
+        self.job_was_superseded = result == SUPERSEDED_RESULT
         return result
 
     def dequeue_job_and_maintain_ttl(
@@ -238,7 +243,7 @@ class SlotWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.running_job = job
-        self.job_was_canceled = False
+        self.job_was_canceled = self.job_was_superseded = False
         token = _running_slot.set(self)
         try:
             with job_context(job.id):
@@ -248,6 +253,8 @@ class SlotWorker(SimpleWorker):
             self.running_job = None
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
+        if self.job_was_superseded:
+            return  # requeued (and maybe running elsewhere) or failed by a reaper: not ours to end
         if not self.job_was_canceled:
             super().handle_job_success(job, queue, started_job_registry)
             try:
