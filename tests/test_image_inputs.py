@@ -114,6 +114,27 @@ def test_image_caps_are_configurable_and_enforced(redis_url: str, redis_conn: re
         assert submit(c, init_image=b64(encoded(48, 48, noise=False))).status_code == 202
 
 
+def test_a_pictures_size_keeps_the_size_caps(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards against an init_image that carried its job past BAILAN_MAX_WIDTH/HEIGHT and
+    BAILAN_MAX_PIXELS: its size became the job's unchecked (2048 x 16 was queued with a
+    512 wide cap), and a GPU worker has no size cap of its own by default."""
+    settings = ApiSettings(redis_url=redis_url, queue_name=QUEUE, max_width=512, max_height=512,
+                           max_pixels=256 * 256)
+    with TestClient(create_app(settings)) as c:
+        for size, side in (((2048, 16), "width"), ((16, 1024), "height")):
+            status, loc, msg = field_error(submit(c, init_image=b64(encoded(*size, noise=False))))
+            assert (status, loc) == (422, ["body", "init_image"]), msg
+            assert f"the picture's {side}" in msg and "512" in msg and "send width and height" in msg
+        status, loc, msg = field_error(submit(c, init_image=b64(encoded(512, 512, noise=False))))
+        assert (status, loc) == (422, ["body", "init_image"]) and "65536" in msg  # 512 x 512 > max_pixels
+        # Sent sizes are the client's to change: the error names them; a resize to them is fine.
+        status, loc, _ = field_error(submit(c, init_image=b64(encoded(2048, 16, noise=False)), width=1024))
+        assert (status, loc) == (422, ["body", "width"])
+        r = submit(c, init_image=b64(encoded(2048, 16, noise=False)), width=256, height=256)
+        assert r.status_code == 202 and r.json()["params"]["init_image"]["resized"] is True
+        assert redis_conn.llen(f"rq:queue:{QUEUE}") == 1
+
+
 def test_a_mask_needs_a_picture_and_strength_is_bounded(client: TestClient) -> None:
     """Guards against a mask with nothing to repaint, and strengths outside (0, 1]."""
     r = submit(client, mask_image=b64(encoded(16, 16)))

@@ -125,6 +125,10 @@ def test_no_input_gets_a_5xx_and_answers_match_the_schema(api_schema: schemathes
             for name in ("init_image", "mask_image"):
                 if case.body.get(name) is not None:
                     case.body["init_image"] = case.body[name] = TINY_PNG
+            # Only a strength that runs a step, int(strength x steps) >= 1, is valid (tested in
+            # test_image_inputs); 1 runs every step.
+            if case.body.get("init_image") is not None and "strength" in case.body:
+                case.body["strength"] = 1.0
             # Likewise only a model some worker serves is a valid `model` (tested in test_api).
             if case.body.get("model") is not None:
                 case.body["model"] = "tiny"

@@ -147,12 +147,34 @@ async def _view_async(conn: redis.Redis, snap: records.JobSnapshot, path_for: vi
     return views.job_view(conn, snap, path_for)
 
 
+def _size_field(request: JobRequest, side: str) -> str:
+    """The field to blame for a size: the side the client sent, else the picture it came from."""
+    if getattr(request, side) is None and request.init_image is not None:
+        return "init_image"
+    return side
+
+
+def _check_sides(settings: ApiSettings, request: JobRequest, params: JobParams) -> None:
+    """BAILAN_MAX_WIDTH/HEIGHT hold for a size taken from an init_image too (the request model
+    checked only the sides the client sent)."""
+    for side, value, cap in (("width", params.width, settings.max_width),
+                             ("height", params.height, settings.max_height)):
+        if value is not None and value > cap:
+            field = _size_field(request, side)
+            raise inputs.refuse(
+                field,
+                f"the picture's {side} of {value} exceeds the limit of {cap}; send width and height to resize it"
+                if field == "init_image" else f"{side} {value} exceeds the limit of {cap}",
+                getattr(request, side) if field == side else None,
+            )
+
+
 def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None, height: int | None) -> None:
     """The one cap that spans two fields, checked after defaults are known."""
     if width is None or height is None or width * height <= settings.max_pixels:
         return
     # Blame the field the client sent, so the error points at what to change.
-    field = "height" if request.width is None and request.height is not None else "width"
+    field = "height" if request.width is None and request.height is not None else _size_field(request, "width")
     raise RequestValidationError(
         [
             {
@@ -162,7 +184,7 @@ def _check_pixels(settings: ApiSettings, request: JobRequest, width: int | None,
                     f"Value error, width × height = {width} × {height} = {width * height} pixels "
                     f"exceeds the limit of {settings.max_pixels}"
                 ),
-                "input": getattr(request, field),
+                "input": getattr(request, field) if field != "init_image" else None,
                 "ctx": {"max_pixels": settings.max_pixels},
             }
         ]
@@ -304,6 +326,7 @@ def submit_job_request(
     params = records.resolve_params(body, conn, width, height, init, mask, workers)
     if finish is not None:
         params = finish(params)
+    _check_sides(settings, body, params)
     _check_pixels(settings, body, params.width, params.height)
     _check_default_steps(settings, body, params)
     _check_img2img_steps(body, params)
