@@ -200,3 +200,26 @@ def test_clients_that_leave_a_held_call_give_back_their_places(redis_url: str, r
         wait_for(lambda: redis_conn.zcard(places) == before, 5, "every place to be given back")
     finally:
         api.close()
+
+
+def test_an_openai_call_that_loses_redis_after_accepting_says_not_to_retry(redis_url: str,
+                                                                           redis_conn: redis.Redis) -> None:
+    """Guards against an OpenAI-style generation whose wait met a Redis error answering the
+    generic 503 with `x-should-retry: true`: OpenAI's SDKs retried it, and each retry queued
+    the job again. The wait's reads fail here (its event-loop client points at a closed port)."""
+    import redis.asyncio
+
+    from app.deps import get_async_redis
+    from tests.test_api import QUEUE, closed_port
+
+    app = create_app(make_settings(redis_url, events_poll_interval_s=60))
+    app.dependency_overrides[get_async_redis] = lambda: redis.asyncio.Redis(port=closed_port(),
+                                                                             socket_connect_timeout=0.5)
+    with TestClient(app) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "x"})
+    assert r.status_code == 503 and r.headers["x-should-retry"] == "false", (r.status_code, r.headers)
+    job_id = r.headers["x-bailan-job-id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    assert "do not resubmit" in r.json()["error"]["message"]
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [job_id.encode()]  # queued once, still there
+    assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0

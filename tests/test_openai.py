@@ -175,12 +175,16 @@ def test_missing_prompt_bad_json_and_wrong_types(service: Service) -> None:
     a body that is not JSON, and a boolean where a number belongs (lax parsing would read 1)."""
     cases = [({"json": {}}, "prompt", "missing_required_parameter"),
              ({"content": b"not json", "headers": {"content-type": "application/json"}}, None, "invalid_json"),
-             ({"json": {"prompt": "x", "n": True}}, "n", "invalid_value")]
+             ({"json": {"prompt": "x", "n": True}}, "n", "invalid_value"),
+             # No body at all once named the parameter 'None'.
+             ({"content": b"", "headers": {"content-type": "application/json"}}, "prompt",
+              "missing_required_parameter")]
     for kwargs, param, code in cases:
         response = service.http.post("/v1/images/generations", **kwargs)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] == param and error["code"] == code and error["type"] == "invalid_request_error"
+        assert "None" not in error["message"]
         assert response.headers["x-should-retry"] == "false"
 
 

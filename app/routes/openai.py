@@ -110,6 +110,9 @@ def _from_validation(errors: list[dict[str, Any]]) -> OpenAIError:
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return OpenAIError(400, f"Unknown parameter: '{name}'.", param=param, code="unknown_parameter")
+    if kind == "missing" and name is None:  # no body at all: its first required parameter is missing
+        return OpenAIError(400, "Missing required parameter: 'prompt'.", param="prompt",
+                           code="missing_required_parameter")
     if kind == "missing":
         return OpenAIError(400, f"Missing required parameter: '{name}'.", param=param,
                            code="missing_required_parameter")
@@ -371,6 +374,14 @@ async def generate_images(
                 data = [{"url": base + image.url} for image in view.images]
             else:
                 data = [{"b64_json": await _image_b64(blobs, job_id, image.index)} for image in view.images]
+        except redis.RedisError as exc:
+            # The job is queued: a 503 that invites a retry (OpenAI's SDKs retry it) would queue it twice.
+            raise OpenAIError(
+                503, f"job {job_id} was accepted, then the job store (Redis) became unavailable: {exc}; do not "
+                f"resubmit: follow it at {jobs.PREFIX}/{job_id}", "server_error", None, "service_unavailable",
+                {"X-Bailan-Job-Id": job_id, "Location": f"{jobs.PREFIX}/{job_id}", "x-should-retry": "false",
+                 "Retry-After": str(settings.retry_after_s)},
+            ) from None
         finally:
             await hold.give_back_place(conn, principal, stream_id)
         return JSONResponse(
