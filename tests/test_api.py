@@ -430,6 +430,32 @@ def test_cancel_queued_job(client: TestClient, redis_conn: redis.Redis) -> None:
     assert 0 < redis_conn.ttl(f"rq:job:{job_id}") <= 86400
 
 
+def test_a_cancel_cut_short_by_redis_leaves_no_stranded_job(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a cancel whose Redis failed after it took the job off its queue: the
+    job was then in no queue, yet queued to RQ and to its view, and nothing would ever run
+    or end it (a second cancel answered 202 "asked to stop"). It goes back to the head of
+    its queue, asked to cancel, so a worker ends it at once, or a second cancel does."""
+    from app.store import records
+
+    job_id = submit(client)["id"]
+    other = submit(client)["id"]
+
+    def blip(*args: Any, **kwargs: Any) -> Job:
+        raise redis.ConnectionError("injected: Redis went away mid-cancel")
+
+    monkeypatch.setattr(records.Job, "fetch", blip)
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 503
+    monkeypatch.undo()
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [job_id.encode(), other.encode()]
+    assert redis_conn.hget(Keys.job(job_id), RecordField.cancel_requested)  # a worker taking it cancels it
+    assert client.get(f"/v1/jobs/{job_id}").json()["queue_position"] == 1
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [other.encode()]
+
+
 def test_cancel_running_job_sets_flag(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards: cancel of a running job doing nothing, or yanking RQ state under a live worker.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -466,6 +467,27 @@ class AlreadyEnded(Exception):
         self.state = state
 
 
+def _end_canceled(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, hooks: webhooks.Policy | None,
+                  stamp: str) -> None:
+    """End a job taken off its queue (cancel): RQ's status, then the record, its news and webhook."""
+    if snap.rq_status is not None:
+        try:
+            rq_job = Job.fetch(snap.job_id, connection=conn, serializer=JSONSerializer)
+            rq_job.cancel()
+            # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
+            rq_job.cleanup(keep_s, remove_from_queue=False)
+        except (NoSuchJobError, InvalidJobOperation):
+            pass
+    pipe = webhooks.transaction(conn)
+    pipe.hsetnx(Keys.job(snap.job_id), RecordField.finished_at, stamp)
+    events.notify(pipe, snap.job_id)
+    # No worker ever sees this job: the API counts its final state (bailan.metrics).
+    pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total", {"status": "canceled"}), 1)
+    policy = hooks if hooks is not None else webhooks.Policy.defaults(base, keep_s)
+    webhooks.enqueue(conn, pipe, policy, snap.job_id, webhooks.WebhookEvent.completed, snap.params)
+    pipe.execute()
+
+
 def cancel(
     conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, hooks: webhooks.Policy | None = None
 ) -> str:
@@ -480,27 +502,22 @@ def cancel(
     job_key = Keys.job(snap.job_id)
     stamp = repr(now())
     if state is JobState.queued:
+        # The request first: should a step below fail, the worker that takes the job ends it canceled.
+        conn.hsetnx(job_key, RecordField.cancel_requested, stamp)
         # LREM is the atomic test: if it removed the id no worker can pop it
         # any more; if not, a worker took it a moment ago and it is running.
-        removed = conn.lrem(RQ_QUEUE_PREFIX + (snap.origin or base), 0, snap.job_id)
+        queue_key = RQ_QUEUE_PREFIX + (snap.origin or base)
+        removed = conn.lrem(queue_key, 0, snap.job_id)
         if removed or snap.rq_status in ("deferred", "scheduled", None):
-            if snap.rq_status is not None:
-                try:
-                    rq_job = Job.fetch(snap.job_id, connection=conn, serializer=JSONSerializer)
-                    rq_job.cancel()
-                    # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
-                    rq_job.cleanup(keep_s, remove_from_queue=False)
-                except (NoSuchJobError, InvalidJobOperation):
-                    pass
-            pipe = webhooks.transaction(conn)
-            pipe.hsetnx(job_key, RecordField.cancel_requested, stamp)
-            pipe.hsetnx(job_key, RecordField.finished_at, stamp)
-            events.notify(pipe, snap.job_id)
-            # No worker ever sees this job: the API counts its final state (bailan.metrics).
-            pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total", {"status": "canceled"}), 1)
-            policy = hooks if hooks is not None else webhooks.Policy.defaults(base, keep_s)
-            webhooks.enqueue(conn, pipe, policy, snap.job_id, webhooks.WebhookEvent.completed, snap.params)
-            pipe.execute()
+            try:
+                _end_canceled(conn, base, snap, keep_s, hooks, stamp)
+            except BaseException:
+                if removed:
+                    # Out of its queue, yet queued to RQ: nothing would ever end it. Back at the
+                    # head, a worker takes it at once and ends it canceled (the request above).
+                    with contextlib.suppress(redis.RedisError):
+                        conn.lpush(queue_key, snap.job_id)
+                raise
             return CancelOutcome.canceled
     # Running: only the worker can stop it, between two steps.
     pipe = conn.pipeline(transaction=True)
