@@ -107,3 +107,28 @@ def test_the_entry_point_needs_a_slot() -> None:
     process): it must fail with a message saying so, not with an AttributeError."""
     with pytest.raises(RuntimeError, match="python -m worker"):
         run_job("some-job")
+
+
+def test_rqs_own_maintenance_leaves_lapsed_leases_to_the_reaper(redis_conn: redis.Redis) -> None:
+    """Guards against RQ's registry maintenance, which every slot runs when its work loop
+    starts (again after a Redis outage, too) and every ten minutes, failing or requeuing
+    jobs whose leases ran out behind the reaper's back: with no record written, no
+    webhook, and none of the reaper's holding back after an outage, when leases lapse
+    while their workers still run the jobs and renew them a second later."""
+    queue = Queue(QUEUE, connection=redis_conn, serializer=JSONSerializer)
+    job = queue.enqueue_call(func=RQ_FUNC, args=("lapsed",), job_id="lapsed", result_ttl=600, failure_ttl=600,
+                             timeout=-1)
+    # Taken by a worker whose lease lapsed a moment ago (an expired score, no sleeping).
+    queue.remove(job)
+    job.set_status(JobStatus.STARTED)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"lapsed:exec1": time.time() - 1})
+    finished = queue.enqueue_call(func=RQ_FUNC, args=("old",), job_id="old", result_ttl=600, timeout=-1)
+    queue.remove(finished)
+    redis_conn.zadd(f"rq:finished:{QUEUE}", {"old": time.time() - 1})  # an expired result: RQ's to trim
+
+    make_slot(redis_conn, threading.Event()).clean_registries()
+
+    assert Job.fetch("lapsed", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.STARTED
+    assert redis_conn.zscore(f"rq:wip:{QUEUE}", "lapsed:exec1") is not None
+    assert redis_conn.llen(queue.key) == 0
+    assert redis_conn.zscore(f"rq:finished:{QUEUE}", "old") is None  # the rest of RQ's maintenance still runs

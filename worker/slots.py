@@ -27,7 +27,14 @@ import redis
 import rq
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
-from rq.registry import CanceledJobRegistry, StartedJobRegistry
+from rq import worker_registration
+from rq.registry import (
+    CanceledJobRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    StartedJobRegistry,
+)
 from rq.results import Result
 from rq.timeouts import BaseDeathPenalty
 
@@ -173,6 +180,24 @@ class SlotWorker(SimpleWorker):
         if kwargs.get("pipeline") is None and self.outage is not None and self.outage.gave_up.is_set():
             raise RedisGone(f"slot {self.name}: Redis unreachable past the outage limit")
         super().heartbeat(*args, **kwargs)
+
+    def clean_registries(self) -> None:
+        """RQ's registry maintenance (at a work loop's start, then every ten minutes) but for
+        its expiry of started jobs: that is the reaper's (bailan.reaper), which writes the
+        record and the webhook and holds back after an outage, when leases lapsed while
+        their workers still ran the jobs. RQ's would fail or requeue them behind its back."""
+        for queue in self.queues:
+            if not queue.acquire_maintenance_lock():
+                continue  # another worker is at it
+            try:
+                for registry in (FinishedJobRegistry, FailedJobRegistry, DeferredJobRegistry):
+                    registry(queue.name, connection=queue.connection, job_class=queue.job_class,
+                             serializer=queue.serializer).cleanup()
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+            finally:
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = rq.utils.now()
 
     def _install_signal_handlers(self) -> None:
         # The main thread owns signals and sets `stop` itself (worker.process).
