@@ -29,6 +29,7 @@ from worker.bridge import ExceedsDeviceLimits, JobBridge
 from worker.engine import Engine, GenerationJob
 from worker.generation import InvalidForModel
 from worker.loader import LoadedModel, load_model
+from worker import process
 from worker.settings import WorkerSettings
 from worker.slots import SlotWorker
 
@@ -221,3 +222,38 @@ def test_a_job_taken_from_its_worker_keeps_the_reapers_verdict(
     else:
         assert status == JobStatus.FAILED
         assert verdict[RecordField.error_code] == ErrorCode.worker_lost.value
+
+
+def test_a_shutdown_waits_for_a_job_still_storing_its_outcome(
+    bridge: JobBridge, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a worker asked to stop while a job stored its images: the engine was
+    done with it and the job had left the bridge's in-flight list, so the worker stopped
+    after its idle wait, cut the job's end short, and the reaper later ran it again. A job
+    counts as running from its slot's hand-over to its stored outcome."""
+    submit(redis_conn, "counted", steps=40, preview_every=0)
+    seen: list[bool] = []
+    runs = threading.Thread(target=bridge.run, args=("counted",))
+    runs.start()
+    wait_for(lambda: seen.append("counted" in bridge.running) or not runs.is_alive(), 30, "the job to end", 0.01)
+    assert True in seen and "counted" not in bridge.running
+
+    monkeypatch.setattr(process, "IDLE_STOP_S", 0.2)
+    release = threading.Event()
+    slot = threading.Thread(target=release.wait, args=(30,), daemon=True)  # a slot still in its dequeue
+    slot.start()
+    stopping, engine_stop, broken = threading.Event(), threading.Event(), threading.Event()
+    stopping.set()
+    with bridge.lock:
+        bridge.running.add("storing")
+    supervisor = threading.Thread(target=process.supervise,
+                                  args=([slot], stopping, bridge, bridge.engine, engine_stop, broken))
+    supervisor.start()
+    try:
+        assert not engine_stop.wait(1.0), "the worker stopped with a job still storing its outcome"
+        with bridge.lock:
+            bridge.running.discard("storing")
+        assert engine_stop.wait(5), "an idle worker did not stop without its slots"
+    finally:
+        release.set()
+        supervisor.join(timeout=10)

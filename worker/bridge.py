@@ -95,6 +95,9 @@ class JobBridge:
         self.hooked: dict[str, JobParams] = {}
         # Previews handed to the pool and not yet stored, by job: a job's end waits for them.
         self.storing: dict[str, list[Future]] = {}
+        # Jobs between a slot's handing them over and their outcome stored (images encoded,
+        # record written): a shutdown waits for them, not only for the engine.
+        self.running: set[str] = set()
         # The started_at each running job's record got from this attempt: its end is written
         # only while the record still shows it (a reaper's requeue or failure changes it).
         self.attempts: dict[str, str] = {}
@@ -111,6 +114,8 @@ class JobBridge:
         # The slot runs this in the job's logging context (bailan.logs): these lines carry its id.
         log.info("job started")
         started = time.perf_counter()
+        with self.lock:
+            self.running.add(job_id)
         try:
             result = self._run(job_id)
         except RedisGone:
@@ -130,6 +135,7 @@ class JobBridge:
             raise
         finally:
             with self.lock:  # normally gone already (_finish_record); not so after a Redis error
+                self.running.discard(job_id)
                 self.hooked.pop(job_id, None)
                 self.storing.pop(job_id, None)
                 self.attempts.pop(job_id, None)

@@ -47,6 +47,9 @@ log = logging.getLogger("bailan.worker")
 # Exit codes of a worker that cannot go on (0 is a requested stop).
 EXIT_SLOTS_DIED = 1
 EXIT_REDIS_GONE = 3
+# After a shutdown request, how long slots may stay in their dequeue with nothing in flight
+# before the worker stops without them (seconds).
+IDLE_STOP_S = 5.0
 
 
 class Shutdown:
@@ -186,12 +189,13 @@ def supervise(
             stopping.set()
         # Idle slots leave their dequeue within seconds, except while Redis is
         # unreachable (RQ retries forever): with no job in flight there is
-        # nothing to finish, so stop waiting for them.
-        if bridge.in_flight or engine.busy:
+        # nothing to finish, so stop waiting for them. A job still storing its
+        # images is in flight: cut short, it would be run again by another worker.
+        if bridge.running or engine.busy:
             idle_since = None
         elif idle_since is None:
             idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > 5:
+        elif time.monotonic() - idle_since > IDLE_STOP_S:
             break
     engine_stop.set()
 
