@@ -386,6 +386,11 @@ class Keys:
         return f"{KEY_PREFIX}:job:{job_id}:input:{name}"
 
     @staticmethod
+    def input_images(job_id: str) -> list[str]:
+        """Every input_image key a job may have: what its end deletes."""
+        return [Keys.input_image(job_id, name) for name in ("init_image", "mask_image")]
+
+    @staticmethod
     def worker(name: str) -> str:
         """String with a TTL: a live worker process and the model it serves (JSON)."""
         return f"{KEY_PREFIX}:worker:{name}"

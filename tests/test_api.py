@@ -430,6 +430,26 @@ def test_cancel_queued_job(client: TestClient, redis_conn: redis.Redis) -> None:
     assert 0 < redis_conn.ttl(f"rq:job:{job_id}") <= 86400
 
 
+def test_a_canceled_queued_job_is_kept_like_any_ended_one(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards against a job canceled after hours in its queue keeping its submit's record TTL
+    (result_ttl + 1 h from its submit): its record expired long before RQ's copy did
+    (result_ttl from the cancel) and GET answered 404; and against its input images staying
+    stored (megabytes) for a job that never runs."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(picture, "PNG")
+    job_id = submit(client, init_image=base64.b64encode(picture.getvalue()).decode())["id"]
+    assert redis_conn.exists(*Keys.input_images(job_id)) == 1
+    redis_conn.expire(Keys.job(job_id), 120)  # what is left of its TTL after hours queued
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    assert redis_conn.ttl(Keys.job(job_id)) > 86400 - 60  # the default result_ttl, from now
+    assert redis_conn.exists(*Keys.input_images(job_id)) == 0
+
+
 def test_a_cancel_cut_short_by_redis_leaves_no_stranded_job(
     client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -52,8 +52,6 @@ class Superseded(Exception):
     this worker could not reach Redis): its outcome is not written."""
 
 
-INPUT_NAMES = ("init_image", "mask_image")
-
 # The longest a job's end waits for its previews still being stored (seconds).
 PREVIEW_DRAIN_S = 10.0
 
@@ -330,7 +328,7 @@ class JobBridge:
                 # Every preview was stored before now, so none outlives this.
                 pipe.expire(Keys.previews(job_id), self.settings.preview_ttl_s)
                 # The client's input images (megabytes, possibly) are spent once the job has ended.
-                pipe.delete(*(Keys.input_image(job_id, name) for name in INPUT_NAMES))
+                pipe.delete(*Keys.input_images(job_id))
                 events.notify(pipe, job_id)  # event streams: look again
                 # The one place a job the worker ran ends: its `completed` webhook goes with the end.
                 webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.completed, params)

@@ -480,6 +480,10 @@ def _end_canceled(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, 
             pass
     pipe = webhooks.transaction(conn)
     pipe.hsetnx(Keys.job(snap.job_id), RecordField.finished_at, stamp)
+    # Kept as long as any ended job's (its submit's TTL ran from then, maybe hours ago).
+    pipe.expire(Keys.job(snap.job_id), keep_s)
+    # The client's input images (megabytes, possibly) are spent: the job never runs.
+    pipe.delete(*Keys.input_images(snap.job_id))
     events.notify(pipe, snap.job_id)
     # No worker ever sees this job: the API counts its final state (bailan.metrics).
     pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total", {"status": "canceled"}), 1)
