@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
 import redis
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
@@ -57,7 +58,8 @@ def reap_abandoned(
     hooks = hooks if hooks is not None else webhooks.Policy.defaults(queue_name, keep_s)
     # One sweeper at a time: two concurrent RQ cleanups would both requeue a job.
     lock = Keys.reaper_lock(queue_name)
-    if not connection.set(lock, "1", nx=True, px=30_000):
+    token = uuid.uuid4().hex
+    if not connection.set(lock, token, nx=True, px=30_000):
         return []
     try:
         if _holding_back(connection, queue_name, interval_s, after_outage):
@@ -69,7 +71,15 @@ def reap_abandoned(
             reaped += _reap_queue(connection, name, keep_s, hooks, queue_name)
         return reaped
     finally:
-        connection.delete(lock)
+        # Only our own: a sweep slower than the lock's 30 s would free another sweeper's.
+        _release(keys=[lock], args=[token], client=connection)
+
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_release = redis.client.Script(None, _RELEASE.encode())  # type: ignore[arg-type]
 
 
 # Whether sweeps hold back (reap_abandoned): 0 no; 1 yes, a hold is on; 2 yes, a silence just

@@ -370,3 +370,26 @@ def test_a_new_process_holds_back_after_an_outage_it_never_saw(redis_conn: redis
     redis_conn.delete(Keys.reaper_hold("fresh"))
     redis_conn.set(Keys.reaper_seen("fresh"), repr(time.time() - 15))  # swept 15 s ago: no silence
     assert reap_abandoned(redis_conn, "fresh", interval_s=10) == ["fedcba9876543210fedcba9876543210"]
+
+
+def test_a_slow_sweep_frees_only_its_own_lock(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against a sweep that outlived its 30 s lock deleting the lock another sweeper
+    took meanwhile: a third could then sweep beside that one, and two RQ cleanups of one
+    registry requeue a job twice."""
+    from bailan import reaper
+    from bailan.jobs import Keys
+
+    lock = Keys.reaper_lock("slow")
+
+    def overtaken(connection: redis.Redis, base: str) -> list[str]:
+        # Mid-sweep, this sweep's lock ran out and another sweeper took it.
+        connection.set(lock, "another sweeper's", px=30_000)
+        return []
+
+    monkeypatch.setattr(reaper, "all_queue_names", overtaken)
+    assert reaper.reap_abandoned(redis_conn, "slow", interval_s=10) == []
+    assert redis_conn.get(lock) == b"another sweeper's"
+    monkeypatch.undo()
+    redis_conn.delete(lock)
+    reaper.reap_abandoned(redis_conn, "slow", interval_s=10)
+    assert not redis_conn.exists(lock)  # its own it frees
