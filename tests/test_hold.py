@@ -54,13 +54,33 @@ def finish_later(conn: redis.Redis, job_id: str, after_s: float) -> threading.Th
         start_job(conn, job_id)
         events.notify(conn, job_id)
         time.sleep(after_s)
-        conn.hset(Keys.job(job_id), mapping={RecordField.step: "25", RecordField.finished_at: repr(now())})
+        conn.hset(Keys.job(job_id), mapping={RecordField.step: "25", RecordField.finished_at: repr(now()),
+                                             RecordField.images: '[{"index": 0, "seed": 1}]'})
         Job.fetch(job_id, connection=conn, serializer=JSONSerializer).set_status(JobStatus.FINISHED)
         events.notify(conn, job_id)
 
     thread = threading.Thread(target=work)
     thread.start()
     return thread
+
+
+def finish_the_next_job(conn: redis.Redis) -> tuple[threading.Thread, list[threading.Thread]]:
+    """Take the next job submitted, as a worker takes it from the queue, and end it (finish_later)."""
+    done: list[threading.Thread] = []
+
+    def worker() -> None:
+        # The job id is known once the submit wrote it.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ids = [k.decode().rsplit(":", 1)[-1] for k in conn.scan_iter(Keys.job("*"))]
+            if ids:
+                done.append(finish_later(conn, ids[0], 0.3))
+                return
+            time.sleep(0.02)
+
+    taker = threading.Thread(target=worker)
+    taker.start()
+    return taker, done
 
 
 def test_a_held_poll_answers_when_the_job_ends(redis_url: str, redis_conn: redis.Redis) -> None:
@@ -84,20 +104,7 @@ def test_a_held_submit_answers_with_the_ended_job(redis_url: str, redis_conn: re
     """Guards against POST with `Prefer: wait` holding nothing, or answering without the
     finished view: one request from submit to `succeeded`."""
     with TestClient(create_app(make_settings(redis_url, events_poll_interval_s=60))) as c:
-        done: list[threading.Thread] = []
-
-        def worker() -> None:
-            # The job id is known once the submit wrote it; a worker takes it from the queue.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                ids = [k.decode().rsplit(":", 1)[-1] for k in redis_conn.scan_iter(Keys.job("*"))]
-                if ids:
-                    done.append(finish_later(redis_conn, ids[0], 0.3))
-                    return
-                time.sleep(0.02)
-
-        taker = threading.Thread(target=worker)
-        taker.start()
+        taker, done = finish_the_next_job(redis_conn)
         r = c.post("/v1/jobs", json={"prompt": "x"}, headers={"Prefer": "wait=20"})
         taker.join()
         done[0].join()
@@ -223,3 +230,17 @@ def test_an_openai_call_that_loses_redis_after_accepting_says_not_to_retry(redis
     assert "do not resubmit" in r.json()["error"]["message"]
     assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [job_id.encode()]  # queued once, still there
     assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0
+
+
+def test_openai_urls_start_with_the_public_url(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards against an OpenAI-style `url` answer built from the address the request came
+    to: behind a proxy it named the API's internal address, not BAILAN_PUBLIC_URL, where
+    clients reach it."""
+    public = "https://bailan.example.com/api"
+    with TestClient(create_app(make_settings(redis_url, events_poll_interval_s=60, public_url=public))) as c:
+        taker, done = finish_the_next_job(redis_conn)
+        r = c.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"})
+        taker.join()
+        done[0].join()
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] == [{"url": f"{public}/v1/jobs/{r.headers['x-bailan-job-id']}/images/0"}]

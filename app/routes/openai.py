@@ -370,7 +370,8 @@ async def generate_images(
                 raise _outcome_error(settings, job_id, snap, view, timeout=view is not None and
                                      view.status not in TERMINAL_STATES)
             if body.response_format == "url":
-                base = str(request.base_url).rstrip("/")
+                # As clients reach the API (behind a proxy, not the address it was asked at), if known.
+                base = (settings.public_url or str(request.base_url)).rstrip("/")
                 data = [{"url": base + image.url} for image in view.images]
             else:
                 data = [{"b64_json": await _image_b64(blobs, job_id, image.index)} for image in view.images]
