@@ -96,6 +96,11 @@ def test_a_held_poll_answers_when_the_job_ends(redis_url: str, redis_conn: redis
         assert r.status_code == 200 and r.json()["status"] == "succeeded"
         assert r.headers["preference-applied"] == "wait=20"
         assert 0.4 < held < 10
+        # Asked again once ended: the end at once, the preference still applied (the README says so).
+        started = time.monotonic()
+        again = c.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=20"})
+        assert again.json()["status"] == "succeeded" and again.headers["preference-applied"] == "wait=20"
+        assert time.monotonic() - started < 2
         assert c.app.state.job_events.waiters == {}  # the subscription went with the request
         assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0  # its stream place too
 
@@ -126,7 +131,7 @@ def test_a_hold_ends_after_its_seconds_with_the_job_as_it_is(redis_url: str, red
 def test_a_hold_beyond_the_keys_stream_places_is_answered_at_once(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards against held requests escaping BAILAN_MAX_STREAMS_PER_KEY (each holds a
     connection and a subscription): with no place free the answer comes at once and says
-    no preference was applied; an ended job is never held."""
+    no preference was applied; an ended job is never held (answered at once, as its end)."""
     with TestClient(create_app(make_settings(redis_url, max_streams_per_key=1))) as c:
         job_id = c.post("/v1/jobs", json={"prompt": "x"}).json()["id"]
         redis_conn.zadd(Keys.streams(_digest("anonymous")), {"someone-else": time.time() + 60})
@@ -137,7 +142,7 @@ def test_a_hold_beyond_the_keys_stream_places_is_answered_at_once(redis_url: str
         redis_conn.delete(Keys.streams(_digest("anonymous")))  # the place is free again
         c.post(f"/v1/jobs/{job_id}/cancel")
         r = c.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=20"})
-        assert r.json()["status"] == "canceled" and "preference-applied" not in r.headers
+        assert r.json()["status"] == "canceled" and r.headers["preference-applied"] == "wait=20"  # the end
         assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0  # no place was taken
 
 

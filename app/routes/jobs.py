@@ -431,7 +431,10 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         )
         job_id_var.set(view.id)  # set in the thread's copy of the context; the hold logs here
         wait = hold.prefer_wait(prefer, settings.max_wait_s) if prefer else None
-        if wait is None or view.status in TERMINAL_STATES:
+        if wait is None:
+            return view
+        if view.status in TERMINAL_STATES:
+            response.headers["Preference-Applied"] = f"wait={wait}"  # ended already: the answer is the end
             return view
         if not await hold.until_ended(request, jobs, principal, view.id, wait):
             return view
@@ -472,7 +475,9 @@ async def get_job(
         snap = _visible(records.parse_snapshot(job_id, raw), principal)
         if snap is None:
             raise _not_found(jobs.settings, job_id)
-        if snap.state not in TERMINAL_STATES and await hold.until_ended(request, jobs, principal, job_id, wait):
+        if snap.state in TERMINAL_STATES:
+            headers["Preference-Applied"] = f"wait={wait}"  # ended already: the answer is the end
+        elif await hold.until_ended(request, jobs, principal, job_id, wait):
             headers["Preference-Applied"] = f"wait={wait}"
             raw = await records.read_snapshot_async(jobs.aredis, job_id, jobs.settings.queue_name)
     kept = jobs.views.get(job_id, raw)
