@@ -435,6 +435,18 @@ class Keys:
         return f"{KEY_PREFIX}:queues:{queue_name}:last"
 
     @staticmethod
+    def waiting(queue_name: str) -> str:
+        """Sorted set: jobs enqueued on RQ queue `queue_name`, scored by when; the reaper finds
+        here a job a worker took off the queue but never started (bailan.reaper)."""
+        return f"{KEY_PREFIX}:queues:{queue_name}:waiting"
+
+    @staticmethod
+    def lost(queue_name: str) -> str:
+        """Sorted set: jobs of `waiting` found in no queue and not started, scored by when first
+        seen so; still so a sweep later, they go back to their queue (bailan.reaper)."""
+        return f"{KEY_PREFIX}:queues:{queue_name}:lost"
+
+    @staticmethod
     def reservations(queue_name: str) -> str:
         """Sorted set: submits admitted but not yet enqueued ("<queue>\\n<job id>", scored by
         expiry), counted by the queue caps so concurrent submits cannot overshoot them (API only)."""

@@ -40,6 +40,10 @@ COUNTERS: dict[str, str] = {
     "bailan_steps_total": "Engine steps run.",
     "bailan_oom_splits_total": "Steps split in half after the device ran out of memory.",
     "bailan_jobs_requeued_total": "Jobs requeued by the reaper because their worker died.",
+    "bailan_jobs_recovered_total": (
+        "Jobs put back in their queue by the reaper: a worker took them off it but never started them "
+        "(it died, or its connection broke, in between)."
+    ),
 }
 
 HELP: dict[str, str] = {

@@ -24,7 +24,7 @@ from bailan import events, webhooks
 from bailan.blobs import BlobStore
 from bailan.jobs import WORKER_LOST_MESSAGE, ErrorCode, Keys, RecordField, now
 from bailan.metrics import field, metrics_key
-from bailan.queues import all_queue_names
+from bailan.queues import RQ_QUEUE_PREFIX, all_queue_names
 
 # The API's thread is what logs here; the name predates this module.
 log = logging.getLogger("bailan.api.reaper")
@@ -69,6 +69,10 @@ def reap_abandoned(
         # started and a canceled registry per queue: visit every one.
         for name in all_queue_names(connection, queue_name):
             reaped += _reap_queue(connection, name, keep_s, hooks, queue_name)
+            recovered = _recover_lost(connection, name, queue_name)
+            if recovered:
+                log.warning("reaper: jobs taken off queue %s but never started put back: %s", name,
+                            ", ".join(recovered))
         return reaped
     finally:
         # Only our own: a sweep slower than the lock's 30 s would free another sweeper's.
@@ -145,6 +149,7 @@ def _reap_queue(
             lost.append(job_id)
         else:
             pipe.hincrbyfloat(metrics_key(base), "bailan_jobs_requeued_total", 1)
+            pipe.zadd(Keys.waiting(queue_name), {job_id: now()})  # waiting again (_recover_lost)
             # Requeued: it runs afresh, so the dead attempt's traces go.
             pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
             pipe.delete(Keys.previews(job_id))
@@ -153,6 +158,77 @@ def _reap_queue(
     webhooks.enqueue_completed(connection, pipe, hooks, lost)
     pipe.execute()
     return expired
+
+
+# A worker starts a job within milliseconds of taking it off its queue (RQ's BLPOP, then its
+# started registry): one found in neither for this long, twice, was lost in between.
+LOST_AFTER_S = 10.0
+
+# KEYS: RQ's job hash, its queue, waiting, lost, RQ's intermediate list of the queue. ARGV: job
+# id, now. Put back only if still queued to RQ and in no queue: a job a worker started
+# meanwhile stays its. RQ's own list of jobs taken by a one-queue worker gives it up, or its
+# cleanup would later fail it as stuck.
+_PUT_BACK = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+redis.call('LREM', KEYS[5], 0, ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+"""
+_put_back = redis.client.Script(None, _PUT_BACK.encode())  # type: ignore[arg-type]
+
+
+def _recover_lost(connection: redis.Redis, queue_name: str, base: str) -> list[str]:
+    """Put back at the head of its queue each job a worker took off it but never started
+    (the worker died, or its connection broke, between RQ's pop and its start): RQ would
+    show it queued for ever, in no queue and no registry. Returns their ids."""
+    waiting, lost = Keys.waiting(queue_name), Keys.lost(queue_name)
+    cutoff = now() - LOST_AFTER_S
+    candidates = [_text(j) for j in connection.zrangebyscore(waiting, "-inf", cutoff)]
+    if not candidates:
+        connection.delete(lost)
+        return []
+    read = connection.pipeline(transaction=False)
+    for job_id in candidates:
+        read.hget(f"rq:job:{job_id}", "status")
+    read.lrange(RQ_QUEUE_PREFIX + queue_name, 0, -1)
+    read.zrange(lost, 0, -1, withscores=True)
+    *statuses, in_queue_raw, suspects_raw = read.execute()
+    in_queue = {_text(j) for j in in_queue_raw}
+    suspects = {_text(j): float(score) for j, score in suspects_raw}
+    gone, now_lost = [], []
+    for job_id, status in zip(candidates, statuses):
+        if status is None or _text(status) != "queued":
+            gone.append(job_id)  # started, ended or expired: no longer waiting
+        elif job_id not in in_queue:
+            now_lost.append(job_id)
+    recovered: list[str] = []
+    write = connection.pipeline(transaction=False)
+    if gone:
+        write.zrem(waiting, *gone)
+    # Suspects no longer lost are cleared; new ones are noted, and put back a sweep later.
+    cleared = [j for j in suspects if j not in now_lost]
+    if cleared:
+        write.zrem(lost, *cleared)
+    for job_id in now_lost:
+        if job_id not in suspects:
+            write.zadd(lost, {job_id: now()})
+    write.execute()
+    for job_id in now_lost:
+        if job_id in suspects and suspects[job_id] <= cutoff:
+            queue_key = RQ_QUEUE_PREFIX + queue_name
+            keys = [f"rq:job:{job_id}", queue_key, waiting, lost, f"{queue_key}:intermediate"]
+            if _put_back(keys=keys, args=[job_id, now()], client=connection):
+                recovered.append(job_id)
+    if recovered:
+        connection.hincrbyfloat(metrics_key(base), "bailan_jobs_recovered_total", len(recovered))
+    return recovered
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Reaper:

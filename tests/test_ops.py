@@ -393,3 +393,45 @@ def test_a_slow_sweep_frees_only_its_own_lock(redis_conn: redis.Redis, monkeypat
     redis_conn.delete(lock)
     reaper.reap_abandoned(redis_conn, "slow", interval_s=10)
     assert not redis_conn.exists(lock)  # its own it frees
+
+
+def test_a_job_taken_off_its_queue_but_never_started_is_put_back(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards against a job lost between a worker's pop and its start (the worker killed in
+    between, or its connection broken after Redis sent the popped id): RQ showed it queued
+    for ever, in no queue and no registry, and nothing ran or ended it. Seen so on two
+    sweeps, it goes back to the head of its queue; jobs still waiting, or started, are
+    left alone. Ages are written, not slept."""
+    from fastapi.testclient import TestClient
+    from rq.job import Job, JobStatus
+    from rq.serializers import JSONSerializer
+
+    from app.main import create_app
+    from bailan.jobs import Keys
+    from bailan.metrics import metrics_key
+    from bailan.reaper import reap_abandoned
+    from tests.test_api import make_settings
+
+    queue = "lostq"
+    with TestClient(create_app(make_settings(redis_url, queue_name=queue))) as c:
+        lost, waits, runs = (c.post("/v1/jobs", json={"prompt": p}).json()["id"] for p in ("a", "b", "c"))
+    key = f"rq:queue:{queue}"
+    assert redis_conn.lpop(key) == lost.encode()  # a worker took it, and died before starting it
+    assert redis_conn.lpop(key) == waits.encode()
+    redis_conn.rpush(key, waits)  # (still waiting: back in line)
+    redis_conn.lrem(key, 0, runs)
+    Job.fetch(runs, connection=redis_conn, serializer=JSONSerializer).set_status(JobStatus.STARTED)
+    for job_id in (lost, waits, runs):
+        redis_conn.zadd(Keys.waiting(queue), {job_id: time.time() - 60})  # submitted a minute ago
+
+    reap_abandoned(redis_conn, queue, interval_s=10)
+    assert redis_conn.lrange(key, 0, -1) == [waits.encode()]  # once seen lost: not yet
+    assert redis_conn.zscore(Keys.waiting(queue), runs) is None  # started: no longer waiting
+    assert redis_conn.zscore(Keys.lost(queue), lost) is not None
+    redis_conn.zadd(Keys.lost(queue), {lost: time.time() - 30})  # first seen lost a sweep ago
+
+    reap_abandoned(redis_conn, queue, interval_s=10)
+    assert redis_conn.lrange(key, 0, -1) == [lost.encode(), waits.encode()]  # at the head, once
+    assert redis_conn.zscore(Keys.lost(queue), lost) is None
+    assert float(redis_conn.hget(metrics_key(queue), "bailan_jobs_recovered_total")) == 1
+    reap_abandoned(redis_conn, queue, interval_s=10)
+    assert redis_conn.lrange(key, 0, -1) == [lost.encode(), waits.encode()]  # not put back twice

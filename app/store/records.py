@@ -141,6 +141,8 @@ def submit(
         if queue_name != base:
             # Workers find key queues here (bailan.queues.fair_order).
             pipe.sadd(Keys.key_queues(base), queue_name)
+        # Should a worker take it off the queue and never start it, the reaper finds it here.
+        pipe.zadd(Keys.waiting(queue_name), {job_id: now()})
         admission.release_in(pipe)
         pipe.execute()
     except BaseException:
