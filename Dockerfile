@@ -9,6 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# A C compiler: on a GPU, torch.compile's Triton builds its launcher with one at run time
+# ("Failed to find C compiler" in a slim image, and the worker's warm-up fails). Unpinned:
+# Debian's security updates replace exact versions, and a pin would then fail the build.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch alone first: the largest layer, rebuilt only when its pin changes.
 RUN pip install --no-cache-dir torch==2.13.0
 

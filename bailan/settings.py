@@ -33,6 +33,14 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def non_empty_path(value: Any) -> Any:
+    """A directory setting's value, refused when empty: `Path("")` is the current directory,
+    where a blob sweep or a cache would act on whatever is there (the checkout)."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty; give a directory, or leave the variable unset for the default")
+    return value
+
+
 def comma_separated(cls: type, value: Any) -> Any:
     """A list setting's env value, comma-separated: what operators write in an env file (JSON
     lists, the pydantic-settings default, are easy to get wrong). A field validator (mode="before")
@@ -47,7 +55,10 @@ class SharedSettings(BaseSettings):
 
     # extra="ignore": every process sees the whole BAILAN_ environment,
     # including the variables that only the others read.
-    model_config = SettingsConfigDict(env_prefix="BAILAN_", extra="ignore")
+    # allow_inf_nan=False: "inf" seconds passes gt=0, then breaks a thread's wait at run time.
+    # hide_input_in_errors: a refused BAILAN_REDIS_URL or secret is not printed back (a password).
+    model_config = SettingsConfigDict(env_prefix="BAILAN_", extra="ignore", allow_inf_nan=False,
+                                      hide_input_in_errors=True)
 
     redis_url: str = Field(
         DEFAULT_REDIS_URL,
@@ -74,6 +85,22 @@ class SharedSettings(BaseSettings):
     reap_interval_s: float = Field(
         10.0, gt=0, description="Seconds between sweeps for jobs whose worker died (the API's and each worker's)."
     )
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        # Checked here, not at the first connection: a worker would find out after loading its model.
+        value = value.strip()
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{redact_url(value)!r} is not a Redis URL: write redis://[:password@]host:port/db "
+                             "(rediss:// for TLS, unix:///path.sock)")
+        return value
+
+    @field_validator("blob_dir", mode="before")
+    @classmethod
+    def _blob_dir_given(cls, value: Any) -> Any:
+        return non_empty_path(value)
+
     log_format: Literal["text", "json"] = Field(
         "text",
         description="Log lines: text, or json (one JSON object per line; job lines carry job_id).",

@@ -604,6 +604,34 @@ def test_settings_from_env_and_fail_fast(monkeypatch: pytest.MonkeyPatch) -> Non
             ApiSettings(**bad)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("BAILAN_BLOB_DIR", "", "is empty"),  # Path("") is the checkout, which the blob sweep walks
+        ("BAILAN_REDIS_URL", "", "is not a Redis URL"),
+        ("BAILAN_REDIS_URL", "localhost:6379", "is not a Redis URL"),
+        ("BAILAN_REDIS_URL", "http://:s3cret@db:6379/0", "'http://:***@db:6379/0' is not a Redis URL"),
+        ("BAILAN_REAP_INTERVAL_S", "inf", "finite"),  # passed gt=0, then ended the reaper's thread
+        ("BAILAN_BLOB_SWEEP_INTERVAL_S", "nan", "finite"),
+    ],
+)
+def test_settings_that_would_fail_later_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    """Guards against settings accepted at start-up that fail later, or do harm: an empty
+    BAILAN_BLOB_DIR (the current directory) let the blob sweep delete the checkout's files;
+    a Redis URL without its scheme stopped the API with a bare ValueError and a worker only
+    after it had loaded its model; "inf" seconds killed the reaper's thread. A refused URL is
+    not printed back with its password."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as refused:
+        ApiSettings()
+    assert variable.removeprefix("BAILAN_").lower() in str(refused.value)
+    assert says in str(refused.value) and "s3cret" not in str(refused.value)
+
+
 def test_openapi_documents_configured_caps(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards: /docs advertising limits other than the ones this server enforces."""
     with client_for(make_settings(redis_url, max_width=768, max_steps=60, max_prompt_chars=300)) as c:

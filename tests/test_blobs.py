@@ -93,6 +93,27 @@ def test_sweep_removes_expired_blobs_and_empty_directories_only(tmp_path: Path) 
     assert store.get(image_key(other, 0)) is None
 
 
+def test_a_sweep_of_a_root_given_wrongly_removes_only_blobs(tmp_path: Path) -> None:
+    """Guards against a sweep that removed every old file three levels down, whatever it was:
+    with the blob directory set to the checkout (an empty BAILAN_BLOB_DIR was the current
+    directory) it deleted app/routes/*.py, then stopped at a directory (IsADirectoryError)."""
+    store = DirBlobStore(tmp_path)
+    old = time.time() - 86400
+    others = [tmp_path / "app" / "routes" / "jobs.py", tmp_path / "ab" / "notes" / "todo.txt",
+              tmp_path / "ab" / "ab12" / "Upper-Case", tmp_path / "models" / "m" / "config.json"]
+    for path in others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("keep me")
+        os.utime(path, (old, old))
+    (tmp_path / "ab" / "ab12" / "__pycache__").mkdir()
+    job = "ab12cd34" * 4
+    store.put(image_key(job, 0), b"expired", ttl_s=-10)
+    assert store.sweep() == 1
+    assert all(path.read_text() == "keep me" for path in others)
+    assert (tmp_path / "ab" / "ab12" / "__pycache__").is_dir()
+    assert not (tmp_path / "ab" / job).exists()
+
+
 def test_the_reaper_sweeps_blobs_and_survives_a_failing_store(tmp_path: Path, redis_conn: redis.Redis) -> None:
     """Guards: nobody calling the sweep in the service, and a broken disk killing the API's reaper thread."""
     store = DirBlobStore(tmp_path)

@@ -262,6 +262,18 @@ def test_several_models_get_their_own_workers(monkeypatch: pytest.MonkeyPatch, t
         LaunchSettings()
 
 
+def test_workers_started_together_get_names_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against `make run` with BAILAN_NAME and several workers handing each the same
+    name: their slots collided in RQ's worker registry (one cleared the other's entry) and
+    /readyz counted them as one worker."""
+    monkeypatch.setenv("BAILAN_WORKERS", "3")
+    envs = worker_envs(LaunchSettings(), {"BAILAN_NAME": "gpu-box"})
+    assert [env["BAILAN_NAME"] for _, env in envs] == ["gpu-box-1", "gpu-box-2", "gpu-box-3"]
+    monkeypatch.setenv("BAILAN_WORKERS", "1")
+    assert [env["BAILAN_NAME"] for _, env in worker_envs(LaunchSettings(), {"BAILAN_NAME": "gpu-box"})] == ["gpu-box"]
+    assert all("BAILAN_NAME" not in env for _, env in worker_envs(LaunchSettings(), {}))
+
+
 def test_a_model_named_as_no_request_could_ask_is_refused_at_start(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

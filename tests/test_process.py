@@ -16,11 +16,11 @@ BUILTIN = Path(__file__).resolve().parent.parent / "models" / "bailan-shapes"
 
 def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards against CUDA graphs or torch.compile needing a flag to be used on a GPU, or
-    being attempted on the CPU, and against a compile cache that does not outlive the process."""
+    being attempted on the CPU, and against a compile cache that does not outlive the process:
+    importing torch._dynamo (diffusers does) sets TORCHINDUCTOR_CACHE_DIR to a /tmp directory,
+    which a setdefault kept, so BAILAN_COMPILE_CACHE_DIR held only Triton's part."""
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        # Set then deleted, so monkeypatch restores the original (absent) value afterwards.
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+        monkeypatch.setenv(name, f"/tmp/{name.lower()}_as_torch_sets_it")
     settings = WorkerSettings(model=BUILTIN, compile_cache_dir=tmp_path / "compile", max_steps=80)
 
     cpu = runner_options(settings, torch.device("cpu"))
@@ -31,6 +31,7 @@ def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch
     assert cuda.cuda_graphs and cuda.compile_unet and cuda.compile_vae
     assert cuda.channels_last and cuda.fuse_qkv  # they pay only under compile
     assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == (tmp_path / "compile").resolve()
+    assert Path(os.environ["TRITON_CACHE_DIR"]) == (tmp_path / "compile" / "triton").resolve()
     assert (tmp_path / "compile").is_dir()
 
     off = runner_options(WorkerSettings(model=BUILTIN, compile=False, cuda_graphs=False), torch.device("cuda"))

@@ -234,8 +234,10 @@ def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOpti
         # Compiled kernels outlive the process here, so a restart skips most of the compile.
         cache = settings.compile_cache_dir.resolve()
         cache.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-        os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+        # Set, not defaulted: importing diffusers already set TORCHINDUCTOR_CACHE_DIR to a /tmp
+        # directory (torch._dynamo computes its cache dir at import), and kept it there.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
     # NHWC and fused attention projections pay only under compile (eager NHWC GroupNorms convert back).
     return RunnerOptions(cuda_graphs=graphs, compile_unet=compile_, compile_vae=compile_,
                          channels_last=compile_, fuse_qkv=compile_, max_steps=settings.max_steps)

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bailan.caps import DeviceCaps
 from bailan.jobs import model_dir_problem
-from bailan.settings import SharedSettings
+from bailan.settings import SharedSettings, non_empty_path
 
 
 class WorkerSettings(SharedSettings):
@@ -74,6 +74,7 @@ class WorkerSettings(SharedSettings):
         Path(".run/compile-cache"),
         description="Where torch.compile keeps its compiled kernels across restarts (TORCHINDUCTOR_CACHE_DIR).",
     )
+    _cache_dir_given = field_validator("compile_cache_dir", mode="before")(lambda cls, v: non_empty_path(v))
 
     # Per-device caps (bailan.caps): a CPU worker must not take what costs minutes a step.
     max_pixels_cpu: int = Field(
