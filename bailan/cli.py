@@ -127,16 +127,25 @@ def _outputs(output: Path | None, job: JobOut) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.' + fmt}") for i in range(count)]
 
 
+def _cancel(client: Client, job_id: str) -> None:
+    """Cancel a job this command gave up on; it may have ended meanwhile, or be unreachable."""
+    try:
+        client.cancel(job_id)
+        print(f"canceled job {job_id}", file=sys.stderr)
+    except (ApiError, httpx.HTTPError) as exc:
+        print(f"job {job_id} not canceled: {exc}", file=sys.stderr)
+
+
 def generate(client: Client, args: argparse.Namespace) -> int:
+    if args.previews is not None:
+        args.previews.mkdir(parents=True, exist_ok=True)  # before the job: a bad directory queues nothing
     job = client.submit(prompt=args.prompt, **request_params(args))
     print(f"job {job.id}", file=sys.stderr)
     bar = ProgressBar(sys.stderr)
     saved: set[int] = set()
-    if args.previews is not None:
-        args.previews.mkdir(parents=True, exist_ok=True)
     view = job
     try:
-        for view in client.follow(job.id):
+        for view in client.watch(job.id):
             bar.show(view)
             if args.previews is not None:
                 for ref in view.previews:
@@ -146,9 +155,14 @@ def generate(client: Client, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         bar.end()
         # The job would otherwise run on with nobody waiting for it.
-        client.cancel(job.id)
-        print(f"canceled job {job.id}", file=sys.stderr)
+        _cancel(client, job.id)
         return 130
+    except Exception:
+        # Giving up (the API gone, a previews directory unwritable): nobody would fetch its images.
+        bar.end()
+        if view.status not in TERMINAL_STATES:
+            _cancel(client, job.id)
+        raise
     bar.end()
     if view.status is not JobState.succeeded:
         reason = view.error.message if view.error is not None else view.status.value

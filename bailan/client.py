@@ -15,6 +15,8 @@ message. The URL and key default to BAILAN_URL and BAILAN_API_KEY.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -32,6 +34,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # Event streams send a keepalive every 15 s, so a read may wait that long.
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=60.0)
 QUIET_S = 10.0
+# A stream broken this many times in a row, no view between, is given up: the API is down.
+RECONNECTS = 5
+# The longest a held poll (Prefer: wait) waits, when the key's stream places are all taken.
+HOLD_S = 30
 
 
 class ApiError(Exception):
@@ -142,6 +148,54 @@ def _quiet(deadline: float | None) -> float | None:
     return max(0.05, min(deadline - time.monotonic(), QUIET_S))
 
 
+class _Watch:
+    """How watch() goes on when its event stream breaks; shared by Client and AsyncClient.
+
+    A quiet stream (a queued job) is followed again; one that broke (an API restart, a
+    proxy's idle timeout, the store's `event: error`) is followed again after a backoff,
+    RECONNECTS times in a row at most; a 429 (the key's stream places all taken) turns
+    the watch into held polls (`Prefer: wait`). Anything else is raised.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.failures = 0
+        self.held = False
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        left = self.remaining()
+        return left is not None and left <= 0
+
+    def saw(self) -> None:
+        self.failures = 0
+
+    def broke(self, exc: Exception) -> float:
+        """Seconds to wait before following again; re-raises `exc` when it is no passing break."""
+        if isinstance(exc, httpx.ReadTimeout):
+            return 0.0
+        if isinstance(exc, ApiError) and not isinstance(exc, JobGone) and exc.status_code == 429:
+            self.held = True
+            return 0.0
+        passing = isinstance(exc, httpx.TransportError) or (isinstance(exc, JobGone) and exc.status_code != 404)
+        self.failures += 1
+        if not passing or self.failures > RECONNECTS:
+            raise exc
+        left = self.remaining()
+        return min(0.25 * 2**self.failures, 5.0, max(left, 0.0) if left is not None else 5.0)
+
+    def hold_s(self) -> int:
+        left = self.remaining()
+        return HOLD_S if left is None else max(1, min(HOLD_S, math.ceil(left)))
+
+
+def _held_view(response: httpx.Response) -> tuple[JobOut, bool]:
+    """A held poll's view, and whether the server held it (else the next poll waits a second)."""
+    return JobOut.model_validate_json(response.content), "preference-applied" in response.headers
+
+
 def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     url = (url or os.environ.get("BAILAN_URL") or DEFAULT_URL).rstrip("/")
     key = key if key is not None else os.environ.get("BAILAN_API_KEY")
@@ -203,25 +257,44 @@ class Client:
                     return
         raise JobGone(502, f"the event stream of job {job_id} ended before the job did")
 
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobOut]:
+        """As follow(), but it rides out a broken stream (followed again) and a full set of
+        stream places (held polls instead); it stops when the job ends or `timeout` s pass."""
+        state = _Watch(timeout)
+        while not state.expired():
+            try:
+                if state.held:
+                    seconds = state.hold_s()
+                    view, held = _held_view(self._request(
+                        "GET", f"/v1/jobs/{job_id}", headers={"Prefer": f"wait={seconds}"},
+                        timeout=_timeout(seconds + QUIET_S)))
+                    state.saw()
+                    yield view
+                    if view.status in TERMINAL_STATES:
+                        return
+                    if not held:
+                        time.sleep(min(1.0, max(state.remaining() or 1.0, 0.0)))
+                    continue
+                for view in self.follow(job_id, _quiet(state.deadline)):
+                    state.saw()
+                    yield view
+                    if view.status in TERMINAL_STATES or state.expired():
+                        return
+            except (httpx.HTTPError, ApiError) as exc:
+                time.sleep(state.broke(exc))
+
     def wait(self, job_id: str, timeout: float | None = None) -> JobOut:
         """The job's final view (succeeded, failed or canceled); WaitTimeout after `timeout` s."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                for view in self.follow(job_id, _quiet(deadline)):
-                    if view.status in TERMINAL_STATES:
-                        return view
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise WaitTimeout(view, timeout or 0.0)
-            except httpx.ReadTimeout:
-                # A quiet stream (a queued job): check the deadline, then follow again.
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise WaitTimeout(self.get(job_id), timeout or 0.0) from None
+        view = None
+        for view in self.watch(job_id, timeout):
+            if view.status in TERMINAL_STATES:
+                return view
+        raise WaitTimeout(view if view is not None else self.get(job_id), timeout or 0.0)
 
     def previews(self, job_id: str) -> Iterator[Preview]:
         """Each preview as it arrives (oldest first), until the job ends."""
         seen: set[int] = set()
-        for view in self.follow(job_id):
+        for view in self.watch(job_id):
             for ref in view.previews:
                 if ref.step not in seen:
                     seen.add(ref.step)
@@ -309,22 +382,40 @@ class AsyncClient:
                     return
         raise JobGone(502, f"the event stream of job {job_id} ended before the job did")
 
-    async def wait(self, job_id: str, timeout: float | None = None) -> JobOut:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+    async def watch(self, job_id: str, timeout: float | None = None) -> AsyncIterator[JobOut]:
+        state = _Watch(timeout)
+        while not state.expired():
             try:
-                async for view in self.follow(job_id, _quiet(deadline)):
+                if state.held:
+                    seconds = state.hold_s()
+                    view, held = _held_view(await self._request(
+                        "GET", f"/v1/jobs/{job_id}", headers={"Prefer": f"wait={seconds}"},
+                        timeout=_timeout(seconds + QUIET_S)))
+                    state.saw()
+                    yield view
                     if view.status in TERMINAL_STATES:
-                        return view
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise WaitTimeout(view, timeout or 0.0)
-            except httpx.ReadTimeout:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise WaitTimeout(await self.get(job_id), timeout or 0.0) from None
+                        return
+                    if not held:
+                        await asyncio.sleep(min(1.0, max(state.remaining() or 1.0, 0.0)))
+                    continue
+                async for view in self.follow(job_id, _quiet(state.deadline)):
+                    state.saw()
+                    yield view
+                    if view.status in TERMINAL_STATES or state.expired():
+                        return
+            except (httpx.HTTPError, ApiError) as exc:
+                await asyncio.sleep(state.broke(exc))
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobOut:
+        view = None
+        async for view in self.watch(job_id, timeout):
+            if view.status in TERMINAL_STATES:
+                return view
+        raise WaitTimeout(view if view is not None else await self.get(job_id), timeout or 0.0)
 
     async def previews(self, job_id: str) -> AsyncIterator[Preview]:
         seen: set[int] = set()
-        async for view in self.follow(job_id):
+        async for view in self.watch(job_id):
             for ref in view.previews:
                 if ref.step not in seen:
                     seen.add(ref.step)

@@ -4,12 +4,16 @@ worker and a real Redis, with API keys on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,6 +193,14 @@ def test_cli_generate_status_cancel(service: Service, key: tuple[Path, str], tmp
     assert several.stdout.split() == ["pics/two-0.webp", "pics/two-1.webp"]
     assert picture((tmp_path / "pics/two-1.webp").read_bytes()).format == "WEBP"
 
+    # A previews directory that cannot be made fails before any job is queued (one ran on, unwatched).
+    (tmp_path / "a-file").write_text("")
+    conn = redis.Redis.from_url(service.env["BAILAN_REDIS_URL"])
+    jobs_before = sum(1 for _ in conn.scan_iter("bailan:job:*"))
+    unwritable = run_cli("generate", "x", "--previews", "a-file/frames", env=env, cwd=tmp_path)
+    assert unwritable.returncode == 1 and "a-file" in unwritable.stderr
+    assert sum(1 for _ in conn.scan_iter("bailan:job:*")) == jobs_before
+
     refused = run_cli("generate", "x", "--steps", "100001", env=env, cwd=tmp_path)
     assert refused.returncode == 1 and "steps: " in refused.stderr and "100000" in refused.stderr
     stranger = run_cli("status", job_id, "--key", "bl_wrong", env=env, cwd=tmp_path)
@@ -227,3 +239,89 @@ def test_cli_ctrl_c_cancels_its_job(service: Service, key: tuple[Path, str], tmp
                 process.kill()
     with Client(f"http://127.0.0.1:{service.port}", key[1]) as client:
         assert client.wait(job_id, timeout=30).status is JobState.canceled
+
+
+class CuttableProxy:
+    """A TCP proxy to the API whose connections a test can cut, as an API restart or a
+    proxy's idle timeout cuts an event stream."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                inbound, _ = self.listener.accept()
+            except OSError:
+                return
+            outbound = socket.create_connection(("127.0.0.1", self.target))
+            self.accepted += 1
+            self.open += [inbound, outbound]
+            for source, sink in ((inbound, outbound), (outbound, inbound)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        for end in self.open:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+        self.open.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_wait_rides_out_a_cut_stream(service: Service, key: tuple[Path, str]) -> None:
+    """Guards against wait() (and so generate(), previews() and the CLI) failing on a stream
+    cut mid-job (an API restart, a proxy's idle timeout): it raised JobGone(502) "ended
+    before the job did", or the transport's error, for a job that went on. It follows again."""
+    proxy = CuttableProxy(service.port)
+    try:
+        with Client(f"http://127.0.0.1:{proxy.port}", key[1]) as via_proxy:
+            job = via_proxy.submit(prompt="a red circle", width=32, height=32, steps=400, scheduler="euler",
+                                   preview_every=0)
+            seen: list[JobState] = []
+            for view in via_proxy.watch(job.id, timeout=120):
+                seen.append(view.status)
+                if view.status is JobState.running and seen.count(JobState.running) == 1:
+                    proxy.cut()  # mid-job, the stream's connection goes
+            assert seen[-1] is JobState.succeeded and proxy.accepted >= 2
+            assert via_proxy.wait(job.id, timeout=30).status is JobState.succeeded
+    finally:
+        proxy.close()
+
+
+def test_a_key_without_a_free_stream_place_still_waits(client: Client, service: Service) -> None:
+    """Guards against wait() and generate() raising the event stream's 429 when the key's
+    stream places were all taken (BAILAN_MAX_STREAMS_PER_KEY, 32 by default): the job was
+    already queued, so a caller retrying generate() queued it again. They hold polls instead."""
+    from bailan.jobs import Keys
+    from bailan.queues import key_digest
+
+    places = Keys.streams(key_digest("client"))
+    conn = redis.Redis.from_url(service.env["BAILAN_REDIS_URL"])
+    conn.zadd(places, {f"someone-{i}": time.time() + 600 for i in range(32)})
+    try:
+        job, images = client.generate("a blue square", width=32, height=32, steps=6, preview_every=2, timeout=60)
+        assert job.status is JobState.succeeded and len(images) == 1
+        held = client.submit(prompt="a red circle", width=32, height=32, steps=9, preview_every=3)
+        assert [p.step for p in client.previews(held.id)] == [3, 6]
+    finally:
+        conn.zrem(places, *(f"someone-{i}" for i in range(32)))
