@@ -225,3 +225,55 @@ def test_page_runs_a_job_live_and_cancels(browser: Browser, keyed_service: Servi
         closed = [f for f in tab.failed if f.startswith("net::ERR_ABORTED ") and f.endswith("/events")]
         refused = [f"401 {tab.origin}/v1/jobs", f"422 {tab.origin}/v1/jobs", f"404 {tab.origin}/v1/jobs/{gone}"]
         assert [f for f in tab.failed if f not in closed] == refused, tab.failed
+
+
+def test_page_rides_out_failures_it_can(browser: Browser, keyed_service: Service) -> None:
+    """Guards against a page that a passing failure breaks for good: its settings answering
+    503 once hid the key field and left the sampler list empty until a reload; a key with a
+    character no header can carry (the placeholder's "…") made every request throw, and was
+    kept; one preview whose fetch failed stopped every later frame and the final image
+    (an unhandled rejection in the chain); a stream's Redis error stayed on screen after
+    the job had recovered and succeeded."""
+    from playwright.sync_api import Route
+
+    once: set[str] = set()
+
+    def fail_once(what: str, answer: dict[str, object] | None = None) -> object:
+        def handler(route: Route) -> None:
+            if what in once:
+                route.continue_()
+            elif answer is None:
+                once.add(what)
+                route.abort("connectionreset")
+            else:
+                once.add(what)
+                route.fulfill(**answer)
+        return handler
+
+    with offline_tab(browser, keyed_service.port) as tab:
+        page = tab.page
+        page.route("**/web/config.json", fail_once("config", {"status": 503, "body": "{}",
+                                                              "content_type": "application/json"}))
+        page.route(re.compile(r".*/previews/5$"), fail_once("preview"))
+        page.route(re.compile(r".*/events$"), fail_once("events", {
+            "status": 200, "content_type": "text/event-stream",
+            "body": "event: error\ndata: the job store (Redis) is unavailable: injected\n\n"}))
+        tab.goto("/")
+        page.wait_for_selector("#key-box:not([hidden])", timeout=UI_TIMEOUT_MS)  # settings unread: still shown
+        page.fill("#api-key", "bln_abc…")
+        assert page.evaluate("() => localStorage.getItem('bailan.apiKey')") is None
+        assert not page.eval_on_selector("#api-key", "input => input.validity.valid")
+        page.fill("#api-key", KEY)
+        # The settings, read again a few seconds later: the samplers are listed.
+        page.wait_for_function("() => document.querySelectorAll('#scheduler option').length > 1",
+                               timeout=UI_TIMEOUT_MS)
+        submit_in_page(tab, steps=20, preview_every=5, prompt="a red circle on a blue background")
+        wait_status(tab, "succeeded")
+        page.wait_for_function(
+            "() => { const i = document.querySelector('#images img'); return i && i.complete && i.naturalWidth; }",
+            timeout=UI_TIMEOUT_MS)
+        assert once == {"config", "preview", "events"}
+        steps = page.eval_on_selector_all("#frames img", "imgs => imgs.map(i => Number(i.dataset.step))")
+        assert steps == [10, 15], steps  # the one lost, the ones after it shown
+        assert page.is_hidden("#job-error"), page.text_content("#job-error")
+        assert tab.errors == [], tab.errors

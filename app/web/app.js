@@ -10,9 +10,12 @@ const $ = (id) => document.getElementById(id);
 // The job on screen; a view or a stream of another job is ignored.
 let current = null; // {id, stream: AbortController, frames: Map(step -> blob URL), chain: Promise, imagesShown}
 
+// A key is sent only if a header can carry it (printable ASCII): fetch() throws on anything else.
+const KEY_CHARS = /^[\x21-\x7e]+$/;
+
 function authHeaders(extra = {}) {
   const key = localStorage.getItem(KEY_STORE);
-  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+  return key && KEY_CHARS.test(key) ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
 async function api(path, options = {}) {
@@ -35,10 +38,21 @@ function errorText(body, response) {
 // ---------------------------------------------------------------- the form
 
 async function loadConfig() {
-  const { response, body } = await api("/web/config.json");
-  if (!response.ok) return;
-  $("key-box").hidden = !body.keys_required;
   $("api-key").value = localStorage.getItem(KEY_STORE) || "";
+  let response = null;
+  let body = null;
+  try {
+    // The page's own settings need no key (README, "The web page").
+    response = await fetch("/web/config.json");
+    body = response.ok ? await response.json() : null;
+  } catch (exc) { /* unreachable: as for an error answer */ }
+  if (!body) {
+    // The key field stays reachable (a wrong key must be fixable), and the settings come later.
+    $("key-box").hidden = false;
+    setTimeout(() => loadConfig().catch(() => {}), 5000);
+    return;
+  }
+  $("key-box").hidden = !body.keys_required && !localStorage.getItem(KEY_STORE);
   // Steps, guidance and sampler left empty are the model's defaults (/v1/models), applied by the server.
   $("steps").max = body.max_steps;
   $("width").max = body.max_width;
@@ -97,8 +111,13 @@ async function submitJob(event) {
 // ---------------------------------------------------------------- one job on screen
 
 function openJob(view) {
-  if (current) current.stream.abort();
-  current = { id: view.id, stream: new AbortController(), frames: new Map(), chain: Promise.resolve(), imagesShown: false };
+  if (current) {
+    current.stream.abort();
+    // Its frames and images were blob: URLs; nothing shows them now.
+    for (const url of [...current.frames.values(), ...current.images]) if (url) URL.revokeObjectURL(url);
+  }
+  current = { id: view.id, stream: new AbortController(), frames: new Map(), images: [], chain: Promise.resolve(),
+              imagesShown: false };
   $("job").hidden = false;
   $("job-id").textContent = view.id;
   for (const id of ["frames", "images", "params"]) $(id).replaceChildren();
@@ -130,18 +149,20 @@ function render(view) {
   if (view.error) {
     $("job-error").textContent = `${view.error.code}: ${view.error.message}`;
     $("job-error").hidden = false;
+  } else {
+    $("job-error").hidden = true; // a stream's error (Redis) is past once a view arrives again
   }
   const job = current;
   for (const preview of view.previews) {
     if (job.frames.has(preview.step)) continue;
     job.frames.set(preview.step, null);
-    // One after another, so frames appear in step order.
-    job.chain = job.chain.then(() => showFrame(job, preview));
+    // One after another, so frames appear in step order; one that fails leaves the rest to come.
+    job.chain = job.chain.then(() => showFrame(job, preview)).catch(() => {});
   }
   if (view.params) showParams(view);
   if (view.status === "succeeded" && !job.imagesShown) {
     job.imagesShown = true;
-    job.chain = job.chain.then(() => showImages(job, view));
+    job.chain = job.chain.then(() => showImages(job, view)).catch(() => {});
   }
   updateHistory(view);
 }
@@ -152,13 +173,18 @@ function formatSeconds(seconds) {
 }
 
 async function blobUrl(path) {
-  const response = await fetch(path, { headers: authHeaders() });
-  if (!response.ok) return null;
-  return URL.createObjectURL(await response.blob());
+  try {
+    const response = await fetch(path, { headers: authHeaders() });
+    if (!response.ok) return null;
+    return URL.createObjectURL(await response.blob());
+  } catch (exc) {
+    return null; // the network failed: a missing frame, not a stopped page
+  }
 }
 
 async function showFrame(job, preview) {
   const url = await blobUrl(preview.url);
+  if (job !== current && url) URL.revokeObjectURL(url);
   if (!url || job !== current) return;
   job.frames.set(preview.step, url);
   const thumb = new Image();
@@ -177,7 +203,15 @@ async function showImages(job, view) {
   const ext = (view.params && view.params.output_format) || "png";
   for (const image of view.images) {
     const url = await blobUrl(image.url);
-    if (!url || job !== current) return;
+    if (job !== current) {
+      if (url) URL.revokeObjectURL(url);
+      return;
+    }
+    if (!url) {
+      showJobError(`image ${image.index} could not be loaded; open the job again to retry`);
+      continue;
+    }
+    job.images.push(url);
     const figure = document.createElement("figure");
     const img = new Image();
     img.src = url;
@@ -303,9 +337,14 @@ function showJobError(text) {
 async function cancelJob() {
   if (!current) return;
   $("cancel").disabled = true;
-  const { response, body } = await api(`/v1/jobs/${current.id}/cancel`, { method: "POST" });
-  if (response.ok) render(body);
-  else showJobError(errorText(body, response));
+  try {
+    const { response, body } = await api(`/v1/jobs/${current.id}/cancel`, { method: "POST" });
+    if (response.ok) render(body);
+    else showJobError(errorText(body, response));
+  } catch (exc) {
+    $("cancel").disabled = false;
+    showJobError(`could not reach the API: ${exc}`);
+  }
 }
 
 // ---------------------------------------------------------------- history (this browser's jobs)
@@ -357,7 +396,15 @@ function renderHistory() {
 }
 
 async function reopen(id) {
-  const { response, body } = await api(`/v1/jobs/${id}`);
+  let response;
+  let body;
+  try {
+    ({ response, body } = await api(`/v1/jobs/${id}`));
+  } catch (exc) {
+    $("form-error").textContent = `could not reach the API: ${exc}`;
+    $("form-error").hidden = false;
+    return;
+  }
   if (response.ok) {
     openJob(body);
     return;
@@ -378,7 +425,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cancel").addEventListener("click", cancelJob);
   $("api-key").addEventListener("input", () => {
     const key = $("api-key").value.trim();
-    if (key) localStorage.setItem(KEY_STORE, key);
+    const usable = !key || KEY_CHARS.test(key);
+    $("api-key").setCustomValidity(usable ? "" : "an API key has only printable ASCII characters");
+    $("api-key").reportValidity();
+    if (key && usable) localStorage.setItem(KEY_STORE, key);
     else localStorage.removeItem(KEY_STORE);
   });
   $("clear-history").addEventListener("click", () => saveHistory([]));
