@@ -430,6 +430,28 @@ def test_cancel_queued_job(client: TestClient, redis_conn: redis.Redis) -> None:
     assert 0 < redis_conn.ttl(f"rq:job:{job_id}") <= 86400
 
 
+def test_a_submit_whose_view_cannot_be_read_back_still_answers_202(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a submit that queued its job and then answered 503 (no Location) because
+    Redis failed on reading the view back: a client without an Idempotency-Key submitted it
+    again. It answers 202 with the job as it was written."""
+    from app.store import records
+
+    def blip(*args: Any, **kwargs: Any) -> None:
+        raise redis.ConnectionError("injected: Redis went away after the submit")
+
+    monkeypatch.setattr(records, "snapshot", blip)
+    r = client.post("/v1/jobs", json={"prompt": "a lighthouse", "seed": 3})
+    assert r.status_code == 202, r.text
+    view = r.json()
+    assert view["status"] == "queued" and view["params"]["seed"] == 3 and view["params"]["prompt"] == "a lighthouse"
+    assert r.headers["location"] == f"/v1/jobs/{view['id']}"
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [view["id"].encode()]
+    monkeypatch.undo()
+    assert client.get(f"/v1/jobs/{view['id']}").json()["params"] == view["params"]
+
+
 def test_a_canceled_queued_job_is_kept_like_any_ended_one(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards against a job canceled after hours in its queue keeping its submit's record TTL
     (result_ttl + 1 h from its submit): its record expired long before RQ's copy did

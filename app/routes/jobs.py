@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import redis
 from fastapi import APIRouter, Body, Header, HTTPException, Path, Request, Response, status
@@ -300,6 +300,12 @@ def _pick_model(
     return body
 
 
+class Submitted(NamedTuple):
+    job_id: str
+    replayed: bool  # an earlier request with the same Idempotency-Key made it
+    params: JobParams  # as resolved (a replay: this request's, not the first one's)
+
+
 def submit_job_request(
     body: JobRequest,
     settings: ApiSettings,
@@ -308,7 +314,7 @@ def submit_job_request(
     idempotency_key: str | None = None,
     finish: Callable[[JobParams], JobParams] | None = None,
     workers: list[WorkerInfo] | None = None,
-) -> tuple[str, bool]:
+) -> Submitted:
     """Check, admit and queue a validated request: the one submit path of every route that
     starts jobs (POST /v1/jobs, the OpenAI-compatible endpoint). Returns the job id and
     whether it is a replay of an earlier request with the same Idempotency-Key.
@@ -333,7 +339,7 @@ def submit_job_request(
     _check_device_caps(serving(workers, body.model), body, params)
     claim = _claim(settings, conn, body, idempotency_key, principal.name)
     if claim is not None and not claim.fresh:
-        return claim.job_id, True
+        return Submitted(claim.job_id, True, params)
     try:
         job_id = records.submit(
             settings, conn, params, principal.name, job_id=claim.job_id if claim else None,
@@ -345,7 +351,7 @@ def submit_job_request(
         if isinstance(exc, limits.Refused):
             raise _refusal(settings, exc) from None
         raise
-    return job_id, False
+    return Submitted(job_id, False, params)
 
 
 def _submit(
@@ -359,15 +365,21 @@ def _submit(
     worker_cache: WorkerCache,
 ) -> JobOut:
     """POST /v1/jobs once FastAPI has validated the body against this server's request model."""
-    job_id, replayed = submit_job_request(body, settings, conn, principal, idempotency_key,
-                                          workers=worker_cache.get(conn))
+    job_id, replayed, params = submit_job_request(body, settings, conn, principal, idempotency_key,
+                                                  workers=worker_cache.get(conn))
     if replayed:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
     job_id_var.set(job_id)
     log.info("job accepted for %s%s", principal.name, " (idempotent replay)" if replayed else "")
     response.headers["Location"] = views.job_path(path_for, job_id)
-    snap = records.snapshot(conn, job_id, settings.queue_name)
+    try:
+        snap = records.snapshot(conn, job_id, settings.queue_name)
+    except redis.RedisError:
+        if replayed:
+            raise  # a 503: the retry, with its key, finds the job again
+        # Accepted already: its view as written, not a 503 that would invite a resubmit.
+        snap = records.accepted_snapshot(job_id, params, principal.name)
     if snap is None:  # only if Redis lost it within milliseconds
         raise _not_found(settings, job_id)
     return views.job_view(conn, snap, path_for)

@@ -343,7 +343,7 @@ async def generate_images(
 
     try:
         # The live workers are read in the thread too: a stale cache reads Redis, blocking.
-        job_id, _ = await run_in_threadpool(
+        job_id, _, _ = await run_in_threadpool(
             lambda: jobs.submit_job_request(job, settings, conn, principal, None, _spaced_previews(body),
                                             worker_cache.get(conn))
         )

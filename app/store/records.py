@@ -82,6 +82,30 @@ def resolve_params(
     return JobParams.model_validate(values)
 
 
+def new_record(params: JobParams, owner: str) -> dict[str, str]:
+    """A job's record as its submit writes it."""
+    record: dict[str, str] = {
+        RecordField.params: params.model_dump_json(),
+        RecordField.created_at: repr(now()),
+        RecordField.step: "0",
+        RecordField.total_steps: str(params.steps),
+        RecordField.owner: owner,
+    }
+    if params.width is not None:
+        record[RecordField.width] = str(params.width)
+    if params.height is not None:
+        record[RecordField.height] = str(params.height)
+    if params.model is not None:
+        # Its queue is the model's: the model that will run it (the view's notice reads it).
+        record[RecordField.model] = params.model
+    return record
+
+
+def accepted_snapshot(job_id: str, params: JobParams, owner: str) -> JobSnapshot:
+    """A job just queued, as its submit wrote it: its view when Redis cannot be read back."""
+    return JobSnapshot(job_id=job_id, record=new_record(params, owner), rq_status="queued", preview_steps=[])
+
+
 def submit(
     settings: ApiSettings,
     conn: redis.Redis,
@@ -104,20 +128,7 @@ def submit(
         conn, base, owner, queue_name, job_id,
         settings.rate, settings.max_queued_per_key, settings.max_queue_depth,
     )
-    record: dict[str, str] = {
-        RecordField.params: params.model_dump_json(),
-        RecordField.created_at: repr(now()),
-        RecordField.step: "0",
-        RecordField.total_steps: str(params.steps),
-        RecordField.owner: owner,
-    }
-    if params.width is not None:
-        record[RecordField.width] = str(params.width)
-    if params.height is not None:
-        record[RecordField.height] = str(params.height)
-    if params.model is not None:
-        # Its queue is the model's: the model that will run it (the view's notice reads it).
-        record[RecordField.model] = params.model
+    record = new_record(params, owner)
     queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
     try:
         pipe = conn.pipeline(transaction=True)
