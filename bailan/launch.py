@@ -238,6 +238,28 @@ def respawn(child: Child) -> None:
     child.restarts.started()
 
 
+def _pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is gone for our purpose.
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _stale_valkey_pid(pidfile: Path) -> int | None:
     """The pid of a server from an earlier run still using this data directory."""
     try:
@@ -262,10 +284,22 @@ def start_valkey(data_dir: Path, port: int, any_port: bool = True) -> ValkeyServ
     pidfile = data_dir / "valkey.pid"
     stale = _stale_valkey_pid(pidfile)
     if stale is not None:
-        raise RuntimeError(
-            f"a valkey server from an earlier run (pid {stale}) still uses {data_dir}; "
-            f"stop it (kill {stale}) and start again"
-        )
+        owner = _pid_in(data_dir / "launcher.pid")
+        if owner is None or _alive(owner):
+            raise RuntimeError(
+                f"a valkey server from an earlier run (pid {stale}) still uses {data_dir}"
+                + (f", for a launcher still running (pid {owner})" if owner else "")
+                + f"; stop it (kill {stale}) and start again"
+            )
+        # Its launcher died without stopping it (kill -9): stop it (it writes its AOF out on
+        # SIGTERM), so the data is served again by the server started below.
+        print(f"bailan: stopping the valkey server (pid {stale}) a killed launcher left behind", file=sys.stderr)
+        os.kill(stale, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _alive(stale):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the valkey server left behind (pid {stale}) did not stop; kill it")
+            time.sleep(0.1)
     config = {
         # Jobs survive a restart of `make run`, losing at most ~1 s of writes.
         "appendonly": "yes",
@@ -297,6 +331,8 @@ def start_valkey(data_dir: Path, port: int, any_port: bool = True) -> ValkeyServ
         if not any_port and server.port != port:
             server.stop()
             raise OSError(f"port {port} is taken")
+        # Whose server this is: a later start stops it only once this process is gone.
+        (data_dir / "launcher.pid").write_text(f"{os.getpid()}\n")
         return server
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -6,6 +6,7 @@ own process group and signal that group, as a terminal's Ctrl-C does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -318,6 +319,38 @@ def test_embedded_valkey_keeps_data_across_restarts(tmp_path: Path) -> None:
         conn.close()
     finally:
         server.stop()
+
+
+def test_a_valkey_left_by_a_killed_launcher_is_taken_over(tmp_path: Path) -> None:
+    """Guards against `make run` refusing to start after its launcher was killed (kill -9,
+    an OOM kill): the embedded valkey, which no parent-death signal reaches, ran on with the
+    data directory, and every later start said to kill it by hand. With its launcher gone,
+    a start stops it (its AOF written out) and serves the same data."""
+    data_dir = tmp_path / "valkey"
+    port = free_port()
+    script = (
+        "import os, redis, sys\n"
+        "from pathlib import Path\n"
+        "from bailan.launch import start_valkey\n"
+        f"server = start_valkey(Path({str(data_dir)!r}), {port})\n"
+        "redis.Redis(port=server.port).set('bailan:test:kept', '1')\n"
+        "os._exit(0)  # as if killed: the server is not stopped\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=60)
+    left = int((data_dir / "valkey.pid").read_text())
+    try:
+        os.kill(left, 0)  # still running, its launcher gone
+        server = start_valkey(data_dir, port)
+        try:
+            assert int((data_dir / "valkey.pid").read_text()) != left
+            conn = redis.Redis(port=server.port)
+            assert conn.get("bailan:test:kept") == b"1"
+            conn.close()
+        finally:
+            server.stop()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(left, signal.SIGKILL)  # not left behind by this test, whatever happened
 
 
 def test_embedded_valkey_falls_back_to_a_free_port(tmp_path: Path) -> None:
