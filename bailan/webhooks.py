@@ -238,6 +238,14 @@ def transaction(conn: redis.Redis) -> Any:
     return pipe
 
 
+def retry_intervals(policy: Policy) -> list[int]:
+    """The wait before each retry, one per retry, the last interval repeating: RQ reads its list
+    from the end (retry k of n waits intervals[len - (n - k + 1)]), so a list of another length
+    than the retries ran off by as many places (3 retries waited 1800, 3600, 7200 s)."""
+    given = list(policy.intervals)
+    return [given[min(i, len(given) - 1)] for i in range(policy.retries)] if given else []
+
+
 def enqueue(
     conn: redis.Redis,
     pipe: Any,
@@ -253,7 +261,7 @@ def enqueue(
         return False
     retry = None
     if event is WebhookEvent.completed and policy.retries > 0:
-        retry = Retry(max=policy.retries, interval=list(policy.intervals) or 0)
+        retry = Retry(max=policy.retries, interval=retry_intervals(policy) or 0)
     mid = message_id(job_id, event, step)
     pipe.delete(body_key(mid))  # a job started again is news again, not the old body
     Queue(policy.queue, connection=conn, serializer=JSONSerializer).enqueue_call(

@@ -130,14 +130,17 @@ def test_public_addresses_are_public(address: str) -> None:
 
 @pytest.mark.parametrize("secret", [SECRET, "a plain secret of some length"])
 def test_signature_verifies_with_standardwebhooks(secret: str) -> None:
-    """Guards: a signature receivers' Standard Webhooks libraries reject (wrong key form or signed string)."""
+    """Guards: a signature receivers' Standard Webhooks libraries reject (wrong key form or signed
+    string), verified as the README tells receivers to (a plain-string secret as its bytes: the
+    README once showed Webhook(secret) for it, which the library reads as base64 and rejects)."""
     key = webhooks.secret_key(secret)
     body = '{"type":"job.completed"}'
     headers = webhooks.sign(key, "msg_1", int(time.time()), body)
     assert headers["webhook-signature"].startswith("v1,")
-    assert Webhook(key).verify(body, headers) == {"type": "job.completed"}
+    receiver = Webhook(secret) if secret.startswith("whsec_") else Webhook(secret.encode())
+    assert receiver.verify(body, headers) == {"type": "job.completed"}
     with pytest.raises(Exception):
-        Webhook(key).verify(body.replace("completed", "failed"), headers)
+        receiver.verify(body.replace("completed", "failed"), headers)
 
 
 @pytest.mark.parametrize("secret", ["whsec_not*base64", "short"])
@@ -241,6 +244,27 @@ def test_cancel_of_queued_job_delivers_canceled_view(
     assert payload["type"] == "job.completed"
     assert payload["data"]["status"] == "canceled" and payload["data"]["id"] == job["id"]
     assert payload["data"]["finished_at"] == view["finished_at"]
+
+
+@pytest.mark.parametrize(("retries", "waits"), [(3, [10, 30, 60]), (10, [10, 30, 60, 300, 900, 1800, 3600, 7200,
+                                                                         7200, 7200])])
+def test_retries_wait_the_documented_intervals(
+    redis_url: str, redis_conn: redis.Redis, receiver: Receiver, retries: int, waits: list[int]
+) -> None:
+    """Guards against retries that waited other intervals than BAILAN_WEBHOOK_RETRY_INTERVALS_S
+    says: RQ reads its interval list from the end, so with 3 retries the waits were 1800,
+    3600 and 7200 s, and with 10 the first interval repeated instead of the last. Read as
+    RQ reads them, from the queued delivery."""
+    settings = api_settings(redis_url, webhook_allow_hosts="127.0.0.1", webhook_retries=retries)
+    with TestClient(create_app(settings)) as client:
+        job = client.post("/v1/jobs", json={"prompt": "x", "webhook_url": receiver.url("/waits")}).json()
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    delivery = Job.fetch(f"msg_{job['id']}_completed", connection=redis_conn, serializer=JSONSerializer)
+    seen = []
+    for left in range(retries, 0, -1):  # retry 1 happens with all of them left
+        delivery.retries_left = left
+        seen.append(delivery.get_retry_interval())
+    assert seen == waits
 
 
 def test_worker_lost_failure_is_delivered(
