@@ -11,6 +11,7 @@ alive to notice. Like the rest of bailan/, this never imports torch.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -132,10 +133,11 @@ def _reap_queue(
     for job_id in expired:
         check.hget(f"rq:job:{job_id}", "status")
         check.exists(Keys.job(job_id))
+        check.hget(Keys.job(job_id), RecordField.params)
     answers = check.execute()
     pipe = webhooks.transaction(connection)
     lost: list[str] = []
-    for job_id, status, exists in zip(expired, answers[::2], answers[1::2]):
+    for job_id, status, exists, params in zip(expired, answers[::3], answers[1::3], answers[2::3]):
         key = Keys.job(job_id)
         if not exists:
             continue  # the record already expired; don't recreate a stub of it
@@ -150,8 +152,13 @@ def _reap_queue(
         else:
             pipe.hincrbyfloat(metrics_key(base), "bailan_jobs_requeued_total", 1)
             pipe.zadd(Keys.waiting(queue_name), {job_id: now()})  # waiting again (_recover_lost)
-            # Requeued: it runs afresh, so the dead attempt's traces go.
-            pipe.hdel(key, RecordField.started_at, RecordField.step, RecordField.worker)
+            # Requeued: it runs afresh, so the dead attempt's traces go; and the model its worker
+            # wrote, unless the job named it: any model's worker may take it now (its view's
+            # waiting_for_worker and eta_s read it).
+            traces = [RecordField.started_at, RecordField.step, RecordField.worker]
+            if not _names_a_model(params):
+                traces.append(RecordField.model)
+            pipe.hdel(key, *traces)
             pipe.delete(Keys.previews(job_id))
         events.notify(pipe, job_id)
     # Queued with the worker_lost end it reports, in the same transaction.
@@ -225,6 +232,13 @@ def _recover_lost(connection: redis.Redis, queue_name: str, base: str) -> list[s
     if recovered:
         connection.hincrbyfloat(metrics_key(base), "bailan_jobs_recovered_total", len(recovered))
     return recovered
+
+
+def _names_a_model(params: bytes | str | None) -> bool:
+    try:
+        return bool(params) and bool(json.loads(params).get("model"))  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
+        return False
 
 
 def _text(value: bytes | str) -> str:

@@ -766,7 +766,8 @@ def test_reaped_job_is_never_failed_without_its_reason(redis_url: str, redis_con
 
 
 def test_reaper_requeues_while_retries_left(client: TestClient, redis_conn: redis.Redis) -> None:
-    """Guards: a job lost to a dying worker failing at once although abandoned_retries allows a rerun."""
+    """Guards: a job lost to a dying worker failing at once although abandoned_retries allows a
+    rerun, or requeued still marked with that worker's model."""
     job_id = submit(client)["id"]
     start_job(redis_conn, job_id, execution_score=time.time() - 100)
     # The app's own reaper sweeps once at start-up on its thread; while it holds the
@@ -777,6 +778,10 @@ def test_reaper_requeues_while_retries_left(client: TestClient, redis_conn: redi
     assert reaped == [job_id]
     view = client.get(f"/v1/jobs/{job_id}").json()
     assert view["status"] == "queued" and view["queue_position"] == 1
+    # The dead worker's model goes too, the job naming none: its view and wait estimate looked
+    # for that model's workers (waiting_for_worker, no eta_s) where any worker would take it.
+    assert redis_conn.hget(Keys.job(job_id), RecordField.model) is None
+    assert view["model"] is None and view["waiting_for_worker"] is False
 
 
 def test_reaper_survives_redis_down() -> None:
