@@ -46,6 +46,12 @@ log = logging.getLogger("bailan.api")
 DOCS_ASSETS_URL = "/docs-assets"
 
 
+# Retried once: a connection that broke (a pooled one from before a Redis restart). Not a
+# timeout: the commands may still run once Redis catches up, and a transaction sent again
+# would then run twice (a job queued twice, a webhook sent twice).
+RETRIED = (redis.ConnectionError,)
+
+
 def make_redis(settings: ApiSettings) -> redis.Redis:
     # Short timeouts and a single quick retry: a dead Redis must become a
     # prompt 503, not a request that hangs for redis-py's default backoff.
@@ -53,7 +59,7 @@ def make_redis(settings: ApiSettings) -> redis.Redis:
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1, supported_errors=RETRIED),
         health_check_interval=30,
     )
 
@@ -64,7 +70,7 @@ def make_async_redis(settings: ApiSettings) -> redis.asyncio.Redis:
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
-        retry=AsyncRetry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        retry=AsyncRetry(ExponentialBackoff(cap=0.1, base=0.01), 1, supported_errors=RETRIED),
         health_check_interval=30,
     )
 

@@ -1073,3 +1073,41 @@ def test_live_workers_are_found_without_scanning_the_keyspace(client: TestClient
     assert redis_conn.zscore(Keys.workers(), "gone") is None
     presence.withdraw(redis_conn, "w1")
     assert client.get("/readyz").status_code == 503
+
+
+def test_a_transaction_that_timed_out_is_not_sent_again(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards against the API's Redis client retrying a transaction after a read timeout: Redis
+    had the first one already and ran it once it caught up, so it ran twice (a job queued
+    twice, a completed webhook queued twice, a counter counted twice). The stall is real:
+    a slow Lua script on another connection."""
+    import threading
+
+    from app.main import make_redis
+
+    slow = "local x = 0 for i = 1, tonumber(ARGV[1]) do x = x + i end return 1"
+    loops = 1
+    while True:  # a script that keeps Redis busy for about 0.8 s on this machine
+        started = time.perf_counter()
+        redis_conn.eval(slow, 0, loops)
+        took = time.perf_counter() - started
+        if took > 0.05:
+            break
+        loops *= 4
+    loops = int(loops * 0.8 / took)
+    # A timeout the stall outlasts once, not twice: a retry would get its answer.
+    api = make_redis(make_settings(redis_url, redis_timeout_s=0.45))
+    api.ping()
+    stall = threading.Thread(target=lambda: redis.Redis.from_url(redis_url).eval(slow, 0, loops))
+    stall.start()
+    time.sleep(0.05)
+    pipe = api.pipeline(transaction=True)
+    pipe.rpush("bailan:test:sent-once", "job")
+    with pytest.raises(redis.TimeoutError):
+        pipe.execute()
+    stall.join()
+    wait_for_value = time.monotonic() + 5
+    while not redis_conn.exists("bailan:test:sent-once") and time.monotonic() < wait_for_value:
+        time.sleep(0.02)
+    assert redis_conn.lrange("bailan:test:sent-once", 0, -1) in ([], [b"job"])  # at most once
+    redis_conn.delete("bailan:test:sent-once")
+    api.close()
