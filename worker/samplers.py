@@ -70,9 +70,10 @@ class Schedule:
     its starting noise make, KA * x0 + KB * noise: inpainting re-imposes it
     outside the mask, as diffusers' pipeline does with `add_noise`.
 
-    `start` > 0 starts part-way (img2img): the rows before it are unused, the
-    multistep solver starts at first order there, and `start_a`, `start_b`
-    make the first state from the picture's latent and the seed's noise.
+    `start` > 0 starts part-way (img2img): the rows before it are unused and the
+    multistep solver starts at first order there. `start_a`, `start_b` make an
+    img2img job's first state from the picture's latent and the seed's noise
+    (at `start` = 0 too: full strength keeps the picture's share of the first step).
     """
 
     name: str
@@ -136,8 +137,10 @@ def _schedule(name: str, config_json: str, steps: int, start: int = 0) -> Schedu
         init_noise_sigma=float(scheduler.init_noise_sigma),
         stochastic=name == "euler_a",
         start=start,
-        start_a=float(state[start, 0]) if start else 0.0,
-        start_b=float(state[start, 1]) if start else float(scheduler.init_noise_sigma),
+        # A picture noised to the first step run, as add_noise makes it; at full strength too
+        # (diffusers' img2img keeps the picture's share of timesteps[0]).
+        start_a=float(state[start, 0]),
+        start_b=float(state[start, 1]),
     )
 
 

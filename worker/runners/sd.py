@@ -297,11 +297,14 @@ class SDRunner:
                 # the stock pipeline's image for one-image jobs.
                 generator = torch.Generator("cpu").manual_seed(job.seed + index)
                 first = randn_tensor(shape, generator=generator, dtype=torch.float32)
-                if picture is None:
+                if picture is None or (mask is not None and sched.start == 0):
+                    # Text to image; and inpainting at full strength, which diffusers' inpaint
+                    # pipeline also starts from pure noise.
                     latents.append(first * sched.init_noise_sigma)
                 else:
                     # As diffusers' img2img: the picture's latent noised to the start step.
                     latents.append(sched.start_a * picture.cpu() + sched.start_b * first)
+                if picture is not None:
                     pictures.append((slot, picture, first, mask, masked))
                 if sched.stochastic:
                     draws = [randn_tensor(shape, generator=generator, dtype=torch.float32)
