@@ -144,6 +144,11 @@ def test_unsupported_configurations_are_refused_with_a_reason() -> None:
         samplers.schedule("lms", sd_config(), 10)
     with pytest.raises(samplers.UnsupportedSchedule, match="steps=2000"):
         samplers.schedule("ddim", sd_config(), 2000)
+    # Epsilon prediction at zero terminal SNR: DDIM's clean-latent estimate divides by
+    # sqrt(alpha_bar) = 0 at the first step; it was sampled into a non-finite image.
+    eps_zero_snr = dict(sd_noise_scheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing").config)
+    with pytest.raises(samplers.UnsupportedSchedule, match="degenerate"):
+        samplers.schedule("ddim", eps_zero_snr, 10)
 
 
 @pytest.mark.parametrize("config_name", ["sd_epsilon", "zero_snr_v"])

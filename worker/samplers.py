@@ -124,9 +124,10 @@ def _schedule(name: str, config_json: str, steps: int, start: int = 0) -> Schedu
         raise UnsupportedSchedule(f"steps={steps} with scheduler {name} cannot be sampled on this model: {exc}") from exc
     table[:, KA], table[:, KB] = state[1:, 0], state[1:, 1]
     table[:start] = 0.0
-    # NaN would poison the image (e.g. repeated timesteps when steps exceed the model's
-    # training steps); an infinite clamp bound is fine.
-    if np.isnan(table[start:]).any() or not np.isfinite(table[start:, [T, C_IN, PREVIEW]]).all():
+    # NaN or an infinite factor would poison the image (repeated timesteps when steps exceed
+    # the model's training steps; DDIM's epsilon estimate at zero terminal SNR divides by
+    # sqrt(alpha_bar) = 0); an infinite clamp bound is fine.
+    if np.isnan(table[start:]).any() or not np.isfinite(np.delete(table[start:], [LO, HI], axis=1)).all():
         raise UnsupportedSchedule(
             f"steps={steps} with scheduler {name} gives a degenerate schedule on this model (repeated timesteps?)"
         )
