@@ -9,7 +9,11 @@ MGET. A SCAN for `bailan:worker:*` would instead walk every key in the
 database, every job record included, on every call.
 
 A dead worker's key expires by itself; its name is dropped from the set by
-the next reader once it is a minute stale.
+the next reader once it is a minute stale. The key's TTL, kept by Redis' own
+clock, is what says a worker is alive: the set's scores come from the
+workers' clocks, so readers list every name scored within that minute and
+keep those whose key still exists. A worker whose clock is a few seconds
+behind the API's is then still seen (it was taken for dead at 4 s of skew).
 """
 
 from __future__ import annotations
@@ -43,17 +47,17 @@ def _live_keys(names: list[bytes | str]) -> list[str]:
     return [Keys.worker(n.decode() if isinstance(n, bytes) else n) for n in names]
 
 
-def live(conn: redis.Redis) -> list[tuple[str, bytes | None]]:
-    """(worker key, its JSON or None if it expired meanwhile) for every worker whose presence holds."""
-    now = time.time()
+def live(conn: redis.Redis) -> list[tuple[str, bytes]]:
+    """(worker key, its JSON) for every worker whose presence holds: its key not expired."""
+    stale = time.time() - STALE_S
     pipe = conn.pipeline(transaction=False)
-    pipe.zremrangebyscore(Keys.workers(), "-inf", now - STALE_S)
-    pipe.zrangebyscore(Keys.workers(), now, "+inf")
+    pipe.zremrangebyscore(Keys.workers(), "-inf", stale)
+    pipe.zrangebyscore(Keys.workers(), stale, "+inf")
     _, names = pipe.execute()
     keys = _live_keys(names)
-    return list(zip(keys, conn.mget(keys))) if keys else []
+    return [(key, raw) for key, raw in zip(keys, conn.mget(keys)) if raw is not None] if keys else []
 
 
 def any_live(conn: redis.Redis) -> bool:
     """Whether some worker's presence holds (the launcher's "ready" line)."""
-    return bool(conn.zcount(Keys.workers(), time.time(), "+inf"))
+    return bool(live(conn))

@@ -1075,6 +1075,22 @@ def test_live_workers_are_found_without_scanning_the_keyspace(client: TestClient
     assert client.get("/readyz").status_code == 503
 
 
+def test_a_worker_whose_clock_lags_is_still_live(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards against presence read on the reader's clock: a worker whose clock was more than
+    its presence TTL (4 s) behind the API's scored its entry in the past, so it was never
+    live (/readyz 503, no workers in /v1/models, no eta_s) while its key was alive in Redis.
+    The key's TTL, on Redis' clock, decides; a key expired is dead whatever its score."""
+    publish_worker(redis_conn, "lagging", samples_per_s=5.0, step_s=0.25, backlog=0)
+    redis_conn.zadd(Keys.workers(), {"lagging": time.time() - 20})  # its clock 50 s behind, TTL 30 s
+    assert client.get("/readyz").json()["workers"] == 1
+    assert [m["workers"] for m in client.get("/v1/models").json()["models"]] == [1]
+    job = submit(client)
+    assert client.get(f"/v1/jobs/{job['id']}").json()["eta_s"] is not None  # the snapshot script's read too
+    redis_conn.delete(Keys.worker("lagging"))  # its key expired: dead, though scored ahead
+    redis_conn.zadd(Keys.workers(), {"lagging": time.time() + 30})
+    assert client.get("/readyz").status_code == 503
+
+
 def test_a_transaction_that_timed_out_is_not_sent_again(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards against the API's Redis client retrying a transaction after a read timeout: Redis
     had the first one already and ran it once it caught up, so it ran twice (a job queued

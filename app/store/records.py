@@ -38,7 +38,7 @@ from bailan.jobs import (
     now,
     public_state,
 )
-from bailan import events, webhooks
+from bailan import events, presence, webhooks
 from bailan.blobs import BlobStore, image_key, preview_key
 from bailan.keys import ANONYMOUS
 from bailan.metrics import field, metrics_key
@@ -187,9 +187,14 @@ if rq[1] == 'queued' and rq[2] then
   if model then served = redis.call('EXISTS', MODEL_LIVE_PREFIX .. model) end
   if position and ARGV[3] ~= '' then
     local workers = {}
-    for _, name in ipairs(redis.call('ZRANGEBYSCORE', WORKERS_KEY, ARGV[2], '+inf')) do
-      table.insert(workers, name)
-      table.insert(workers, redis.call('GET', WORKER_PREFIX .. name))
+    -- Presence is the key's TTL (Redis' clock); the scores, the workers' clocks, only narrow
+    -- the names down (bailan.presence).
+    for _, name in ipairs(redis.call('ZRANGEBYSCORE', WORKERS_KEY, tonumber(ARGV[2]) - PRESENCE_STALE_S, '+inf')) do
+      local description = redis.call('GET', WORKER_PREFIX .. name)
+      if description then
+        table.insert(workers, name)
+        table.insert(workers, description)
+      end
     end
     local roots = {ARGV[3]}
     if model then table.insert(roots, ARGV[3] .. MODEL_QUEUE_INFIX .. model) end
@@ -230,7 +235,7 @@ _SNAPSHOT = _lua_constants(
     MODEL_QUEUE_INFIX=MODEL_QUEUE_INFIX,
     WORKERS_KEY=Keys.workers(),
     WORKER_PREFIX=Keys.worker(""),
-) + _SNAPSHOT_SOURCE
+) + f"local PRESENCE_STALE_S = {presence.STALE_S!r}\n" + _SNAPSHOT_SOURCE
 
 
 @dataclass
