@@ -288,3 +288,17 @@ def test_progress_a_redis_error_kept_from_clients_is_sent_again(model: LoadedMod
         made.close()
         if server.is_running():
             server.stop()
+
+
+def test_a_wait_measured_across_skewed_clocks_never_lowers_the_histogram(
+    bridge: JobBridge, redis_conn: redis.Redis
+) -> None:
+    """Guards against a queue wait observed below zero (the submit stamped by an API host
+    whose clock runs ahead of the worker's): it lowered bailan_job_wait_seconds_sum, which
+    Prometheus' rate() reads as a counter reset."""
+    submit(redis_conn, "ahead", steps=2)
+    redis_conn.hset(Keys.job("ahead"), RecordField.created_at, repr(now() + 30))
+    bridge.tally.take()
+    bridge.run("ahead")
+    sums = {name: value for name, value in bridge.tally.take().items() if name.startswith("bailan_job_wait_seconds_sum")}
+    assert sums and all(value >= 0 for value in sums.values()), sums

@@ -168,7 +168,9 @@ class JobBridge:
             created = float(record.get(RecordField.created_at) or "nan")
         except ValueError:
             created = float("nan")
-        self.tally.observe("bailan_job_wait_seconds", now() - created, {"model": self.model.name})
+        # Never below 0: the submit's stamp is another host's clock, and a negative observation
+        # would lower the histogram's sum, which Prometheus reads as a counter reset.
+        self.tally.observe("bailan_job_wait_seconds", max(0.0, now() - created), {"model": self.model.name})
         width = params.width or self.model.native_width
         height = params.height or self.model.native_height
         refusal = self.caps.refusal(width, height, params.steps)

@@ -123,10 +123,8 @@ def serve(settings: WorkerSettings) -> int:
     liveness = Liveness(settings, connection, slots, info, tally=tally, outage=outage,
                         gauges=lambda: device_gauges(device),
                         live_info=lambda: {**engine.meter.snapshot(), "backlog": bridge.backlog()})
-    threads = [
-        threading.Thread(target=bridge.io_loop, name="bailan-io", daemon=True),
-        threading.Thread(target=liveness.loop, name="bailan-liveness", daemon=True),
-    ]
+    liveness_thread = threading.Thread(target=liveness.loop, name="bailan-liveness", daemon=True)
+    threads = [threading.Thread(target=bridge.io_loop, name="bailan-io", daemon=True), liveness_thread]
     slot_threads = [threading.Thread(target=slot.serve, args=(outage,), name=slot.name, daemon=True) for slot in slots]
     for thread in threads:
         thread.start()
@@ -150,6 +148,9 @@ def serve(settings: WorkerSettings) -> int:
     engine.run(engine_stop)
     liveness.stop.set()
     bridge.close()
+    # A presence tick still under way would write the worker back after its withdrawal, and
+    # /readyz would count a stopped worker for a few seconds more.
+    liveness_thread.join(timeout=10)
     try:
         presence.withdraw(connection, settings.name)
     except redis.RedisError:
