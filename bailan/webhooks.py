@@ -32,6 +32,7 @@ import base64
 import binascii
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -79,15 +80,28 @@ def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
+        ip = ip.sixtofour  # 2002:c0a8:101:: carries 192.168.1.1 to whoever relays 6to4
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
 
 
+# What the C resolver also reads as an IPv4 address: 2130706433, 0x7f.1, 127.1, 017700000001.
+_LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$")
+
+
 def literal_address(host: str) -> str | None:
-    """`host` as an IP address when it is one written out, else None."""
+    """`host` as an IP address when it is one written out, else None: in any form the
+    resolver takes for one, so `http://2130706433/` is 127.0.0.1 here as at connect."""
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
-        return None
+        pass
+    if _LEGACY_IPV4.match(host):
+        try:
+            return str(ipaddress.IPv4Address(socket.inet_aton(host)))
+        except OSError:
+            return None
+    return None
 
 
 def check_submitted(url: str, allow_hosts: Iterable[str]) -> None:

@@ -116,7 +116,8 @@ def verified(received: Received) -> dict[str, Any]:
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
                                      "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255",
-                                     "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "ff02::1", "::"])
+                                     "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "ff02::1", "::",
+                                     "2002:c0a8:101::1"])  # 6to4 carrying 192.168.1.1: was public
 def test_internal_addresses_are_not_public(address: str) -> None:
     """Guards: an internal, link-local, multicast or reserved block reachable by a webhook."""
     assert not webhooks.is_public(address)
@@ -179,6 +180,11 @@ def api_settings(redis_url: str, **overrides: Any) -> ApiSettings:
         ({"webhook_url": "http://10.0.0.1/hook"}, "webhook_url", "not a public address"),
         ({"webhook_url": "http://127.0.0.1:9/hook"}, "webhook_url", "not a public address"),
         ({"webhook_url": "http://[::1]/hook"}, "webhook_url", "not a public address"),
+        # What the resolver also reads as 127.0.0.1 was taken at submit (delivery refused it later).
+        ({"webhook_url": "http://2130706433/hook"}, "webhook_url", "127.0.0.1 is not a public address"),
+        ({"webhook_url": "http://0x7f.1/hook"}, "webhook_url", "127.0.0.1 is not a public address"),
+        ({"webhook_url": "http://127.1/hook"}, "webhook_url", "127.0.0.1 is not a public address"),
+        ({"webhook_url": "http://017700000001/hook"}, "webhook_url", "127.0.0.1 is not a public address"),
         ({"webhook_url": "https://user:pw@example.com/hook"}, "webhook_url", "credentials"),
         ({"webhook_url": "ftp://example.com/hook"}, "webhook_url", "http"),
         ({"webhook_url": "https://example.com/" + "a" * 100}, "webhook_url", "at most 64"),
