@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except (httpx.HTTPError, OSError) as exc:  # an unreachable server, an unreadable or unwritable file
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside a job's wait (that one cancels the job): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

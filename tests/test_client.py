@@ -241,6 +241,28 @@ def test_cli_ctrl_c_cancels_its_job(service: Service, key: tuple[Path, str], tmp
         assert client.wait(job_id, timeout=30).status is JobState.canceled
 
 
+def test_cli_ctrl_c_while_the_server_is_silent_exits_cleanly(tmp_path: Path) -> None:
+    """Guards against Ctrl-C outside a job's wait (a submit to a server that never answers)
+    ending `bailan generate` with a Python traceback instead of exit 130."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    try:
+        with subprocess.Popen(
+            [str(BAILAN), "generate", "x", "--url", f"http://127.0.0.1:{silent.getsockname()[1]}"],
+            cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        ) as process:
+            silent.settimeout(60)
+            connection, _ = silent.accept()  # the submit is under way
+            assert process.poll() is None
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 130
+            assert process.stderr is not None
+            err = process.stderr.read()
+            assert "interrupted" in err and "Traceback" not in err, err
+            connection.close()
+    finally:
+        silent.close()
+
+
 class CuttableProxy:
     """A TCP proxy to the API whose connections a test can cut, as an API restart or a
     proxy's idle timeout cuts an event stream."""
