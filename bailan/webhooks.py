@@ -235,9 +235,12 @@ def body_key(message_id: str) -> str:
     return f"bailan:webhook:{message_id}"
 
 
-def message_id(job_id: str, event: WebhookEvent, step: int | None = None) -> str:
-    """The delivery's id: RQ's job id and the `webhook-id` header, the same on every retry."""
-    return f"msg_{job_id}_{event.value}" + (f"_{step}" if step is not None else "")
+def message_id(job_id: str, event: WebhookEvent, step: int | None = None, attempt: str | None = None) -> str:
+    """The delivery's id: RQ's job id and the `webhook-id` header, the same on every retry.
+    `attempt` tells a run of the job from another (a job requeued after its worker died
+    starts again): its started and preview news are new, not repeats to drop."""
+    return (f"msg_{job_id}_{event.value}" + (f"_{step}" if step is not None else "")
+            + (f"_a{attempt}" if attempt else ""))
 
 
 def wanted(params: JobParams | None, event: WebhookEvent) -> bool:
@@ -268,15 +271,16 @@ def enqueue(
     event: WebhookEvent,
     params: JobParams | None,
     step: int | None = None,
+    attempt: str | None = None,
 ) -> bool:
     """Queue one delivery on `pipe` (a `transaction`, executed by the caller with the state it
-    reports), if `params` asked for it."""
+    reports), if `params` asked for it; `attempt` names the run (message_id)."""
     if not wanted(params, event):
         return False
     retry = None
     if event is WebhookEvent.completed and policy.retries > 0:
         retry = Retry(max=policy.retries, interval=retry_intervals(policy) or 0)
-    mid = message_id(job_id, event, step)
+    mid = message_id(job_id, event, step, attempt)
     pipe.delete(body_key(mid))  # a job started again is news again, not the old body
     Queue(policy.queue, connection=conn, serializer=JSONSerializer).enqueue_call(
         func=DELIVER_FUNC,

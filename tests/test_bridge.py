@@ -302,3 +302,20 @@ def test_a_wait_measured_across_skewed_clocks_never_lowers_the_histogram(
     bridge.run("ahead")
     sums = {name: value for name, value in bridge.tally.take().items() if name.startswith("bailan_job_wait_seconds_sum")}
     assert sums and all(value >= 0 for value in sums.values()), sums
+
+
+def test_a_job_run_again_sends_its_start_and_previews_as_new_news(bridge: JobBridge, redis_conn: redis.Redis) -> None:
+    """Guards against a job run a second time (requeued after its worker died) sending its
+    started and preview webhooks under the first run's ids: receivers, told to drop a
+    repeated webhook-id, dropped real news. A run's deliveries keep one id across retries."""
+    submit(redis_conn, "again", steps=4, preview_every=2, webhook_url="https://example.com/hook",
+           webhook_events=["started", "preview"])
+    queued = Queue(bridge.hooks.queue, connection=redis_conn, serializer=JSONSerializer)
+    bridge.run("again")
+    first = set(queued.get_job_ids())
+    redis_conn.hdel(Keys.job("again"), RecordField.started_at, RecordField.step)  # the reaper's requeue
+    bridge.run("again")
+    second = set(queued.get_job_ids()) - first
+    started = [mid for mid in first | second if "_started_" in mid]
+    assert len(started) == 2 and len(first) == len(second) == 2, (first, second)  # one start, one preview each
+    assert all(mid.startswith("msg_again_") for mid in first | second)

@@ -56,6 +56,11 @@ class Superseded(Exception):
 PREVIEW_DRAIN_S = 10.0
 
 
+def _run_of(started_at: str) -> str:
+    """A run's name in its webhook ids: its start, in milliseconds (webhooks.message_id)."""
+    return str(round(float(started_at) * 1000))
+
+
 @dataclass(eq=False)
 class _InFlight:
     """A running job and what the I/O thread last wrote of it."""
@@ -222,7 +227,8 @@ class JobBridge:
                     RecordField.worker: self.settings.name,
                 },
             )
-            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params)
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params,
+                             attempt=_run_of(repr(started)))
             return pipe.execute()
 
         try:
@@ -373,7 +379,9 @@ class JobBridge:
             events.notify(pipe, job_id)  # event streams: look again
             with self.lock:
                 params = self.hooked.get(job_id)  # gone once the job ended: no preview news after it
-            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.preview, params, step)
+                attempt = self.attempts.get(job_id)
+            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.preview, params, step,
+                             attempt=_run_of(attempt) if attempt else None)
             pipe.execute()
         except TRANSIENT as exc:
             # A preview lost to a Redis outage is only a preview: the next one replaces it.
