@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from bailan.eta import WorkerRate, estimate_eta, jobs_ahead
 from bailan.jobs import Keys
-from tests.test_api import announce, publish_worker, start_job, submit
+from tests.test_api import QUEUE, announce, publish_worker, start_job, submit
 from tests.test_e2e import Service, wait_for
 from worker.rates import StepMeter
 
@@ -107,6 +107,20 @@ def test_eta_counts_only_the_workers_of_the_jobs_model(client: TestClient, redis
     assert submit(client, steps=10, model="tiny")["eta_s"] is None
     # Its own model's worker: (0 backlog + 0 ahead) / 5, then 10 x 0.25 s.
     assert submit(client, steps=10, model="other")["eta_s"] == pytest.approx(2.5)
+
+
+def test_a_job_naming_no_model_counts_every_models_queue_ahead(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards against a job that names no model estimated from every worker's speed but only
+    the plain queue's jobs: those workers give turns to their own model's queue too, so jobs
+    waiting there are ahead of it, and the estimate ran short."""
+    from bailan.jobs import Keys
+
+    publish_worker(redis_conn, "w2", model="other", samples_per_s=5.0, step_s=0.25, backlog=0)
+    redis_conn.sadd(Keys.models(QUEUE), "other")  # as the worker's liveness registers its model
+    for _ in range(2):
+        submit(client, steps=10, model="other")
+    # One turn of the model's queue before it (round robin): (0 + 1 x 10) / 5, then 10 x 0.25 s.
+    assert submit(client, steps=10)["eta_s"] == pytest.approx(4.5)
 
 
 def test_malformed_rates_are_unknown_not_500(client: TestClient, redis_conn: redis.Redis) -> None:

@@ -197,7 +197,15 @@ if rq[1] == 'queued' and rq[2] then
       end
     end
     local roots = {ARGV[3]}
-    if model then table.insert(roots, ARGV[3] .. MODEL_QUEUE_INFIX .. model) end
+    if model then
+      table.insert(roots, ARGV[3] .. MODEL_QUEUE_INFIX .. model)
+    else
+      -- Every worker counts for a job that names no model, and each splits its turns between
+      -- the plain queue and its model's: every model's queue is work ahead of it too.
+      for _, name in ipairs(redis.call('SMEMBERS', MODELS_PREFIX .. ARGV[3])) do
+        table.insert(roots, ARGV[3] .. MODEL_QUEUE_INFIX .. name)
+      end
+    end
     local seen = {[rq[2]] = true}
     local lengths = {}
     local function count(name)
@@ -235,6 +243,7 @@ _SNAPSHOT = _lua_constants(
     MODEL_QUEUE_INFIX=MODEL_QUEUE_INFIX,
     WORKERS_KEY=Keys.workers(),
     WORKER_PREFIX=Keys.worker(""),
+    MODELS_PREFIX=Keys.models(""),
 ) + f"local PRESENCE_STALE_S = {presence.STALE_S!r}\n" + _SNAPSHOT_SOURCE
 
 

@@ -5,8 +5,8 @@ the same round trip (records.snapshot): the live workers' descriptions (their
 measured rates) and the lengths of the queues its workers serve besides its
 own. A job that names a model counts that model's workers, and the queues they
 serve: the model's and the plain base queue, each with its key queues
-(bailan.queues); a job that names none counts every worker and the plain base
-queue's tree.
+(bailan.queues); a job that names none counts every worker and every queue
+tree, the plain base queue's and each model's (its workers give those turns too).
 """
 
 from __future__ import annotations
