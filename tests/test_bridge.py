@@ -175,22 +175,27 @@ def test_a_job_whose_images_cannot_be_stored_ends_failed(bridge: JobBridge, redi
     assert getattr(raised.value, "bailan_error_code", None) == ErrorCode.internal.value
 
 
-@pytest.mark.parametrize("retries", [0, 1])
+@pytest.mark.parametrize(("retries", "storing_fails"), [(0, False), (1, False), (1, True)])
 def test_a_job_taken_from_its_worker_keeps_the_reapers_verdict(
-    model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_conn: redis.Redis, redis_url: str, retries: int
+    model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_conn: redis.Redis, redis_url: str, retries: int,
+    storing_fails: bool,
 ) -> None:
     """Guards against a worker that lost its lease (Redis unreachable from its host alone
     for longer than the lease, shorter than its outage limit) writing its outcome over the
     reaper's: a job failed as worker_lost turned succeeded, and a requeued job showed
     succeeded while its second run was still to come. The late outcome is dropped, in the
-    record and in RQ."""
-    queue_name = f"fence{retries}"
-    job_id = f"fenced{retries}"
+    record and in RQ; a late failure too (its images could not be stored: it failed the
+    requeued job in RQ)."""
+    queue_name = f"fence{retries}{int(storing_fails)}"
+    job_id = f"fenced{retries}{int(storing_fails)}"
     queue = Queue(queue_name, connection=redis_conn, serializer=JSONSerializer)
     queue.enqueue_call(func=RQ_FUNC, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600, timeout=-1,
                        retry=Retry(max=retries) if retries else None)
     submit(redis_conn, job_id, steps=2)
     settings = WorkerSettings(model=tiny_model_dir, redis_url=redis_url, blob_dir=tmp_path / "blobs")
+    if storing_fails:  # the directory its images go in is a file: the write fails
+        (tmp_path / "blobs").mkdir()
+        (tmp_path / "blobs" / job_id[:2]).write_bytes(b"")
     engine = Engine(model, 2)  # its loop starts once the reaper has taken the job
     made = JobBridge(settings, model, engine, redis_conn)
     stop, engine_stop = threading.Event(), threading.Event()

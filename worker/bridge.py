@@ -124,14 +124,16 @@ class JobBridge:
         except RedisGone:
             raise  # not an outcome: the process exits and the reaper requeues the job
         except Superseded as exc:
-            log.warning("job taken from this worker while it ran (%s); its outcome is dropped", exc)
-            return SUPERSEDED_RESULT
+            return self._superseded(exc)
         except Exception as exc:
             code = getattr(exc, "bailan_error_code", None)
             if code is None:
                 # Raised where no outcome was recorded (a full disk, a bug): without this the job
                 # ended in RQ alone, its view with no end time or error and no webhook sent.
-                self._failed(job_id, exc, ErrorCode.internal, f"{type(exc).__name__}: {exc}")
+                try:
+                    self._failed(job_id, exc, ErrorCode.internal, f"{type(exc).__name__}: {exc}")
+                except Superseded as gone:  # not this worker's to fail, in the record or in RQ
+                    return self._superseded(gone)
                 code = ErrorCode.internal.value
             self.tally.inc("bailan_jobs_finished_total", {**labels, "status": "failed", "error": code})
             log.warning("job failed (%s) after %.2f s: %s", code, time.perf_counter() - started, exc)
@@ -150,6 +152,11 @@ class JobBridge:
             self.tally.inc("bailan_images_total", labels, result["images"])
             log.info("job succeeded in %.2f s (%d images)", time.perf_counter() - started, result["images"])
         return result
+
+    @staticmethod
+    def _superseded(exc: Superseded) -> dict[str, Any]:
+        log.warning("job taken from this worker while it ran (%s); its outcome is dropped", exc)
+        return SUPERSEDED_RESULT
 
     def _redis(self, what: str, call: Callable[[], T]) -> T:
         assert self.outage is not None
