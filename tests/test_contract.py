@@ -67,6 +67,14 @@ def test_worker_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     with pytest.raises(ValidationError, match="device"):
         WorkerSettings()
     monkeypatch.setenv("BAILAN_DEVICE", "cpu")
+    # An empty directory setting is the current directory (the checkout): refused, as is a URL
+    # without its scheme (found only after the model had loaded).
+    for variable, value in (("BAILAN_COMPILE_CACHE_DIR", ""), ("BAILAN_BLOB_DIR", " "),
+                            ("BAILAN_REDIS_URL", "localhost:6379")):
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ValidationError, match=variable.removeprefix("BAILAN_").lower()):
+            WorkerSettings()
+        monkeypatch.delenv(variable)
     monkeypatch.setenv("BAILAN_MAX_BATCH", "4")
     settings = WorkerSettings()
     assert settings.max_batch == 4 and settings.device == "cpu" and settings.model == Path("models/bailan-shapes")
