@@ -324,3 +324,29 @@ def test_a_job_run_again_sends_its_start_and_previews_as_new_news(bridge: JobBri
     started = [mid for mid in first | second if "_started_" in mid]
     assert len(started) == 2 and len(first) == len(second) == 2, (first, second)  # one start, one preview each
     assert all(mid.startswith("msg_again_") for mid in first | second)
+
+
+def test_an_end_whose_reply_was_lost_is_not_taken_for_anothers(
+    bridge: JobBridge, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against the fence reading the worker's own end as another process's: Redis applied
+    the end's transaction and its reply was lost (a connection reset), the write was tried
+    again, found finished_at set and dropped the outcome as superseded. RQ kept the job
+    started until its lease lapsed, and the reaper ran a succeeded job again."""
+    from redis.client import Pipeline
+
+    submit(redis_conn, "lostreply")
+    original = Pipeline.execute
+    lost: list[bool] = []
+
+    def execute(self: Pipeline, raise_on_error: bool = True) -> list[object]:
+        watching = self.watching
+        answer = original(self, raise_on_error)
+        if watching and not lost:
+            lost.append(True)
+            raise redis.ConnectionError("injected: the reply to an applied EXEC was lost")
+        return answer
+
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    assert bridge.run("lostreply") == {"images": 1}
+    assert lost and RecordField.images in record(redis_conn, "lostreply")

@@ -17,6 +17,7 @@ from PIL import Image
 from app.main import create_app
 from app.settings import ApiSettings
 from bailan.jobs import Keys
+from tests.test_api import publish_worker
 
 QUEUE = "bailan-inputs-test"
 
@@ -133,6 +134,13 @@ def test_a_pictures_size_keeps_the_size_caps(redis_url: str, redis_conn: redis.R
         r = submit(c, init_image=b64(encoded(2048, 16, noise=False)), width=256, height=256)
         assert r.status_code == 202 and r.json()["params"]["init_image"]["resized"] is True
         assert redis_conn.llen(f"rq:queue:{QUEUE}") == 1
+    # A size left to the workers stays theirs, as before: their native size may pass a side's cap
+    # (a review caught the check above refusing it, blaming a width nobody sent).
+    publish_worker(redis_conn, "wide", width=1152, height=896)
+    with TestClient(create_app(ApiSettings(redis_url=redis_url, queue_name=QUEUE, workers_cache_s=0))) as c:
+        r = submit(c)
+        assert r.status_code == 202, r.text
+        assert (r.json()["params"]["width"], r.json()["params"]["height"]) == (1152, 896)
 
 
 def test_a_mask_needs_a_picture_and_strength_is_bounded(client: TestClient) -> None:

@@ -334,7 +334,10 @@ class JobBridge:
                     # is written; WATCH makes a change between this read and EXEC refuse it.
                     pipe.watch(key)
                     started, ended = pipe.hmget(key, RecordField.started_at, RecordField.finished_at)
-                    if started is None or started.decode() != attempt or ended is not None:
+                    ours = started is not None and started.decode() == attempt
+                    if ours and ended is not None and ended.decode() == repr(finished):
+                        return []  # this very write, applied before its reply was lost: done
+                    if not ours or ended is not None:
                         raise Superseded(f"its record was {'ended' if ended is not None else 'restarted'} "
                                          "by another process")
                 pipe.multi()

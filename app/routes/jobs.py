@@ -156,16 +156,14 @@ def _size_field(request: JobRequest, side: str) -> str:
 
 def _check_sides(settings: ApiSettings, request: JobRequest, params: JobParams) -> None:
     """BAILAN_MAX_WIDTH/HEIGHT hold for a size taken from an init_image too (the request model
-    checked only the sides the client sent)."""
+    checked only the sides the client sent). A side left to the workers' native size is theirs
+    to serve, as before."""
     for side, value, cap in (("width", params.width, settings.max_width),
                              ("height", params.height, settings.max_height)):
-        if value is not None and value > cap:
-            field = _size_field(request, side)
+        if value is not None and value > cap and _size_field(request, side) == "init_image":
             raise inputs.refuse(
-                field,
-                f"the picture's {side} of {value} exceeds the limit of {cap}; send width and height to resize it"
-                if field == "init_image" else f"{side} {value} exceeds the limit of {cap}",
-                getattr(request, side) if field == side else None,
+                "init_image",
+                f"the picture's {side} of {value} exceeds the limit of {cap}; send width and height to resize it",
             )
 
 
