@@ -177,6 +177,8 @@ class _Watch:
         if isinstance(exc, httpx.ReadTimeout):
             return 0.0
         if isinstance(exc, ApiError) and not isinstance(exc, JobGone) and exc.status_code == 429:
+            if self.held:  # a held poll refused too (a proxy's limit): wait as told, never spin
+                return exc.retry_after or 1.0
             self.held = True
             return 0.0
         passing = isinstance(exc, httpx.TransportError) or (isinstance(exc, JobGone) and exc.status_code != 404)

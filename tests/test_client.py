@@ -347,3 +347,29 @@ def test_a_key_without_a_free_stream_place_still_waits(client: Client, service: 
         assert [p.step for p in client.previews(held.id)] == [3, 6]
     finally:
         conn.zrem(places, *(f"someone-{i}" for i in range(32)))
+
+
+def test_watch_decides_each_break_as_documented() -> None:
+    """Guards the watch's decisions (pure logic): a 429 turns it to held polls, and a 429 to a
+    held poll (a proxy's limit) waits as told instead of spinning; a cut stream is followed
+    again with a growing backoff, at most RECONNECTS times in a row; a gone job and other
+    refusals are raised at once."""
+    import httpx
+
+    from bailan.client import RECONNECTS, ApiError, JobGone, _Watch
+
+    state = _Watch(None)
+    assert state.broke(ApiError(429, "streams full")) == 0.0 and state.held
+    assert state.broke(ApiError(429, "slow down", retry_after=3.0)) == 3.0
+    assert state.broke(ApiError(429, "slow down")) == 1.0
+    state = _Watch(None)
+    waits = [state.broke(httpx.RemoteProtocolError("cut")) for _ in range(RECONNECTS)]
+    assert waits == sorted(waits) and waits[0] > 0
+    with pytest.raises(httpx.RemoteProtocolError):
+        state.broke(httpx.RemoteProtocolError("cut once more"))
+    state.saw()
+    assert state.broke(JobGone(503, "the job store is unavailable")) > 0  # an event: error, followed again
+    with pytest.raises(JobGone):
+        _Watch(None).broke(JobGone(404, "expired"))
+    with pytest.raises(ApiError):
+        _Watch(None).broke(ApiError(401, "unknown API key"))
