@@ -453,3 +453,38 @@ def test_a_slot_waiting_for_room_wakes_when_a_job_leaves(model: LoadedModel) -> 
     assert woke and woke[0][0] is True
     assert woke[0][1] < 15, "woke only when the wait timed out"
 
+
+
+def test_buffers_of_sizes_no_job_uses_are_freed(model: LoadedModel) -> None:
+    """Guards against an engine that kept the buffers of every latent size it ever ran (with
+    the Euler a noise bank, hundreds of MB each at 1024² on a GPU): any multiple of 8 is a
+    size, so device memory grew until jobs ran out of it. Beyond KEEP_IDLE_SIZES idle sizes
+    the oldest go, never the native size nor one a job holds; a size run again gives the
+    same image."""
+    from worker.engine import KEEP_IDLE_SIZES
+
+    engine = Engine(model, max_batch=8)
+    native = (model.native_height // model.vae_scale_factor, model.native_width // model.vae_scale_factor)
+    first = run_alone(engine, make_job("s16", width=16, height=16, scheduler="euler_a"))
+    run_alone(engine, make_job("native", width=model.native_width, height=model.native_height, steps=2))
+    held = make_job("held", width=24, height=24, steps=150, scheduler="euler")
+    engine.submit(held)
+    engine.step_once()  # admitted: its size is in use from now on
+    for side in (40, 48, 56, 64):
+        job = make_job(f"s{side}", width=side, height=side, steps=2)
+        engine.submit(job)
+        while not job.future.done():  # not run_until_idle: the held job must go on running
+            engine.step_once()
+        job.future.result(timeout=0)
+    assert not held.future.done()
+    def latent(side: int) -> tuple[int, int]:
+        return (side // model.vae_scale_factor, side // model.vae_scale_factor)
+
+    sizes = set(engine.runner.pools)
+    assert native in sizes and latent(24) in sizes  # the native size and the size a job holds
+    assert sizes - {native, latent(24)} == {latent(56), latent(64)}, sizes  # the newest idle ones
+    assert len(sizes) == 2 + KEEP_IDLE_SIZES and set(engine.scheduler.pools) == sizes
+    again = run_alone(engine, make_job("s16", width=16, height=16, scheduler="euler_a"))
+    assert torch.equal(again.latents[0], first.latents[0])
+    held.cancel_requested.set()
+    engine.run_until_idle()

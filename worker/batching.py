@@ -179,6 +179,16 @@ class BatchScheduler:
             used += job.num_images
         return list(admitted.values())
 
+    def idle_sizes(self) -> list[Size]:
+        """Sizes whose pool no job holds a slot in, oldest pool first."""
+        return [size for size, pool in self.pools.items() if pool.used == 0]
+
+    def forget(self, size: Size) -> None:
+        """Drop an idle size's pool; a later job of that size makes a new one."""
+        if self.pools[size].used:
+            raise ValueError(f"size {size} still has jobs")
+        del self.pools[size]
+
     def drain(self) -> list[GenerationJob]:
         """Every job not yet admitted (the engine fails them when it must give up)."""
         jobs = [job for job, _ in self._waiting]

@@ -50,6 +50,10 @@ OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
 # Steps launched ahead of the device: enough to keep the GPU fed while the host
 # prepares the next step, few enough that progress, previews and cancel stay current.
 MAX_STEPS_IN_FLIGHT = 2
+# Latent sizes whose buffers (a few MB to hundreds, with the Euler a noise bank) stay allocated
+# while no job uses them: any multiple of 8 is a size, and keeping every one seen would grow
+# device memory until jobs ran out of it. The native size, warmed up at start, always stays.
+KEEP_IDLE_SIZES = 2
 
 __all__ = ["Engine", "GenerationJob", "InvalidForModel", "JobCanceled", "OOM_ERRORS", "RunnerOptions"]
 
@@ -165,6 +169,7 @@ class Engine:
         if plan is None:
             self._settle(0)
             self._deliver_previews(block=True)
+            self._forget_idle_sizes()
             return self.scheduler.waiting
         started = time.perf_counter()
         ran = self._run(plan)
@@ -174,6 +179,7 @@ class Engine:
             samples += len(part)
         self.meter.record(time.perf_counter() - started, samples)
         self.iterations += 1
+        self._forget_idle_sizes()
         if self.tally is not None:
             # Host time: on CUDA it includes waiting for the device once steps queue up (_settle).
             self.tally.observe("bailan_step_seconds", time.perf_counter() - started)
@@ -207,6 +213,19 @@ class Engine:
                 self.runner.start(Admission(admission.size, [job], [slots]))
             except Exception as exc:  # a bad job must not take the engine down
                 self._fail_to_start(job, exc)
+
+    def _forget_idle_sizes(self) -> None:
+        """Free the oldest idle sizes' buffers beyond KEEP_IDLE_SIZES (the native size kept)."""
+        model = self.model
+        native = (model.native_height // model.vae_scale_factor, model.native_width // model.vae_scale_factor)
+        idle = [size for size in self.scheduler.idle_sizes() if size != native]
+        if len(idle) <= KEEP_IDLE_SIZES:
+            return
+        self._settle(0)  # no step queued on the device may still use the buffers (or graphs) freed
+        for size in idle[: len(idle) - KEEP_IDLE_SIZES]:
+            self.scheduler.forget(size)
+            self.runner.forget(size)
+        self.runner.free_memory()
 
     def _fail_to_start(self, job: GenerationJob, exc: BaseException) -> None:
         log.error("job %s failed to start: %s", job.id, exc, exc_info=exc)

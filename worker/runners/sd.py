@@ -238,6 +238,10 @@ class SDRunner:
         self.pools[size] = pool
         return pool
 
+    def forget(self, size: Size) -> None:
+        """Free the buffers (and captured graphs) of a latent size no job uses now."""
+        self.pools.pop(size, None)
+
     # ---- what a model family adds (worker.runners.sdxl) ------------------------------------
 
     def _extend_pool(self, pool: _Pool) -> None:
