@@ -488,3 +488,28 @@ def test_buffers_of_sizes_no_job_uses_are_freed(model: LoadedModel) -> None:
     assert torch.equal(again.latents[0], first.latents[0])
     held.cancel_requested.set()
     engine.run_until_idle()
+
+
+def test_the_compiled_vae_decodes_only_the_size_it_was_warmed_at(model: LoadedModel) -> None:
+    """Guards against the compiled VAE decoding every size: a job of another size than the one
+    warmed up made torch.compile compile again mid-request (tens of seconds on a GPU), with
+    every job on the worker held up meanwhile; the UNet already ran such sizes eagerly. The
+    compiled decoder (CUDA only) is stood in for by a recorder around the real one."""
+    engine = Engine(model, max_batch=8)
+    runner = engine.runner
+    seen: list[tuple[int, ...]] = []
+
+    def compiled(batch: torch.Tensor, **kwargs: Any) -> Any:
+        seen.append(tuple(batch.shape[-2:]))
+        return model.vae.decode(batch, **kwargs)
+
+    runner._compiled_vae = compiled  # noqa: SLF001 - what torch.compile would have set on CUDA
+    native = (model.native_height // model.vae_scale_factor, model.native_width // model.vae_scale_factor)
+    runner.warm_size = native
+    channels = model.latent_channels
+    assert runner.decode(torch.zeros((1, channels, *native)))[0].shape[:2] == (model.native_height,
+                                                                               model.native_width)
+    other = (native[0] // 2, native[1] // 2)
+    assert runner.decode(torch.zeros((1, channels, *other)))[0].shape[:2] == (
+        other[0] * model.vae_scale_factor, other[1] * model.vae_scale_factor)
+    assert seen == [native]

@@ -152,6 +152,8 @@ class SDRunner:
         self._compiled_unet: Any = None
         self._compiled_vae: Any = None
         self.vae_buckets: tuple[int, ...] = ()
+        # The latent size warm_up compiled and captured for (the native one); None before it.
+        self.warm_size: Size | None = None
         # A 9-channel UNet (SD inpainting checkpoints) takes the mask and masked picture too.
         self.inpainting_unet = model.unet.config.in_channels == model.latent_channels * 2 + 1
         self._prepare_model()
@@ -517,9 +519,12 @@ class SDRunner:
             batch = torch.cat([batch, batch[-1:].expand(target - count, -1, -1, -1)])
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        # `is not None`, never `or`: truth-testing a module asks it for its length.
-        decode = self._compiled_vae if self._compiled_vae is not None else model.vae.decode
-        if self._compiled_vae is not None:
+        # `is not None`, never `or`: truth-testing a module asks it for its length. Compiled only
+        # at the size warmed up, as the UNet's graphs: another size would compile mid-request,
+        # holding up every job on the worker for as long (tens of seconds on a GPU).
+        compiled = self._compiled_vae is not None and self.warm_size in (None, tuple(batch.shape[-2:]))
+        decode = self._compiled_vae if compiled else model.vae.decode
+        if compiled:
             torch._dynamo.maybe_mark_dynamic(batch, 0)
         images = decode(batch, return_dict=False)[0][:count]
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -537,6 +542,7 @@ class SDRunner:
         graph of the step at every bucket of the native size, and decode at every VAE
         bucket. Returns seconds spent per phase."""
         timings: dict[str, float] = {}
+        self.warm_size = size
         pool = self._pool(size)
         unet = self._compiled_unet if self._compiled_unet is not None else self.model.unet
         started = time.perf_counter()
