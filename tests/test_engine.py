@@ -513,3 +513,24 @@ def test_the_compiled_vae_decodes_only_the_size_it_was_warmed_at(model: LoadedMo
     assert runner.decode(torch.zeros((1, channels, *other)))[0].shape[:2] == (
         other[0] * model.vae_scale_factor, other[1] * model.vae_scale_factor)
     assert seen == [native]
+
+
+def test_without_graphs_the_compiled_unet_runs_the_size_it_was_warmed_at(model: LoadedModel) -> None:
+    """Guards against BAILAN_CUDA_GRAPHS=false dropping torch.compile too: with no captured
+    graph, every step ran the eager UNet, though warm-up had compiled it for the native
+    size; other sizes stay eager (a compile there would hold up every job). The compiled
+    UNet (CUDA only) is stood in for by a recorder around the real one."""
+    engine = Engine(model, max_batch=8)
+    runner = engine.runner
+    sizes: list[tuple[int, ...]] = []
+
+    def compiled(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(tuple(sample.shape[-2:]))
+        return model.unet(sample, *args, **kwargs)
+
+    runner._compiled_unet = compiled  # noqa: SLF001 - what torch.compile would have set on CUDA
+    native = (model.native_height // model.vae_scale_factor, model.native_width // model.vae_scale_factor)
+    runner.warm_size = native
+    run_alone(engine, make_job("native", width=model.native_width, height=model.native_height, steps=3))
+    run_alone(engine, make_job("small", width=model.native_width // 2, height=model.native_height // 2, steps=3))
+    assert sizes == [native] * 3

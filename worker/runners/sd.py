@@ -416,7 +416,11 @@ class SDRunner:
             return
         index = _upload(packed, self.device)
         noise = _gather_noise(pool, index[NOISE]) if stochastic else None
-        self._body(pool, index, noise, self.model.unet)
+        # No graph: the compiled UNet where warm-up compiled it (CUDA graphs turned off), the
+        # eager one at any other size (compiling there would hold up every job meanwhile).
+        warmed = self._compiled_unet is not None and plan.size == self.warm_size
+        with self._sdpa():
+            self._body(pool, index, noise, self._compiled_unet if warmed else self.model.unet)
 
     def _body(self, pool: _Pool, index: torch.Tensor, noise: torch.Tensor | None, unet: Any) -> None:
         """The step itself, from device tensors only (so it can be captured as a graph)."""
