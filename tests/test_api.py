@@ -911,6 +911,38 @@ def test_idempotency_key_of_expired_job_starts_a_new_one(client: TestClient, red
     assert r.status_code == 202 and r.json()["id"] != first
 
 
+def test_a_submit_slower_than_the_keys_window_queues_nothing_twice(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against two jobs for one Idempotency-Key: a submit still in flight after the
+    claim's 10 s window (a slow Redis) had its claim taken over by the client's retry, which
+    queued a job, and then queued its own as well. Its transaction now runs only while the
+    claim still names its job; otherwise it answers with the retry's job (a replay)."""
+    from app.store import records
+
+    real_submit = records.submit
+    retried: list[str] = []
+
+    def slow_submit(*args: Any, **kwargs: Any) -> str:
+        # While this submit is in flight, past the window, the client's retry takes the key over.
+        key = next(iter(redis_conn.scan_iter("bailan:idempotency:*")))
+        value = json.loads(redis_conn.get(key))
+        value["claimed_at"] = now() - 60
+        redis_conn.set(key, json.dumps(value))
+        monkeypatch.setattr(records, "submit", real_submit)
+        retry = client.post("/v1/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": "slow"})
+        assert retry.status_code == 202
+        retried.append(retry.json()["id"])
+        return real_submit(*args, **kwargs)
+
+    monkeypatch.setattr(records, "submit", slow_submit)
+    first = client.post("/v1/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": "slow"})
+    assert first.status_code == 200 and first.headers["idempotent-replayed"] == "true", first.text
+    assert first.json()["id"] == retried[0]
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [retried[0].encode()]  # one job, the retry's
+    assert not redis_conn.zcard(Keys.reservations(QUEUE))  # the slow one's place was given back
+
+
 def test_idempotency_key_in_flight_is_409(client: TestClient, settings: ApiSettings, redis_conn: redis.Redis) -> None:
     """Guards: two concurrent requests with one key both queuing a job, or the second seeing a 404."""
     from app.schemas import make_request_model

@@ -342,7 +342,18 @@ def submit_job_request(
         job_id = records.submit(
             settings, conn, params, principal.name, job_id=claim.job_id if claim else None,
             inputs={name: d.data for name, d in (("init_image", init), ("mask_image", mask)) if d is not None},
+            claim_key=claim.redis_key if claim else None,
         )
+    except records.ClaimLost:
+        # This submit was slow enough that a retry with the key took it over and made the job:
+        # that one is this request's job (idempotency), and nothing was queued twice.
+        again = _claim(settings, conn, body, idempotency_key, principal.name)
+        if again is None or again.fresh:
+            if again is not None:
+                idempotency.release_idempotency(conn, again)
+            raise HTTPException(status.HTTP_409_CONFLICT, "a request with this Idempotency-Key is still being "
+                                "processed; retry in a moment", headers={"Retry-After": "1"}) from None
+        return Submitted(again.job_id, True, params)
     except Exception as exc:
         if claim is not None:
             idempotency.release_idempotency(conn, claim)

@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 
 from app import limits
 from app.settings import ApiSettings
-from app.store.common import RECORD_TTL_MARGIN_S, new_job_id
+from app.store.common import RECORD_TTL_MARGIN_S, new_job_id, parse_json
 from app.store.workers import WorkerInfo, agreed_defaults, live_workers, native_size, parse_worker, serving
 from bailan.jobs import (
     RQ_FUNC,
@@ -113,9 +113,14 @@ def submit(
     owner: str = ANONYMOUS,
     job_id: str | None = None,
     inputs: dict[str, bytes] | None = None,
+    claim_key: str | None = None,
 ) -> str:
     """Admit the job against `owner`'s limits, then write its record and enqueue it in one
     transaction on `owner`'s own queue; returns the id. Raises limits.Refused.
+
+    With `claim_key` (an Idempotency-Key's claim naming `job_id`), the transaction runs only
+    while the claim still names this job: a retry that took the key over after the claim's
+    in-flight window (this submit was that slow) made the job already; raises ClaimLost.
 
     One MULTI/EXEC means a worker never pops a job without its record, and a
     client never gets an id for a job that is not queued. The place admission
@@ -130,8 +135,13 @@ def submit(
     )
     record = new_record(params, owner)
     queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    pipe = conn.pipeline(transaction=True)
     try:
-        pipe = conn.pipeline(transaction=True)
+        if claim_key is not None:
+            pipe.watch(claim_key)  # a change before EXEC makes it fail (WatchError: ClaimLost)
+            held = parse_json((pipe.get(claim_key) or b"").decode(), None)
+            if not isinstance(held, dict) or held.get("job_id") != job_id:
+                raise ClaimLost(job_id)
         # Explicit MULTI first: RQ calls multi() itself only on an empty pipeline.
         pipe.multi()
         pipe.hset(Keys.job(job_id), mapping=record)
@@ -155,11 +165,20 @@ def submit(
         # Should a worker take it off the queue and never start it, the reaper finds it here.
         pipe.zadd(Keys.waiting(queue_name), {job_id: now()})
         admission.release_in(pipe)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            raise ClaimLost(job_id) from None
     except BaseException:
         admission.release(conn)
         raise
+    finally:
+        pipe.reset()
     return job_id
+
+
+class ClaimLost(Exception):
+    """An Idempotency-Key's claim no longer names the job being submitted (records.submit)."""
 
 
 # ---------------------------------------------------------------- read
