@@ -20,6 +20,7 @@ import uuid
 import redis
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import as_text
 
 from bailan import events, webhooks
 from bailan.blobs import BlobStore
@@ -132,14 +133,13 @@ def _reap_queue(
     check = connection.pipeline()
     for job_id in expired:
         check.hget(f"rq:job:{job_id}", "status")
-        check.exists(Keys.job(job_id))
-        check.hget(Keys.job(job_id), RecordField.params)
+        check.hget(Keys.job(job_id), RecordField.params)  # every record has them: none, no record
     answers = check.execute()
     pipe = webhooks.transaction(connection)
     lost: list[str] = []
-    for job_id, status, exists, params in zip(expired, answers[::3], answers[1::3], answers[2::3]):
+    for job_id, status, params in zip(expired, answers[::2], answers[1::2]):
         key = Keys.job(job_id)
-        if not exists:
+        if params is None:
             continue  # the record already expired; don't recreate a stub of it
         if status in (b"failed", "failed"):
             pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
@@ -191,23 +191,23 @@ def _recover_lost(connection: redis.Redis, queue_name: str, base: str) -> list[s
     """Put back at the head of its queue each job a worker took off it but never started
     (the worker died, or its connection broke, between RQ's pop and its start): RQ would
     show it queued for ever, in no queue and no registry. Returns their ids."""
-    waiting, lost = Keys.waiting(queue_name), Keys.lost(queue_name)
+    waiting, lost, queue_key = Keys.waiting(queue_name), Keys.lost(queue_name), RQ_QUEUE_PREFIX + queue_name
     cutoff = now() - LOST_AFTER_S
-    candidates = [_text(j) for j in connection.zrangebyscore(waiting, "-inf", cutoff)]
+    candidates = [as_text(j) for j in connection.zrangebyscore(waiting, "-inf", cutoff)]
     if not candidates:
         connection.delete(lost)
         return []
     read = connection.pipeline(transaction=False)
     for job_id in candidates:
         read.hget(f"rq:job:{job_id}", "status")
-    read.lrange(RQ_QUEUE_PREFIX + queue_name, 0, -1)
+    read.lrange(queue_key, 0, -1)
     read.zrange(lost, 0, -1, withscores=True)
     *statuses, in_queue_raw, suspects_raw = read.execute()
-    in_queue = {_text(j) for j in in_queue_raw}
-    suspects = {_text(j): float(score) for j, score in suspects_raw}
+    in_queue = {as_text(j) for j in in_queue_raw}
+    suspects = {as_text(j): float(score) for j, score in suspects_raw}
     gone, now_lost = [], []
     for job_id, status in zip(candidates, statuses):
-        if status is None or _text(status) != "queued":
+        if status is None or as_text(status) != "queued":
             gone.append(job_id)  # started, ended or expired: no longer waiting
         elif job_id not in in_queue:
             now_lost.append(job_id)
@@ -225,7 +225,6 @@ def _recover_lost(connection: redis.Redis, queue_name: str, base: str) -> list[s
     write.execute()
     for job_id in now_lost:
         if job_id in suspects and suspects[job_id] <= cutoff:
-            queue_key = RQ_QUEUE_PREFIX + queue_name
             keys = [f"rq:job:{job_id}", queue_key, waiting, lost, f"{queue_key}:intermediate"]
             if _put_back(keys=keys, args=[job_id, now()], client=connection):
                 recovered.append(job_id)
@@ -240,9 +239,6 @@ def _names_a_model(params: bytes | str | None) -> bool:
     except (ValueError, AttributeError):
         return False
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class Reaper:
