@@ -247,11 +247,15 @@ def _claim(
             ]
         ) from None
     except idempotency.IdempotencyInFlight:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            "a request with this Idempotency-Key is still being processed; retry in a moment",
-            headers={"Retry-After": "1"},
-        ) from None
+        raise _key_in_flight() from None
+
+
+def _key_in_flight() -> HTTPException:
+    return HTTPException(
+        status.HTTP_409_CONFLICT,
+        "a request with this Idempotency-Key is still being processed; retry in a moment",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _no_preview_reason(snap: records.JobSnapshot, step: int | None) -> str:
@@ -351,8 +355,7 @@ def submit_job_request(
         if again is None or again.fresh:
             if again is not None:
                 idempotency.release_idempotency(conn, again)
-            raise HTTPException(status.HTTP_409_CONFLICT, "a request with this Idempotency-Key is still being "
-                                "processed; retry in a moment", headers={"Retry-After": "1"}) from None
+            raise _key_in_flight() from None
         return Submitted(again.job_id, True, params)
     except Exception as exc:
         if claim is not None:
