@@ -66,11 +66,16 @@ def claim_idempotency(
     raise IdempotencyInFlight()
 
 
+def names_job(raw: bytes | None, job_id: str) -> bool:
+    """Whether a claim's stored value (raw, as read) still binds its key to `job_id`."""
+    current = parse_json((raw or b"").decode(), None)
+    return isinstance(current, dict) and current.get("job_id") == job_id
+
+
 def release_idempotency(conn: redis.Redis, claim: IdempotencyClaim) -> None:
     """Undo a fresh claim whose submit failed, so a retry with the key can succeed."""
     try:
-        current = parse_json((conn.get(claim.redis_key) or b"").decode(), None)
-        if isinstance(current, dict) and current.get("job_id") == claim.job_id:
+        if names_job(conn.get(claim.redis_key), claim.job_id):
             conn.delete(claim.redis_key)
     except redis.RedisError:
         pass  # a retry gets 409 for IDEMPOTENCY_IN_FLIGHT_S, then claims the key afresh

@@ -21,7 +21,8 @@ from rq.serializers import JSONSerializer
 
 from app import limits
 from app.settings import ApiSettings
-from app.store.common import RECORD_TTL_MARGIN_S, new_job_id, parse_json
+from app.store import idempotency
+from app.store.common import RECORD_TTL_MARGIN_S, new_job_id
 from app.store.workers import WorkerInfo, agreed_defaults, live_workers, native_size, parse_worker, serving
 from bailan.jobs import (
     RQ_FUNC,
@@ -139,8 +140,7 @@ def submit(
     try:
         if claim_key is not None:
             pipe.watch(claim_key)  # a change before EXEC makes it fail (WatchError: ClaimLost)
-            held = parse_json((pipe.get(claim_key) or b"").decode(), None)
-            if not isinstance(held, dict) or held.get("job_id") != job_id:
+            if not idempotency.names_job(pipe.get(claim_key), job_id):
                 raise ClaimLost(job_id)
         # Explicit MULTI first: RQ calls multi() itself only on an empty pipeline.
         pipe.multi()
