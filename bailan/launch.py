@@ -107,7 +107,7 @@ class LaunchSettings(SharedSettings):
     valkey_dir: Path = Field(
         Path(".run/valkey"), description="Data directory of the embedded server (its AOF survives restarts)."
     )
-    _valkey_dir_given = field_validator("valkey_dir", mode="before")(lambda cls, v: non_empty_path(v))
+    _valkey_dir_given = field_validator("valkey_dir", mode="before")(non_empty_path)
     valkey_port: int = Field(
         6380, ge=1, le=65535, description="Preferred port of the embedded server; a free one is used if taken."
     )

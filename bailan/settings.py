@@ -33,9 +33,10 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def non_empty_path(value: Any) -> Any:
+def non_empty_path(cls: type, value: Any) -> Any:
     """A directory setting's value, refused when empty: `Path("")` is the current directory,
-    where a blob sweep or a cache would act on whatever is there (the checkout)."""
+    where a blob sweep or a cache would act on whatever is there (the checkout). A field
+    validator (mode="before"), as comma_separated."""
     if isinstance(value, str) and not value.strip():
         raise ValueError("is empty; give a directory, or leave the variable unset for the default")
     return value
@@ -96,10 +97,7 @@ class SharedSettings(BaseSettings):
                              "(rediss:// for TLS, unix:///path.sock)")
         return value
 
-    @field_validator("blob_dir", mode="before")
-    @classmethod
-    def _blob_dir_given(cls, value: Any) -> Any:
-        return non_empty_path(value)
+    _blob_dir_given = field_validator("blob_dir", mode="before")(non_empty_path)
 
     log_format: Literal["text", "json"] = Field(
         "text",

@@ -74,7 +74,7 @@ class WorkerSettings(SharedSettings):
         Path(".run/compile-cache"),
         description="Where torch.compile keeps its compiled kernels across restarts (TORCHINDUCTOR_CACHE_DIR).",
     )
-    _cache_dir_given = field_validator("compile_cache_dir", mode="before")(lambda cls, v: non_empty_path(v))
+    _cache_dir_given = field_validator("compile_cache_dir", mode="before")(non_empty_path)
 
     # Per-device caps (bailan.caps): a CPU worker must not take what costs minutes a step.
     max_pixels_cpu: int = Field(
