@@ -76,6 +76,9 @@ class Engine:
         if batch_buckets is None:
             batch_buckets = default_batch_buckets(model.device, max_batch, self.runner.options.compile_unet)
         self.scheduler = BatchScheduler(max_batch, batch_buckets)
+        # The latent size warm-up prepares and whose buffers always stay (_forget_idle_sizes).
+        self.native_size = (model.native_height // model.vae_scale_factor,
+                            model.native_width // model.vae_scale_factor)
         self._wake = threading.Event()
         # Notified whenever samples leave the batch, so RQ slots waiting for room take
         # the next job at once rather than on a polling tick.
@@ -216,9 +219,7 @@ class Engine:
 
     def _forget_idle_sizes(self) -> None:
         """Free the oldest idle sizes' buffers beyond KEEP_IDLE_SIZES (the native size kept)."""
-        model = self.model
-        native = (model.native_height // model.vae_scale_factor, model.native_width // model.vae_scale_factor)
-        idle = [size for size in self.scheduler.idle_sizes() if size != native]
+        idle = [size for size in self.scheduler.idle_sizes() if size != self.native_size]
         if len(idle) <= KEEP_IDLE_SIZES:
             return
         self._settle(0)  # no step queued on the device may still use the buffers (or graphs) freed
