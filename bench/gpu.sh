@@ -2,6 +2,7 @@
 # One benchmark run on a GPU machine (e.g. the device tool's H100/H200), at most ~8 minutes:
 #   bash bench/gpu.sh                 # writes $OUT/throughput_gpu.{json,log}, $OUT/service_gpu.{json,log}
 #   BENCH_DEVICE=cpu PYTHON=.venv/bin/python CLIENTS=4 STAGGER_CLIENTS=4 bash bench/gpu.sh   # a dry run on the CPU, built-in model
+#   LEVERS=0 SDXL=1 bash bench/gpu.sh  # without the per-lever step timings; then SDXL at 1024x1024 (stage 3)
 #
 # In order: the stock diffusers baselines (one at a time, static batch of 16), Bailan's
 # engine in-process (CUDA graphs, each lever alone, then compiled as the worker runs it),
@@ -26,6 +27,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 # In-process and service share one compile cache: the service's worker start is then the
 # "warm" start (its kernels were compiled by the in-process run).
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.run/compile-cache}
+export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton  # where the worker puts it (worker/process.py)
 MODEL=${MODEL_DIR:-/tmp/bailan-sd15-random}
 LOG=$OUT/throughput_gpu.log
 command -v nvidia-smi >/dev/null && nvidia-smi -L | tee "$LOG"
@@ -33,7 +35,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L | tee "$LOG"
 if [ "$DEVICE" = cuda ]; then
   # SERVICE_ONLY=1: the stock baselines, then the service alone, its worker compiling cold.
   timeout "${STAGE1_S:-300}" $PY bench/throughput.py --device cuda --n 16 --stock-n 8 \
-    $([ -n "${SERVICE_ONLY:-}" ] && echo --stock-only || echo --levers) \
+    $([ -n "${SERVICE_ONLY:-}" ] && echo --stock-only || { [ "${LEVERS:-1}" = 1 ] && echo --levers; }) \
     --save-model "$MODEL" --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
   echo "stage 1 exit: $?" | tee -a "$LOG"
   # Four API processes: 16-32 polling clients would queue behind one (README "Scaling out").
@@ -52,11 +54,20 @@ export BAILAN_MAX_STREAMS_PER_KEY=${BAILAN_MAX_STREAMS_PER_KEY:-64}
 # Every mode three times: clients polling, following the event stream (*_events rows), and
 # holding their submit with Prefer: wait (*_wait rows).
 [ "$DEVICE" = cuda ] && STAGE2_DEFAULT_S=240 || STAGE2_DEFAULT_S=900
-timeout "${STAGE2_S:-$STAGE2_DEFAULT_S}" $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
+# The service is told of the cache by BAILAN_COMPILE_CACHE_DIR alone, as under make run and
+# compose: its worker start is warm only if the worker itself points torch at that directory.
+timeout "${STAGE2_S:-$STAGE2_DEFAULT_S}" env -u TORCHINDUCTOR_CACHE_DIR -u TRITON_CACHE_DIR $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
   --stagger-clients "${STAGGER_CLIENTS:-16}" --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" 2>&1 | tee -a "$LOG"
 echo "stage 2 exit: $?" | tee -a "$LOG"
 du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
 grep -E "warm-up|ready|compil|graph" "$OUT/service_gpu.log" | tail -8 | tee -a "$LOG"
+if [ "$DEVICE" = cuda ] && [ -n "${SDXL:-}" ]; then
+  # SDXL base architecture at 1024x1024 (random weights), CUDA graphs around the eager UNet:
+  # its cold compile would take this run's remaining minutes.
+  timeout "${STAGE3_S:-240}" $PY bench/throughput.py --device cuda --arch sdxl --n 8 --stock-n 4 --single-reps 2 \
+    --no-compile --json "$OUT/throughput_sdxl_gpu.json" 2>&1 | tee "$OUT/throughput_sdxl_gpu.log"
+  echo "stage 3 exit: $?" | tee -a "$LOG"
+fi
 # The compile cache, brought home when small enough (SAVE_CACHE=1): a later run that carries
 # it back measures a warm worker start on a fresh machine.
 if [ -n "${SAVE_CACHE:-}" ] && [ "$(du -sm "$TORCHINDUCTOR_CACHE_DIR" | cut -f1)" -lt 58 ]; then

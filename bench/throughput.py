@@ -182,9 +182,9 @@ def build_sdxl_random(device: torch.device, dtype: torch.dtype) -> Any:
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=sd_noise_scheduler(), force_zeros_for_empty_prompt=True,
     )
+    # The VAE stays in dtype: the stock pipeline upcasts it around its decode (force_upcast),
+    # and only when it finds it in float16; the engine's SDXL runner upcasts it for good.
     pipe.to(device=device, dtype=dtype)
-    if dtype == torch.float16:
-        pipe.vae.to(torch.float32)  # as the stock pipeline and the worker do for force_upcast
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.eval().requires_grad_(False)
     return pipe
