@@ -149,6 +149,48 @@ def test_an_inpainting_unet_gets_the_mask_and_the_masked_picture(tmp_path: Path)
     assert job.images[0].shape == (32, 32, 3)
 
 
+def test_an_inpainting_unet_sees_a_grey_picture_where_a_job_repaints_everything(tmp_path: Path) -> None:
+    """Guards against a 9-channel inpainting UNet being shown a zero latent as the masked picture
+    of a text-to-image job: diffusers' inpaint pipeline (and AUTOMATIC1111) show it the latent of
+    a picture masked out throughout, i.e. mid-grey, and a zero latent is another picture. It must
+    also not keep an inpainting job's picture for the next job in its slot."""
+    from world.tiny import build_tiny_pipeline
+
+    build_tiny_pipeline(inpainting=True).save_pretrained(tmp_path / "inpaint", safe_serialization=True)
+    model = load_model(tmp_path / "inpaint", torch.device("cpu"), torch.float32)
+    engine = Engine(model, max_batch=1)
+    seen: list[torch.Tensor] = []
+    original = model.pipe.unet.forward
+
+    def spying(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(sample.detach().clone())
+        return original(sample, *args, **kwargs)
+
+    model.pipe.unet.forward = spying  # type: ignore[method-assign]
+    vae = model.pipe.vae
+    with torch.no_grad():
+        grey = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode() * vae.config.scaling_factor
+    assert grey.abs().max() > 0.01  # else the check below could not tell grey from zeros
+
+    picture = np.full((32, 32, 3), 200, np.uint8)
+    mask = np.zeros((32, 32), np.float32)
+    mask[:16] = 1.0
+    jobs = [
+        GenerationJob(id="paint", prompt="a red circle", width=32, height=32, steps=2, guidance_scale=1.0, seed=2,
+                      init_image=picture, strength=1.0, mask=mask),
+        GenerationJob(id="text", prompt="a red circle", width=32, height=32, steps=2, guidance_scale=1.0, seed=2),
+    ]
+    for job in jobs:  # one slot: the text job takes the slot the inpainting job left
+        seen.clear()
+        engine.submit(job)
+        engine.run_until_idle()
+        job.future.result(timeout=0)
+    assert seen and all(s.shape[1] == 9 for s in seen)
+    for sample in seen:
+        assert torch.equal(sample[0, 4], torch.ones_like(sample[0, 4]))
+        torch.testing.assert_close(sample[0, 5:], grey[0], rtol=0, atol=1e-5)
+
+
 def test_image_i_of_a_job_is_the_one_image_job_with_seed_plus_i(engine: Engine) -> None:
     """Guards the README's seed promise: image i of a multi-image job is what a one-image job
     with seed + i gives, up to the rounding of batched arithmetic: on the CPU at most one

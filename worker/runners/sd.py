@@ -92,9 +92,11 @@ class _Pool:
     paint: torch.Tensor
     # Per-row conditioning beside `embeds`, filled like it (SDXL: the pooled text embedding).
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    # For a 9-channel inpainting UNet: its mask and masked-picture inputs (None otherwise).
+    # For a 9-channel inpainting UNet: its mask and masked-picture inputs (None otherwise),
+    # and what a row that repaints everything shows it (the latent of an all-grey picture).
     unet_mask: torch.Tensor | None = None
     masked: torch.Tensor | None = None
+    grey: torch.Tensor | None = None
     noise_bank: torch.Tensor | None = None
     graphs: dict[int, "_Graph"] = field(default_factory=dict)
     stochastic: np.ndarray = field(init=False)  # host copy: which slots draw noise every step
@@ -235,7 +237,13 @@ class SDRunner:
         )
         if self.inpainting_unet:
             pool.unet_mask = torch.ones((n, 1, h, w), device=self.device)
-            pool.masked = torch.zeros((n, model.latent_channels, h, w), device=self.device)
+            # Text-to-image and unmasked rows repaint everything: diffusers' inpaint pipeline then
+            # encodes a picture masked out throughout, i.e. mid-grey. A zero latent is another
+            # picture, one such a UNet was not trained to see.
+            scale = model.vae_scale_factor
+            pool.grey = self._encode_picture(np.zeros((h * scale, w * scale, 3), np.uint8),
+                                             keep=np.zeros((h * scale, w * scale), bool))
+            pool.masked = pool.grey.expand(n, -1, -1, -1).clone()
         self._extend_pool(pool)
         self.pools[size] = pool
         return pool
@@ -354,9 +362,9 @@ class SDRunner:
         pool.init.index_fill_(0, index, 0.0)
         pool.noise0.index_fill_(0, index, 0.0)
         pool.paint.index_fill_(0, index, 1.0)
-        if pool.unet_mask is not None and pool.masked is not None:
+        if pool.unet_mask is not None and pool.masked is not None and pool.grey is not None:
             pool.unet_mask.index_fill_(0, index, 1.0)
-            pool.masked.index_fill_(0, index, 0.0)
+            pool.masked.index_copy_(0, index, pool.grey.expand(len(slots), -1, -1, -1))
         for slot, picture, first, mask, masked in pictures:
             if mask is None:
                 continue
