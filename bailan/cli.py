@@ -116,6 +116,19 @@ class ProgressBar:
             self.out.flush()
 
 
+# What an -o file's extension asks for, as image tools read it.
+SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def _output_format(output: Path | None, asked: str | None) -> str | None:
+    """The format to ask for: --output-format, else what the -o file's extension names (a PNG
+    saved as photo.jpg is not what anyone meant); the two disagreeing is an error."""
+    implied = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    if asked is not None and implied is not None and asked != implied:
+        raise ValueError(f"--output-format {asked} contradicts -o {output}: its extension means {implied}")
+    return asked or implied
+
+
 def _outputs(output: Path | None, job: JobOut) -> list[Path]:
     """Where each image goes: `output` for one image, `stem-i.ext` for several; `<id>-i.ext` by default."""
     fmt = job.params.output_format.value if job.params is not None else "png"
@@ -139,6 +152,7 @@ def _cancel(client: Client, job_id: str) -> None:
 def generate(client: Client, args: argparse.Namespace) -> int:
     if args.previews is not None:
         args.previews.mkdir(parents=True, exist_ok=True)  # before the job: a bad directory queues nothing
+    args.output_format = _output_format(args.output, args.output_format)
     job = client.submit(prompt=args.prompt, **request_params(args))
     print(f"job {job.id}", file=sys.stderr)
     bar = ProgressBar(sys.stderr)

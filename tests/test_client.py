@@ -207,6 +207,21 @@ def test_cli_generate_status_cancel(service: Service, key: tuple[Path, str], tmp
     assert stranger.returncode == 1 and "unknown API key" in stranger.stderr
 
 
+def test_cli_output_extension_picks_the_format(service: Service, key: tuple[Path, str], tmp_path: Path) -> None:
+    """Guards against `-o photo.jpg` saving PNG bytes under a .jpg name: the extension asks for its
+    format when --output-format is not given, and a contradicting --output-format queues nothing."""
+    env = {"BAILAN_URL": f"http://127.0.0.1:{service.port}", "BAILAN_API_KEY": key[1]}
+    done = run_cli("generate", "a red circle", "-o", "photo.JPG", "--steps", "2", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert picture((tmp_path / "photo.JPG").read_bytes()).format == "JPEG"
+
+    conn = redis.Redis.from_url(service.env["BAILAN_REDIS_URL"])
+    jobs_before = sum(1 for _ in conn.scan_iter("bailan:job:*"))
+    clash = run_cli("generate", "x", "-o", "x.png", "--output-format", "webp", env=env, cwd=tmp_path)
+    assert clash.returncode == 2 and "--output-format webp" in clash.stderr and "x.png" in clash.stderr
+    assert sum(1 for _ in conn.scan_iter("bailan:job:*")) == jobs_before
+
+
 def test_client_and_cli_load_no_server_or_model_code() -> None:
     """Guards the client's weight: importing bailan.client and bailan.cli must not load torch,
     diffusers, the worker, FastAPI or RQ (a client machine need not run them)."""
