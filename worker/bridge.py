@@ -286,7 +286,10 @@ class JobBridge:
         return np.asarray(image), mask
 
     def _parameters(self, job: GenerationJob, index: int) -> str:
-        return parameters_text(job.prompt, job.negative_prompt, job.steps, job.scheduler, job.guidance_scale,
+        # The scale the picture was made with: at <= 1 no guidance runs, which is scale 1 (the
+        # conditional prediction alone) where other tools apply a scale below 1 as written.
+        scale = job.guidance_scale if job.guided else 1.0
+        return parameters_text(job.prompt, job.negative_prompt, job.steps, job.scheduler, scale,
                                job.seed + index, job.width, job.height, self.model.name, self.model.hash)
 
     def _store_images(self, job: GenerationJob, fmt: str, images: list[np.ndarray]) -> None:
