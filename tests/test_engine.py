@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -534,3 +536,79 @@ def test_without_graphs_the_compiled_unet_runs_the_size_it_was_warmed_at(model: 
     run_alone(engine, make_job("native", width=model.native_width, height=model.native_height, steps=3))
     run_alone(engine, make_job("small", width=model.native_width // 2, height=model.native_height // 2, steps=3))
     assert sizes == [native] * 3
+
+
+def test_an_idle_engine_starts_the_jobs_its_slots_took_in_one_step(engine: Engine) -> None:
+    """Guards against a burst of jobs starting over several steps: RQ slots hand their jobs over
+    one after another (Redis round trips each), and an idle engine that stepped the first at once
+    finished the burst over several steps and decodes (H100: 16 jobs over ~250 ms). Jobs a slot
+    has taken (`expect`) are waited for; a job never announced is not."""
+    engine.gather_s = 30.0  # the cap is not what this test measures
+    took = threading.Event()
+    late = make_job("late")
+
+    def slot() -> None:
+        engine.expect()
+        took.set()
+        time.sleep(0.2)  # its set-up: longer than the early job's whole run
+        engine.submit(late)
+
+    thread = threading.Thread(target=slot)
+    thread.start()
+    assert took.wait(5)
+    early = make_job("early", seed=8)
+    engine.submit(early)
+    engine.run_until_idle()
+    thread.join(5)
+    assert early.future.result(timeout=0) is not None and late.future.result(timeout=0) is not None
+    assert engine.iterations == early.steps  # both ran every step together
+
+
+def test_a_slot_that_gives_up_its_job_releases_the_wait(engine: Engine) -> None:
+    """Guards against an idle engine held for its whole cap by a slot whose job never came (RQ
+    failed it first, or it was deleted): `unexpect` ends the wait at once."""
+    engine.gather_s = 30.0
+    took = threading.Event()
+
+    def slot() -> None:
+        engine.expect()
+        took.set()
+        time.sleep(0.1)
+        engine.unexpect()
+
+    thread = threading.Thread(target=slot)
+    thread.start()
+    assert took.wait(5)
+    job = make_job("alone")
+    started = time.monotonic()
+    engine.submit(job)
+    engine.run_until_idle()
+    thread.join(5)
+    assert job.future.result(timeout=0) is not None
+    assert time.monotonic() - started < 20  # not the 30 s cap
+
+
+def test_a_wait_for_a_job_that_never_comes_ends_at_the_cap(engine: Engine) -> None:
+    """Guards against an engine stalled for ever by a slot that announced a job and then hung
+    (a Redis outage in its set-up): the first step waits `gather_s` at most."""
+    engine.gather_s = 0.2
+    took = threading.Event()
+    release = threading.Event()
+
+    def slot() -> None:
+        engine.expect()
+        took.set()
+        release.wait(30)
+        engine.unexpect()
+
+    thread = threading.Thread(target=slot)
+    thread.start()
+    assert took.wait(5)
+    job = make_job("alone")
+    started = time.monotonic()
+    engine.submit(job)
+    engine.run_until_idle()
+    assert job.future.result(timeout=0) is not None
+    assert time.monotonic() - started < 20  # not until the slot gave up after 30 s
+    release.set()
+    thread.join(5)

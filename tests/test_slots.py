@@ -132,3 +132,39 @@ def test_rqs_own_maintenance_leaves_lapsed_leases_to_the_reaper(redis_conn: redi
     assert redis_conn.zscore(f"rq:wip:{QUEUE}", "lapsed:exec1") is not None
     assert redis_conn.llen(queue.key) == 0
     assert redis_conn.zscore(f"rq:finished:{QUEUE}", "old") is None  # the rest of RQ's maintenance still runs
+
+
+def test_a_slot_tells_the_engine_of_a_job_it_took_until_the_job_is_done(redis_conn: redis.Redis) -> None:
+    """Guards the hand-over an idle engine waits for (worker.engine.Engine.expect): a slot says it
+    took a job before the job's set-up, on its own thread (the engine keys by thread), and says it
+    is done with it after the job ends, a job whose runner raised too; else the engine would wait
+    its cap at every burst for a job that never comes."""
+    calls: list[tuple[str, int]] = []
+
+    def runner(job_id: str) -> dict[str, Any]:
+        calls.append((f"run {job_id}", threading.get_ident()))
+        if job_id == "broken":
+            raise ValueError("the runner failed")
+        return {"images": 1}
+
+    queue = Queue(QUEUE, connection=redis_conn, serializer=JSONSerializer)
+    for job_id in ("done", "broken"):
+        queue.enqueue_call(func=RQ_FUNC, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600, timeout=-1)
+    stop = threading.Event()
+    slot = SlotWorker([queue], name="slots-test.0", connection=redis_conn, serializer=JSONSerializer, worker_ttl=20,
+                      runner=runner, stop=stop,
+                      expect=lambda: calls.append(("expect", threading.get_ident())),
+                      unexpect=lambda: calls.append(("unexpect", threading.get_ident())))
+    errors: list[BaseException] = []
+    thread = work_in_thread(slot, errors)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(1 for c, _ in calls if c.startswith("run")) < 2:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the second job's end
+    stop.set()
+    thread.join(timeout=30)
+    assert errors == [] and {ident for _, ident in calls} == {thread.ident}
+    names = [c for c, _ in calls]
+    for job_id in ("done", "broken"):
+        run = names.index(f"run {job_id}")
+        assert names[run - 1] == "expect" and "unexpect" in names[run + 1:]

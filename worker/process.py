@@ -113,6 +113,8 @@ def serve(settings: WorkerSettings) -> int:
             stop=shutdown.requested,
             has_room=engine.has_room,
             wait_for_room=engine.wait_for_room,
+            expect=engine.expect,
+            unexpect=engine.unexpect,
         )
         # Exactly one slot per job the engine holds: a spare slot would sit in RQ's
         # blocking dequeue and take a job the engine has no room for yet.

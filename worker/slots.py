@@ -122,6 +122,8 @@ class SlotWorker(SimpleWorker):
         stop: threading.Event | None = None,
         has_room: Callable[[], bool] | None = None,
         wait_for_room: Callable[[float], bool] | None = None,
+        expect: Callable[[], None] | None = None,
+        unexpect: Callable[[], None] | None = None,
         lease_s: int = 30,
         **kwargs: Any,
     ) -> None:
@@ -130,6 +132,10 @@ class SlotWorker(SimpleWorker):
         self.stop = stop if stop is not None else threading.Event()
         self.has_room = has_room
         self.wait_for_room = wait_for_room
+        # Told on this thread when it takes a job and when that job is handed over or dropped
+        # (worker.engine.Engine.expect): an idle engine then starts a burst in one step.
+        self.expect = expect
+        self.unexpect = unexpect
         self.lease_s = lease_s
         self.running_job: Job | None = None
         # The runner's own answer for the running job, so the outcome never has
@@ -221,6 +227,8 @@ class SlotWorker(SimpleWorker):
         # RQ's loop only leaves a blocking dequeue through a signal handler that
         # raises in the main thread; a slot polls the stop event instead, and
         # returning None ends RQ's work loop.
+        if self.unexpect is not None:
+            self.unexpect()  # holding no job now, whatever happened to the last one taken
         while not self.stop.is_set():
             if self.has_room is not None and not self.has_room():
                 # Taking a job the engine cannot start yet would show it as running
@@ -236,6 +244,8 @@ class SlotWorker(SimpleWorker):
             self._listen_fairly()
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=FAIR_REFRESH_S)
             if result is not None:
+                if self.expect is not None:
+                    self.expect()
                 try:
                     mark_served(self.connection, self.base_queue_names[-1], result[1].name)
                 except redis.RedisError:
@@ -274,6 +284,8 @@ class SlotWorker(SimpleWorker):
             with job_context(job.id):
                 super().execute_job(job, queue)
         finally:
+            if self.unexpect is not None:
+                self.unexpect()  # handed over long since, or never to be (a job RQ failed first)
             _running_slot.reset(token)
             self.running_job = None
 
