@@ -39,3 +39,18 @@ def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch
     forced = runner_options(WorkerSettings(model=BUILTIN, compile=True, cuda_graphs=True), torch.device("cpu"))
     assert not forced.cuda_graphs and not forced.compile_unet
 
+
+
+def test_a_first_compile_says_it_will_take_minutes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Guards against a worker that sits unready for minutes on its first start (compiling, SDXL
+    over 4 minutes on an H100) with nothing in its log to say why, or how to skip it; and against
+    telling a restart with a filled cache the same."""
+    settings = WorkerSettings(model=BUILTIN, compile_cache_dir=tmp_path / "compile")
+    with caplog.at_level("INFO", logger="bailan.worker"):
+        runner_options(settings, torch.device("cuda"))
+    assert "is empty" in caplog.text and "BAILAN_COMPILE=false" in caplog.text
+    (tmp_path / "compile" / "fxgraph").mkdir()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bailan.worker"):
+        runner_options(settings, torch.device("cuda"))
+    assert "reusing the compiled kernels" in caplog.text and "is empty" not in caplog.text
