@@ -123,9 +123,13 @@ SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp
 def _output_format(output: Path | None, asked: str | None) -> str | None:
     """The format to ask for: --output-format, else what the -o file's extension names (a PNG
     saved as photo.jpg is not what anyone meant); the two disagreeing is an error."""
-    implied = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    suffix = output.suffix.lower() if output is not None else ""
+    implied = SUFFIX_FORMATS.get(suffix)
     if asked is not None and implied is not None and asked != implied:
         raise ValueError(f"--output-format {asked} contradicts -o {output}: its extension means {implied}")
+    if asked is None and suffix and implied is None:
+        known = ", ".join(sorted(SUFFIX_FORMATS))
+        raise ValueError(f"-o {output}: Bailan writes no {suffix} files; use {known}, or name --output-format")
     return asked or implied
 
 

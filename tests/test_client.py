@@ -209,7 +209,8 @@ def test_cli_generate_status_cancel(service: Service, key: tuple[Path, str], tmp
 
 def test_cli_output_extension_picks_the_format(service: Service, key: tuple[Path, str], tmp_path: Path) -> None:
     """Guards against `-o photo.jpg` saving PNG bytes under a .jpg name: the extension asks for its
-    format when --output-format is not given, and a contradicting --output-format queues nothing."""
+    format when --output-format is not given; a contradicting --output-format, or an extension
+    Bailan writes no files of (PNG bytes as x.gif), queues nothing."""
     env = {"BAILAN_URL": f"http://127.0.0.1:{service.port}", "BAILAN_API_KEY": key[1]}
     done = run_cli("generate", "a red circle", "-o", "photo.JPG", "--steps", "2", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -219,6 +220,8 @@ def test_cli_output_extension_picks_the_format(service: Service, key: tuple[Path
     jobs_before = sum(1 for _ in conn.scan_iter("bailan:job:*"))
     clash = run_cli("generate", "x", "-o", "x.png", "--output-format", "webp", env=env, cwd=tmp_path)
     assert clash.returncode == 2 and "--output-format webp" in clash.stderr and "x.png" in clash.stderr
+    unknown = run_cli("generate", "x", "-o", "x.gif", env=env, cwd=tmp_path)
+    assert unknown.returncode == 2 and ".gif" in unknown.stderr
     assert sum(1 for _ in conn.scan_iter("bailan:job:*")) == jobs_before
 
 

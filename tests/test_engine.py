@@ -612,3 +612,29 @@ def test_a_wait_for_a_job_that_never_comes_ends_at_the_cap(engine: Engine) -> No
     assert time.monotonic() - started < 20  # not until the slot gave up after 30 s
     release.set()
     thread.join(5)
+
+
+def test_a_refused_job_releases_the_wait(engine: Engine) -> None:
+    """Guards against an idle engine held for its cap by a slot whose job the engine refused
+    (InvalidForModel at submit): the slot's mark went only when the job ended, after its failure
+    was written (through any Redis outage)."""
+    engine.gather_s = 30.0
+    refused: list[BaseException] = []
+
+    def slot() -> None:
+        engine.expect()
+        try:
+            engine.submit(make_job("odd", width=33))
+        except InvalidForModel as exc:
+            refused.append(exc)
+
+    thread = threading.Thread(target=slot)
+    thread.start()
+    thread.join(5)
+    assert refused
+    job = make_job("alone")
+    started = time.monotonic()
+    engine.submit(job)
+    engine.run_until_idle()
+    assert job.future.result(timeout=0) is not None
+    assert time.monotonic() - started < 20  # not the 30 s cap

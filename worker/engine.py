@@ -109,11 +109,13 @@ class Engine:
     # ---- public API -------------------------------------------------------
 
     def submit(self, job: GenerationJob) -> Future:
-        self.validate(job)
-        job.images = [None] * job.num_images
-        job.latents = [None] * job.num_images
-        self.scheduler.submit(job, self.runner.latent_size(job))
-        self._arrived()
+        try:
+            self.validate(job)
+            job.images = [None] * job.num_images
+            job.latents = [None] * job.num_images
+            self.scheduler.submit(job, self.runner.latent_size(job))
+        finally:
+            self._arrived()  # a refused job is not coming either
         return job.future
 
     def expect(self) -> None:

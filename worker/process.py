@@ -243,7 +243,8 @@ def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOpti
         os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
         # Nothing else says why a first start keeps /readyz at 503 for minutes.
         if any(cache.iterdir()):
-            log.info("torch.compile: reusing the compiled kernels in %s", cache)
+            log.info("torch.compile: may reuse the compiled kernels in %s (another model's, or another torch "
+                     "version's, still compile for minutes)", cache)
         else:
             log.info("torch.compile: the compile cache %s is empty, so this start compiles the UNet and the VAE "
                      "decoder before the worker is ready: minutes (an H100: about 2 for SD 1.5, over 4 for SDXL); "
