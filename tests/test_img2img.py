@@ -115,16 +115,13 @@ def test_img2img_jobs_batch_with_text_to_image_jobs(engine: Engine, picture: np.
     assert torch.allclose(together[1].latents[0], alone_t2i.latents[0], atol=1e-4)
 
 
-def test_an_inpainting_unet_gets_the_mask_and_the_masked_picture(tmp_path: Path) -> None:
-    """Guards against a 9-channel inpainting UNet being fed 4 channels (a shape error) or a
-    mask it cannot see: it receives latents, the mask and the masked picture's latents."""
+def spied_inpainting_engine(tmp_path: Path, max_batch: int) -> tuple[Engine, list[torch.Tensor]]:
+    """An engine on a tiny 9-channel inpainting model, and the list its UNet's inputs go to."""
     from world.tiny import build_tiny_pipeline
 
     build_tiny_pipeline(inpainting=True).save_pretrained(tmp_path / "inpaint", safe_serialization=True)
     model = load_model(tmp_path / "inpaint", torch.device("cpu"), torch.float32)
-    assert model.latent_channels == 4
-    engine = Engine(model, max_batch=4)
-    assert engine.runner.inpainting_unet
+    engine = Engine(model, max_batch=max_batch)
     seen: list[torch.Tensor] = []
     original = model.pipe.unet.forward
 
@@ -133,6 +130,15 @@ def test_an_inpainting_unet_gets_the_mask_and_the_masked_picture(tmp_path: Path)
         return original(sample, *args, **kwargs)
 
     model.pipe.unet.forward = spying  # type: ignore[method-assign]
+    return engine, seen
+
+
+def test_an_inpainting_unet_gets_the_mask_and_the_masked_picture(tmp_path: Path) -> None:
+    """Guards against a 9-channel inpainting UNet being fed 4 channels (a shape error) or a
+    mask it cannot see: it receives latents, the mask and the masked picture's latents."""
+    engine, seen = spied_inpainting_engine(tmp_path, max_batch=4)
+    assert engine.model.latent_channels == 4
+    assert engine.runner.inpainting_unet
     picture = np.zeros((32, 32, 3), np.uint8)
     picture[:, :, 0] = 200
     mask = np.zeros((32, 32), np.float32)
@@ -154,20 +160,8 @@ def test_an_inpainting_unet_sees_a_grey_picture_where_a_job_repaints_everything(
     of a text-to-image job: diffusers' inpaint pipeline (and AUTOMATIC1111) show it the latent of
     a picture masked out throughout, i.e. mid-grey, and a zero latent is another picture. It must
     also not keep an inpainting job's picture for the next job in its slot."""
-    from world.tiny import build_tiny_pipeline
-
-    build_tiny_pipeline(inpainting=True).save_pretrained(tmp_path / "inpaint", safe_serialization=True)
-    model = load_model(tmp_path / "inpaint", torch.device("cpu"), torch.float32)
-    engine = Engine(model, max_batch=1)
-    seen: list[torch.Tensor] = []
-    original = model.pipe.unet.forward
-
-    def spying(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        seen.append(sample.detach().clone())
-        return original(sample, *args, **kwargs)
-
-    model.pipe.unet.forward = spying  # type: ignore[method-assign]
-    vae = model.pipe.vae
+    engine, seen = spied_inpainting_engine(tmp_path, max_batch=1)
+    vae = engine.model.pipe.vae
     with torch.no_grad():
         grey = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode() * vae.config.scaling_factor
     assert grey.abs().max() > 0.01  # else the check below could not tell grey from zeros
