@@ -83,7 +83,8 @@ class Client:
             job = r.json()
         done, wall_done = time.perf_counter(), time.time()
         out: dict[str, Any] = {"submitted": t0, "done": done, "image": done, "status": job["status"],
-                               "phases": phases(job, wall0, wall_done)}
+                               "phases": phases(job, wall0, wall_done),
+                               "started_at": stamp(job, "started_at"), "finished_at": stamp(job, "finished_at")}
         if job["status"] != "succeeded":
             return {**out, "error": str(job.get("error"))}
         image = self.http.get(job["images"][0]["url"])
@@ -112,15 +113,17 @@ class Client:
         self.http.close()
 
 
+def stamp(job: dict[str, Any], key: str) -> float | None:
+    """One of the job view's timestamps as seconds since the epoch."""
+    value = job.get(key)
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
+
+
 def phases(job: dict[str, Any], submitted: float, seen: float) -> dict[str, float]:
     """Where a job's time went, from the record's timestamps (same host, same clock):
     submit (client -> record written), queue (-> a worker starts it), run (-> images
     stored), notify (-> the client sees `succeeded`)."""
-    def ts(key: str) -> float | None:
-        value = job.get(key)
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
-
-    created, started, finished = ts("created_at"), ts("started_at"), ts("finished_at")
+    created, started, finished = stamp(job, "created_at"), stamp(job, "started_at"), stamp(job, "finished_at")
     if None in (created, started, finished):
         return {}
     return {"submit": created - submitted, "queue": started - created, "run": finished - started,
@@ -154,6 +157,8 @@ def run_single(base: str, body: dict[str, Any], steps: int, reps: int, poll_s: f
     row = summarise("single_client" + SUFFIX[notify], results, poll_s, [steps] * reps, 0.0, notify)
     # One after another: throughput is one over the latency, not images over the makespan.
     row["images_per_s"] = round(1 / row["latency_p50_s"], 3)
+    for key in ("started_spread_s", "finished_spread_s"):
+        row.pop(key, None)  # one job at a time: no burst to spread
     return row
 
 
@@ -176,6 +181,11 @@ def summarise(name: str, results: list[dict[str, Any]], poll_s: float, steps: li
         "image_latency_p50_s": round(float(np.percentile(img, 50)), 4),
         "phases_p50_s": {k: round(float(np.median([r["phases"][k] for r in results if r["phases"]])), 4)
                          for k in ("submit", "queue", "run", "notify") if any(r["phases"] for r in results)},
+        # First to last job started, and ended: a burst the worker starts over several steps
+        # also ends over several (one decode and completion each), which all-at-once rows show.
+        **{f"{key.removesuffix('_at')}_spread_s": round(max(found) - min(found), 4)
+           for key in ("started_at", "finished_at")
+           if len(found := [r[key] for r in results if r.get(key) is not None]) > 1},
         "notified_by": {"poll": f"polling every {poll_s} s", "events": "event stream",
                         "wait": "Prefer: wait (held submit)"}[notify],
         "poll_s": poll_s,
@@ -265,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(row: dict[str, Any]) -> None:
         results["modes"][row["mode"]] = row
+        spread = (f"  started over {row['started_spread_s']:.3f} s, ended over {row['finished_spread_s']:.3f} s"
+                  if {"started_spread_s", "finished_spread_s"} <= row.keys() else "")
         print(f"  {row['mode']:<24} {row['images_per_s']:8.3f} img/s  p50 {row['latency_p50_s']:.3f} s  "
-              f"p95 {row['latency_p95_s']:.3f} s  failed {row['failed']}  phases p50 {row.get('phases_p50_s')}",
-              flush=True)
+              f"p95 {row['latency_p95_s']:.3f} s  failed {row['failed']}  phases p50 {row.get('phases_p50_s')}"
+              f"{spread}", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2) + "\n")
