@@ -227,8 +227,6 @@ class SlotWorker(SimpleWorker):
         # RQ's loop only leaves a blocking dequeue through a signal handler that
         # raises in the main thread; a slot polls the stop event instead, and
         # returning None ends RQ's work loop.
-        if self.unexpect is not None:
-            self.unexpect()  # holding no job now, whatever happened to the last one taken
         while not self.stop.is_set():
             if self.has_room is not None and not self.has_room():
                 # Taking a job the engine cannot start yet would show it as running
@@ -244,8 +242,6 @@ class SlotWorker(SimpleWorker):
             self._listen_fairly()
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=FAIR_REFRESH_S)
             if result is not None:
-                if self.expect is not None:
-                    self.expect()
                 try:
                     mark_served(self.connection, self.base_queue_names[-1], result[1].name)
                 except redis.RedisError:
@@ -280,6 +276,8 @@ class SlotWorker(SimpleWorker):
         self.running_job = job
         self.job_was_canceled = self.job_was_superseded = False
         token = _running_slot.set(self)
+        if self.expect is not None:
+            self.expect()
         try:
             with job_context(job.id):
                 super().execute_job(job, queue)
