@@ -154,9 +154,9 @@ def _cancel(client: Client, job_id: str) -> None:
 
 
 def generate(client: Client, args: argparse.Namespace) -> int:
+    args.output_format = _output_format(args.output, args.output_format)  # refused before anything is made
     if args.previews is not None:
         args.previews.mkdir(parents=True, exist_ok=True)  # before the job: a bad directory queues nothing
-    args.output_format = _output_format(args.output, args.output_format)
     job = client.submit(prompt=args.prompt, **request_params(args))
     print(f"job {job.id}", file=sys.stderr)
     bar = ProgressBar(sys.stderr)
