@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                 record(run_mode(f"clients_{n}{suffix}", base, body, [args.steps] * n, poll_for(n), notify=notify))
             mixed = [int(s) for s in args.mixed_steps.split(",")]
             n = args.stagger_clients
+            if n < 1:
+                continue  # --stagger-clients 0: no staggered mode
             # Arrivals twice as fast as N clients at once were served, so the arrival process
             # never starves the worker: the comparison is of batching mixed work, not of idling.
             burst = results["modes"].get(f"clients_{n}{suffix}")
