@@ -519,15 +519,20 @@ def decode_record(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
 def public_state(rq_status: str | None, record: Mapping[str, str]) -> JobState:
     """The one place RQ's status becomes a Bailan job state.
 
-    RQ is the queue of record. When RQ's job hash is gone (expired or never
-    written) the record's timestamps decide, so an old job never reads as
-    queued forever.
+    RQ is the queue of record. But a worker writes a job's outcome to its record
+    first (images stored, end time, error) and tells RQ after, in bookkeeping
+    that takes several round trips per job; a burst of jobs ending at one step
+    queues them up on the worker. So a job RQ still shows started has ended once
+    its record says so, and its client need not wait for RQ. A worker that dies
+    in between leaves the job to the reaper, which ends it in RQ as the record
+    says (bailan.reaper). When RQ's job hash is gone (expired or never written)
+    the record decides too, so an old job never reads as queued forever.
     """
     match rq_status:
         case "queued" | "deferred" | "scheduled":
             return JobState.queued
         case "started":
-            return JobState.running
+            return ended_state(record) if record.get(RecordField.finished_at) else JobState.running
         case "finished":
             return JobState.succeeded
         case "failed" | "stopped":
@@ -535,14 +540,20 @@ def public_state(rq_status: str | None, record: Mapping[str, str]) -> JobState:
         case "canceled":
             return JobState.canceled
     if record.get(RecordField.finished_at):
-        if record.get(RecordField.error_code):
-            return JobState.failed
-        if record.get(RecordField.cancel_requested):
-            return JobState.canceled
-        return JobState.succeeded
+        return ended_state(record)
     if record.get(RecordField.started_at):
         return JobState.running
     return JobState.queued
+
+
+def ended_state(record: Mapping[str, str]) -> JobState:
+    """How a job whose record has an end time ended, as its worker then tells RQ: failed with
+    an error, succeeded with images (also when a cancel came too late to stop it), else canceled."""
+    if record.get(RecordField.error_code):
+        return JobState.failed
+    if record.get(RecordField.images) or not record.get(RecordField.cancel_requested):
+        return JobState.succeeded
+    return JobState.canceled
 
 
 def dumps(value: Any) -> str:

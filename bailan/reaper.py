@@ -6,7 +6,8 @@ requeues the job while retries are left, or fails it with `worker_lost`.
 
 The worker calls `reap_abandoned` from its liveness loop. The API runs it on
 the `Reaper` thread, so a dead worker's jobs fail even when no other worker is
-alive to notice. Like the rest of bailan/, this never imports torch.
+alive to notice. A job whose worker died after writing its outcome to the record,
+before telling RQ, is not run again: it ends in RQ as its record says. Like the rest of bailan/, this never imports torch.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import time
 import uuid
 
 import redis
-from rq.registry import CanceledJobRegistry, StartedJobRegistry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import as_text
 
 from bailan import events, webhooks
 from bailan.blobs import BlobStore
-from bailan.jobs import WORKER_LOST_MESSAGE, ErrorCode, Keys, RecordField, now
+from bailan.jobs import WORKER_LOST_MESSAGE, ErrorCode, JobState, Keys, RecordField, decode_record, ended_state, now
 from bailan.metrics import field, metrics_key
 from bailan.queues import RQ_QUEUE_PREFIX, all_queue_names
 
@@ -128,6 +131,13 @@ def _reap_queue(
     expired = registry.get_expired_job_ids(now())
     if not expired:
         return []
+    ended = _end_as_recorded(connection, registry, expired, keep_s)
+    if ended:
+        log.warning("reaper: jobs whose worker stopped after storing their outcome ended as recorded: %s",
+                    ", ".join(ended))
+        expired = [job_id for job_id in expired if job_id not in ended]
+        if not expired:
+            return []
     # RQ requeues a job with retries left to its origin: this same queue.
     registry.cleanup()
     check = connection.pipeline()
@@ -165,6 +175,56 @@ def _reap_queue(
     webhooks.enqueue_completed(connection, pipe, hooks, lost)
     pipe.execute()
     return expired
+
+
+_RQ_STATUS = {JobState.succeeded: JobStatus.FINISHED, JobState.failed: JobStatus.FAILED,
+              JobState.canceled: JobStatus.CANCELED}
+
+
+def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_ids: list[str],
+                     keep_s: int) -> list[str]:
+    """End in RQ, as their records say, the jobs among `job_ids` (leases run out) whose worker
+    wrote their outcome and stopped before RQ's bookkeeping; returns their ids.
+
+    Their clients saw them end (bailan.jobs.public_state) and their `completed` webhook went
+    with the record: RQ's cleanup would run them again, or fail a job that succeeded.
+    """
+    check = connection.pipeline(transaction=False)
+    for job_id in job_ids:
+        check.hget(f"rq:job:{job_id}", "status")
+        check.hgetall(Keys.job(job_id))
+    answers = check.execute()
+    members = [as_text(m) for m in connection.zrangebyscore(registry.key, 0, now())]
+    ended: list[str] = []
+    for job_id, status, raw in zip(job_ids, answers[::2], answers[1::2]):
+        record = decode_record(raw)
+        if status is None or as_text(status) != JobStatus.STARTED.value or not record.get(RecordField.finished_at):
+            continue
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            continue
+        state = ended_state(record)
+        ttl = job.failure_ttl if state is JobState.failed else job.result_ttl
+        ttl = keep_s if ttl is None or ttl < 0 else ttl
+        origin = job.origin or registry.name
+        with connection.pipeline() as pipe:
+            # Its leases (one per execution, "id:execution"), so RQ's cleanup never sees it.
+            leases = [m for m in members if m.partition(":")[0] == job_id]
+            if leases:
+                pipe.zrem(registry.key, *leases)
+            job.set_status(_RQ_STATUS[state], pipeline=pipe)
+            if state is JobState.succeeded:
+                FinishedJobRegistry(origin, connection=connection).add(job, ttl, pipeline=pipe)
+            elif state is JobState.failed:
+                FailedJobRegistry(origin, connection=connection).add(
+                    job, ttl, exc_string=record.get(RecordField.error_message, ""), pipeline=pipe)
+            else:
+                CanceledJobRegistry(origin, connection=connection).add(job, pipeline=pipe)
+            job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+            pipe.execute()
+        ended.append(job_id)
+    return ended
 
 
 # A worker starts a job within milliseconds of taking it off its queue (RQ's BLPOP, then its

@@ -250,6 +250,47 @@ def test_a_job_taken_from_its_worker_keeps_the_reapers_verdict(
         assert verdict[RecordField.error_code] == ErrorCode.worker_lost.value
 
 
+def test_a_client_sees_its_job_succeed_before_rqs_bookkeeping(
+    bridge: JobBridge, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a client that waited for RQ's success bookkeeping (several round trips
+    a job, on the worker's one interpreter; a burst ending at one step queues them up) when
+    its image was stored and its record ended: the API reads the job as succeeded, and serves
+    its image, from the moment the record says so."""
+    from app.store.records import snapshot
+
+    queue = Queue("early-end", connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue_call(func=RQ_FUNC, args=("early",), job_id="early", result_ttl=600, failure_ttl=600, timeout=-1)
+    submit(redis_conn, "early", steps=2, preview_every=0)
+    held, release = threading.Event(), threading.Event()
+    rq_success = SlotWorker.handle_job_success
+
+    def slow_bookkeeping(self: SlotWorker, *args: object, **kwargs: object) -> None:
+        held.set()
+        release.wait(30)
+        rq_success(self, *args, **kwargs)
+
+    monkeypatch.setattr(SlotWorker, "handle_job_success", slow_bookkeeping)
+    stop = threading.Event()
+    slot = SlotWorker([queue], name="early-end.0", connection=redis_conn, serializer=JSONSerializer,
+                      worker_ttl=20, runner=bridge.run, stop=stop)
+    errors: list[BaseException] = []
+    thread = work_in_thread(slot, errors)
+    try:
+        assert held.wait(60), "the job never reached RQ's bookkeeping"
+        job = Job.fetch("early", connection=redis_conn, serializer=JSONSerializer)
+        assert job.get_status() == JobStatus.STARTED  # RQ has not caught up
+        snap = snapshot(redis_conn, "early")
+        assert snap is not None and snap.state.value == "succeeded"
+        assert bridge.blobs is not None and bridge.blobs.get(image_key("early", 0)) is not None
+    finally:
+        release.set()
+        stop.set()
+        thread.join(timeout=30)
+    assert errors == []
+    assert Job.fetch("early", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+
+
 def test_a_shutdown_waits_for_a_job_still_storing_its_outcome(
     bridge: JobBridge, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,6 +50,29 @@ def test_record_decides_when_rq_forgot_the_job(record: dict[str, str], expected:
     assert public_state(None, record) is expected
 
 
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({RecordField.started_at: "1"}, JobState.running),
+        ({RecordField.finished_at: "2", RecordField.images: "[]"}, JobState.succeeded),
+        ({RecordField.finished_at: "2", RecordField.error_code: "internal"}, JobState.failed),
+        ({RecordField.finished_at: "2", RecordField.cancel_requested: "1"}, JobState.canceled),
+        # A cancel that came after the last step: the worker tells RQ it finished.
+        ({RecordField.finished_at: "2", RecordField.cancel_requested: "1", RecordField.images: "[]"},
+         JobState.succeeded),
+    ],
+)
+def test_a_job_ends_when_its_record_says_so(record: dict[str, str], expected: JobState) -> None:
+    """Guards against a client waiting for RQ's bookkeeping (several round trips a job, queued
+    up behind a burst that ended at one step) after its worker had stored the outcome: RQ
+    still says started then, and the record decides, as RQ will."""
+    assert public_state("started", record) is expected
+    if expected is not JobState.running:
+        rq_says = {JobState.succeeded: "finished", JobState.failed: "failed", JobState.canceled: "canceled"}
+        assert public_state(rq_says[expected], record) is expected  # no flip once RQ has caught up
+        assert public_state(None, record) is expected  # nor once RQ's hash expired
+
+
 def test_worker_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Guards against a worker starting with settings that cannot work (silent misconfiguration)."""
     # The default model path is relative to the working directory: the repository root.

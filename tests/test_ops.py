@@ -372,6 +372,59 @@ def test_a_new_process_holds_back_after_an_outage_it_never_saw(redis_conn: redis
     assert reap_abandoned(redis_conn, "fresh", interval_s=10) == ["fedcba9876543210fedcba9876543210"]
 
 
+@pytest.mark.parametrize(
+    ("outcome", "rq_status"),
+    [
+        ({"images": '[{"index":0,"seed":1}]'}, "finished"),
+        ({"error_code": "internal", "error_message": "OSError: disk full"}, "failed"),
+        ({"cancel_requested": "1.0"}, "canceled"),
+    ],
+)
+def test_a_job_whose_worker_died_after_recording_its_end_is_not_run_again(
+    redis_conn: redis.Redis, outcome: dict[str, str], rq_status: str
+) -> None:
+    """Guards against the reaper running again (or failing as worker_lost) a job whose
+    worker stored its outcome and died before RQ's bookkeeping: its client had already
+    seen it end, from the record, and had its `completed` webhook. It ends in RQ as the
+    record says, and its lease goes; a lease beside it still expires as before."""
+    from rq import Queue, Retry
+    from rq.job import Job
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from bailan.jobs import RQ_FUNC, JobState, Keys, RecordField, decode_record, public_state
+    from bailan.reaper import reap_abandoned
+
+    queue_name = f"ended-{rq_status}"
+    queue = Queue(queue_name, connection=redis_conn, serializer=JSONSerializer)
+    registry = StartedJobRegistry(queue_name, connection=redis_conn)
+    ids = {"ended": f"ended{rq_status}", "lost": f"lost{rq_status}"}
+    for job_id in ids.values():
+        job = queue.enqueue_call(func=RQ_FUNC, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600,
+                                 timeout=-1, retry=Retry(max=1))
+        redis_conn.lrem(queue.key, 0, job_id)
+        job.set_status("started")
+        redis_conn.zadd(registry.key, {f"{job_id}:exec": time.time() - 1})  # its lease ran out
+        redis_conn.hset(Keys.job(job_id), mapping={RecordField.params: "{}", RecordField.started_at: "1.0"})
+    ended = {RecordField.finished_at: "2.0", **outcome}
+    redis_conn.hset(Keys.job(ids["ended"]), mapping=ended)
+    expected = public_state("started", decode_record(redis_conn.hgetall(Keys.job(ids["ended"]))))
+    assert expected is not JobState.running  # the API already shows it ended
+
+    assert reap_abandoned(redis_conn, queue_name, interval_s=10.0) == [ids["lost"]]
+    job = Job.fetch(ids["ended"], connection=redis_conn, serializer=JSONSerializer)
+    assert job.get_status() == rq_status
+    assert public_state(rq_status, {}) is expected  # RQ now says what the record said
+    assert ids["ended"] not in queue.get_job_ids()
+    assert redis_conn.zscore(registry.key, f"{ids['ended']}:exec") is None
+    record = decode_record(redis_conn.hgetall(Keys.job(ids["ended"])))
+    assert {k: record[k] for k in ended} == ended  # the record keeps its outcome
+    assert RecordField.started_at in record
+    # The other, whose worker died mid-run, is run again (one retry left), as before.
+    assert ids["lost"] in queue.get_job_ids()
+    redis_conn.delete(queue.key, *(Keys.job(j) for j in ids.values()), *(f"rq:job:{j}" for j in ids.values()))
+
+
 def test_a_slow_sweep_frees_only_its_own_lock(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards against a sweep that outlived its 30 s lock deleting the lock another sweeper
     took meanwhile: a third could then sweep beside that one, and two RQ cleanups of one
