@@ -118,6 +118,27 @@ def test_json_logs_name_the_job(json_service: Service) -> None:
                 assert record.get("job_id") == job["id"], record
 
 
+def test_the_worker_logs_where_its_start_went(json_service: Service) -> None:
+    """Guards against a worker start whose time cannot be split: on the GPU ~17 s of a
+    55 s start passed before the model load and were put down to imports unmeasured. The
+    worker logs its process's age when its own code began (interpreter and imports), the
+    device set-up, the load and the warm-up, once, before it says ready."""
+    import re
+
+    messages = [json.loads(line)["message"] for line in
+                (json_service.tmp / "worker-ops-0.log").read_text().splitlines() if line.strip()]
+    starts = [i for i, m in enumerate(messages) if m.startswith("start: ")]
+    assert len(starts) == 1, messages
+    found = re.fullmatch(r"start: process and imports ([\d.]+) s, device ([\d.]+) s, model load ([\d.]+) s, "
+                         r"warm-up ([\d.]+) s", messages[starts[0]])
+    assert found, messages[starts[0]]
+    imports, device, load, warm = (float(g) for g in found.groups())
+    assert imports > 0.5  # torch and diffusers alone take longer than that to import
+    assert load > 0 and warm > 0
+    ready = [i for i, m in enumerate(messages) if " ready: model " in m]
+    assert ready and starts[0] < ready[0]
+
+
 def _valkey(data_dir: Path, port: int | None = None) -> ValkeyServer:
     server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
                           config={"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction",

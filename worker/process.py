@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -72,17 +73,37 @@ class Shutdown:
         self.requested.set()
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process began (Linux; None elsewhere): the interpreter's start and
+    the imports before any of the worker's code ran."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        # Field 22 of stat, the start in clock ticks after boot; the split begins at field 3.
+        return uptime_s - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def serve(settings: WorkerSettings) -> int:
     """Serve the queue until SIGINT/SIGTERM; 0 after a clean stop, non-zero when it cannot go on."""
+    before = process_age_s()
+    started = time.perf_counter()
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.init()  # the driver's set-up, timed apart from the load it would otherwise join
+    device_s = time.perf_counter() - started
     model = load_model(settings.model, device, dtype)
+    load_s = time.perf_counter() - started - device_s
     options = runner_options(settings, device)
     engine = Engine(model, settings.max_batch or default_max_batch(device), options=options)
     warm_up(engine)
-    log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, time.perf_counter() - started,
-             engine.max_batch)
+    total = time.perf_counter() - started
+    log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, total, engine.max_batch)
+    # Where a start's time goes, for the start-up targets (README, Performance).
+    log.info("start: process and imports %s, device %.1f s, model load %.1f s, warm-up %.1f s",
+             "unknown" if before is None else f"{before:.1f} s", device_s, load_s, total - device_s - load_s)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
     shutdown = Shutdown()
     # Installed once, before Redis is even reached: a worker waiting for its
