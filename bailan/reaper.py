@@ -143,11 +143,11 @@ def _reap_queue(
     check = connection.pipeline()
     for job_id in expired:
         check.hget(f"rq:job:{job_id}", "status")
-        check.hget(Keys.job(job_id), RecordField.params)  # every record has them: none, no record
+        check.hmget(Keys.job(job_id), RecordField.params, RecordField.model)  # params in every record
     answers = check.execute()
     pipe = webhooks.transaction(connection)
     lost: list[str] = []
-    for job_id, status, params in zip(expired, answers[::2], answers[1::2]):
+    for job_id, status, (params, model) in zip(expired, answers[::2], answers[1::2]):
         key = Keys.job(job_id)
         if params is None:
             continue  # the record already expired; don't recreate a stub of it
@@ -156,8 +156,10 @@ def _reap_queue(
             pipe.hsetnx(key, RecordField.error_message, WORKER_LOST_MESSAGE)
             pipe.hsetnx(key, RecordField.finished_at, str(now()))
             pipe.expire(key, keep_s)
-            pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total",
-                                                       {"status": "failed", "error": ErrorCode.worker_lost.value}), 1)
+            # The model its worker ran it on (written at its start), as that worker labels its ends.
+            labels = {"status": "failed", "error": ErrorCode.worker_lost.value,
+                      **({"model": as_text(model)} if model else {})}
+            pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total", labels), 1)
             lost.append(job_id)
         else:
             pipe.hincrbyfloat(metrics_key(base), "bailan_jobs_requeued_total", 1)

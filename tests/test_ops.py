@@ -446,6 +446,45 @@ def test_a_job_whose_worker_died_after_recording_its_end_is_not_run_again(
     redis_conn.delete(queue.key, *(Keys.job(j) for j in ids.values()), *(f"rq:job:{j}" for j in ids.values()))
 
 
+@pytest.mark.parametrize("model", ["sd15-photo", None])
+def test_final_states_the_api_and_reaper_count_name_the_model(redis_conn: redis.Redis, model: str | None) -> None:
+    """Guards against the ends counted outside a worker (a queued job canceled, by the API;
+    a job failed as worker_lost, by the reaper) going into a series without a `model`
+    label, beside the workers' labelled ones: per-model dashboards missed them. A job that
+    named no model and never started counts with none."""
+    from rq import Queue
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from app.store.records import accepted_snapshot, cancel
+    from bailan.jobs import RQ_FUNC, JobParams, Keys, RecordField
+    from bailan.metrics import field, metrics_key
+    from bailan.reaper import reap_abandoned
+
+    base = f"labels-{model}"
+    params = JobParams.model_validate({"prompt": "a red circle", "model": model, "seed": 1})
+    snap = accepted_snapshot("labelcanceled", params, "anonymous")
+    redis_conn.hset(Keys.job(snap.job_id), mapping=snap.record)
+    snap.rq_status = None  # never enqueued to RQ: the API ends it itself
+    assert cancel(redis_conn, base, snap, keep_s=600) == "canceled"
+    labels = {"status": "canceled", **({"model": model} if model else {})}
+    assert redis_conn.hget(metrics_key(base), field("bailan_jobs_finished_total", labels)) == b"1"
+
+    queue = Queue(base, connection=redis_conn, serializer=JSONSerializer)
+    job = queue.enqueue_call(func=RQ_FUNC, args=("labellost",), job_id="labellost", result_ttl=600,
+                             failure_ttl=600, timeout=-1)
+    redis_conn.lrem(queue.key, 0, job.id)
+    job.set_status("started")
+    redis_conn.zadd(StartedJobRegistry(base, connection=redis_conn).key, {"labellost:exec": time.time() - 1})
+    ran_on = model or "builtin"  # a worker writes the model it runs the job on, named or not
+    redis_conn.hset(Keys.job(job.id), mapping={RecordField.params: params.model_dump_json(),
+                                               RecordField.started_at: "1.0", RecordField.model: ran_on})
+    assert reap_abandoned(redis_conn, base, interval_s=10.0) == [job.id]
+    lost = field("bailan_jobs_finished_total", {"status": "failed", "error": "worker_lost", "model": ran_on})
+    assert redis_conn.hget(metrics_key(base), lost) == b"1"
+    redis_conn.delete(metrics_key(base), Keys.job("labelcanceled"), Keys.job("labellost"), job.key)
+
+
 def test_a_slow_sweep_frees_only_its_own_lock(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards against a sweep that outlived its 30 s lock deleting the lock another sweeper
     took meanwhile: a third could then sweep beside that one, and two RQ cleanups of one

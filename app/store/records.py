@@ -532,7 +532,10 @@ def _end_canceled(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, 
     pipe.delete(*Keys.input_images(snap.job_id))
     events.notify(pipe, snap.job_id)
     # No worker ever sees this job: the API counts its final state (bailan.metrics).
-    pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total", {"status": "canceled"}), 1)
+    # Labelled with the model the job named, as a worker labels what it ends; none named, none.
+    model = snap.record.get(RecordField.model)
+    pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total",
+                                               {"status": "canceled", **({"model": model} if model else {})}), 1)
     policy = hooks if hooks is not None else webhooks.Policy.defaults(base, keep_s)
     webhooks.enqueue(conn, pipe, policy, snap.job_id, webhooks.WebhookEvent.completed, snap.params)
     pipe.execute()
