@@ -141,6 +141,29 @@ def default_max_batch(device: torch.device) -> int:
     return 2
 
 
+# torch.compile's own phase timers worth a start-up log line (names as torch._dynamo.utils
+# records them): what a warm start with a filled cache still spends, and on what.
+COMPILE_PHASES = {
+    "_compile.compile_inner": "compile_s",  # all of it, per compiled graph
+    "bytecode_tracing": "tracing_s",  # dynamo reading the model's Python: never cached
+    "OutputGraph.call_user_compiler": "backend_s",  # AOTAutograd and inductor, cache hits included
+    "AOTAutogradCache.inductor_load": "cache_load_s",
+    "async_compile.wait": "kernel_compile_s",  # Triton or C++ kernels compiled in worker processes
+    "build_guards": "guards_s",
+}
+
+
+def compile_phases() -> dict[str, float]:
+    """Seconds torch.compile has spent in this process per phase (COMPILE_PHASES), summed over
+    graphs; the phases torch did not record are left out (their names are torch's internals)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return {}
+    return {name: round(sum(compilation_time_metrics[key]), 2)
+            for key, name in COMPILE_PHASES.items() if compilation_time_metrics.get(key)}
+
+
 class SDRunner:
     """Owns the model's tensors; every method runs on the engine's thread."""
 
@@ -582,6 +605,8 @@ class SDRunner:
             self.decode(torch.zeros((count, *pool.latents.shape[1:]), device=self.device))
         self._sync()
         timings["vae_buckets_s"] = time.perf_counter() - started
+        if self._compiled_unet is not None or self._compiled_vae is not None:
+            timings.update(compile_phases())
         return timings
 
     def _capture(self, pool: _Pool, index: torch.Tensor, noise: torch.Tensor, unet: Any) -> _Graph:
