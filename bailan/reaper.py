@@ -167,7 +167,9 @@ def _reap_queue(
             # Requeued: it runs afresh, so the dead attempt's traces go; and the model its worker
             # wrote, unless the job named it: any model's worker may take it now (its view's
             # waiting_for_worker and eta_s read it).
-            traces = [RecordField.started_at, RecordField.step, RecordField.worker]
+            # An end written after _end_as_recorded looked (the worker finished as it was reaped)
+            # goes too: the job's next start would otherwise read as ended (public_state).
+            traces = [RecordField.started_at, RecordField.step, RecordField.worker, RecordField.finished_at]
             if not _names_a_model(params):
                 traces.append(RecordField.model)
             pipe.hdel(key, *traces)

@@ -446,6 +446,41 @@ def test_a_job_whose_worker_died_after_recording_its_end_is_not_run_again(
     redis_conn.delete(queue.key, *(Keys.job(j) for j in ids.values()), *(f"rq:job:{j}" for j in ids.values()))
 
 
+def test_a_job_requeued_as_its_end_was_written_does_not_start_as_ended(
+    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a requeued job whose record kept an end time: its worker wrote the end
+    just after the reaper looked for one and just before RQ's cleanup requeued it. When it
+    started again, RQ said started and the stale end made it read as ended until the new
+    run's start cleared it."""
+    from rq import Queue, Retry
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from bailan import reaper
+    from bailan.jobs import RQ_FUNC, JobState, Keys, RecordField, decode_record, public_state
+
+    queue = Queue("late-end", connection=redis_conn, serializer=JSONSerializer)
+    job = queue.enqueue_call(func=RQ_FUNC, args=("lateend",), job_id="lateend", result_ttl=600, failure_ttl=600,
+                             timeout=-1, retry=Retry(max=1))
+    redis_conn.lrem(queue.key, 0, job.id)
+    job.set_status("started")
+    redis_conn.zadd(StartedJobRegistry("late-end", connection=redis_conn).key, {"lateend:exec": time.time() - 1})
+    redis_conn.hset(Keys.job(job.id), mapping={RecordField.params: "{}", RecordField.started_at: "1.0"})
+
+    def looked_too_early(connection: redis.Redis, *args: object) -> list[str]:
+        connection.hset(Keys.job("lateend"), RecordField.finished_at, "2.0")  # the end lands just after
+        return []
+
+    monkeypatch.setattr(reaper, "_end_as_recorded", looked_too_early)
+    assert reaper.reap_abandoned(redis_conn, "late-end", interval_s=10.0) == ["lateend"]
+    assert job.id in queue.get_job_ids()
+    record = decode_record(redis_conn.hgetall(Keys.job(job.id)))
+    assert RecordField.finished_at not in record
+    assert public_state("started", record) is JobState.running  # as RQ starts it again
+    redis_conn.delete(queue.key, Keys.job(job.id), job.key)
+
+
 @pytest.mark.parametrize("model", ["sd15-photo", None])
 def test_final_states_the_api_and_reaper_count_name_the_model(redis_conn: redis.Redis, model: str | None) -> None:
     """Guards against the ends counted outside a worker (a queued job canceled, by the API;
