@@ -128,10 +128,13 @@ def _reap_queue(
 ) -> list[str]:
     connection.zremrangebyscore(CanceledJobRegistry(queue_name, connection=connection).key, 0, now() - keep_s)
     registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
-    expired = registry.get_expired_job_ids(now())
+    # One cutoff for every step: a lease that ran out after it is left to the next sweep, and
+    # never reaches RQ's cleanup without passing _end_as_recorded first.
+    cutoff = now()
+    expired = registry.get_expired_job_ids(cutoff)
     if not expired:
         return []
-    ended = _end_as_recorded(connection, registry, expired, keep_s)
+    ended = _end_as_recorded(connection, registry, expired, keep_s, cutoff)
     if ended:
         log.warning("reaper: jobs whose worker stopped after storing their outcome ended as recorded: %s",
                     ", ".join(ended))
@@ -139,7 +142,7 @@ def _reap_queue(
         if not expired:
             return []
     # RQ requeues a job with retries left to its origin: this same queue.
-    registry.cleanup()
+    registry.cleanup(timestamp=cutoff)
     check = connection.pipeline()
     for job_id in expired:
         check.hget(f"rq:job:{job_id}", "status")
@@ -151,7 +154,8 @@ def _reap_queue(
         key = Keys.job(job_id)
         if params is None:
             continue  # the record already expired; don't recreate a stub of it
-        if status in (b"failed", "failed"):
+        status = as_text(status) if status is not None else None
+        if status == JobStatus.FAILED.value:
             pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
             pipe.hsetnx(key, RecordField.error_message, WORKER_LOST_MESSAGE)
             pipe.hsetnx(key, RecordField.finished_at, str(now()))
@@ -161,7 +165,7 @@ def _reap_queue(
                       **({"model": as_text(model)} if model else {})}
             pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total", labels), 1)
             lost.append(job_id)
-        else:
+        elif status == JobStatus.QUEUED.value:
             pipe.hincrbyfloat(metrics_key(base), "bailan_jobs_requeued_total", 1)
             pipe.zadd(Keys.waiting(queue_name), {job_id: now()})  # waiting again (_recover_lost)
             # Requeued: it runs afresh, so the dead attempt's traces go; and the model its worker
@@ -169,7 +173,8 @@ def _reap_queue(
             # waiting_for_worker and eta_s read it).
             # An end written after _end_as_recorded looked (the worker finished as it was reaped)
             # goes too: the job's next start would otherwise read as ended (public_state).
-            traces = [RecordField.started_at, RecordField.step, RecordField.worker, RecordField.finished_at]
+            traces = [RecordField.started_at, RecordField.step, RecordField.worker, RecordField.finished_at,
+                      RecordField.images]
             if not _names_a_model(params):
                 traces.append(RecordField.model)
             pipe.hdel(key, *traces)
@@ -186,7 +191,7 @@ _RQ_STATUS = {JobState.succeeded: JobStatus.FINISHED, JobState.failed: JobStatus
 
 
 def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_ids: list[str],
-                     keep_s: int) -> list[str]:
+                     keep_s: int, cutoff: float) -> list[str]:
     """End in RQ, as their records say, the jobs among `job_ids` (leases run out) whose worker
     wrote their outcome and stopped before RQ's bookkeeping; returns their ids.
 
@@ -198,7 +203,7 @@ def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_
         check.hget(f"rq:job:{job_id}", "status")
         check.hgetall(Keys.job(job_id))
     answers = check.execute()
-    members = [as_text(m) for m in connection.zrangebyscore(registry.key, 0, now())]
+    members = [as_text(m) for m in connection.zrangebyscore(registry.key, 0, cutoff)]
     ended: list[str] = []
     for job_id, status, raw in zip(job_ids, answers[::2], answers[1::2]):
         record = decode_record(raw)

@@ -250,6 +250,29 @@ def test_a_job_taken_from_its_worker_keeps_the_reapers_verdict(
         assert verdict[RecordField.error_code] == ErrorCode.worker_lost.value
 
 
+def test_a_job_run_again_starts_with_no_trace_of_an_earlier_end(
+    bridge: JobBridge, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a job run again (requeued) starting with its earlier attempt's end in
+    its record: the API reads a job RQ shows started as ended once its record has an end,
+    and a stale `images` list made a later cancel read as succeeded."""
+    submit(redis_conn, "again", steps=2, preview_every=0)
+    redis_conn.hset(Keys.job("again"), mapping={RecordField.finished_at: "1.0", RecordField.error_code: "internal",
+                                                RecordField.images: '[{"index":0,"seed":1}]'})
+    seen: dict[str, str] = {}
+    handed_over = bridge.engine.submit
+
+    def submit_seeing_the_record(job: GenerationJob) -> object:
+        seen.update(record(redis_conn, "again"))  # the record as the job starts, before it can end
+        return handed_over(job)
+
+    monkeypatch.setattr(bridge.engine, "submit", submit_seeing_the_record)
+    assert bridge.run("again") == {"images": 1}
+    assert RecordField.started_at in seen
+    for stale in (RecordField.finished_at, RecordField.error_code, RecordField.images):
+        assert stale not in seen, stale
+
+
 def test_a_client_sees_its_job_succeed_before_rqs_bookkeeping(
     bridge: JobBridge, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -639,7 +639,6 @@ def test_compile_phases_name_what_torch_compile_spent() -> None:
     traced = torch.compile(lambda x: torch.sin(x) * 2 + x, backend="eager")
     traced(torch.ones(3))
     after = compile_phases()
-    for phase in ("compile_s", "tracing_s", "guards_s"):
-        assert after.get(phase, 0.0) >= before.get(phase, 0.0), phase
+    assert {"compile_s", "tracing_s", "backend_s", "guards_s"} <= after.keys()
     assert after["compile_s"] > before.get("compile_s", 0.0)
     assert after["tracing_s"] > 0

@@ -8,6 +8,7 @@ random-weight pipeline, and valkey.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -410,7 +411,7 @@ def test_a_job_whose_worker_died_after_recording_its_end_is_not_run_again(
     record says, and its lease goes; a lease beside it still expires as before."""
     from rq import Queue, Retry
     from rq.job import Job
-    from rq.registry import StartedJobRegistry
+    from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
     from rq.serializers import JSONSerializer
 
     from bailan.jobs import RQ_FUNC, JobState, Keys, RecordField, decode_record, public_state
@@ -436,6 +437,9 @@ def test_a_job_whose_worker_died_after_recording_its_end_is_not_run_again(
     job = Job.fetch(ids["ended"], connection=redis_conn, serializer=JSONSerializer)
     assert job.get_status() == rq_status
     assert public_state(rq_status, {}) is expected  # RQ now says what the record said
+    ended_in = {"finished": FinishedJobRegistry, "failed": FailedJobRegistry, "canceled": CanceledJobRegistry}
+    assert ids["ended"] in ended_in[rq_status](queue_name, connection=redis_conn).get_job_ids()
+    assert 0 < redis_conn.ttl(job.key) <= 600  # kept as long as its result, then gone
     assert ids["ended"] not in queue.get_job_ids()
     assert redis_conn.zscore(registry.key, f"{ids['ended']}:exec") is None
     record = decode_record(redis_conn.hgetall(Keys.job(ids["ended"])))
@@ -446,19 +450,72 @@ def test_a_job_whose_worker_died_after_recording_its_end_is_not_run_again(
     redis_conn.delete(queue.key, *(Keys.job(j) for j in ids.values()), *(f"rq:job:{j}" for j in ids.values()))
 
 
-def test_a_job_requeued_as_its_end_was_written_does_not_start_as_ended(
+def test_a_lease_that_runs_out_mid_sweep_waits_for_the_next_sweep(
     redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Guards against a requeued job whose record kept an end time: its worker wrote the end
-    just after the reaper looked for one and just before RQ's cleanup requeued it. When it
-    started again, RQ said started and the stale end made it read as ended until the new
-    run's start cleared it."""
+    """Guards against a sweep that read expired leases at one time and let RQ's cleanup
+    expire them at a later one: a lease that ran out in between went to RQ's cleanup
+    without being checked for an end in its record, so a job whose client had seen it
+    succeed was run again."""
+    from rq import Queue, Retry
+    from rq.job import Job
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from bailan import reaper
+    from bailan.jobs import RQ_FUNC, Keys, RecordField
+
+    queue = Queue("mid-sweep", connection=redis_conn, serializer=JSONSerializer)
+    leases = StartedJobRegistry("mid-sweep", connection=redis_conn).key
+    jobs = {}
+    for job_id in ("early", "midway"):
+        jobs[job_id] = queue.enqueue_call(func=RQ_FUNC, args=(job_id,), job_id=job_id, result_ttl=600,
+                                          failure_ttl=600, timeout=-1, retry=Retry(max=1))
+        redis_conn.lrem(queue.key, 0, job_id)
+        jobs[job_id].set_status("started")
+        redis_conn.hset(Keys.job(job_id), mapping={RecordField.params: "{}", RecordField.started_at: "1.0"})
+    redis_conn.hset(Keys.job("midway"), mapping={RecordField.finished_at: "2.0", RecordField.images: "[]"})
+    redis_conn.zadd(leases, {"early:exec": time.time() - 60, "midway:exec": time.time() + 60})
+    checked = reaper._end_as_recorded
+
+    def while_checking(*args: object) -> list[str]:
+        ended = checked(*args)  # type: ignore[arg-type]
+        # Runs out after the sweep began, and before the whole second RQ's cleanup counts in.
+        began = time.time()
+        boundary = math.ceil(began + 0.01)
+        time.sleep(boundary - began + 0.02)
+        redis_conn.zadd(leases, {"midway:exec": boundary - 0.005})
+        return ended
+
+    monkeypatch.setattr(reaper, "_end_as_recorded", while_checking)
+    assert reaper.reap_abandoned(redis_conn, "mid-sweep", interval_s=10.0) == ["early"]
+    assert Job.fetch("midway", connection=redis_conn, serializer=JSONSerializer).get_status() == "started"
+    assert "midway" not in queue.get_job_ids()
+    monkeypatch.undo()
+    redis_conn.delete(Keys.reaper_lock("mid-sweep"))
+    assert reaper.reap_abandoned(redis_conn, "mid-sweep", interval_s=10.0) == []  # the next sweep ends it
+    assert Job.fetch("midway", connection=redis_conn, serializer=JSONSerializer).get_status() == "finished"
+    redis_conn.delete(queue.key, *(Keys.job(j) for j in jobs), *(job.key for job in jobs.values()))
+
+
+@pytest.mark.parametrize("worker_ended_it_in_rq", [False, True])
+def test_a_job_whose_worker_ended_it_as_it_was_reaped(
+    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch, worker_ended_it_in_rq: bool
+) -> None:
+    """Guards two races with a worker that ends its job just as the reaper sweeps (it was
+    cut off from Redis, not dead). Its record's end landed after the reaper looked for one:
+    (a) then RQ's cleanup requeued the job, which kept the end in its record, so when it
+    started again RQ said started and the stale end made it read as ended; (b) the worker
+    also ended the job in RQ before the cleanup ran, and the reaper took it for requeued
+    anyway: it deleted the record's end and images and counted a requeue, and the job read
+    as queued once RQ's hash expired."""
     from rq import Queue, Retry
     from rq.registry import StartedJobRegistry
     from rq.serializers import JSONSerializer
 
     from bailan import reaper
     from bailan.jobs import RQ_FUNC, JobState, Keys, RecordField, decode_record, public_state
+    from bailan.metrics import metrics_key
 
     queue = Queue("late-end", connection=redis_conn, serializer=JSONSerializer)
     job = queue.enqueue_call(func=RQ_FUNC, args=("lateend",), job_id="lateend", result_ttl=600, failure_ttl=600,
@@ -468,17 +525,28 @@ def test_a_job_requeued_as_its_end_was_written_does_not_start_as_ended(
     redis_conn.zadd(StartedJobRegistry("late-end", connection=redis_conn).key, {"lateend:exec": time.time() - 1})
     redis_conn.hset(Keys.job(job.id), mapping={RecordField.params: "{}", RecordField.started_at: "1.0"})
 
+    end = {RecordField.finished_at: "2.0", RecordField.images: '[{"index":0,"seed":1}]'}
+
     def looked_too_early(connection: redis.Redis, *args: object) -> list[str]:
-        connection.hset(Keys.job("lateend"), RecordField.finished_at, "2.0")  # the end lands just after
+        connection.hset(Keys.job("lateend"), mapping=end)  # the end lands just after
+        if worker_ended_it_in_rq:  # and the worker's RQ bookkeeping, lease and all
+            job.set_status("finished")
+            connection.zrem(StartedJobRegistry("late-end", connection=connection).key, "lateend:exec")
         return []
 
     monkeypatch.setattr(reaper, "_end_as_recorded", looked_too_early)
-    assert reaper.reap_abandoned(redis_conn, "late-end", interval_s=10.0) == ["lateend"]
-    assert job.id in queue.get_job_ids()
+    reaped = reaper.reap_abandoned(redis_conn, "late-end", interval_s=10.0)
     record = decode_record(redis_conn.hgetall(Keys.job(job.id)))
-    assert RecordField.finished_at not in record
-    assert public_state("started", record) is JobState.running  # as RQ starts it again
-    redis_conn.delete(queue.key, Keys.job(job.id), job.key)
+    requeues = redis_conn.hget(metrics_key("late-end"), "bailan_jobs_requeued_total")
+    if worker_ended_it_in_rq:
+        assert {k: record.get(k) for k in end} == end  # the worker's outcome stands
+        assert job.id not in queue.get_job_ids() and requeues is None
+        assert public_state("finished", record) is JobState.succeeded
+    else:
+        assert reaped == ["lateend"] and job.id in queue.get_job_ids() and requeues == b"1"
+        assert RecordField.finished_at not in record and RecordField.images not in record
+        assert public_state("started", record) is JobState.running  # as RQ starts it again
+    redis_conn.delete(queue.key, Keys.job(job.id), job.key, metrics_key("late-end"))
 
 
 @pytest.mark.parametrize("model", ["sd15-photo", None])

@@ -219,8 +219,9 @@ class JobBridge:
 
         def mark_started() -> list[Any]:
             pipe = webhooks.transaction(self.connection)
-            # A retried job starts afresh: no error, end time or previews of the attempt before.
-            pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at)
+            # A retried job starts afresh: no error, end time, images or previews of the attempt before.
+            pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at,
+                      RecordField.images)
             pipe.delete(Keys.previews(job_id))
             pipe.hset(
                 key,
