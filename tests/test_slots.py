@@ -15,7 +15,7 @@ import pytest
 import redis
 from rq import Queue
 from rq.job import Job, JobStatus
-from rq.registry import CanceledJobRegistry
+from rq.registry import CanceledJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
@@ -82,12 +82,48 @@ def test_a_slot_ends_each_job_as_its_runner_says(redis_conn: redis.Redis) -> Non
     # Its RQ result stream is dropped (the record says the same; a stream costs over 4 KB),
     # while a failed job keeps its result: the API reads the exception from it.
     assert not redis_conn.exists(Result.get_key("done")) and done.return_value() is None
+    # What RQ's own success path records, in the slot's one transaction: the finished registry
+    # (expiring with the result), no lease left, the worker's counts.
+    assert "done" in FinishedJobRegistry(QUEUE, connection=redis_conn).get_job_ids()
+    assert 0 < redis_conn.ttl(done.key) <= 600
+    assert StartedJobRegistry(QUEUE, connection=redis_conn).get_job_ids() == []
+    assert redis_conn.hget("rq:worker:slots-test.0", "successful_job_count") == b"1"
     assert redis_conn.exists(Result.get_key("broken"))
     canceled = Job.fetch("canceled", connection=redis_conn, serializer=JSONSerializer)
     assert canceled.get_status() == JobStatus.CANCELED
     assert "canceled" in CanceledJobRegistry(QUEUE, connection=redis_conn).get_job_ids()
     assert 0 < redis_conn.ttl(canceled.key) <= 600
     assert Job.fetch("broken", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.FAILED
+
+
+def test_a_blip_in_rqs_bookkeeping_does_not_fail_a_job_that_ended(
+    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a job its client saw succeed (its record ends first) turning failed in
+    RQ because RQ's bookkeeping after the runner raised (a Redis connection dropped mid-
+    pipeline): RQ then calls the failure path, which recorded the job as failed."""
+    queue = Queue(QUEUE, connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue_call(func=RQ_FUNC, args=("blip",), job_id="blip", result_ttl=600, failure_ttl=600, timeout=-1)
+    ending = SlotWorker.handle_job_success
+    tries: list[str] = []
+
+    def first_try_fails(self: SlotWorker, job: Job, queue: Queue, started_job_registry: Any) -> None:
+        tries.append(job.id)
+        if len(tries) == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        ending(self, job, queue, started_job_registry)
+
+    monkeypatch.setattr(SlotWorker, "handle_job_success", first_try_fails)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    thread = work_in_thread(make_slot(redis_conn, stop, lambda job_id: {"images": 1}), errors)
+    deadline = time.monotonic() + 60
+    while len(tries) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(timeout=30)
+    assert errors == [] and tries == ["blip", "blip"]
+    assert Job.fetch("blip", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
 
 
 def test_a_slot_runs_outside_the_main_thread(redis_conn: redis.Redis) -> None:

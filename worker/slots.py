@@ -35,7 +35,6 @@ from rq.registry import (
     FinishedJobRegistry,
     StartedJobRegistry,
 )
-from rq.results import Result
 from rq.timeouts import BaseDeathPenalty
 
 from bailan import events
@@ -141,6 +140,9 @@ class SlotWorker(SimpleWorker):
         # The runner's own answer for the running job, so the outcome never has
         # to be read back from RQ's private copy of the return value.
         self.job_was_canceled = False
+        # Whether the runner returned for the running job: its outcome is then in the job's record,
+        # which clients already read (bailan.jobs.public_state), whatever RQ's bookkeeping does.
+        self.job_returned = False
         self._last_wait_beat = 0.0
         self.outage: RedisOutage | None = None
         # The queues the process was given are the base queues (the plain one, then
@@ -219,6 +221,7 @@ class SlotWorker(SimpleWorker):
         result = self.runner(job_id)
         self.job_was_canceled = result == CANCELED_RESULT
         self.job_was_superseded = result == SUPERSEDED_RESULT
+        self.job_returned = True
         return result
 
     def dequeue_job_and_maintain_ttl(
@@ -274,7 +277,7 @@ class SlotWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.running_job = job
-        self.job_was_canceled = self.job_was_superseded = False
+        self.job_was_canceled = self.job_was_superseded = self.job_returned = False
         token = _running_slot.set(self)
         if self.expect is not None:
             self.expect()
@@ -290,25 +293,40 @@ class SlotWorker(SimpleWorker):
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
         if self.job_was_superseded:
             return  # requeued (and maybe running elsewhere) or failed by a reaper: not ours to end
-        if not self.job_was_canceled:
-            super().handle_job_success(job, queue, started_job_registry)
-            try:
-                # RQ's result stream holds only {"images": n}, which the record says too, yet a
-                # stream costs Redis over 4 KB a job: a finished job would cost 2.5x what it must.
-                self.connection.delete(Result.get_key(job.id))
-            except redis.RedisError:
-                pass  # it expires with result_ttl anyway
-        else:
-            with self.connection.pipeline() as pipe:
+        # One transaction where RQ's own success path WATCHes the job's dependents, reads them and
+        # writes a result stream: Bailan jobs have no dependents, and the stream would hold only
+        # {"images": n}, which the record says too, at over 4 KB a job. Each round trip delays the
+        # slot's next job, and a burst that ended at one step queues them all on one interpreter.
+        ttl = job.get_result_ttl(self.default_result_ttl)
+        with self.connection.pipeline() as pipe:
+            if self.job_was_canceled:
                 job.set_status(JobStatus.CANCELED, pipeline=pipe)
-                self.cleanup_execution(job, pipeline=pipe)
                 CanceledJobRegistry(job.origin, self.connection, serializer=self.serializer).add(job, pipeline=pipe)
-                # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
-                job.cleanup(job.get_result_ttl(self.default_result_ttl), pipeline=pipe, remove_from_queue=False)
-                pipe.execute()
-        self._notify_final(job)
+            else:
+                self.increment_successful_job_count(pipeline=pipe)
+                if job.started_at is not None and job.ended_at is not None:
+                    self.increment_total_working_time(job.ended_at - job.started_at, pipe)
+                job.set_status(JobStatus.FINISHED, pipeline=pipe)
+                job.save(pipeline=pipe, include_meta=False, include_result=False)
+                FinishedJobRegistry(job.origin, self.connection, serializer=self.serializer).add(job, ttl, pipe)
+            self.cleanup_execution(job, pipeline=pipe)
+            # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
+            job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+            # Event streams: the status the API reads now says the job ended.
+            events.notify(pipe, job.id)
+            pipe.execute()
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "") -> None:
+        if self.job_returned:
+            # The runner ended the job and its record says how; what failed is RQ's bookkeeping
+            # after it (a Redis blip mid-pipeline). Failing it would turn a job its client saw
+            # succeed into a failure: end it in RQ as the runner said, once more. Should Redis
+            # still be away, this raises, the slot waits for it, and the reaper ends the job as
+            # recorded once its lease runs out.
+            log.warning("slot %s: ending job %s in RQ failed (%s); trying again", self.name, job.id,
+                        exc_string.strip().splitlines()[-1] if exc_string.strip() else "?")
+            self.handle_job_success(job, queue, started_job_registry)
+            return
         # A job that raised would raise again: retries are kept for jobs whose
         # worker died under them (see bailan.reaper.reap_abandoned).
         job.retries_left = 0
