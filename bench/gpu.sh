@@ -60,7 +60,7 @@ timeout "${STAGE2_S:-$STAGE2_DEFAULT_S}" env -u TORCHINDUCTOR_CACHE_DIR -u TRITO
   --stagger-clients "${STAGGER_CLIENTS:-16}" --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" 2>&1 | tee -a "$LOG"
 echo "stage 2 exit: $?" | tee -a "$LOG"
 du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
-grep -E "warm-up|start:|ready|compil|graph" "$OUT/service_gpu.log" | tail -10 | tee -a "$LOG"
+grep -E "warm-up|start:|ready|compil|graph" "$OUT/service_gpu.log" | grep -v readyz | tail -10 | tee -a "$LOG"
 if [ "$DEVICE" = cuda ] && [ -n "${SDXL:-}" ]; then
   # SDXL base architecture at 1024x1024 (random weights), CUDA graphs around the eager UNet:
   # its cold compile would take this run's remaining minutes.
