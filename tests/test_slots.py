@@ -101,19 +101,21 @@ def test_a_blip_in_rqs_bookkeeping_does_not_fail_a_job_that_ended(
 ) -> None:
     """Guards against a job its client saw succeed (its record ends first) turning failed in
     RQ because RQ's bookkeeping after the runner raised (a Redis connection dropped mid-
-    pipeline): RQ then calls the failure path, which recorded the job as failed."""
+    transaction): RQ then calls the failure path, which recorded the job as failed. The
+    retry must also take the job's lease: RQ forgets the execution as it queues its
+    delete, and a lease left behind made the reaper run the finished job again."""
     queue = Queue(QUEUE, connection=redis_conn, serializer=JSONSerializer)
     queue.enqueue_call(func=RQ_FUNC, args=("blip",), job_id="blip", result_ttl=600, failure_ttl=600, timeout=-1)
-    ending = SlotWorker.handle_job_success
+    forget = SlotWorker.cleanup_execution
     tries: list[str] = []
 
-    def first_try_fails(self: SlotWorker, job: Job, queue: Queue, started_job_registry: Any) -> None:
+    def transaction_fails_once(self: SlotWorker, job: Job, pipeline: Any) -> None:
         tries.append(job.id)
+        forget(self, job, pipeline=pipeline)  # the execution is forgotten, its delete only queued
         if len(tries) == 1:
             raise redis.ConnectionError("Connection closed by server.")
-        ending(self, job, queue, started_job_registry)
 
-    monkeypatch.setattr(SlotWorker, "handle_job_success", first_try_fails)
+    monkeypatch.setattr(SlotWorker, "cleanup_execution", transaction_fails_once)
     stop = threading.Event()
     errors: list[BaseException] = []
     thread = work_in_thread(make_slot(redis_conn, stop, lambda job_id: {"images": 1}), errors)
@@ -124,6 +126,7 @@ def test_a_blip_in_rqs_bookkeeping_does_not_fail_a_job_that_ended(
     thread.join(timeout=30)
     assert errors == [] and tries == ["blip", "blip"]
     assert Job.fetch("blip", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+    assert StartedJobRegistry(QUEUE, connection=redis_conn).get_job_ids() == []  # no lease left to reap
 
 
 def test_a_slot_runs_outside_the_main_thread(redis_conn: redis.Redis) -> None:

@@ -298,6 +298,18 @@ class SlotWorker(SimpleWorker):
         # {"images": n}, which the record says too, at over 4 KB a job. Each round trip delays the
         # slot's next job, and a burst that ended at one step queues them all on one interpreter.
         ttl = job.get_result_ttl(self.default_result_ttl)
+        # RQ's cleanup_execution forgets the execution while it queues its delete: should the
+        # transaction fail, the retry (handle_job_failure) must still find it, or the job's
+        # lease stays behind and the reaper later runs the finished job again.
+        execution = self.execution
+        try:
+            self._end_in_rq(job, ttl)
+        except BaseException:
+            self.execution = execution
+            raise
+
+    def _end_in_rq(self, job: Job, ttl: int) -> None:
+        """The job's finished (or canceled) status, registry, worker counts and lease, at once."""
         with self.connection.pipeline() as pipe:
             if self.job_was_canceled:
                 job.set_status(JobStatus.CANCELED, pipeline=pipe)
