@@ -136,8 +136,8 @@ def _reap_queue(
         return []
     ended = _end_as_recorded(connection, registry, expired, keep_s, cutoff)
     if ended:
-        log.warning("reaper: jobs whose worker stopped after storing their outcome ended as recorded: %s",
-                    ", ".join(ended))
+        log.warning("reaper: jobs whose worker stopped after storing their outcome (or a lease left by one "
+                    "RQ had ended) ended as recorded: %s", ", ".join(ended))
         expired = [job_id for job_id in expired if job_id not in ended]
         if not expired:
             return []
@@ -155,7 +155,8 @@ def _reap_queue(
         if params is None:
             continue  # the record already expired; don't recreate a stub of it
         status = as_text(status) if status is not None else None
-        if status == JobStatus.FAILED.value:
+        # No RQ hash: RQ's cleanup could neither requeue nor fail it; its worker is gone all the same.
+        if status in (JobStatus.FAILED.value, None):
             pipe.hsetnx(key, RecordField.error_code, ErrorCode.worker_lost.value)
             pipe.hsetnx(key, RecordField.error_message, WORKER_LOST_MESSAGE)
             pipe.hsetnx(key, RecordField.finished_at, str(now()))
@@ -188,12 +189,15 @@ def _reap_queue(
 
 _RQ_STATUS = {JobState.succeeded: JobStatus.FINISHED, JobState.failed: JobStatus.FAILED,
               JobState.canceled: JobStatus.CANCELED}
+_ENDED_IN_RQ = {status.value for status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED,
+                                            JobStatus.STOPPED)}
 
 
 def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_ids: list[str],
                      keep_s: int, cutoff: float) -> list[str]:
     """End in RQ, as their records say, the jobs among `job_ids` (leases run out) whose worker
-    wrote their outcome and stopped before RQ's bookkeeping; returns their ids.
+    wrote their outcome and stopped before RQ's bookkeeping, and drop the leases of jobs RQ
+    already ended; returns their ids, which RQ's cleanup must not see.
 
     Their clients saw them end (bailan.jobs.public_state) and their `completed` webhook went
     with the record: RQ's cleanup would run them again, or fail a job that succeeded.
@@ -207,6 +211,14 @@ def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_
     ended: list[str] = []
     for job_id, status, raw in zip(job_ids, answers[::2], answers[1::2]):
         record = decode_record(raw)
+        leases = [m for m in members if m.partition(":")[0] == job_id]  # one per execution, "id:execution"
+        if status is not None and as_text(status) in _ENDED_IN_RQ:
+            # Ended in RQ, its lease left behind (its worker's last transaction failed after RQ
+            # forgot the execution): RQ's cleanup does not look at the status and would run it again.
+            if leases:
+                connection.zrem(registry.key, *leases)
+            ended.append(job_id)
+            continue
         if status is None or as_text(status) != JobStatus.STARTED.value or not record.get(RecordField.finished_at):
             continue
         try:
@@ -218,8 +230,7 @@ def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_
         ttl = keep_s if ttl is None or ttl < 0 else ttl
         origin = job.origin or registry.name
         with connection.pipeline() as pipe:
-            # Its leases (one per execution, "id:execution"), so RQ's cleanup never sees it.
-            leases = [m for m in members if m.partition(":")[0] == job_id]
+            # Its leases, so RQ's cleanup never sees it.
             if leases:
                 pipe.zrem(registry.key, *leases)
             job.set_status(_RQ_STATUS[state], pipeline=pipe)

@@ -450,6 +450,48 @@ def test_a_job_whose_worker_died_after_recording_its_end_is_not_run_again(
     redis_conn.delete(queue.key, *(Keys.job(j) for j in ids.values()), *(f"rq:job:{j}" for j in ids.values()))
 
 
+@pytest.mark.parametrize("rq_says", ["finished", None])
+def test_a_lease_left_behind_by_an_ended_job(redis_conn: redis.Redis, rq_says: str | None) -> None:
+    """Guards against the reaper acting on a lease whose job had already ended in RQ (its
+    worker's last transaction failed after RQ forgot the execution, so the lease stayed):
+    RQ's cleanup does not look at the status, and ran the finished job again. And against a
+    job whose RQ hash is gone reading as running until its record expired: it fails as
+    worker_lost."""
+    from rq import Queue, Retry
+    from rq.job import Job
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from bailan.jobs import RQ_FUNC, ErrorCode, JobState, Keys, RecordField, decode_record, public_state
+    from bailan.reaper import reap_abandoned
+
+    queue = Queue("left-behind", connection=redis_conn, serializer=JSONSerializer)
+    job = queue.enqueue_call(func=RQ_FUNC, args=("leftover",), job_id="leftover", result_ttl=600,
+                             failure_ttl=600, timeout=-1, retry=Retry(max=1))
+    redis_conn.lrem(queue.key, 0, job.id)
+    ended = {RecordField.params: "{}", RecordField.started_at: "1.0", RecordField.finished_at: "2.0",
+             RecordField.images: "[]"}
+    if rq_says is None:
+        job.delete()
+        ended = {RecordField.params: "{}", RecordField.started_at: "1.0"}  # never ended: its worker died
+    else:
+        job.set_status(rq_says)
+    redis_conn.hset(Keys.job(job.id), mapping=ended)
+    leases = StartedJobRegistry("left-behind", connection=redis_conn).key
+    redis_conn.zadd(leases, {"leftover:exec": time.time() - 1})
+    reap_abandoned(redis_conn, "left-behind", interval_s=10.0)
+    record = decode_record(redis_conn.hgetall(Keys.job(job.id)))
+    assert redis_conn.zscore(leases, "leftover:exec") is None
+    assert job.id not in queue.get_job_ids()
+    if rq_says is None:
+        assert record[RecordField.error_code] == ErrorCode.worker_lost.value
+        assert public_state(None, record) is JobState.failed
+    else:
+        assert Job.fetch(job.id, connection=redis_conn, serializer=JSONSerializer).get_status() == rq_says
+        assert record == ended
+    redis_conn.delete(queue.key, Keys.job(job.id), job.key)
+
+
 def test_a_lease_that_runs_out_mid_sweep_waits_for_the_next_sweep(
     redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
