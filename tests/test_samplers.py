@@ -193,7 +193,9 @@ def test_a_schedule_started_part_way_matches_diffusers_img2img(name: str, config
 def img2img_reference(name: str, config: dict[str, Any], steps: int, start: int, x0: torch.Tensor,
                       dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """diffusers from step `start`, as StableDiffusionImg2ImgPipeline drives it: the picture's
-    latent noised by add_noise, then every step; in float64 from the float32 run's draws."""
+    latent noised by add_noise, then every step. A float64 run widens the float32 run's draws
+    and latents; a scheduler that computes its step in float32 whatever it is given keeps that
+    rounding, which only makes the allowance for diffusers' own rounding smaller."""
     ref = samplers.make_scheduler(name, config)
     ref.set_timesteps(steps)
     if hasattr(ref, "set_begin_index"):  # DDIM indexes by timestep and has none
