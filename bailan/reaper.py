@@ -7,7 +7,9 @@ requeues the job while retries are left, or fails it with `worker_lost`.
 The worker calls `reap_abandoned` from its liveness loop. The API runs it on
 the `Reaper` thread, so a dead worker's jobs fail even when no other worker is
 alive to notice. A job whose worker died after writing its outcome to the record,
-before telling RQ, is not run again: it ends in RQ as its record says. Like the rest of bailan/, this never imports torch.
+before telling RQ, is not run again: it ends in RQ as its record says
+(`end_in_rq`, which the worker's slots use too). Like the rest of bailan/, this
+never imports torch.
 """
 
 from __future__ import annotations
@@ -189,6 +191,24 @@ def _reap_queue(
 
 _RQ_STATUS = {JobState.succeeded: JobStatus.FINISHED, JobState.failed: JobStatus.FAILED,
               JobState.canceled: JobStatus.CANCELED}
+
+
+def end_in_rq(job: Job, state: JobState, ttl: int, pipe: redis.client.Pipeline, exc_string: str = "") -> None:
+    """Queue on `pipe` a job's final RQ status and its registry, both kept `ttl` seconds (RQ
+    keeps canceled jobs for ever; Bailan as long as any result). The worker's ending, and the
+    reaper's for a job whose worker recorded its end and died; leases are the caller's."""
+    registry = {JobState.succeeded: FinishedJobRegistry, JobState.failed: FailedJobRegistry,
+                JobState.canceled: CanceledJobRegistry}[state](job.origin, connection=job.connection,
+                                                               serializer=job.serializer)
+    job.set_status(_RQ_STATUS[state], pipeline=pipe)
+    if state is JobState.succeeded:
+        job.save(pipeline=pipe, include_meta=False, include_result=False)
+        registry.add(job, ttl, pipeline=pipe)
+    elif state is JobState.failed:
+        registry.add(job, ttl, exc_string=exc_string, pipeline=pipe)  # saves the job too
+    else:
+        registry.add(job, pipeline=pipe)
+    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
 _ENDED_IN_RQ = {status.value for status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED,
                                             JobStatus.STOPPED)}
 
@@ -228,20 +248,11 @@ def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_
         state = ended_state(record)
         ttl = job.failure_ttl if state is JobState.failed else job.result_ttl
         ttl = keep_s if ttl is None or ttl < 0 else ttl
-        origin = job.origin or registry.name
         with connection.pipeline() as pipe:
             # Its leases, so RQ's cleanup never sees it.
             if leases:
                 pipe.zrem(registry.key, *leases)
-            job.set_status(_RQ_STATUS[state], pipeline=pipe)
-            if state is JobState.succeeded:
-                FinishedJobRegistry(origin, connection=connection).add(job, ttl, pipeline=pipe)
-            elif state is JobState.failed:
-                FailedJobRegistry(origin, connection=connection).add(
-                    job, ttl, exc_string=record.get(RecordField.error_message, ""), pipeline=pipe)
-            else:
-                CanceledJobRegistry(origin, connection=connection).add(job, pipeline=pipe)
-            job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+            end_in_rq(job, state, ttl, pipe, exc_string=record.get(RecordField.error_message, ""))
             pipe.execute()
         ended.append(job_id)
     return ended

@@ -26,10 +26,9 @@ from typing import Any
 import redis
 import rq
 from rq import Queue, SimpleWorker
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq import worker_registration
 from rq.registry import (
-    CanceledJobRegistry,
     DeferredJobRegistry,
     FailedJobRegistry,
     FinishedJobRegistry,
@@ -38,8 +37,10 @@ from rq.registry import (
 from rq.timeouts import BaseDeathPenalty
 
 from bailan import events
+from bailan.jobs import JobState
 from bailan.logs import job_context
 from bailan.queues import fair_order, mark_served
+from bailan.reaper import end_in_rq
 from worker.outage import RedisGone, RedisOutage
 
 log = logging.getLogger("bailan.worker")
@@ -311,19 +312,12 @@ class SlotWorker(SimpleWorker):
     def _end_in_rq(self, job: Job, ttl: int) -> None:
         """The job's finished (or canceled) status, registry, worker counts and lease, at once."""
         with self.connection.pipeline() as pipe:
-            if self.job_was_canceled:
-                job.set_status(JobStatus.CANCELED, pipeline=pipe)
-                CanceledJobRegistry(job.origin, self.connection, serializer=self.serializer).add(job, pipeline=pipe)
-            else:
+            if not self.job_was_canceled:
                 self.increment_successful_job_count(pipeline=pipe)
                 if job.started_at is not None and job.ended_at is not None:
                     self.increment_total_working_time(job.ended_at - job.started_at, pipe)
-                job.set_status(JobStatus.FINISHED, pipeline=pipe)
-                job.save(pipeline=pipe, include_meta=False, include_result=False)
-                FinishedJobRegistry(job.origin, self.connection, serializer=self.serializer).add(job, ttl, pipe)
+            end_in_rq(job, JobState.canceled if self.job_was_canceled else JobState.succeeded, ttl, pipe)
             self.cleanup_execution(job, pipeline=pipe)
-            # RQ keeps canceled jobs for ever; Bailan keeps them as long as any result.
-            job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
             # Event streams: the status the API reads now says the job ended.
             events.notify(pipe, job.id)
             pipe.execute()
