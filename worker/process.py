@@ -102,7 +102,8 @@ def serve(settings: WorkerSettings) -> int:
     total = time.perf_counter() - started
     log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, total, engine.max_batch)
     # Where a start's time goes, for the start-up targets (README, Performance).
-    log.info("start: process and imports %s, device %.1f s, model load %.1f s, warm-up %.1f s",
+    # Two decimals: the built-in model's load and warm-up take hundredths of a second on a CPU.
+    log.info("start: process and imports %s, device %.2f s, model load %.2f s, warm-up %.2f s",
              "unknown" if before is None else f"{before:.1f} s", device_s, load_s, total - device_s - load_s)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
     shutdown = Shutdown()
