@@ -8,10 +8,14 @@ dimension dynamic). Run it twice with one TORCHINDUCTOR_CACHE_DIR: the first
 run compiles cold, the second finds inductor's and AOTAutograd's caches
 filled, as a restarted worker does. Each prints its first call's seconds and
 torch.compile's own phases (worker.runners.sd.compile_phases):
-`tracing_s` is dynamo reading the model's Python, which no cache skips.
+`tracing_s` is dynamo reading the model's Python, which inductor's cache does
+not skip. With `--precompiled` the UNet is compiled as the worker compiles it
+with a compile cache (worker.precompile): the first run compiles ahead of time
+and saves the whole compiled function, a second loads it.
 
     TORCHINDUCTOR_CACHE_DIR=/tmp/cc .venv/bin/python bench/compile_warm.py   # cold
     TORCHINDUCTOR_CACHE_DIR=/tmp/cc .venv/bin/python bench/compile_warm.py   # warm
+    TORCHINDUCTOR_CACHE_DIR=/tmp/cc .venv/bin/python bench/compile_warm.py --precompiled   # twice
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import torch  # noqa: E402
 import torch._inductor.config as inductor  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from worker.runners.sd import compile_phases  # noqa: E402
+from worker.precompile import Precompiled, artifact_path  # noqa: E402
+from worker.runners.sd import compile_phases, unet_forward  # noqa: E402
 
 imports_s = time.perf_counter() - started
 
@@ -50,12 +55,17 @@ def sd15_shaped_unet() -> UNet2DConditionModel:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path)
+    p.add_argument("--precompiled", action="store_true",
+                   help="compile as the worker does with a compile cache: ahead of time, kept whole on disk")
     args = p.parse_args()
     unet = sd15_shaped_unet()
     unet.fuse_qkv_projections()
     unet.to(memory_format=torch.channels_last)
     inductor.conv_1x1_as_mm = True
-    compiled = torch.compile(unet)
+    precompiled = None
+    if args.precompiled:
+        cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or p.error("--precompiled needs TORCHINDUCTOR_CACHE_DIR"))
+        precompiled = Precompiled("unet", unet_forward, unet, artifact_path(cache, "unet", unet_forward, unet))
 
     def call(batch: int) -> float:
         """One call at `batch` rows, its inputs made as the engine makes them (inference
@@ -64,11 +74,16 @@ def main() -> int:
             x = torch.randn(batch, 4, 8, 8).contiguous(memory_format=torch.channels_last)
             t = torch.full((batch,), 10.0)
             embeds = torch.randn(batch, 7, 32)
-            for tensor in (x, t, embeds):
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
             t0 = time.perf_counter()
-            compiled(x, t, encoder_hidden_states=embeds, return_dict=False)
+            if precompiled is not None:
+                precompiled(x, t, embeds)  # it marks the batch dimension itself where it compiles
+            else:
+                for tensor in (x, t, embeds):
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                compiled(x, t, encoder_hidden_states=embeds, return_dict=False)
             return time.perf_counter() - t0
+
+    compiled = torch.compile(unet)
 
     first_s = call(2)
     phases = compile_phases()  # the first call's alone
@@ -76,6 +91,9 @@ def main() -> int:
     result = {"cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "torch": torch.__version__,
               "imports_s": round(imports_s, 2), "first_call_s": round(first_s, 2),
               "batch_4_after_s": round(other_bucket_s, 3), "phases": phases}
+    if precompiled is not None:
+        result["precompiled"] = {"source": precompiled.source, "seconds": round(precompiled.seconds, 2)}
+        print(f"precompiled: {precompiled.source} ({precompiled.seconds:.1f} s)")
     print(f"imports {imports_s:.1f} s; first call (compile) {first_s:.1f} s; batch 4 after it {other_bucket_s:.3f} s"
           f"{' (compiled again)' if compile_phases() != phases else ''}")
     print("torch.compile phases:", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))

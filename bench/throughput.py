@@ -516,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         del direct
 
     if cuda and not args.no_compile:
-        options = RunnerOptions(compile_unet=True, compile_vae=True, channels_last=True, fuse_qkv=True)
+        # As the worker compiles: kept whole in the compile cache, where one is set (gpu.sh sets it,
+        # so that the service's start after this run loads what this one compiled).
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        options = RunnerOptions(compile_unet=True, compile_vae=True, channels_last=True, fuse_qkv=True,
+                                compile_cache=Path(cache) if cache else None)
         try:
             engine = Engine(model, max_batch, options=options)
             compiled = run_engine(engine, args, meter, results, record, texts, steps, mixed, "_compiled",

@@ -404,7 +404,7 @@ def test_graph_replay_protocol_matches_the_direct_step(model: LoadedModel, sched
         made: list[_Replay] = []
 
         def capture(pool: Any, index: torch.Tensor, noise: torch.Tensor, unet: Any) -> Any:
-            replay = _Replay(lambda: runner._body(pool, index, noise, runner.model.unet))
+            replay = _Replay(lambda: runner._body(pool, index, noise, runner._eager_unet()))
             made.append(replay)
             return sd._Graph(replay, index, noise)  # type: ignore[arg-type]
 
@@ -497,13 +497,15 @@ def test_the_compiled_vae_decodes_only_the_size_it_was_warmed_at(model: LoadedMo
     warmed up made torch.compile compile again mid-request (tens of seconds on a GPU), with
     every job on the worker held up meanwhile; the UNet already ran such sizes eagerly. The
     compiled decoder (CUDA only) is stood in for by a recorder around the real one."""
+    from worker.runners import sd
+
     engine = Engine(model, max_batch=8)
     runner = engine.runner
     seen: list[tuple[int, ...]] = []
 
-    def compiled(batch: torch.Tensor, **kwargs: Any) -> Any:
+    def compiled(batch: torch.Tensor) -> torch.Tensor:
         seen.append(tuple(batch.shape[-2:]))
-        return model.vae.decode(batch, **kwargs)
+        return sd.vae_decode(model.vae, batch)
 
     runner._compiled_vae = compiled  # noqa: SLF001 - what torch.compile would have set on CUDA
     native = (model.native_height // model.vae_scale_factor, model.native_width // model.vae_scale_factor)
@@ -522,13 +524,15 @@ def test_without_graphs_the_compiled_unet_runs_the_size_it_was_warmed_at(model: 
     graph, every step ran the eager UNet, though warm-up had compiled it for the native
     size; other sizes stay eager (a compile there would hold up every job). The compiled
     UNet (CUDA only) is stood in for by a recorder around the real one."""
+    from worker.runners import sd
+
     engine = Engine(model, max_batch=8)
     runner = engine.runner
     sizes: list[tuple[int, ...]] = []
 
-    def compiled(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def compiled(sample: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         sizes.append(tuple(sample.shape[-2:]))
-        return model.unet(sample, *args, **kwargs)
+        return sd.unet_forward(model.unet, sample, *args)
 
     runner._compiled_unet = compiled  # noqa: SLF001 - what torch.compile would have set on CUDA
     native = (model.native_height // model.vae_scale_factor, model.native_width // model.vae_scale_factor)

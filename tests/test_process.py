@@ -30,6 +30,7 @@ def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch
     cuda = runner_options(settings, torch.device("cuda"))
     assert cuda.cuda_graphs and cuda.compile_unet and cuda.compile_vae
     assert cuda.channels_last and cuda.fuse_qkv  # they pay only under compile
+    assert cuda.compile_cache == (tmp_path / "compile").resolve() and cpu.compile_cache is None
     assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == (tmp_path / "compile").resolve()
     assert Path(os.environ["TRITON_CACHE_DIR"]) == (tmp_path / "compile" / "triton").resolve()
     assert (tmp_path / "compile").is_dir()

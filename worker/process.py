@@ -273,6 +273,7 @@ def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOpti
                      "later starts reuse it. BAILAN_COMPILE=false skips compiling.", cache)
     # NHWC and fused attention projections pay only under compile (eager NHWC GroupNorms convert back).
     return RunnerOptions(cuda_graphs=graphs, compile_unet=compile_, compile_vae=compile_,
+                         compile_cache=settings.compile_cache_dir.resolve() if compile_ else None,
                          channels_last=compile_, fuse_qkv=compile_, max_steps=settings.max_steps)
 
 

@@ -72,7 +72,10 @@ class WorkerSettings(SharedSettings):
     )
     compile_cache_dir: Path = Field(
         Path(".run/compile-cache"),
-        description="Where torch.compile keeps its compiled kernels across restarts (TORCHINDUCTOR_CACHE_DIR).",
+        description=(
+            "Where torch.compile keeps its compiled kernels (TORCHINDUCTOR_CACHE_DIR) and the worker its "
+            "whole compiled UNet and VAE decoder (precompiled/) across restarts."
+        ),
     )
     _cache_dir_given = field_validator("compile_cache_dir", mode="before")(non_empty_path)
 

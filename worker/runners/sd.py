@@ -20,7 +20,8 @@ nothing synchronises the host with the GPU, and on CUDA the whole step at each
 padded batch size ("bucket") is captured once as a CUDA graph and replayed:
 one launch per step instead of about a thousand. With `compile_unet`, the UNet
 inside those graphs is torch.compile'd (batch dimension dynamic, so one compile
-serves every bucket).
+serves every bucket), and with `compile_cache` its compiled code is kept whole
+on disk for the next start (worker.precompile).
 
 Other model families (SDXL, img2img inputs) get their own runner file beside
 this one with the same methods.
@@ -29,9 +30,11 @@ this one with the same methods.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +45,7 @@ from worker import samplers
 from worker.batching import Admission, Size, StepPlan
 from worker.generation import GenerationJob, InvalidForModel
 from worker.loader import LoadedModel
+from worker.precompile import Precompiled, artifact_path
 from worker.previews import linear_to_rgb, to_uint8_hwc
 
 log = logging.getLogger(__name__)
@@ -56,8 +60,10 @@ class RunnerOptions:
     """How the runner uses the device. None = decided by the device (see `resolve`)."""
 
     cuda_graphs: bool | None = None  # capture each bucket's step as a CUDA graph (CUDA only)
-    compile_unet: bool = False  # torch.compile the UNet (CUDA only)
-    compile_vae: bool = False  # torch.compile the VAE decoder (CUDA only)
+    compile_unet: bool = False  # torch.compile the UNet (the worker: on CUDA only)
+    compile_vae: bool = False  # torch.compile the VAE decoder (the worker: on CUDA only)
+    # Where compiled code is kept whole across starts (worker.precompile); None: plain torch.compile.
+    compile_cache: Path | None = None
     channels_last: bool = False  # NHWC weights and activations
     fuse_qkv: bool = False  # one projection for attention's q, k and v
     sdpa_backend: str | None = None  # force one attention kernel: flash, efficient, cudnn, math
@@ -67,8 +73,11 @@ class RunnerOptions:
         cuda = device.type == "cuda"
         return RunnerOptions(
             cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda),
-            compile_unet=self.compile_unet and cuda,
-            compile_vae=self.compile_vae and cuda,
+            # Not gated by device here: the worker's settings are (worker.process.runner_options),
+            # and the CPU path of a compiled runner is what its tests run.
+            compile_unet=self.compile_unet,
+            compile_vae=self.compile_vae,
+            compile_cache=self.compile_cache,
             channels_last=self.channels_last and cuda,
             fuse_qkv=self.fuse_qkv,
             sdpa_backend=self.sdpa_backend if cuda else None,
@@ -164,8 +173,21 @@ def compile_phases() -> dict[str, float]:
             for key, name in COMPILE_PHASES.items() if compilation_time_metrics.get(key)}
 
 
+def unet_forward(unet: Any, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """The UNet's noise prediction, as the compiled code calls it (module first, tensors only)."""
+    return unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> pixels in [-1, 1], as the compiled code calls it."""
+    return vae.decode(latents, return_dict=False)[0]
+
+
 class SDRunner:
     """Owns the model's tensors; every method runs on the engine's thread."""
+
+    # The UNet call of this family: (unet, sample, timestep, embeds, *self._unet_inputs(...)).
+    unet_forward = staticmethod(unet_forward)
 
     def __init__(self, model: LoadedModel, max_batch: int, options: RunnerOptions | None = None) -> None:
         self.model = model
@@ -174,8 +196,8 @@ class SDRunner:
         self.device = model.device
         self.pools: dict[Size, _Pool] = {}
         self._graph_pool: Any = None
-        self._compiled_unet: Any = None
-        self._compiled_vae: Any = None
+        self._compiled_unet: Precompiled | None = None
+        self._compiled_vae: Precompiled | None = None
         self.vae_buckets: tuple[int, ...] = ()
         # The latent size warm_up compiled and captured for (the native one); None before it.
         self.warm_size: Size | None = None
@@ -201,13 +223,18 @@ class SDRunner:
 
             # 1x1 convolutions as matrix products: measured faster for SD's UNet under inductor.
             inductor.conv_1x1_as_mm = True
-            self._compiled_unet = torch.compile(unet, fullgraph=False)
+            self._compiled_unet = self._precompiled("unet", self.unet_forward, unet)
         if opts.compile_vae:
-            self._compiled_vae = torch.compile(self.model.vae.decode)
+            self._compiled_vae = self._precompiled("vae", vae_decode, self.model.vae)
         if self.device.type == "cuda":
             top = self.max_batch
             small = [2] if opts.compile_vae else [1, 2]
             self.vae_buckets = tuple(sorted({b for b in small + [4, 8] if b < top} | {b for b in range(16, top + 16, 16) if b < top} | {top}))
+
+    def _precompiled(self, name: str, forward: Any, module: torch.nn.Module) -> Precompiled:
+        cache = self.options.compile_cache
+        extra = {"sdpa_backend": self.options.sdpa_backend}
+        return Precompiled(name, forward, module, artifact_path(cache, name, forward, module, extra) if cache else None)
 
     def latent_size(self, job: GenerationJob) -> Size:
         scale = self.model.vae_scale_factor
@@ -286,9 +313,9 @@ class SDRunner:
         embeds, unknown = encode_prompts(self.model, texts)
         return {"embeds": embeds}, unknown
 
-    def _unet_kwargs(self, pool: _Pool, rows: torch.Tensor) -> dict[str, Any]:
-        """UNet keyword arguments beyond the text embeddings, for batch rows `rows`."""
-        return {}
+    def _unet_inputs(self, pool: _Pool, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The UNet's inputs beyond the text embeddings (unet_forward's last arguments), for batch rows `rows`."""
+        return ()
 
     # ---- admission -------------------------------------------------------------------
 
@@ -451,10 +478,14 @@ class SDRunner:
         # eager one at any other size (compiling there would hold up every job meanwhile).
         warmed = self._compiled_unet is not None and plan.size == self.warm_size
         with self._sdpa():
-            self._body(pool, index, noise, self._compiled_unet if warmed else self.model.unet)
+            self._body(pool, index, noise, self._compiled_unet if warmed else self._eager_unet())
+
+    def _eager_unet(self) -> Any:
+        return functools.partial(self.unet_forward, self.model.unet)
 
     def _body(self, pool: _Pool, index: torch.Tensor, noise: torch.Tensor | None, unet: Any) -> None:
-        """The step itself, from device tensors only (so it can be captured as a graph)."""
+        """The step itself, from device tensors only (so it can be captured as a graph).
+        `unet` is called with the sample, timestep, embeddings and `_unet_inputs`."""
         model = self.model
         coef_rows = pool.coefficients.index_select(0, index[ROW_COEF])
         x = pool.latents.index_select(0, index[ROW_SLOT])
@@ -467,12 +498,7 @@ class SDRunner:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         t = coef_rows[:, samplers.T]
         embeds = pool.embeds.index_select(0, index[ROW_EMBED])
-        extra = self._unet_kwargs(pool, index[ROW_EMBED])
-        if unet is self._compiled_unet:
-            # One compiled graph for every bucket: the batch dimension stays symbolic.
-            for tensor in (x_in, t, embeds, *extra.get("added_cond_kwargs", {}).values()):
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        out = unet(x_in, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0].float()
+        out = unet(x_in, t, embeds, *self._unet_inputs(pool, index[ROW_EMBED])).float()
         uncond = out.index_select(0, index[SAMPLE_UNCOND])
         cond = out.index_select(0, index[SAMPLE_COND])
         slots = index[SAMPLE_SLOT]
@@ -558,10 +584,7 @@ class SDRunner:
         # at the size warmed up, as the UNet's graphs: another size would compile mid-request,
         # holding up every job on the worker for as long (tens of seconds on a GPU).
         compiled = self._compiled_vae is not None and self.warm_size in (None, tuple(batch.shape[-2:]))
-        decode = self._compiled_vae if compiled else model.vae.decode
-        if compiled:
-            torch._dynamo.maybe_mark_dynamic(batch, 0)
-        images = decode(batch, return_dict=False)[0][:count]
+        images = (self._compiled_vae(batch) if compiled else vae_decode(model.vae, batch))[:count]
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return list(images.permute(0, 2, 3, 1).cpu().numpy())
 
@@ -579,7 +602,7 @@ class SDRunner:
         timings: dict[str, float] = {}
         self.warm_size = size
         pool = self._pool(size)
-        unet = self._compiled_unet if self._compiled_unet is not None else self.model.unet
+        unet = self._compiled_unet if self._compiled_unet is not None else self._eager_unet()
         started = time.perf_counter()
         for bucket in buckets:
             if bucket > 2 * self.max_batch:
@@ -607,6 +630,10 @@ class SDRunner:
         timings["vae_buckets_s"] = time.perf_counter() - started
         if self._compiled_unet is not None or self._compiled_vae is not None:
             timings.update(compile_phases())
+        for compiled in (self._compiled_unet, self._compiled_vae):
+            # Whether this start loaded the compiled code whole (worker.precompile) or made it.
+            if compiled is not None and compiled.source in ("loaded", "compiled"):
+                timings[f"{compiled.name}_{'load' if compiled.source == 'loaded' else 'aot_compile'}_s"] = compiled.seconds
         return timings
 
     def _capture(self, pool: _Pool, index: torch.Tensor, noise: torch.Tensor, unet: Any) -> _Graph:

@@ -27,7 +27,16 @@ from worker.runners.sd import RunnerOptions, SDRunner, _Pool, token_ids
 POOLED = "text_embeds"
 
 
+def sdxl_unet_forward(unet: Any, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                      pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's UNet call: the pooled text and the time ids as its added conditioning."""
+    added = {POOLED: pooled, "time_ids": time_ids}
+    return unet(sample, timestep, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+
 class SDXLRunner(SDRunner):
+    unet_forward = staticmethod(sdxl_unet_forward)
+
     def __init__(self, model: LoadedModel, max_batch: int, options: RunnerOptions | None = None) -> None:
         vae = model.vae
         if model.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
@@ -66,10 +75,5 @@ class SDXLRunner(SDRunner):
                 pooled = torch.where(zero.view(-1, 1), torch.zeros_like(pooled), pooled)
         return {"embeds": embeds, POOLED: pooled}, unknown
 
-    def _unet_kwargs(self, pool: _Pool, rows: torch.Tensor) -> dict[str, Any]:
-        return {
-            "added_cond_kwargs": {
-                POOLED: pool.extra[POOLED].index_select(0, rows),
-                "time_ids": pool.extra["time_ids"].expand(rows.shape[0], -1),
-            }
-        }
+    def _unet_inputs(self, pool: _Pool, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return pool.extra[POOLED].index_select(0, rows), pool.extra["time_ids"].expand(rows.shape[0], -1)

@@ -1,0 +1,223 @@
+"""Compiled code kept whole on disk (worker.precompile), on real modules on the CPU.
+
+The engine test compiles the tiny model's UNet and VAE decoder ahead of time
+(about 40 s on a 2-core CPU), then a fresh process loads them as a restarted
+worker does. The fallbacks use a two-layer network, which compiles in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.engine import Engine, GenerationJob
+from worker.loader import load_model
+from worker.precompile import Precompiled, artifact_path
+from worker.runners.sd import RunnerOptions, unet_forward
+
+FIXTURE = Path(__file__).parent / "fixtures" / "precompiled_restart.py"
+
+
+@pytest.fixture
+def inductor_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private inductor cache, so that what a test measures is its own compile."""
+    cache = tmp_path / "compile-cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    return cache
+
+
+def run_job(engine: Engine, width: int = 32, height: int = 32) -> torch.Tensor:
+    job = GenerationJob(id="j", prompt="a red circle", width=width, height=height, steps=4, guidance_scale=7.5, seed=7)
+    engine.submit(job)
+    engine.run_until_idle()
+    job.future.result(timeout=0)
+    return job.latents[0]
+
+
+def test_a_restarted_worker_loads_the_compiled_unet_and_vae_instead_of_tracing_them(
+    tiny_model_dir: Path, inductor_cache: Path
+) -> None:
+    """Guards the warm start: with only inductor's cache, a restart spends most of its compile
+    re-tracing the model's Python. The first engine must save its compiled UNet and VAE decoder
+    whole, a fresh process must load both without dynamo tracing anything, and the loaded code
+    must read the weights it is called with (a fine-tune of the same architecture must not get
+    the old weights' images) and match eager sampling."""
+    model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    eager = run_job(Engine(model, 4))
+    engine = Engine(model, 4, options=RunnerOptions(compile_unet=True, compile_vae=True, compile_cache=inductor_cache))
+    engine.warm_up()
+    compiled = run_job(engine)
+    runner = engine.runner
+    assert runner._compiled_unet is not None and runner._compiled_vae is not None
+    assert (runner._compiled_unet.source, runner._compiled_vae.source) == ("compiled", "compiled")
+    assert (compiled - eager).abs().max().item() < 1e-3 * eager.abs().max().item()
+    saved = sorted(p.name.split("-")[0] for p in (inductor_cache / "precompiled").glob("*.pt2"))
+    assert saved == ["unet", "vae"]
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+    out = subprocess.run([sys.executable, str(FIXTURE), str(tiny_model_dir), str(inductor_cache)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    restart = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (restart["unet"], restart["vae"]) == ("loaded", "loaded")
+    assert "tracing_s" not in restart["phases"], restart["phases"]
+    assert restart["max_diff"] < 1e-3 * restart["scale"], restart
+
+
+def test_sdxl_unet_with_its_added_conditioning_is_kept_whole_too(tiny_sdxl_dir: Path, inductor_cache: Path) -> None:
+    """Guards SDXL's warm start: its UNet takes the pooled text and time ids as a dict, which
+    the saved function cannot take; the runner's SDXL forward must trace as one graph from
+    tensors alone, save, and load in the next runner with the eager images."""
+    model = load_model(tiny_sdxl_dir, torch.device("cpu"), torch.float32)
+    size = {"width": model.native_width, "height": model.native_height}
+    eager = run_job(Engine(model, 4), **size)
+    for source in ("compiled", "loaded"):
+        engine = Engine(model, 4, options=RunnerOptions(compile_unet=True, compile_cache=inductor_cache))
+        engine.warm_up()
+        latents = run_job(engine, **size)
+        assert engine.runner._compiled_unet is not None and engine.runner._compiled_unet.source == source
+        assert (latents - eager).abs().max().item() < 1e-3 * eager.abs().max().item()
+
+
+class Net(torch.nn.Module):
+    """Two layers: a real module that compiles in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.out = torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.nn.functional.silu(self.conv(x)))
+
+
+def net_forward(net: Net, x: torch.Tensor) -> torch.Tensor:
+    return net(x)
+
+
+def branchy_forward(net: Net, x: torch.Tensor) -> torch.Tensor:
+    # Data-dependent control flow: dynamo must break the graph here, so no whole-graph compile.
+    if x.sum() > 0:
+        return net(x)
+    return -net(x)
+
+
+def net_path(cache: Path, forward: Callable[[Net, torch.Tensor], torch.Tensor] = net_forward) -> tuple[Net, Path]:
+    net = Net().eval()
+    return net, artifact_path(cache, "net", forward, net)
+
+
+@torch.inference_mode()
+def test_a_corrupt_file_is_compiled_again_and_replaced(inductor_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Guards a worker that cannot start: a truncated or foreign file in the cache (a full disk,
+    a torch build that writes another format) must be compiled again, said, and replaced."""
+    net, path = net_path(inductor_cache)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a compiled function")
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="worker.precompile"):
+        compiled = Precompiled("net", net_forward, net, path)
+        assert torch.allclose(compiled(x), net(x), atol=1e-5)
+    assert compiled.source == "compiled"
+    assert "could not load" in caplog.text
+    reloaded = Precompiled("net", net_forward, net, path)
+    other_batch = torch.randn(5, 3, 8, 8)
+    assert torch.allclose(reloaded(other_batch), net(other_batch), atol=1e-5)
+    assert reloaded.source == "loaded"
+
+
+@torch.inference_mode()
+def test_a_module_that_breaks_the_graph_runs_plainly_compiled_and_is_not_retried(
+    inductor_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards a model whose forward does not trace as one graph: the worker must still serve it
+    (plain torch.compile), say why, and note it, so that every later start does not pay for
+    the failed attempt again."""
+    net, path = net_path(inductor_cache, branchy_forward)
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="worker.precompile"):
+        compiled = Precompiled("net", branchy_forward, net, path)
+        assert torch.allclose(compiled(x), branchy_forward(net, x), atol=1e-5)
+    assert compiled.source is not None and compiled.source.startswith("plain:")
+    assert not path.exists() and path.with_suffix(".failed").exists()
+    assert "not ahead of time" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="worker.precompile"):
+        again = Precompiled("net", branchy_forward, net, path)
+        assert torch.allclose(again(-x), branchy_forward(net, -x), atol=1e-5)
+    assert again.source is not None and "an earlier start could not compile it" in again.source
+    assert "earlier start" in caplog.text
+
+
+@torch.inference_mode()
+def test_inputs_outside_the_guards_fall_back_instead_of_failing_the_job(
+    inductor_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards a loaded function called with inputs it was not compiled for (another dtype): it
+    cannot recompile itself as torch.compile would, and raising would fail the job. It must
+    fall back to plain torch.compile, with the right result."""
+    net, path = net_path(inductor_cache)
+    compiled = Precompiled("net", net_forward, net, path)
+    compiled(torch.randn(2, 3, 8, 8))
+    assert compiled.source == "compiled"
+    wide = Net().double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    compiled.module = wide
+    with caplog.at_level(logging.WARNING, logger="worker.precompile"):
+        assert torch.allclose(compiled(x), wide(x), atol=1e-8)
+    assert compiled.source is not None and compiled.source.startswith("plain:")
+    assert "do not fit the guards" in caplog.text
+
+
+def test_the_file_is_keyed_by_what_the_compiled_code_depends_on(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Guards loading stale code: another module structure (fused attention projections), dtype,
+    forward or compile setting must name another file, and the same ones the same file."""
+    model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    unet = model.unet
+    base = artifact_path(tmp_path, "unet", unet_forward, unet)
+    assert artifact_path(tmp_path, "unet", unet_forward, unet) == base
+    assert base.parent == tmp_path / "precompiled" and base.name.startswith("unet-")
+    assert artifact_path(tmp_path, "unet", unet_forward, unet, {"sdpa_backend": "math"}) != base
+    assert artifact_path(tmp_path, "unet", net_forward, unet) != base
+    other = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    other.unet.fuse_qkv_projections()
+    assert artifact_path(tmp_path, "unet", unet_forward, other.unet) != base
+    half = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    half.unet.to(torch.float16)
+    assert artifact_path(tmp_path, "unet", unet_forward, half.unet) != base
+
+
+def test_the_file_is_named_the_same_by_every_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Guards a cache that never hits: a checkpoint whose config leaves settings to their defaults
+    (an older diffusers wrote it) has diffusers list them in `_use_default_values` in a set's
+    order, another in every process. Such a name changed with each start, so every restart
+    compiled again."""
+    config = json.loads((tiny_model_dir / "unet" / "config.json").read_text())
+    for key in ("dropout", "act_fn", "norm_eps", "flip_sin_to_cos", "freq_shift", "center_input_sample",
+                "upcast_attention", "resnet_time_scale_shift", "mid_block_scale_factor"):
+        config.pop(key, None)
+    code = (
+        "import json, os, sys; from pathlib import Path; from diffusers import UNet2DConditionModel; "
+        "from worker.precompile import artifact_path; from worker.runners.sd import unet_forward; "
+        "unet = UNet2DConditionModel.from_config(json.loads(os.environ['UNET_CONFIG'])); "
+        "assert len(unet.config._use_default_values) > 3; "
+        "print(artifact_path(Path(sys.argv[1]), 'unet', unet_forward, unet))"
+    )
+    names = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "UNET_CONFIG": json.dumps(config)}
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                             timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert out.returncode == 0, out.stderr[-2000:]
+        names.add(out.stdout.strip().splitlines()[-1])
+    assert len(names) == 1, names
+

@@ -1,0 +1,191 @@
+"""A compiled module's code kept whole on disk, so that a restarted worker skips torch.compile.
+
+With only inductor's cache filled, a restart still has dynamo read the UNet's
+Python again (68-73 % of a warm compile on the CPU, bench/compile_warm.py) and
+look up every graph in the cache. torch's ahead-of-time compile
+(`torch.compile(fn, fullgraph=True).aot_compile(...)`, experimental) instead
+saves the traced and compiled function with its guards as one file, and a
+restart loads it in seconds. The module is an argument of the compiled
+function, not part of it, so its weights are read at each call and are not in
+the file.
+
+`Precompiled` wraps one module's forward (a module-level function taking the
+module and tensors). On its first call, at warm-up, it loads the file keyed by
+everything the compiled code depends on (`artifact_path`), or compiles ahead
+of time and writes it. Where torch lacks the feature, the module does not trace
+as one graph, or a call's inputs fail the file's guards, it falls back to plain
+`torch.compile` and says why, once; a failed compile leaves a `.failed` note
+beside the file so that later starts do not try again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Bump when the way artifacts are made changes in a way their key does not show.
+FORMAT = 1
+
+
+def _guard_filter(entries: Sequence[Any]) -> list[bool]:
+    """Keep the guards on the call's inputs (dtype, device, shape, strides, grad mode) and
+    drop those on globals and object identities, which cannot be saved. What they checked
+    (which code and which module classes ran) is in the artifact's key instead."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsaveable = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [
+        not entry.is_global
+        and entry.guard_type not in unsaveable
+        and not unsaveable.intersection(entry.derived_guard_types or ())
+        for entry in entries
+    ]
+
+
+def artifact_path(cache_dir: Path, name: str, forward: Callable[..., Any], module: torch.nn.Module,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Where `forward` compiled for `module` is kept: a hash of what the compiled code depends
+    on (torch, diffusers, Python, the GPU, the module's structure and dtype, the forward's
+    source and the compile settings), so that a change anywhere compiles afresh."""
+    import diffusers
+    import torch._inductor.config as inductor
+
+    device = next(module.parameters()).device
+    gpu = None
+    if device.type == "cuda":
+        gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
+    param = next(module.parameters())
+    facts = {
+        "format": FORMAT,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": sys.version,
+        "device": device.type,
+        "gpu": gpu,
+        "dtype": str(param.dtype),
+        "channels_last": param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last)
+        and not param.is_contiguous(),
+        "module": repr(module),
+        # Not diffusers' own "_" entries: `_use_default_values` is a set's order, another each run.
+        "config": {k: v for k, v in dict(getattr(module, "config", {}) or {}).items() if not k.startswith("_")},
+        "processors": sorted({type(p).__name__ for p in getattr(module, "attn_processors", {}).values()}),
+        "forward": inspect.getsource(forward),
+        "conv_1x1_as_mm": inductor.conv_1x1_as_mm,
+        "extra": extra or {},
+    }
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_dir / "precompiled" / f"{name}-{digest}.pt2"
+
+
+def aot_available() -> bool:
+    """Whether this torch has ahead-of-time compile (torch._dynamo.config.enable_aot_compile)."""
+    return hasattr(torch._dynamo.config, "enable_aot_compile") and hasattr(torch.compiler, "load_compiled_function")
+
+
+class Precompiled:
+    """`forward(module, *tensors)` compiled once per artifact and loaded from it afterwards.
+
+    Call it with the tensors; their first dimension (the batch) stays symbolic, so one
+    compile serves every batch size. `path=None` means plain torch.compile, never saved.
+    """
+
+    def __init__(self, name: str, forward: Callable[..., torch.Tensor], module: torch.nn.Module,
+                 path: Path | None) -> None:
+        self.name = name
+        self.forward = forward
+        self.module = module
+        self.path = path
+        self._aot: Any = None  # the ahead-of-time compiled function, loaded or made here
+        self._plain: Any = None  # torch.compile(forward): the fallback
+        # How the first call got its code: "loaded", "compiled", or "plain: <why>".
+        self.source: str | None = None
+        self.seconds = 0.0  # spent loading or compiling ahead of time (plain compiles lazily)
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if self.source is None:
+            self._prepare(tensors)
+        aot = self._aot
+        if aot is not None:
+            if aot.guard_check(self.module, *tensors):
+                return aot(self.module, *tensors)
+            self._fall_back(f"inputs {_shapes(tensors)} do not fit the guards of {self.path}")
+        if self._plain is None:
+            self._plain = torch.compile(self.forward)
+        for tensor in tensors:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return self._plain(self.module, *tensors)
+
+    def _fall_back(self, why: str) -> None:
+        log.warning("%s: compiling with plain torch.compile, not ahead of time: %s", self.name, why)
+        self._aot = None
+        self.source = f"plain: {why}"
+
+    def _prepare(self, tensors: Sequence[torch.Tensor]) -> None:
+        path = self.path
+        if path is None:
+            self.source = "plain: no compile cache"
+            return
+        if not aot_available():
+            self._fall_back(f"torch {torch.__version__} has no ahead-of-time compile")
+            return
+        failed = path.with_suffix(".failed")
+        started = time.perf_counter()
+        if path.exists():
+            try:
+                with path.open("rb") as file:
+                    aot = _checked(torch.compiler.load_compiled_function(file))
+            except Exception as exc:  # noqa: BLE001 - whatever the file holds, compiling again fixes it
+                log.warning("%s: could not load %s (%s: %s); compiling it again", self.name, path,
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            else:
+                self._aot, self.source = aot, "loaded"
+                self.seconds = time.perf_counter() - started
+                log.info("%s: loaded its compiled code from %s in %.1f s", self.name, path, self.seconds)
+                return
+        elif failed.exists():
+            self._fall_back(f"an earlier start could not compile it ahead of time ({failed.read_text().strip()})")
+            return
+        for tensor in tensors:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        try:
+            with torch._dynamo.config.patch(enable_aot_compile=True):
+                compiled = torch.compile(self.forward, fullgraph=True, options={"guard_filter_fn": _guard_filter})
+                aot = _checked(compiled.aot_compile(((self.module, *tensors), {})))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            aot.save_compiled_function(str(path))
+        except Exception as exc:  # noqa: BLE001 - a graph break, an unsaveable guard, a full disk: all fall back
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            try:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(why + "\n")
+            except OSError:
+                pass
+            self._fall_back(why)
+            return
+        self._aot, self.source = aot, "compiled"
+        self.seconds = time.perf_counter() - started
+        log.info("%s: compiled ahead of time in %.1f s and saved to %s", self.name, self.seconds, path)
+
+
+def _checked(aot: Any) -> Any:
+    """`aot`, its guards left to __call__ (which falls back where they fail, instead of
+    raising); an error where this torch's compiled function lacks the methods used here."""
+    if not (hasattr(aot, "guard_check") and hasattr(aot, "disable_guard_check")):
+        raise TypeError(f"{type(aot).__name__} has no guard_check in torch {torch.__version__}")
+    aot.disable_guard_check()
+    return aot
+
+
+def _shapes(tensors: Sequence[torch.Tensor]) -> str:
+    return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
