@@ -7,19 +7,22 @@ worker does. The fallbacks use a two-layer network, which compiles in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from worker.engine import Engine, GenerationJob
-from worker.loader import load_model
+from worker.loader import LoadedModel, load_model
 from worker.precompile import Precompiled, artifact_path
 from worker.runners.sd import RunnerOptions, unet_forward
 
@@ -42,34 +45,91 @@ def run_job(engine: Engine, width: int = 32, height: int = 32) -> torch.Tensor:
     return job.latents[0]
 
 
+@dataclass
+class FirstStart:
+    """The tiny model's first compiled start: its cache, and its job's latents eager and compiled."""
+
+    model: LoadedModel
+    cache: Path
+    eager: torch.Tensor
+    compiled: torch.Tensor
+    sources: tuple[str | None, str | None]
+
+
+@pytest.fixture(scope="module")
+def first_start(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FirstStart]:
+    """One compile of the tiny model's UNet and VAE decoder (tens of seconds) that the tests of
+    a later start share."""
+    cache = tmp_path_factory.mktemp("first-start") / "compile-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+        eager = run_job(Engine(model, 4))
+        engine = Engine(model, 4, options=RunnerOptions(compile_unet=True, compile_vae=True, compile_cache=cache))
+        engine.warm_up()
+        compiled = run_job(engine)
+        unet, vae = engine.runner._compiled_unet, engine.runner._compiled_vae
+        sources = (unet.source if unet else None, vae.source if vae else None)
+        yield FirstStart(model, cache, eager, compiled, sources)
+
+
 def test_a_restarted_worker_loads_the_compiled_unet_and_vae_instead_of_tracing_them(
-    tiny_model_dir: Path, inductor_cache: Path
+    tiny_model_dir: Path, first_start: FirstStart
 ) -> None:
     """Guards the warm start: with only inductor's cache, a restart spends most of its compile
     re-tracing the model's Python. The first engine must save its compiled UNet and VAE decoder
     whole, a fresh process must load both without dynamo tracing anything, and the loaded code
     must read the weights it is called with (a fine-tune of the same architecture must not get
     the old weights' images) and match eager sampling."""
-    model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
-    eager = run_job(Engine(model, 4))
-    engine = Engine(model, 4, options=RunnerOptions(compile_unet=True, compile_vae=True, compile_cache=inductor_cache))
-    engine.warm_up()
-    compiled = run_job(engine)
-    runner = engine.runner
-    assert runner._compiled_unet is not None and runner._compiled_vae is not None
-    assert (runner._compiled_unet.source, runner._compiled_vae.source) == ("compiled", "compiled")
-    assert (compiled - eager).abs().max().item() < 1e-3 * eager.abs().max().item()
-    saved = sorted(p.name.split("-")[0] for p in (inductor_cache / "precompiled").glob("*.pt2"))
+    cache, eager = first_start.cache, first_start.eager
+    assert first_start.sources == ("compiled", "compiled")
+    assert (first_start.compiled - eager).abs().max().item() < 1e-3 * eager.abs().max().item()
+    saved = sorted(p.name.split("-")[0] for p in (cache / "precompiled").glob("*.pt2"))
     assert saved == ["unet", "vae"]
 
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
-    out = subprocess.run([sys.executable, str(FIXTURE), str(tiny_model_dir), str(inductor_cache)],
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, str(FIXTURE), str(tiny_model_dir), str(cache)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     restart = json.loads(out.stdout.strip().splitlines()[-1])
     assert (restart["unet"], restart["vae"]) == ("loaded", "loaded")
     assert "tracing_s" not in restart["phases"], restart["phases"]
     assert restart["max_diff"] < 1e-3 * restart["scale"], restart
+
+
+def test_a_loaded_unet_that_cannot_be_captured_keeps_the_graphs_with_plain_compile(
+    first_start: FirstStart, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards the worst case of code saved ahead of time (new in torch) on a GPU: if CUDA
+    graph capture refuses it, the runner gave up the graphs for every bucket (a lone image's
+    step ~3x slower, README Performance) to keep a few seconds of start-up. It must fall back
+    to plain torch.compile and capture that instead. The capture (CUDA only) is stood in for
+    by one that refuses the saved code and records the rest."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(first_start.cache))
+    engine = Engine(first_start.model, 4, batch_buckets=(2, 4, 8),
+                    options=RunnerOptions(compile_unet=True, compile_cache=first_start.cache))
+    runner = engine.runner
+    runner.options = dataclasses.replace(runner.options, cuda_graphs=True)
+    captured: list[int] = []
+
+    def capture(pool: Any, index: torch.Tensor, noise: torch.Tensor, unet: Any) -> Any:
+        if unet.source is None:
+            # The warm-up run before a capture: it loads the file the first start saved.
+            runner._body(pool, index, noise, unet)
+        if unet.ahead_of_time:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captured.append(index.shape[1])
+        return object()
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    with caplog.at_level(logging.INFO, logger="worker.precompile"):
+        engine.warm_up()
+    assert "loaded its compiled code" in caplog.text
+    assert captured == [2, 4, 8]
+    unet = runner._compiled_unet
+    assert unet is not None and unet.source is not None
+    assert unet.source.startswith("plain: capturing the step at 2 rows failed")
+    assert "not permitted when stream is capturing" in caplog.text
 
 
 def test_sdxl_unet_with_its_added_conditioning_is_kept_whole_too(tiny_sdxl_dir: Path, inductor_cache: Path) -> None:

@@ -119,14 +119,20 @@ class Precompiled:
         if aot is not None:
             if aot.guard_check(self.module, *tensors):
                 return aot(self.module, *tensors)
-            self._fall_back(f"inputs {_shapes(tensors)} do not fit the guards of {self.path}")
+            self.fall_back(f"inputs {_shapes(tensors)} do not fit the guards of {self.path}")
         if self._plain is None:
             self._plain = torch.compile(self.forward)
         for tensor in tensors:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         return self._plain(self.module, *tensors)
 
-    def _fall_back(self, why: str) -> None:
+    @property
+    def ahead_of_time(self) -> bool:
+        """Whether calls run the code compiled ahead of time (loaded or made here)."""
+        return self._aot is not None
+
+    def fall_back(self, why: str) -> None:
+        """From now on plain torch.compile (where the saved code cannot serve: `why`, logged)."""
         log.warning("%s: compiling with plain torch.compile, not ahead of time: %s", self.name, why)
         self._aot = None
         self.source = f"plain: {why}"
@@ -137,7 +143,7 @@ class Precompiled:
             self.source = "plain: no compile cache"
             return
         if not aot_available():
-            self._fall_back(f"torch {torch.__version__} has no ahead-of-time compile")
+            self.fall_back(f"torch {torch.__version__} has no ahead-of-time compile")
             return
         failed = path.with_suffix(".failed")
         started = time.perf_counter()
@@ -154,7 +160,7 @@ class Precompiled:
                 log.info("%s: loaded its compiled code from %s in %.1f s", self.name, path, self.seconds)
                 return
         elif failed.exists():
-            self._fall_back(f"an earlier start could not compile it ahead of time ({failed.read_text().strip()})")
+            self.fall_back(f"an earlier start could not compile it ahead of time ({failed.read_text().strip()})")
             return
         for tensor in tensors:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
@@ -171,7 +177,7 @@ class Precompiled:
                 failed.write_text(why + "\n")
             except OSError:
                 pass
-            self._fall_back(why)
+            self.fall_back(why)
             return
         self._aot, self.source = aot, "compiled"
         self.seconds = time.perf_counter() - started

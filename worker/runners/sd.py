@@ -610,13 +610,10 @@ class SDRunner:
             index = _scratch_index(pool, bucket, self.options.max_steps)
             noise = torch.zeros((bucket, *pool.latents.shape[1:]), device=self.device)
             if self.options.cuda_graphs:
-                try:
-                    pool.graphs[bucket] = self._capture(pool, index, noise, unet)
-                except Exception:
-                    # A model whose forward cannot be captured still runs, eagerly.
-                    log.exception("capturing the step at %d rows failed; running it eagerly", bucket)
-                    self._sync()
+                graph = self._try_capture(pool, index, noise, unet, bucket)
+                if graph is None:
                     break
+                pool.graphs[bucket] = graph
             else:
                 with self._sdpa():
                     self._body(pool, index, noise, unet)
@@ -635,6 +632,22 @@ class SDRunner:
             if compiled is not None and compiled.source in ("loaded", "compiled"):
                 timings[f"{compiled.name}_{'load' if compiled.source == 'loaded' else 'aot_compile'}_s"] = compiled.seconds
         return timings
+
+    def _try_capture(self, pool: _Pool, index: torch.Tensor, noise: torch.Tensor, unet: Any,
+                     bucket: int) -> _Graph | None:
+        """The step at `bucket` rows as a CUDA graph; None where it cannot be captured (the
+        model then runs eagerly)."""
+        try:
+            return self._capture(pool, index, noise, unet)
+        except Exception as exc:
+            self._sync()
+            if isinstance(unet, Precompiled) and unet.ahead_of_time:
+                # Code saved ahead of time is new in torch; plain torch.compile's is known to be
+                # captured, and losing the graphs would cost far more than the start-up it saves.
+                unet.fall_back(f"capturing the step at {bucket} rows failed ({type(exc).__name__}: {exc})")
+                return self._try_capture(pool, index, noise, unet, bucket)
+            log.exception("capturing the step at %d rows failed; running it eagerly", bucket)
+            return None
 
     def _capture(self, pool: _Pool, index: torch.Tensor, noise: torch.Tensor, unet: Any) -> _Graph:
         # Warm-up on a side stream first (compilation, cuDNN benchmarking and lazy
