@@ -61,6 +61,10 @@ timeout "${STAGE2_S:-$STAGE2_DEFAULT_S}" env -u TORCHINDUCTOR_CACHE_DIR -u TRITO
 echo "stage 2 exit: $?" | tee -a "$LOG"
 du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
 grep -E "warm-up|start:|ready|compil|graph" "$OUT/service_gpu.log" | grep -v readyz | tail -10 | tee -a "$LOG"
+# What the worker's imports cost on this machine (its start line puts ~17 s before the model
+# load on the H100, 3-6 s on a 2-core CPU): the 15 slowest, cumulative microseconds.
+$PY -X importtime -c "import worker.process" 2> "$OUT/importtime.txt" >/dev/null
+sort -t'|' -k2 -n -r "$OUT/importtime.txt" | head -15 | tee -a "$LOG"
 if [ "$DEVICE" = cuda ] && [ -n "${SDXL:-}" ]; then
   # SDXL base architecture at 1024x1024 (random weights), CUDA graphs around the eager UNet:
   # its cold compile would take this run's remaining minutes.
