@@ -12,18 +12,22 @@ the file.
 `Precompiled` wraps one module's forward (a module-level function taking the
 module and tensors). On its first call, at warm-up, it loads the file keyed by
 everything the compiled code depends on (`artifact_path`), or compiles ahead
-of time and writes it. Where torch lacks the feature, the module does not trace
-as one graph, or a call's inputs fail the file's guards, it falls back to plain
-`torch.compile` and says why, once; a failed compile leaves a `.failed` note
-beside the file so that later starts do not try again.
+of time and writes it (whole, or not at all). Where torch lacks the feature,
+the module does not trace as one graph, the code serves only the first call's
+batch size, or its first call fails, it falls back to plain `torch.compile` and
+says why, once, and leaves a `.failed` note beside the file so that later
+starts do not try again. A file that does not load, or whose guards refuse the
+worker's inputs, is removed, so that the next start compiles a good one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,36 +60,49 @@ def _guard_filter(entries: Sequence[Any]) -> list[bool]:
 def artifact_path(cache_dir: Path, name: str, forward: Callable[..., Any], module: torch.nn.Module,
                   extra: dict[str, Any] | None = None) -> Path:
     """Where `forward` compiled for `module` is kept: a hash of what the compiled code depends
-    on (torch, diffusers, Python, the GPU, the module's structure and dtype, the forward's
-    source and the compile settings), so that a change anywhere compiles afresh."""
-    import diffusers
+    on (torch, its CUDA and Triton, diffusers and the libraries its modules consult, Python,
+    the GPU, the module's structure, dtype and layout, the forward's source and the compile
+    settings), so that a change anywhere compiles afresh."""
     import torch._inductor.config as inductor
 
-    device = next(module.parameters()).device
+    param = next(iter(module.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
     gpu = None
     if device.type == "cuda":
         gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
-    param = next(module.parameters())
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # no source on disk (a frozen or generated function): its bytecode
+        source = f"{forward.__module__}.{forward.__qualname__}:{forward.__code__.co_code.hex()}"
     facts = {
         "format": FORMAT,
+        "versions": {dist: _version(dist) for dist in ("torch", "triton", "diffusers", "transformers", "peft")},
         "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
+        "cuda": torch.version.cuda,
         "python": sys.version,
-        "device": device.type,
+        # The index too: the saved guards check each tensor's device, so cuda:1 cannot load cuda:0's.
+        "device": str(device),
         "gpu": gpu,
-        "dtype": str(param.dtype),
-        "channels_last": param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last)
-        and not param.is_contiguous(),
+        "dtype": str(param.dtype) if param is not None else None,
+        "channels_last": param is not None and param.dim() == 4
+        and param.is_contiguous(memory_format=torch.channels_last) and not param.is_contiguous(),
         "module": repr(module),
         # Not diffusers' own "_" entries: `_use_default_values` is a set's order, another each run.
         "config": {k: v for k, v in dict(getattr(module, "config", {}) or {}).items() if not k.startswith("_")},
         "processors": sorted({type(p).__name__ for p in getattr(module, "attn_processors", {}).values()}),
-        "forward": inspect.getsource(forward),
+        "forward": source,
         "conv_1x1_as_mm": inductor.conv_1x1_as_mm,
         "extra": extra or {},
     }
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir / "precompiled" / f"{name}-{digest}.pt2"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def aot_available() -> bool:
@@ -107,6 +124,7 @@ class Precompiled:
         self.module = module
         self.path = path
         self._aot: Any = None  # the ahead-of-time compiled function, loaded or made here
+        self._proven = False  # whether the ahead-of-time function has run once
         self._plain: Any = None  # torch.compile(forward): the fallback
         # How the first call got its code: "loaded", "compiled", or "plain: <why>".
         self.source: str | None = None
@@ -117,9 +135,20 @@ class Precompiled:
             self._prepare(tensors)
         aot = self._aot
         if aot is not None:
-            if aot.guard_check(self.module, *tensors):
+            if not aot.guard_check(self.module, *tensors):
+                self._discard(f"inputs {_shapes(tensors)} do not fit the guards of {self.path}")
+            elif self._proven:
                 return aot(self.module, *tensors)
-            self.fall_back(f"inputs {_shapes(tensors)} do not fit the guards of {self.path}")
+            else:
+                try:
+                    out = aot(self.module, *tensors)
+                except torch.OutOfMemoryError:
+                    raise  # the batch's fault, not the code's: the engine splits it
+                except Exception as exc:  # noqa: BLE001 - code that cannot run once must not fail every start
+                    self._discard(f"its first call failed ({type(exc).__name__}: {_first_line(exc)})", broken=True)
+                else:
+                    self._proven = True
+                    return out
         if self._plain is None:
             self._plain = torch.compile(self.forward)
         for tensor in tensors:
@@ -137,6 +166,25 @@ class Precompiled:
         self._aot = None
         self.source = f"plain: {why}"
 
+    def _discard(self, why: str, broken: bool = False) -> None:
+        """Fall back, and remove a loaded file that cannot serve, so that the next start
+        compiles a good one instead of loading this one and falling back every time. Code
+        that is `broken` (it cannot run) is removed wherever it came from, and noted."""
+        if self.path is not None and (broken or self.source == "loaded"):
+            self.path.unlink(missing_ok=True)
+            if broken:
+                self._note_failure(why)
+        self.fall_back(why)
+
+    def _note_failure(self, why: str) -> None:
+        """A `.failed` note beside the file: later starts compile plainly at once."""
+        assert self.path is not None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.with_suffix(".failed").write_text(why + "\n")
+        except OSError:
+            pass
+
     def _prepare(self, tensors: Sequence[torch.Tensor]) -> None:
         path = self.path
         if path is None:
@@ -145,7 +193,6 @@ class Precompiled:
         if not aot_available():
             self.fall_back(f"torch {torch.__version__} has no ahead-of-time compile")
             return
-        failed = path.with_suffix(".failed")
         started = time.perf_counter()
         if path.exists():
             try:
@@ -153,14 +200,24 @@ class Precompiled:
                     aot = _checked(torch.compiler.load_compiled_function(file))
             except Exception as exc:  # noqa: BLE001 - whatever the file holds, compiling again fixes it
                 log.warning("%s: could not load %s (%s: %s); compiling it again", self.name, path,
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                            type(exc).__name__, _first_line(exc))
+                path.unlink(missing_ok=True)
             else:
                 self._aot, self.source = aot, "loaded"
                 self.seconds = time.perf_counter() - started
                 log.info("%s: loaded its compiled code from %s in %.1f s", self.name, path, self.seconds)
                 return
-        elif failed.exists():
-            self.fall_back(f"an earlier start could not compile it ahead of time ({failed.read_text().strip()})")
+        failed = path.with_suffix(".failed")
+        if failed.exists():
+            try:
+                why = failed.read_text().strip()
+            except OSError as exc:
+                why = str(exc)
+            self.fall_back(f"an earlier start could not compile it ahead of time ({why})")
+            return
+        if any(t.shape[0] == 1 for t in tensors):
+            # dynamo specialises a size of 1: the saved code would serve batch 1 alone.
+            self.fall_back("its first call has a batch of 1")
             return
         for tensor in tensors:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
@@ -168,19 +225,27 @@ class Precompiled:
             with torch._dynamo.config.patch(enable_aot_compile=True):
                 compiled = torch.compile(self.forward, fullgraph=True, options={"guard_filter_fn": _guard_filter})
                 aot = _checked(compiled.aot_compile(((self.module, *tensors), {})))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            aot.save_compiled_function(str(path))
-        except Exception as exc:  # noqa: BLE001 - a graph break, an unsaveable guard, a full disk: all fall back
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            try:
-                failed.parent.mkdir(parents=True, exist_ok=True)
-                failed.write_text(why + "\n")
-            except OSError:
-                pass
+            if not aot.guard_check(self.module, *_one_more(tensors)):
+                raise TypeError(f"the code compiled for {_shapes(tensors)} serves no other batch size")
+        except Exception as exc:  # noqa: BLE001 - a graph break, an unsaveable guard: all fall back
+            why = f"{type(exc).__name__}: {_first_line(exc)}"
+            self._note_failure(why)
             self.fall_back(why)
             return
         self._aot, self.source = aot, "compiled"
         self.seconds = time.perf_counter() - started
+        try:
+            # Whole or not at all: a file cut short (a full disk, a kill) would be loaded next time.
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            aot.save_compiled_function(str(partial))
+            os.replace(partial, path)
+        except Exception as exc:  # noqa: BLE001 - the code compiled is still good for this process
+            partial.unlink(missing_ok=True)
+            log.warning("%s: compiled ahead of time in %.1f s but could not save it to %s (%s: %s); "
+                        "the next start compiles again", self.name, self.seconds, path, type(exc).__name__,
+                        _first_line(exc))
+            return
         log.info("%s: compiled ahead of time in %.1f s and saved to %s", self.name, self.seconds, path)
 
 
@@ -195,3 +260,17 @@ def _checked(aot: Any) -> Any:
 
 def _shapes(tensors: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
+def _one_more(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors like the inputs with one more row, each with the input's strides (the guards
+    check them: channels_last, a column of a table, expanded rows), to ask the compiled
+    code's guards whether it serves another batch size. Their values are never read."""
+    return [torch.empty_strided((t.shape[0] + 1, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device)
+            for t in tensors]
+

@@ -232,9 +232,13 @@ class SDRunner:
             self.vae_buckets = tuple(sorted({b for b in small + [4, 8] if b < top} | {b for b in range(16, top + 16, 16) if b < top} | {top}))
 
     def _precompiled(self, name: str, forward: Any, module: torch.nn.Module) -> Precompiled:
-        cache = self.options.compile_cache
-        extra = {"sdpa_backend": self.options.sdpa_backend}
-        return Precompiled(name, forward, module, artifact_path(cache, name, forward, module, extra) if cache else None)
+        cache, path = self.options.compile_cache, None
+        if cache is not None:
+            try:
+                path = artifact_path(cache, name, forward, module, {"sdpa_backend": self.options.sdpa_backend})
+            except Exception:  # noqa: BLE001 - a start without the saved code is slower, not broken
+                log.exception("%s: cannot name its compiled code's file; compiling with plain torch.compile", name)
+        return Precompiled(name, forward, module, path)
 
     def latent_size(self, job: GenerationJob) -> Size:
         scale = self.model.vae_scale_factor
