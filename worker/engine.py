@@ -233,13 +233,20 @@ class Engine:
         return True
 
     @torch.inference_mode()
-    def warm_up(self, width: int | None = None, height: int | None = None) -> dict[str, float]:
+    def warm_up(self, width: int | None = None, height: int | None = None,
+                defer_vae_compile: bool = False) -> dict[str, float]:
         """Compile, select kernels and capture the step at every bucket of one size (the
-        model's native size by default) before the worker takes traffic."""
+        model's native size by default) before the worker takes traffic. With
+        `defer_vae_compile`, a first compile of the VAE decoder waits for finish_warm_up."""
         model = self.model
         size = ((height or model.native_height) // model.vae_scale_factor,
                 (width or model.native_width) // model.vae_scale_factor)
-        return self.runner.warm_up(size, self.batch_buckets)
+        return self.runner.warm_up(size, self.batch_buckets, defer_vae_compile)
+
+    def finish_warm_up(self) -> dict[str, float]:
+        """What warm_up deferred (the VAE decoder's first compile); any thread may run it
+        while the engine serves."""
+        return self.runner.finish_warm_up()
 
     # ---- the loop's parts ---------------------------------------------------
 

@@ -156,6 +156,11 @@ class Precompiled:
         return self._plain(self.module, *tensors)
 
     @property
+    def will_load(self) -> bool:
+        """Whether the first call would load saved code (seconds), not compile (tens of seconds or more)."""
+        return self.source is None and self.path is not None and aot_available() and self.path.exists()
+
+    @property
     def ahead_of_time(self) -> bool:
         """Whether calls run the code compiled ahead of time (loaded or made here)."""
         return self._aot is not None

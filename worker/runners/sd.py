@@ -201,6 +201,9 @@ class SDRunner:
         self.vae_buckets: tuple[int, ...] = ()
         # The latent size warm_up compiled and captured for (the native one); None before it.
         self.warm_size: Size | None = None
+        # The compiled VAE decoder left for after the worker is ready (finish_warm_up):
+        # meanwhile decodes run eagerly.
+        self.vae_deferred = False
         # A 9-channel UNet (SD inpainting checkpoints) takes the mask and masked picture too.
         self.inpainting_unet = model.unet.config.in_channels == model.latent_channels * 2 + 1
         self._prepare_model()
@@ -587,7 +590,8 @@ class SDRunner:
         # `is not None`, never `or`: truth-testing a module asks it for its length. Compiled only
         # at the size warmed up, as the UNet's graphs: another size would compile mid-request,
         # holding up every job on the worker for as long (tens of seconds on a GPU).
-        compiled = self._compiled_vae is not None and self.warm_size in (None, tuple(batch.shape[-2:]))
+        compiled = (self._compiled_vae is not None and not self.vae_deferred
+                    and self.warm_size in (None, tuple(batch.shape[-2:])))
         images = (self._compiled_vae(batch) if compiled else vae_decode(model.vae, batch))[:count]
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return list(images.permute(0, 2, 3, 1).cpu().numpy())
@@ -599,12 +603,17 @@ class SDRunner:
     # ---- start-up ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def warm_up(self, size: Size, buckets: tuple[int, ...]) -> dict[str, float]:
+    def warm_up(self, size: Size, buckets: tuple[int, ...], defer_vae_compile: bool = False) -> dict[str, float]:
         """Before the worker says it is ready: compile, select kernels and capture a CUDA
         graph of the step at every bucket of the native size, and decode at every VAE
-        bucket. Returns seconds spent per phase."""
+        bucket. Returns seconds spent per phase.
+
+        With `defer_vae_compile`, a VAE decoder whose compiled code is not saved (a first
+        start: tens of seconds of compiling) is warmed eagerly instead, and compiled by
+        `finish_warm_up` once the worker serves; saved code is loaded here, in seconds."""
         timings: dict[str, float] = {}
         self.warm_size = size
+        self.vae_deferred = defer_vae_compile and self._compiled_vae is not None and not self._compiled_vae.will_load
         pool = self._pool(size)
         unet = self._compiled_unet if self._compiled_unet is not None else self._eager_unet()
         started = time.perf_counter()
@@ -631,8 +640,30 @@ class SDRunner:
         timings["vae_buckets_s"] = time.perf_counter() - started
         if self._compiled_unet is not None or self._compiled_vae is not None:
             timings.update(compile_phases())
+        return {**timings, **self._precompiled_timings()}
+
+    @torch.inference_mode()
+    def finish_warm_up(self) -> dict[str, float]:
+        """The VAE decoder's compile that warm_up deferred: at every VAE bucket, then decodes
+        use it. Safe beside the engine's thread: until it is done, that thread decodes eagerly
+        and never calls the compiled decoder. Returns seconds spent; {} when nothing was deferred."""
+        compiled = self._compiled_vae
+        if not self.vae_deferred or compiled is None or self.warm_size is None:
+            return {}
+        started = time.perf_counter()
+        channels = self.model.latent_channels
+        # Not a batch of 1 on the CPU, which has no VAE buckets: that code would not be saved.
+        for count in self.vae_buckets or (2,):
+            batch = torch.zeros((count, channels, *self.warm_size), device=self.device, dtype=self.model.vae.dtype)
+            compiled(batch.contiguous(memory_format=torch.channels_last) if self.options.channels_last else batch)
+        self._sync()
+        self.vae_deferred = False
+        return {"vae_compile_s": time.perf_counter() - started, **self._precompiled_timings()}
+
+    def _precompiled_timings(self) -> dict[str, float]:
+        """Whether this start loaded the compiled code whole (worker.precompile) or made it, and in how long."""
+        timings = {}
         for compiled in (self._compiled_unet, self._compiled_vae):
-            # Whether this start loaded the compiled code whole (worker.precompile) or made it.
             if compiled is not None and compiled.source in ("loaded", "compiled"):
                 timings[f"{compiled.name}_{'load' if compiled.source == 'loaded' else 'aot_compile'}_s"] = compiled.seconds
         return timings
