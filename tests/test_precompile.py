@@ -11,8 +11,10 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,16 +191,21 @@ def test_a_first_start_serves_before_it_compiles_the_vae_decoder(
     monkeypatch.setattr(Precompiled, "__call__", counting)
     options = RunnerOptions(compile_vae=True, compile_cache=inductor_cache)
     engine = Engine(model, 4, batch_buckets=BUCKETS, options=options)
-    engine.warm_up(defer_vae_compile=True)
     runner = engine.runner
+    runner.vae_buckets = (2, 4)  # as on a GPU, where decodes are padded to these sizes
+    engine.warm_up(defer_vae_compile=True)
     assert runner.vae_deferred and runner._compiled_vae is not None and runner._compiled_vae.source is None
     before = run_job(engine)
     assert not compiled_decodes and differences(before, eager)[1] == 0
+    stopping = threading.Event()
+    stopping.set()
+    assert engine.finish_warm_up(stopping) == {} and runner.vae_deferred  # a worker stopping gives it up
     with caplog.at_level(logging.INFO, logger="bailan.worker"):
-        thread = finish_warm_up_in_background(engine)
+        thread = finish_warm_up_in_background(engine, threading.Event())
         assert thread is not None
         thread.join(timeout=600)
     assert not runner.vae_deferred and runner._compiled_vae.source == "compiled"
+    assert compiled_decodes == [2, 4]  # every VAE bucket before decodes use it
     assert "the VAE decoder is compiled" in caplog.text
     compiled_decodes.clear()
     after = run_job(engine)
@@ -206,7 +213,7 @@ def test_a_first_start_serves_before_it_compiles_the_vae_decoder(
 
     later = Engine(model, 4, batch_buckets=BUCKETS, options=options)
     later.warm_up(defer_vae_compile=True)
-    assert not later.runner.vae_deferred and finish_warm_up_in_background(later) is None
+    assert not later.runner.vae_deferred and finish_warm_up_in_background(later, threading.Event()) is None
     compiled_decodes.clear()
     run_job(later)
     assert later.runner._compiled_vae is not None and later.runner._compiled_vae.source == "loaded"
@@ -280,6 +287,7 @@ def test_a_module_that_breaks_the_graph_runs_plainly_compiled_and_is_not_retried
     assert not path.exists() and path.with_suffix(".failed").exists()
     assert "not ahead of time" in caplog.text
     caplog.clear()
+    path.write_bytes(b"")  # a bad file again, now beside the note
     with caplog.at_level(logging.WARNING, logger="worker.precompile"):
         again = Precompiled("net", branchy_forward, net, path)
         assert torch.allclose(again(-x), branchy_forward(net, -x), atol=1e-5)
@@ -328,11 +336,14 @@ class _Crashing:
     """A loaded function whose guards pass and whose code raises: what torch does not promise
     cannot happen with code saved by another build of the same version."""
 
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
     def guard_check(self, *args: Any) -> bool:
         return True
 
     def __call__(self, *args: Any) -> Any:
-        raise RuntimeError("CUDA error: device-side assert triggered")
+        raise self.error
 
 
 @torch.inference_mode()
@@ -346,10 +357,75 @@ def test_saved_code_whose_first_call_fails_is_removed_and_noted(inductor_cache: 
     x = torch.randn(2, 3, 8, 8)
     loaded(x)
     assert loaded.source == "loaded"
-    loaded._aot, loaded._proven = _Crashing(), False  # the pure fallback logic, on a stand-in
+    loaded._aot, loaded._proven = _Crashing(RuntimeError("CUDA error: device-side assert triggered")), False
     assert torch.allclose(loaded(x), net(x), atol=1e-5)
     assert loaded.source is not None and "first call failed" in loaded.source
     assert not path.exists() and "device-side assert" in path.with_suffix(".failed").read_text()
+
+
+@torch.inference_mode()
+def test_saved_code_that_runs_out_of_memory_is_kept(inductor_cache: Path) -> None:
+    """Guards saved code lost to a busy GPU: running out of memory on a first call (a compile
+    beside live jobs) is the batch's fault, not the code's. The error must reach the engine,
+    which splits the batch, and the file must stay, with no note against it."""
+    net, path = net_path(inductor_cache)
+    Precompiled("net", net_forward, net, path)(torch.randn(2, 3, 8, 8))
+    loaded = Precompiled("net", net_forward, net, path)
+    loaded(torch.randn(2, 3, 8, 8))
+    loaded._aot, loaded._proven = _Crashing(torch.OutOfMemoryError("CUDA out of memory")), False
+    with pytest.raises(torch.OutOfMemoryError):
+        loaded(torch.randn(2, 3, 8, 8))
+    assert path.exists() and not path.with_suffix(".failed").exists()
+
+
+def parity_forward(net: Net, x: torch.Tensor) -> torch.Tensor:
+    # A branch on the batch size: dynamo keeps it by specialising the size, with no graph break.
+    return net(x) if x.shape[0] == 2 else -net(x)
+
+
+@torch.inference_mode()
+def test_code_that_serves_only_its_first_batch_size_is_not_saved(inductor_cache: Path) -> None:
+    """Guards a file that serves one size: code specialised to its first call's batch loaded at
+    every start and fell back at the next bucket. It must be refused before it is saved, and
+    noted (the same first call would specialise it again)."""
+    net, path = net_path(inductor_cache, parity_forward)
+    compiled = Precompiled("net", parity_forward, net, path)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(compiled(x), parity_forward(net, x), atol=1e-5)
+    assert compiled.source is not None and "serves no other batch size" in compiled.source
+    assert not path.exists() and path.with_suffix(".failed").exists()
+
+
+@torch.inference_mode()
+def test_a_save_cut_short_leaves_no_file_and_the_code_serves_on(
+    inductor_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards a file cut short (a full disk, a kill mid-write) that the next start would load:
+    nothing may appear at the file's name, no staging may be left, the compiled code must
+    still serve this process, and only a failure that would repeat (code that cannot be
+    serialised, not a full disk) may be noted."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    def cut_short(self: Any, target: str, *args: Any, **kwargs: Any) -> None:
+        Path(target).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", cut_short)
+    net, path = net_path(inductor_cache)
+    compiled = Precompiled("net", net_forward, net, path)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(compiled(x), net(x), atol=1e-5)
+    assert compiled.source == "compiled" and compiled.ahead_of_time
+    assert sorted(p.name for p in path.parent.iterdir()) == []
+
+    def unpicklable(self: Any, target: str, *args: Any, **kwargs: Any) -> None:
+        raise pickle.PicklingError("Can't pickle <function forward>")
+
+    monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", unpicklable)
+    other = Precompiled("net", net_forward, net, path)
+    other(x)
+    assert other.source == "compiled" and not path.exists()
+    assert "Can't pickle" in path.with_suffix(".failed").read_text()
 
 
 def test_the_file_is_keyed_by_what_the_compiled_code_depends_on(tmp_path: Path, tiny_model_dir: Path) -> None:

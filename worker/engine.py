@@ -243,10 +243,10 @@ class Engine:
                 (width or model.native_width) // model.vae_scale_factor)
         return self.runner.warm_up(size, self.batch_buckets, defer_vae_compile)
 
-    def finish_warm_up(self) -> dict[str, float]:
+    def finish_warm_up(self, stop: threading.Event | None = None) -> dict[str, float]:
         """What warm_up deferred (the VAE decoder's first compile); any thread may run it
-        while the engine serves."""
-        return self.runner.finish_warm_up()
+        while the engine serves. `stop` set: it gives up between two of its runs."""
+        return self.runner.finish_warm_up(stop)
 
     # ---- the loop's parts ---------------------------------------------------
 

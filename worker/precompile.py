@@ -28,8 +28,10 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,7 +147,8 @@ class Precompiled:
                 except torch.OutOfMemoryError:
                     raise  # the batch's fault, not the code's: the engine splits it
                 except Exception as exc:  # noqa: BLE001 - code that cannot run once must not fail every start
-                    self._discard(f"its first call failed ({type(exc).__name__}: {_first_line(exc)})", broken=True)
+                    self._discard(f"its first call failed ({type(exc).__name__}: {_first_line(exc)})",
+                                  note=_repeats(exc))
                 else:
                     self._proven = True
                     return out
@@ -171,13 +174,13 @@ class Precompiled:
         self._aot = None
         self.source = f"plain: {why}"
 
-    def _discard(self, why: str, broken: bool = False) -> None:
-        """Fall back, and remove a loaded file that cannot serve, so that the next start
-        compiles a good one instead of loading this one and falling back every time. Code
-        that is `broken` (it cannot run) is removed wherever it came from, and noted."""
-        if self.path is not None and (broken or self.source == "loaded"):
-            self.path.unlink(missing_ok=True)
-            if broken:
+    def _discard(self, why: str, note: bool = False) -> None:
+        """Fall back, and remove the file that cannot serve, so that the next start compiles a
+        good one instead of loading this one and falling back every time; with `note`, the
+        failure would repeat, and later starts are told not to try."""
+        if self.path is not None:
+            _remove(self.path)
+            if note:
                 self._note_failure(why)
         self.fall_back(why)
 
@@ -206,7 +209,7 @@ class Precompiled:
             except Exception as exc:  # noqa: BLE001 - whatever the file holds, compiling again fixes it
                 log.warning("%s: could not load %s (%s: %s); compiling it again", self.name, path,
                             type(exc).__name__, _first_line(exc))
-                path.unlink(missing_ok=True)
+                _remove(path)
             else:
                 self._aot, self.source = aot, "loaded"
                 self.seconds = time.perf_counter() - started
@@ -230,28 +233,74 @@ class Precompiled:
             with torch._dynamo.config.patch(enable_aot_compile=True):
                 compiled = torch.compile(self.forward, fullgraph=True, options={"guard_filter_fn": _guard_filter})
                 aot = _checked(compiled.aot_compile(((self.module, *tensors), {})))
-            if not aot.guard_check(self.module, *_one_more(tensors)):
+            # Twice the rows: the worker's buckets are all even, so a guard on parity stays theirs.
+            if not aot.guard_check(self.module, *_rows(tensors, 2 * tensors[0].shape[0])):
                 raise TypeError(f"the code compiled for {_shapes(tensors)} serves no other batch size")
         except Exception as exc:  # noqa: BLE001 - a graph break, an unsaveable guard: all fall back
             why = f"{type(exc).__name__}: {_first_line(exc)}"
-            self._note_failure(why)
+            if _repeats(exc):
+                self._note_failure(why)
             self.fall_back(why)
             return
         self._aot, self.source = aot, "compiled"
         self.seconds = time.perf_counter() - started
+        self._save(aot, path)
+
+    def _save(self, aot: Any, path: Path) -> None:
+        """`aot` to `path`, whole or not at all: a file cut short (a full disk, a kill) would be
+        loaded next time. Written in a folder of its own (torch adds temporary files beside
+        what it writes), moved into place, the folder removed."""
+        staging = path.parent / f".partial-{uuid.uuid4().hex}"
         try:
-            # Whole or not at all: a file cut short (a full disk, a kill) would be loaded next time.
-            partial = path.with_name(f".{path.name}.{os.getpid()}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            aot.save_compiled_function(str(partial))
-            os.replace(partial, path)
+            _sweep_stale_staging(path.parent)
+            staging.mkdir(parents=True)
+            aot.save_compiled_function(str(staging / path.name))
+            os.replace(staging / path.name, path)
         except Exception as exc:  # noqa: BLE001 - the code compiled is still good for this process
-            partial.unlink(missing_ok=True)
-            log.warning("%s: compiled ahead of time in %.1f s but could not save it to %s (%s: %s); "
-                        "the next start compiles again", self.name, self.seconds, path, type(exc).__name__,
-                        _first_line(exc))
+            why = f"{type(exc).__name__}: {_first_line(exc)}"
+            if not isinstance(exc, OSError) and _repeats(exc):  # it cannot be serialised: every start would fail so
+                self._note_failure(f"saving failed: {why}")
+            log.warning("%s: compiled ahead of time in %.1f s but could not save it to %s (%s)",
+                        self.name, self.seconds, path, why)
             return
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         log.info("%s: compiled ahead of time in %.1f s and saved to %s", self.name, self.seconds, path)
+
+
+# Staging folders older than this were left by a process killed while saving.
+STALE_STAGING_S = 3600.0
+
+
+def _sweep_stale_staging(folder: Path) -> None:
+    now = time.time()
+    for staging in folder.glob(".partial-*"):
+        try:
+            if now - staging.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _remove(path: Path) -> None:
+    """Remove `path` if it can be (a read-only cache leaves it, and the worker goes on)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+
+
+def _repeats(exc: BaseException) -> bool:
+    """Whether a failure to compile or run saved code would happen again at the next start:
+    not where the device ran out of memory (a busy GPU) or the process was being stopped."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if isinstance(seen, (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt, SystemExit)) \
+                or "out of memory" in text or "alloc_failed" in text or "shutdown" in text:
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
 
 
 def _checked(aot: Any) -> Any:
@@ -272,10 +321,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _one_more(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Tensors like the inputs with one more row, each with the input's strides (the guards
+def _rows(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """Tensors like the inputs with `rows` rows, each with the input's strides (the guards
     check them: channels_last, a column of a table, expanded rows), to ask the compiled
     code's guards whether it serves another batch size. Their values are never read."""
-    return [torch.empty_strided((t.shape[0] + 1, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device)
-            for t in tensors]
+    return [torch.empty_strided((rows, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device) for t in tensors]
 

@@ -159,7 +159,7 @@ def serve(settings: WorkerSettings) -> int:
     for thread in slot_threads:
         thread.start()
     log.info("worker %s ready: model %s on %s, batch %d", settings.name, model.name, device, engine.max_batch)
-    finish_warm_up_in_background(engine)
+    finishing = finish_warm_up_in_background(engine, shutdown.requested)
 
     engine_stop = threading.Event()
     broken = threading.Event()
@@ -171,6 +171,10 @@ def serve(settings: WorkerSettings) -> int:
     # slower when launched from a secondary thread (OpenMP thread teams), and
     # signal handlers still run between two steps.
     engine.run(engine_stop)
+    if finishing is not None:
+        # A compile cut off by the interpreter's exit can crash it (torch stops its compile
+        # workers at exit); a bucket's run ends within seconds once asked.
+        finishing.join(timeout=30)
     liveness.stop.set()
     bridge.close()
     # A presence tick still under way would write the worker back after its withdrawal, and
@@ -191,19 +195,22 @@ def serve(settings: WorkerSettings) -> int:
     return EXIT_SLOTS_DIED
 
 
-def finish_warm_up_in_background(engine: Engine) -> threading.Thread | None:
+def finish_warm_up_in_background(engine: Engine, stop: threading.Event) -> threading.Thread | None:
     """Run what warm_up deferred on a thread of its own while the engine serves (decodes stay
-    eager until it is done); None when nothing was deferred."""
+    eager until it is done); None when nothing was deferred. It gives up once `stop` is set."""
     if not engine.runner.vae_deferred:
         return None
 
     def finish() -> None:
         started = time.perf_counter()
         try:
-            timings = engine.finish_warm_up()
+            timings = engine.finish_warm_up(stop)
         except Exception:  # decodes stay eager: slower, not broken
-            log.exception("compiling the VAE decoder after the worker became ready failed; decodes stay eager")
+            if not stop.is_set():
+                log.exception("compiling the VAE decoder after the worker became ready failed; decodes stay eager")
             return
+        if not timings:
+            return  # stopped first
         log.info("the VAE decoder is compiled (%.1f s after ready), decodes use it: %s", time.perf_counter() - started,
                  ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,9 @@ class SDRunner:
         # The compiled VAE decoder left for after the worker is ready (finish_warm_up):
         # meanwhile decodes run eagerly.
         self.vae_deferred = False
+        # Held by each decode, and by finish_warm_up's runs at the larger VAE buckets, so that
+        # two decodes' activations never share the device's memory at once.
+        self._decode_lock = threading.Lock()
         # A 9-channel UNet (SD inpainting checkpoints) takes the mask and masked picture too.
         self.inpainting_unet = model.unet.config.in_channels == model.latent_channels * 2 + 1
         self._prepare_model()
@@ -592,7 +596,8 @@ class SDRunner:
         # holding up every job on the worker for as long (tens of seconds on a GPU).
         compiled = (self._compiled_vae is not None and not self.vae_deferred
                     and self.warm_size in (None, tuple(batch.shape[-2:])))
-        images = (self._compiled_vae(batch) if compiled else vae_decode(model.vae, batch))[:count]
+        with self._decode_lock:
+            images = (self._compiled_vae(batch) if compiled else vae_decode(model.vae, batch))[:count]
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return list(images.permute(0, 2, 3, 1).cpu().numpy())
 
@@ -643,20 +648,27 @@ class SDRunner:
         return {**timings, **self._precompiled_timings()}
 
     @torch.inference_mode()
-    def finish_warm_up(self) -> dict[str, float]:
+    def finish_warm_up(self, stop: threading.Event | None = None) -> dict[str, float]:
         """The VAE decoder's compile that warm_up deferred: at every VAE bucket, then decodes
         use it. Safe beside the engine's thread: until it is done, that thread decodes eagerly
-        and never calls the compiled decoder. Returns seconds spent; {} when nothing was deferred."""
+        and never calls the compiled decoder. Returns seconds spent; {} when nothing was
+        deferred, or `stop` was set before it was done (decodes then stay eager)."""
         compiled = self._compiled_vae
         if not self.vae_deferred or compiled is None or self.warm_size is None:
             return {}
         started = time.perf_counter()
         channels = self.model.latent_channels
         # Not a batch of 1 on the CPU, which has no VAE buckets: that code would not be saved.
-        for count in self.vae_buckets or (2,):
+        for i, count in enumerate(self.vae_buckets or (2,)):
+            if stop is not None and stop.is_set():
+                return {}
             batch = torch.zeros((count, channels, *self.warm_size), device=self.device, dtype=self.model.vae.dtype)
-            compiled(batch.contiguous(memory_format=torch.channels_last) if self.options.channels_last else batch)
-        self._sync()
+            if self.options.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            # The first, smallest run compiles (tens of seconds): decodes must not wait for it.
+            with self._decode_lock if i else contextlib.nullcontext():
+                compiled(batch)
+                self._sync()
         self.vae_deferred = False
         return {"vae_compile_s": time.perf_counter() - started, **self._precompiled_timings()}
 
