@@ -14,10 +14,12 @@ module and tensors). On its first call, at warm-up, it loads the file keyed by
 everything the compiled code depends on (`artifact_path`), or compiles ahead
 of time and writes it (whole, or not at all). Where torch lacks the feature,
 the module does not trace as one graph, the code serves only the first call's
-batch size, or its first call fails, it falls back to plain `torch.compile` and
-says why, once, and leaves a `.failed` note beside the file so that later
-starts do not try again. A file that does not load, or whose guards refuse the
-worker's inputs, is removed, so that the next start compiles a good one.
+batch size or cannot be saved, or its first call fails, it falls back to plain
+`torch.compile` and says why, once; where that failure would repeat (not a
+device out of memory, not a process being stopped) it leaves a `.failed` note
+beside the file so that later starts do not try again. A file that does not
+load, or whose guards refuse the worker's inputs, is removed, so that the next
+start compiles a good one.
 """
 
 from __future__ import annotations
