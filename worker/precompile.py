@@ -149,7 +149,7 @@ class Precompiled:
                 except torch.OutOfMemoryError:
                     raise  # the batch's fault, not the code's: the engine splits it
                 except Exception as exc:  # noqa: BLE001 - code that cannot run once must not fail every start
-                    self._discard(f"its first call failed ({type(exc).__name__}: {_first_line(exc)})",
+                    self._discard(f"its first call failed ({_describe(exc)})",
                                   note=_repeats(exc))
                 else:
                     self._proven = True
@@ -209,8 +209,7 @@ class Precompiled:
                 with path.open("rb") as file:
                     aot = _checked(torch.compiler.load_compiled_function(file))
             except Exception as exc:  # noqa: BLE001 - whatever the file holds, compiling again fixes it
-                log.warning("%s: could not load %s (%s: %s); compiling it again", self.name, path,
-                            type(exc).__name__, _first_line(exc))
+                log.warning("%s: could not load %s (%s); compiling it again", self.name, path, _describe(exc))
                 _remove(path)
             else:
                 self._aot, self.source = aot, "loaded"
@@ -239,7 +238,7 @@ class Precompiled:
             if not aot.guard_check(self.module, *_rows(tensors, 2 * tensors[0].shape[0])):
                 raise TypeError(f"the code compiled for {_shapes(tensors)} serves no other batch size")
         except Exception as exc:  # noqa: BLE001 - a graph break, an unsaveable guard: all fall back
-            why = f"{type(exc).__name__}: {_first_line(exc)}"
+            why = _describe(exc)
             if _repeats(exc):
                 self._note_failure(why)
             self.fall_back(why)
@@ -259,7 +258,7 @@ class Precompiled:
             aot.save_compiled_function(str(staging / path.name))
             os.replace(staging / path.name, path)
         except Exception as exc:  # noqa: BLE001 - the code compiled is still good for this process
-            why = f"{type(exc).__name__}: {_first_line(exc)}"
+            why = _describe(exc)
             if not isinstance(exc, OSError) and _repeats(exc):  # it cannot be serialised: every start would fail so
                 self._note_failure(f"saving failed: {why}")
             log.warning("%s: compiled ahead of time in %.1f s but could not save it to %s (%s)",
@@ -296,7 +295,9 @@ def _repeats(exc: BaseException) -> bool:
     """Whether a failure to compile or run saved code would happen again at the next start:
     not where the device ran out of memory (a busy GPU) or the process was being stopped."""
     seen: BaseException | None = exc
-    while seen is not None:
+    chain: set[int] = set()  # a chain may loop back on itself
+    while seen is not None and id(seen) not in chain:
+        chain.add(id(seen))
         text = str(seen).lower()
         if isinstance(seen, (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt, SystemExit)) \
                 or "out of memory" in text or "alloc_failed" in text or "shutdown" in text:
@@ -318,9 +319,10 @@ def _shapes(tensors: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
 
 
-def _first_line(exc: BaseException) -> str:
+def _describe(exc: BaseException) -> str:
+    """`Type: first line of the message`, for a log line or a note."""
     text = str(exc)
-    return text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _rows(tensors: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
