@@ -220,6 +220,32 @@ def test_a_first_start_serves_before_it_compiles_the_vae_decoder(
     assert compiled_decodes == [2]
 
 
+def test_a_deferred_compile_that_fails_leaves_decodes_eager_and_says_so(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards the worker against its background compile: an error there (a GPU out of memory
+    beside live jobs) must not reach the engine or its jobs. It is logged, and decodes stay
+    eager. The failing compile is stood in for; the engine and its decodes are real."""
+    model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    engine = Engine(model, 4, batch_buckets=BUCKETS, options=RunnerOptions(compile_vae=True))
+    engine.warm_up()
+    engine.runner.vae_deferred = True  # as warm_up leaves a first start
+
+    def failing(stop: threading.Event | None = None) -> dict[str, float]:
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(engine, "finish_warm_up", failing)
+    with caplog.at_level(logging.ERROR, logger="bailan.worker"):
+        thread = finish_warm_up_in_background(engine, threading.Event())
+        assert thread is not None
+        thread.join(timeout=60)
+    assert "decodes stay eager" in caplog.text
+    assert engine.runner.vae_deferred
+    job = run_job(engine)
+    assert len(job.images) == 2 and engine.runner._compiled_vae is not None
+    assert engine.runner._compiled_vae.source is None  # never called: every decode ran eagerly
+
+
 class Net(torch.nn.Module):
     """Two layers: a real module that compiles in seconds."""
 
