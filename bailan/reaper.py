@@ -136,11 +136,9 @@ def _reap_queue(
     expired = registry.get_expired_job_ids(cutoff)
     if not expired:
         return []
-    ended = _end_as_recorded(connection, registry, expired, keep_s, cutoff)
-    if ended:
-        log.warning("reaper: jobs whose worker stopped after storing their outcome (or a lease left by one "
-                    "RQ had ended) ended as recorded: %s", ", ".join(ended))
-        expired = [job_id for job_id in expired if job_id not in ended]
+    settled = _end_as_recorded(connection, registry, expired, keep_s, cutoff)
+    if settled:
+        expired = [job_id for job_id in expired if job_id not in settled]
         if not expired:
             return []
     # RQ requeues a job with retries left to its origin: this same queue.
@@ -216,11 +214,13 @@ _ENDED_IN_RQ = {status.value for status in (JobStatus.FINISHED, JobStatus.FAILED
 def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_ids: list[str],
                      keep_s: int, cutoff: float) -> list[str]:
     """End in RQ, as their records say, the jobs among `job_ids` (leases run out) whose worker
-    wrote their outcome and stopped before RQ's bookkeeping, and drop the leases of jobs RQ
-    already ended; returns their ids, which RQ's cleanup must not see.
+    wrote their outcome and stopped before RQ's bookkeeping, drop the leases of jobs RQ
+    already ended, and the stale leases of jobs no dead worker holds; returns their ids, which
+    RQ's cleanup must not see.
 
     Their clients saw them end (bailan.jobs.public_state) and their `completed` webhook went
     with the record: RQ's cleanup would run them again, or fail a job that succeeded.
+    RQ's cleanup acts on a job for any lease of it that ran out, whatever holds the job now.
     """
     check = connection.pipeline(transaction=False)
     for job_id in job_ids:
@@ -228,18 +228,31 @@ def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_
         check.hgetall(Keys.job(job_id))
     answers = check.execute()
     members = [as_text(m) for m in connection.zrangebyscore(registry.key, 0, cutoff)]
+    # Leases still running: the job's holder is alive.
+    live = {as_text(m).partition(":")[0] for m in connection.zrangebyscore(registry.key, f"({cutoff}", "+inf")}
     ended: list[str] = []
+    stale: list[str] = []
     for job_id, status, raw in zip(job_ids, answers[::2], answers[1::2]):
         record = decode_record(raw)
         leases = [m for m in members if m.partition(":")[0] == job_id]  # one per execution, "id:execution"
-        if status is not None and as_text(status) in _ENDED_IN_RQ:
+        status = as_text(status) if status is not None else None
+        if status in _ENDED_IN_RQ:
             # Ended in RQ, its lease left behind (its worker's last transaction failed after RQ
             # forgot the execution): RQ's cleanup does not look at the status and would run it again.
             if leases:
                 connection.zrem(registry.key, *leases)
             ended.append(job_id)
             continue
-        if status is None or as_text(status) != JobStatus.STARTED.value or not record.get(RecordField.finished_at):
+        if status == JobStatus.QUEUED.value or (status is not None and job_id in live):
+            # Queued: the lease's worker died after RQ leased the job but before it marked it
+            # started (and it is back in its queue, or _recover_lost puts it back). A live lease
+            # beside it: another worker runs the job now (given back, or requeued by a sweep).
+            # RQ's cleanup would requeue it once more or fail it under its new holder.
+            if leases:
+                connection.zrem(registry.key, *leases)
+            stale.append(job_id)
+            continue
+        if status != JobStatus.STARTED.value or not record.get(RecordField.finished_at):
             continue
         try:
             job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
@@ -255,7 +268,12 @@ def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_
             end_in_rq(job, state, ttl, pipe, exc_string=record.get(RecordField.error_message, ""))
             pipe.execute()
         ended.append(job_id)
-    return ended
+    if ended:
+        log.warning("reaper: jobs whose worker stopped after storing their outcome (or a lease left by one "
+                    "RQ had ended) ended as recorded: %s", ", ".join(ended))
+    if stale:
+        log.warning("reaper: leases left by attempts that no longer hold their job dropped: %s", ", ".join(stale))
+    return ended + stale
 
 
 # A worker starts a job within milliseconds of taking it off its queue (RQ's BLPOP, then its

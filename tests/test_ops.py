@@ -694,3 +694,47 @@ def test_a_job_taken_off_its_queue_but_never_started_is_put_back(redis_url: str,
     assert float(redis_conn.hget(metrics_key(queue), "bailan_jobs_recovered_total")) == 1
     reap_abandoned(redis_conn, queue, interval_s=10)
     assert redis_conn.lrange(key, 0, -1) == [lost.encode(), waits.encode()]  # not put back twice
+
+
+@pytest.mark.parametrize("now_held_by", ["its queue", "another worker"])
+def test_a_lease_left_by_an_attempt_that_never_started_its_job(redis_conn: redis.Redis, now_held_by: str) -> None:
+    """Guards against a dead worker's lease acting on a job that is no longer its: a worker
+    killed after RQ leased the job (prepare_execution) but before RQ marked it started left
+    the job queued, which the reaper puts back in its queue; when the dead lease lapsed, RQ's
+    cleanup pushed the job a second time (so it ran twice) or failed it, in its queue or
+    under the worker that had taken it since. Such a lease is dropped; the job stays where
+    it is. Lease ages are written, not slept."""
+    from rq import Queue, Retry
+    from rq.job import Job, JobStatus
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from bailan.jobs import RQ_FUNC, Keys, RecordField, decode_record
+    from bailan.reaper import reap_abandoned
+
+    queue = Queue("stale-lease", connection=redis_conn, serializer=JSONSerializer)
+    job = queue.enqueue_call(func=RQ_FUNC, args=("stale",), job_id="stale", result_ttl=600, failure_ttl=600,
+                             timeout=-1, retry=Retry(max=1))
+    record = {RecordField.params: "{}"}
+    leases = StartedJobRegistry(queue.name, connection=redis_conn).key
+    redis_conn.zadd(leases, {"stale:dead": time.time() - 1})  # the dead attempt's, run out
+    if now_held_by == "another worker":
+        redis_conn.lrem(queue.key, 0, job.id)
+        redis_conn.hset(job.key, mapping={"status": JobStatus.STARTED.value, "worker_name": "alive.0"})
+        redis_conn.zadd(leases, {"stale:alive": time.time() + 30})
+        record[RecordField.started_at] = "1.0"
+    redis_conn.hset(Keys.job(job.id), mapping=record)
+
+    assert reap_abandoned(redis_conn, queue.name, interval_s=10.0) == []
+    after = Job.fetch(job.id, connection=redis_conn, serializer=JSONSerializer)
+    assert redis_conn.zscore(leases, "stale:dead") is None
+    assert after.retries_left == 1  # not spent on a retry it never needed
+    assert decode_record(redis_conn.hgetall(Keys.job(job.id))) == record
+    if now_held_by == "its queue":
+        assert after.get_status() == JobStatus.QUEUED
+        assert queue.get_job_ids().count(job.id) == 1  # once, not twice
+    else:
+        assert after.get_status() == JobStatus.STARTED and after.worker_name == "alive.0"
+        assert job.id not in queue.get_job_ids()
+        assert redis_conn.zscore(leases, "stale:alive") is not None  # the live lease is kept
+    redis_conn.delete(queue.key, Keys.job(job.id), job.key, leases)
