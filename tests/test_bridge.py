@@ -7,6 +7,7 @@ import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -245,6 +246,69 @@ def test_a_job_taken_from_its_worker_keeps_the_reapers_verdict(
     if retries:
         assert status == JobStatus.QUEUED and job_id in queue.get_job_ids()
         assert RecordField.finished_at not in verdict
+    else:
+        assert status == JobStatus.FAILED
+        assert verdict[RecordField.error_code] == ErrorCode.worker_lost.value
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_job_taken_from_its_worker_before_it_started_is_not_started_there(
+    model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_conn: redis.Redis, redis_url: str, retries: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guards against a worker cut off from Redis after RQ started its job but before the
+    bridge wrote the start (its reads wait out the outage): meanwhile its lease ran out and
+    the reaper requeued the job or failed it as worker_lost, and the worker, once back,
+    wrote its start over that, ran the job and ended it succeeded, a failed job turned
+    succeeded, a queued one finished while still in its queue. It now leaves the job as the
+    reaper did, and takes its own lease away (left to lapse, it had the reaper act on the
+    job again under whoever held it next)."""
+    queue_name, job_id = f"late-start{retries}", f"latestart{retries}"
+    queue = Queue(queue_name, connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue_call(func=RQ_FUNC, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600, timeout=-1,
+                       retry=Retry(max=retries) if retries else None)
+    submit(redis_conn, job_id, steps=2)
+    settings = WorkerSettings(model=tiny_model_dir, redis_url=redis_url, blob_dir=tmp_path / "blobs")
+    engine = Engine(model, 2)
+    made = JobBridge(settings, model, engine, redis_conn)
+    cut_off, healed = threading.Event(), threading.Event()
+    through = made._redis
+
+    def unreachable_at_first(what: str, call: Any) -> Any:
+        if what == "reading a job record":
+            cut_off.set()
+            healed.wait(60)  # as the outage's retries would, until the host reaches Redis again
+        return through(what, call)
+
+    monkeypatch.setattr(made, "_redis", unreachable_at_first)
+    submitted: list[str] = []
+    monkeypatch.setattr(engine, "submit", lambda job: submitted.append(job.id))
+    stop = threading.Event()
+    slot = SlotWorker([queue], name=f"{queue_name}.0", connection=redis_conn, serializer=JSONSerializer,
+                      worker_ttl=20, runner=made.run, stop=stop)
+    errors: list[BaseException] = []
+    thread = work_in_thread(slot, errors)
+    leases = StartedJobRegistry(queue_name, connection=redis_conn).key
+    try:
+        assert cut_off.wait(30), "the slot never took the job"
+        redis_conn.zadd(leases, {member: now() - 1 for member in redis_conn.zrange(leases, 0, -1)})
+        assert reap_abandoned(redis_conn, queue_name, interval_s=10.0) == [job_id]
+        verdict = record(redis_conn, job_id)
+        stop.set()
+        healed.set()
+        thread.join(timeout=60)
+        assert not thread.is_alive() and errors == []
+    finally:
+        stop.set()
+        healed.set()
+        made.close()
+    assert submitted == []  # never handed to the engine
+    assert record(redis_conn, job_id) == verdict
+    assert redis_conn.zrange(leases, 0, -1) == []
+    status = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).get_status()
+    if retries:
+        assert status == JobStatus.QUEUED and queue.get_job_ids().count(job_id) == 1
+        assert RecordField.started_at not in verdict
     else:
         assert status == JobStatus.FAILED
         assert verdict[RecordField.error_code] == ErrorCode.worker_lost.value

@@ -208,3 +208,45 @@ def test_a_slot_tells_the_engine_of_a_job_it_took_until_the_job_is_done(redis_co
     for job_id in ("done", "broken"):
         run = names.index(f"run {job_id}")
         assert names[run - 1] == "expect" and names[run + 1] == f"unexpect {job_id}"
+
+
+def test_a_job_whose_start_failed_on_redis_is_given_back_not_failed(
+    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a Redis blip in RQ's start bookkeeping (before any runner saw the job)
+    failing the job: RQ's failure path ran, with no outcome in the job's record, no
+    `completed` webhook, and its retry never used. The job goes back to the head of its
+    queue and runs, once."""
+    from rq import Retry
+    from rq.registry import FailedJobRegistry
+    from rq.worker import BaseWorker
+
+    queue = Queue(QUEUE, connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue_call(func=RQ_FUNC, args=("blip-start",), job_id="blip-start", result_ttl=600, failure_ttl=600,
+                       timeout=-1, retry=Retry(max=1))
+    prepare = BaseWorker.prepare_job_execution
+    tries: list[str] = []
+
+    def fails_once(self: SlotWorker, job: Job, *args: Any, **kwargs: Any) -> None:
+        tries.append(job.id)
+        if len(tries) == 1:
+            raise redis.ConnectionError("Connection reset by peer")  # Redis restarting
+        prepare(self, job, *args, **kwargs)
+
+    monkeypatch.setattr(BaseWorker, "prepare_job_execution", fails_once)
+    ran: list[str] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    thread = work_in_thread(make_slot(redis_conn, stop, lambda job_id: ran.append(job_id) or {"images": 1}), errors)
+    deadline = time.monotonic() + 60
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # its end in RQ
+    stop.set()
+    thread.join(timeout=30)
+    assert errors == [] and tries == ["blip-start", "blip-start"] and ran == ["blip-start"]
+    job = Job.fetch("blip-start", connection=redis_conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.FINISHED
+    assert job.retries_left == 1
+    assert "blip-start" not in FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids()
+    assert StartedJobRegistry(QUEUE, connection=redis_conn).get_job_ids() == []

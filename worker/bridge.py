@@ -36,7 +36,7 @@ from worker.engine import OOM_ERRORS, Engine, GenerationJob, InvalidForModel, Jo
 from worker.generation import InvalidInput
 from worker.outage import TRANSIENT, RedisGone, RedisOutage
 from worker.settings import WorkerSettings
-from worker.slots import CANCELED_RESULT, SUPERSEDED_RESULT
+from worker.slots import CANCELED_RESULT, SUPERSEDED_RESULT, running_slot
 
 T = TypeVar("T")
 
@@ -216,28 +216,51 @@ class JobBridge:
             on_preview=self._on_preview,
         )
         started = now()
+        # The slot that took the job from RQ (None when the bridge runs a job directly, as its
+        # tests do): the start is written only while RQ still shows the job started by it.
+        slot = running_slot()
+        owner = slot.name if slot is not None else None
+
+        def write_start() -> list[Any]:
+            with self.connection.pipeline(transaction=True) as pipe:
+                if owner is not None:
+                    # A fence, as at the end (_finish_record): cut off from Redis for longer than
+                    # its lease since RQ started the job, this worker may find it requeued, run by
+                    # another, or failed by a reaper, and must not start it again over that.
+                    rq_key = f"rq:job:{job_id}"
+                    pipe.watch(rq_key)
+                    status, worker = (v.decode() if v is not None else None
+                                      for v in pipe.hmget(rq_key, "status", "worker_name"))
+                    if status != "started" or worker != owner:
+                        raise Superseded(f"RQ shows it {status} by {worker or 'no worker'}, "
+                                         f"no longer started by slot {owner}")
+                pipe.multi()
+                # A retried job starts afresh: no error, end time, images or previews of the attempt before.
+                pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at,
+                          RecordField.images)
+                pipe.delete(Keys.previews(job_id))
+                pipe.hset(
+                    key,
+                    mapping={
+                        RecordField.started_at: started,
+                        RecordField.step: 0,
+                        RecordField.total_steps: job.run_steps,
+                        RecordField.width: job.width,
+                        RecordField.height: job.height,
+                        RecordField.model: self.model.name,
+                        RecordField.worker: self.settings.name,
+                    },
+                )
+                webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params,
+                                 attempt=_run_of(repr(started)))
+                return pipe.execute()
 
         def mark_started() -> list[Any]:
-            pipe = webhooks.transaction(self.connection)
-            # A retried job starts afresh: no error, end time, images or previews of the attempt before.
-            pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at,
-                      RecordField.images)
-            pipe.delete(Keys.previews(job_id))
-            pipe.hset(
-                key,
-                mapping={
-                    RecordField.started_at: started,
-                    RecordField.step: 0,
-                    RecordField.total_steps: job.run_steps,
-                    RecordField.width: job.width,
-                    RecordField.height: job.height,
-                    RecordField.model: self.model.name,
-                    RecordField.worker: self.settings.name,
-                },
-            )
-            webhooks.enqueue(self.connection, pipe, self.hooks, job_id, WebhookEvent.started, params,
-                             attempt=_run_of(repr(started)))
-            return pipe.execute()
+            while True:
+                try:
+                    return write_start()
+                except redis.WatchError:
+                    continue  # RQ's job changed meanwhile (its heartbeat): read it again
 
         try:
             self._redis("marking a job started", mark_started)  # job.run_steps refuses a strength too low

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 import rq
 from rq import Queue, SimpleWorker
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq import worker_registration
 from rq.registry import (
     DeferredJobRegistry,
@@ -35,9 +35,10 @@ from rq.registry import (
     StartedJobRegistry,
 )
 from rq.timeouts import BaseDeathPenalty
+from rq.utils import as_text
 
 from bailan import events
-from bailan.jobs import JobState
+from bailan.jobs import JobState, Keys, now
 from bailan.logs import job_context
 from bailan.queues import fair_order, mark_served
 from bailan.reaper import end_in_rq
@@ -79,6 +80,11 @@ if not callable(getattr(SimpleWorker, "_install_signal_handlers", None)):
 # context around a job, so run_job reaches the slot that dequeued the job
 # without a process-wide global.
 _running_slot: ContextVar[SlotWorker] = ContextVar("bailan_running_slot")
+
+
+def running_slot() -> SlotWorker | None:
+    """The slot running a job on the calling thread; None outside one (a bridge run directly)."""
+    return _running_slot.get(None)
 
 
 def run_job(job_id: str) -> dict[str, Any]:
@@ -144,6 +150,9 @@ class SlotWorker(SimpleWorker):
         # Whether the runner returned for the running job: its outcome is then in the job's record,
         # which clients already read (bailan.jobs.public_state), whatever RQ's bookkeeping does.
         self.job_returned = False
+        # Whether RQ's start bookkeeping for the running job failed on Redis, before any runner saw it.
+        self.start_failed = False
+        self.job_was_superseded = False
         self._last_wait_beat = 0.0
         self.outage: RedisOutage | None = None
         # The queues the process was given are the base queues (the plain one, then
@@ -215,6 +224,13 @@ class SlotWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job) -> int:
         return self.lease_s
 
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        try:
+            super().prepare_job_execution(job, remove_from_intermediate_queue)
+        except redis.RedisError:
+            self.start_failed = True  # the job never ran: handle_job_failure gives it back
+            raise
+
     def run(self, job_id: str) -> dict[str, Any]:
         """Hand the job to the runner; called by run_job while RQ performs it."""
         if self.runner is None:
@@ -278,7 +294,7 @@ class SlotWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.running_job = job
-        self.job_was_canceled = self.job_was_superseded = self.job_returned = False
+        self.job_was_canceled = self.job_was_superseded = self.job_returned = self.start_failed = False
         token = _running_slot.set(self)
         if self.expect is not None:
             self.expect()
@@ -293,7 +309,18 @@ class SlotWorker(SimpleWorker):
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry) -> None:
         if self.job_was_superseded:
-            return  # requeued (and maybe running elsewhere) or failed by a reaper: not ours to end
+            # Requeued (and maybe running elsewhere) or failed by a reaper: not ours to end. But
+            # this attempt's lease goes: left to lapse, it would have the reaper requeue or fail
+            # the job again, under whoever holds it now.
+            execution = self.execution
+            try:
+                with self.connection.pipeline() as pipe:
+                    self.cleanup_execution(job, pipeline=pipe)
+                    pipe.execute()
+            except BaseException:
+                self.execution = execution  # as below: the retry must still find the lease
+                raise
+            return
         # One transaction where RQ's own success path WATCHes the job's dependents, reads them and
         # writes a result stream: Bailan jobs have no dependents, and the stream would hold only
         # {"images": n}, which the record says too, at over 4 KB a job. Each round trip delays the
@@ -323,6 +350,13 @@ class SlotWorker(SimpleWorker):
             pipe.execute()
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "") -> None:
+        if self.start_failed:
+            # Redis failed RQ's start bookkeeping (a restart, a dropped connection): the job never
+            # ran, so it is not failed (with no outcome in its record) but given back. Should Redis
+            # still be away, this raises and the reaper gives it back once the lease lapses.
+            log.warning("slot %s: starting job %s failed on Redis; giving it back to its queue", self.name, job.id)
+            self._give_back(job, queue)
+            return
         if self.job_returned:
             # The runner ended the job and its record says how; what failed is RQ's bookkeeping
             # after it (a Redis blip mid-pipeline). Failing it would turn a job its client saw
@@ -338,6 +372,35 @@ class SlotWorker(SimpleWorker):
         job.retries_left = 0
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
         self._notify_final(job)
+
+    def _give_back(self, job: Job, queue: Queue) -> None:
+        """Put a job this slot took and never ran back at the head of its queue, queued, without
+        this slot's lease; unless RQ shows it in other hands by now (a reaper's, another slot's)."""
+        execution = self.execution
+        try:
+            while True:
+                with self.connection.pipeline() as pipe:
+                    try:
+                        pipe.watch(job.key)
+                        status, worker = (as_text(v) if v is not None else None
+                                          for v in pipe.hmget(job.key, "status", "worker_name"))
+                        # Queued: RQ's start never reached Redis. Started by this slot: it did, its reply lost.
+                        ours = status == JobStatus.QUEUED.value or (status == JobStatus.STARTED.value
+                                                                     and worker == self.name)
+                        pipe.multi()
+                        self.cleanup_execution(job, pipeline=pipe)
+                        if ours:
+                            job.set_status(JobStatus.QUEUED, pipeline=pipe)
+                            pipe.lrem(queue.intermediate_queue_key, 0, job.id)
+                            pipe.lpush(queue.key, job.id)
+                            pipe.zadd(Keys.waiting(queue.name), {job.id: now()})
+                        pipe.execute()
+                        return
+                    except redis.WatchError:
+                        self.execution = execution  # read again, and forget it again
+        except BaseException:
+            self.execution = execution  # a retry (the reaper's too) must still find the lease
+            raise
 
     def _notify_final(self, job: Job) -> None:
         """Tell event streams the job ended, once RQ's status says so (the API reads that status)."""
