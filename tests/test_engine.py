@@ -226,6 +226,91 @@ def test_a_job_failed_in_a_later_half_does_not_take_the_others_down(model: Loade
         model.pipe.unet = original
 
 
+def test_a_job_failed_at_its_decode_in_one_half_does_not_take_the_others_down(model: LoadedModel) -> None:
+    """Guards against one job's out-of-memory error failing every job on the worker: a
+    two-image job's last step split in halves ([a0] | [a1, b]), and the first half's decode
+    failed the job, freeing a1's slot too; the second half then finished a slot with no job
+    (AttributeError), and the worker failed everything it held."""
+    original_unet, original_decode = model.pipe.unet, model.pipe.vae.decode
+    model.pipe.unet = OOMAtCalls(original_unet, failing={2})  # the last step: split, both halves run
+    decodes: list[int] = []
+
+    def decode(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        decodes.append(latents.shape[0])
+        if len(decodes) <= 2:  # the first half's decode, and its one-by-one retry
+            raise torch.OutOfMemoryError("injected: decode of the first half")
+        return original_decode(latents, *args, **kwargs)
+
+    model.pipe.vae.decode = decode
+    try:
+        engine = Engine(model, max_batch=8)
+        two = make_job("a", steps=2, guidance_scale=1.0, num_images=2)
+        other = make_job("b", steps=2, guidance_scale=1.0, seed=2)
+        engine.submit(two)
+        engine.submit(other)
+        engine.run_until_idle()
+        assert model.pipe.unet.calls == [3, 3, 1, 2]
+        with pytest.raises(torch.OutOfMemoryError):
+            two.future.result(timeout=0)
+        assert other.future.result(timeout=0)
+        assert decodes == [1, 1, 1]  # a0, a0 alone, then b; a1 never decoded
+    finally:
+        model.pipe.unet, model.pipe.vae.decode = original_unet, original_decode
+
+
+def test_an_error_as_jobs_finish_fails_them_instead_of_hanging_them(engine: Engine) -> None:
+    """Guards against a job that waited for ever: an error in the end of its last step
+    (after its decode freed its slots: a CUDA error as the device caught up, or here its
+    picture's compositing) reached the engine loop, whose answer, failing every job it
+    holds, no longer saw the finishing ones."""
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        broken = make_job("broken", steps=3)
+
+        def compose(image: np.ndarray) -> np.ndarray:
+            raise RuntimeError("injected: compositing failed")
+
+        broken.compose = compose  # type: ignore[method-assign]
+        bystander = make_job("by", steps=30)
+        engine.submit(broken)
+        engine.submit(bystander)
+        with pytest.raises(RuntimeError, match="compositing"):
+            broken.future.result(timeout=60)
+        with pytest.raises(RuntimeError, match="compositing"):  # the engine's answer: fail all it holds
+            bystander.future.result(timeout=60)
+        after = make_job("after", steps=2)  # and the engine serves on
+        engine.submit(after)
+        assert after.future.result(timeout=60)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_a_canceled_job_waiting_behind_one_that_does_not_fit_ends_at_once(model: LoadedModel) -> None:
+    """Guards against a canceled job kept waiting (its client told it was stopping, its RQ
+    slot held) for as long as the running jobs took: only the head of the waiting line was
+    checked for cancels, and a head that did not fit yet held the line."""
+    engine = Engine(model, max_batch=2)
+    running = make_job("running", steps=40)
+    engine.submit(running)
+    engine.step_once()
+    head = make_job("head", steps=4, num_images=2)  # needs both slots: waits for `running`
+    behind = make_job("behind", steps=4, seed=3)
+    engine.submit(head)
+    engine.submit(behind)
+    engine.step_once()
+    behind.cancel_requested.set()
+    engine.step_once()
+    with pytest.raises(JobCanceled):
+        behind.future.result(timeout=0)
+    assert not running.future.done() and not head.future.done()
+    assert engine.has_room() is False  # `head` still waits; `behind` no longer counts
+    engine.run_until_idle()
+    assert running.future.result(timeout=0) and head.future.result(timeout=0)
+
+
 def test_cancel_stops_a_running_job_at_the_next_step(engine: Engine) -> None:
     """Guards against cancel being ignored until the job ends, or stopping its batch-mates."""
     victim = make_job("v", steps=50)

@@ -215,9 +215,19 @@ class BatchScheduler:
             pool.release([s for s in np.flatnonzero(pool.active) if id(pool.jobs[s]) in ids])
 
     def canceled(self) -> list[GenerationJob]:
-        """Running jobs whose client asked to stop; their slots are freed now."""
+        """Jobs whose client asked to stop: running ones, whose slots are freed now, and waiting
+        ones, taken out of the line (admit drops only its head, and a head that does not fit
+        yet would hold them there for as long as the running jobs take)."""
         jobs = [job for job in self.active_jobs() if job.cancel_requested.is_set()]
         self.remove(jobs)
+        kept: deque[tuple[GenerationJob, Size]] = deque()
+        for job, size in self._waiting:
+            if job.cancel_requested.is_set():  # read once: a flag set meanwhile waits for the next call
+                jobs.append(job)
+            else:
+                kept.append((job, size))
+        if len(kept) < len(self._waiting):
+            self._waiting = kept
         return jobs
 
     def plan(self) -> StepPlan | None:

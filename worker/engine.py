@@ -217,10 +217,15 @@ class Engine:
             return self.scheduler.waiting
         started = time.perf_counter()
         ran = self._run(plan)
-        samples = 0
-        for part in ran:
+        samples = sum(len(part) for part in ran)
+        for i, part in enumerate(ran):
+            if i:
+                # An earlier part's end (its decode, out of memory) may have failed a job with
+                # samples in this part too, freeing their slots: they must not finish again.
+                part = self.scheduler.restrict(part, np.ones(len(part), dtype=bool))
+                if part is None:
+                    continue
             self._update(part)
-            samples += len(part)
         self.meter.record(time.perf_counter() - started, samples)
         self.iterations += 1
         self._forget_idle_sizes()
@@ -401,15 +406,23 @@ class Engine:
             return
         pool.release(slots)
         self._room_freed()
-        self._settle(0)  # the decode synchronized: every step before it is done
-        self._deliver_previews(block=True)
-        for i, ((job, image_index, _), image) in enumerate(zip(finished, images)):
-            if image is None or job.future.done():
-                continue
-            job.images[image_index] = job.compose(image)
-            job.latents[image_index] = latents[i : i + 1]
-            if all(img is not None for img in job.images):
-                job.future.set_result(job.images)
+        try:
+            self._settle(0)  # the decode synchronized: every step before it is done
+            self._deliver_previews(block=True)
+            for i, ((job, image_index, _), image) in enumerate(zip(finished, images)):
+                if image is None or job.future.done():
+                    continue
+                job.images[image_index] = job.compose(image)
+                job.latents[image_index] = latents[i : i + 1]
+                if all(img is not None for img in job.images):
+                    job.future.set_result(job.images)
+        except BaseException as exc:
+            # Their slots are free, so fail_all (run's answer to this) no longer sees these jobs:
+            # failed here, or they would wait for ever.
+            for job, _, _ in finished:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            raise
 
     def _fail(self, jobs: list[GenerationJob], exc: BaseException) -> None:
         self.scheduler.remove(jobs)
