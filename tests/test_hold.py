@@ -237,6 +237,35 @@ def test_an_openai_call_that_loses_redis_after_accepting_says_not_to_retry(redis
     assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0
 
 
+def test_an_openai_call_whose_answer_fails_after_accepting_says_not_to_retry(redis_url: str,
+                                                                           redis_conn: redis.Redis) -> None:
+    """Guards against an OpenAI-style generation that failed after its job was queued (here
+    the finished image cannot be read) answering the app's generic 500, neither in OpenAI's
+    shape nor with `x-should-retry: false`: OpenAI's SDKs retried it, and each retry queued
+    the job again (one call, three jobs)."""
+    from app.deps import get_blobs
+    from bailan.blobs import DirBlobStore
+
+    class UnreadableBlobs(DirBlobStore):
+        def get(self, key: str) -> bytes | None:
+            raise OSError("injected: the blob store's disk failed")
+
+    settings = make_settings(redis_url, events_poll_interval_s=60)
+    app = create_app(settings)
+    app.dependency_overrides[get_blobs] = lambda: UnreadableBlobs(settings.blob_dir)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        taker, done = finish_the_next_job(redis_conn)
+        r = c.post("/v1/images/generations", json={"prompt": "x"})
+        taker.join()
+        done[0].join()
+    assert r.status_code == 500 and r.headers["x-should-retry"] == "false", (r.status_code, r.headers)
+    job_id = r.headers["x-bailan-job-id"]
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and job_id in error["message"] and "do not resubmit" in error["message"]
+    assert [k.decode() for k in redis_conn.scan_iter(Keys.job("*"))] == [Keys.job(job_id)]  # one job
+    assert redis_conn.zcard(Keys.streams(_digest("anonymous"))) == 0
+
+
 def test_openai_urls_start_with_the_public_url(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards against an OpenAI-style `url` answer built from the address the request came
     to: behind a proxy it named the API's internal address, not BAILAN_PUBLIC_URL, where

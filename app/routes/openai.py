@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import re
 import time
@@ -42,6 +43,8 @@ from app.settings import ApiSettings
 from app.store import records
 from bailan.blobs import BlobStore
 from bailan.jobs import MAX_IMAGES, PREVIEW_FORMAT, TERMINAL_STATES, ErrorCode, JobParams, JobRequest, JobState
+
+log = logging.getLogger("bailan.api")
 
 PATH = "/v1/images/generations"
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
@@ -146,6 +149,10 @@ class OpenAIRoute(APIRoute):
                     503, f"the job store (Redis) is unavailable: {exc}; retry later", "server_error", None,
                     "service_unavailable", {"Retry-After": str(settings.retry_after_s)},
                 ).response()
+            except Exception:  # noqa: BLE001 - a bug: still answered in OpenAI's shape, and logged
+                log.exception("unhandled error in %s %s", request.method, request.url.path)
+                return OpenAIError(500, "internal error; it has been logged", "server_error", None,
+                                   "internal_error").response()
 
         return route
 
@@ -382,6 +389,16 @@ async def generate_images(
                 f"resubmit: follow it at {jobs.PREFIX}/{job_id}", "server_error", None, "service_unavailable",
                 {"X-Bailan-Job-Id": job_id, "Location": f"{jobs.PREFIX}/{job_id}", "x-should-retry": "false",
                  "Retry-After": str(settings.retry_after_s)},
+            ) from None
+        except (OpenAIError, HTTPException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug, or a blob store that fails to read
+            # As above: the job is queued, and OpenAI's SDKs retry a 500, which would queue it again.
+            log.exception("answering job %s failed", job_id)
+            raise OpenAIError(
+                500, f"job {job_id} was accepted, then its answer failed ({type(exc).__name__}; logged); do not "
+                f"resubmit: follow it at {jobs.PREFIX}/{job_id}", "server_error", None, "internal_error",
+                {"X-Bailan-Job-Id": job_id, "Location": f"{jobs.PREFIX}/{job_id}", "x-should-retry": "false"},
             ) from None
         finally:
             await hold.give_back_place(conn, principal, stream_id)
