@@ -887,6 +887,19 @@ def test_idempotency_key_replays_instead_of_queuing_twice(client: TestClient, re
     assert client.post("/v1/jobs", json={"prompt": "x"}).json()["id"] != first.json()["id"]
 
 
+def test_idempotency_key_with_a_default_spelled_out_is_another_body(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards against a replay of a different job: the fingerprint filled in the service's
+    defaults, so a body leaving `steps` to the model (whose default is 12) matched one asking
+    for the service's 25, and the second was answered with the first's 12-step job."""
+    publish_worker(redis_conn, "w1", defaults={"guidance_scale": 1.0, "steps": 12})
+    headers = {"Idempotency-Key": "order-43"}
+    first = client.post("/v1/jobs", json={"prompt": "x"}, headers=headers)
+    assert first.status_code == 202 and first.json()["params"]["steps"] == 12
+    spelled = client.post("/v1/jobs", json={"prompt": "x", "steps": 25, "guidance_scale": 7.5}, headers=headers)
+    assert spelled.status_code == 422 and spelled.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert client.post("/v1/jobs", json={"prompt": "x"}, headers=headers).status_code == 200  # the same body replays
+
+
 def test_idempotency_key_released_when_submit_fails(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards: a key burnt by a 429, so the client's retry with it can never succeed."""
     with client_for(make_settings(redis_url, max_queue_depth=1)) as c:

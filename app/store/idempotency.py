@@ -33,7 +33,9 @@ class IdempotencyClaim:
 
 
 def request_fingerprint(request: JobRequest) -> str:
-    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    """The body as sent: a field left out takes the model's default (resolve_params), which a
+    body spelling out the service's default does not, so the two are different jobs."""
+    return hashlib.sha256(request.model_dump_json(exclude_unset=True).encode()).hexdigest()
 
 
 def idempotency_digest(owner: str, header: str) -> str:
