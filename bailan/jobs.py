@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 # The worker-side entry point, named by string so the API never imports it.
 RQ_FUNC = "worker.slots.run_job"
@@ -239,7 +239,8 @@ class JobRequest(BaseModel):
             "emerging); xt: the sampler's raw state, still covered in noise until the last steps."
         ),
     )
-    preview_full_decode: bool = Field(
+    # Strict, as the numbers are: lax mode reads "yes", "off" or 0 as booleans.
+    preview_full_decode: StrictBool = Field(
         False, description="Decode previews with the full VAE instead of the cheap latent-to-RGB map (slower)."
     )
     output_format: OutputFormat = Field(OutputFormat.png, description="Encoding of the final images.")

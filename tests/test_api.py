@@ -204,6 +204,18 @@ def test_number_in_a_string_is_422_naming_the_field(client: TestClient, redis_co
     assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
 
 
+@pytest.mark.parametrize("value", ["yes", "true", "off", 1, 0])
+def test_a_non_boolean_for_a_boolean_is_422_naming_the_field(client: TestClient, redis_conn: redis.Redis,
+                                                             value: object) -> None:
+    """Guards: `"preview_full_decode": "yes"` (or 1) queued as true: the numbers were strict,
+    the boolean still took lax mode's readings of strings and numbers."""
+    r = client.post("/v1/jobs", json={"prompt": "x", "preview_full_decode": value})
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "preview_full_decode"]]
+    assert redis_conn.llen(f"rq:queue:{QUEUE}") == 0
+    assert submit(client, preview_full_decode=True)["params"]["preview_full_decode"] is True
+
+
 def test_strict_numbers_still_take_json_integers(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards: strict types refusing ordinary requests: JSON integers for every numeric field, an
     integer guidance scale (7 must become 7.0), a fractional one, and the values stored for the worker."""
