@@ -168,8 +168,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             # A browser's preflight names every non-simple header the request will carry.
-            allow_headers=["Content-Type", "Authorization", "Idempotency-Key"],
-            expose_headers=["Location", "Retry-After", "X-Bailan-Step", "Idempotent-Replayed", "WWW-Authenticate"],
+            allow_headers=["Content-Type", "Authorization", "Idempotency-Key", "Prefer"],
+            # Every header of ours a client reads; the rest browsers hide from a page's code.
+            expose_headers=["Location", "Retry-After", "X-Bailan-Step", "Idempotent-Replayed", "WWW-Authenticate",
+                            "Preference-Applied", "X-Bailan-Job-Id", "x-should-retry", "Content-Disposition"],
         )
     # Outermost: every answer counts, the 413s and CORS preflights included.
     app.add_middleware(HttpMetrics, registry=registry)

@@ -187,15 +187,20 @@ def test_open_mode_needs_no_key_and_is_announced(redis_url: str, redis_conn: red
 
 
 def test_cors_preflight_allows_authorization_and_idempotency_key(redis_url: str, redis_conn: redis.Redis) -> None:
-    """Guards: a browser's preflight for a submit carrying Authorization or Idempotency-Key refused (CORS
-    allowed only Content-Type), and the headers a client reads hidden from browser code."""
+    """Guards: a browser's preflight for a submit carrying Authorization, Idempotency-Key or
+    Prefer (a held submit: refused with 400 until it was allowed) refused (CORS allowed only
+    Content-Type), and the headers a client reads hidden from browser code (a held answer's
+    Preference-Applied, an OpenAI-style answer's job id)."""
     with TestClient(create_app(make_settings(redis_url, cors_origins=["https://ui.example"]))) as c:
         r = c.options("/v1/jobs", headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
-                                           "Access-Control-Request-Headers": "authorization, idempotency-key, content-type"})
+                                           "Access-Control-Request-Headers":
+                                               "authorization, idempotency-key, content-type, prefer"})
         assert r.status_code == 200, r.text
         allowed = r.headers["access-control-allow-headers"].lower()
-        assert "authorization" in allowed and "idempotency-key" in allowed
-        r = c.post("/v1/jobs", json={"prompt": "x"}, headers={"Origin": "https://ui.example"})
+        assert "authorization" in allowed and "idempotency-key" in allowed and "prefer" in allowed
+        r = c.post("/v1/jobs", json={"prompt": "x"}, headers={"Origin": "https://ui.example", "Prefer": "wait=1"})
+        assert r.headers["preference-applied"] == "wait=1"
         exposed = r.headers["access-control-expose-headers"].lower()
-        for header in ("location", "retry-after", "x-bailan-step", "idempotent-replayed"):
+        for header in ("location", "retry-after", "x-bailan-step", "idempotent-replayed", "preference-applied",
+                       "x-bailan-job-id", "x-should-retry"):
             assert header in exposed
