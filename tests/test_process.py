@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.process import runner_options
+from worker.process import batch_buckets, runner_options
 from worker.settings import WorkerSettings
 
 BUILTIN = Path(__file__).resolve().parent.parent / "models" / "bailan-shapes"
@@ -40,6 +40,26 @@ def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch
     forced = runner_options(WorkerSettings(model=BUILTIN, compile=True, cuda_graphs=True), torch.device("cpu"))
     assert not forced.cuda_graphs and not forced.compile_unet
 
+
+def test_batch_buckets_are_read_checked_and_used_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards BAILAN_BATCH_BUCKETS: read comma-separated (pydantic-settings reads lists as JSON),
+    a non-positive bucket refused naming the variable, buckets that cannot hold a full batch
+    refused before the model loads (steps beyond them would run uncaptured), and buckets set
+    on the CPU, where padding is only wasted work, ignored."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("BAILAN_BATCH_BUCKETS", "32, 8,2,8")
+    settings = WorkerSettings(model=BUILTIN)
+    assert settings.batch_buckets == [2, 8, 32]
+    assert batch_buckets(settings, torch.device("cuda"), 16) == (2, 8, 32)
+    assert batch_buckets(settings, torch.device("cpu"), 16) is None
+    with pytest.raises(ValueError, match="BAILAN_BATCH_BUCKETS=2,8,32: the largest bucket must hold .* 40 rows"):
+        batch_buckets(settings, torch.device("cuda"), 20)
+    monkeypatch.setenv("BAILAN_BATCH_BUCKETS", "0,8")
+    with pytest.raises(ValidationError, match="BAILAN_BATCH_BUCKETS"):
+        WorkerSettings(model=BUILTIN)
+    monkeypatch.delenv("BAILAN_BATCH_BUCKETS")
+    assert batch_buckets(WorkerSettings(model=BUILTIN), torch.device("cuda"), 16) is None  # the engine's own
 
 
 def test_a_first_compile_says_it_will_take_minutes(tmp_path: Path, caplog: pytest.LogCaptureFixture,

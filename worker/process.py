@@ -94,10 +94,16 @@ def serve(settings: WorkerSettings) -> int:
     if device.type == "cuda":
         torch.cuda.init()  # the driver's set-up, timed apart from the load it would otherwise join
     device_s = time.perf_counter() - started
+    max_batch = settings.max_batch or default_max_batch(device)
+    try:
+        buckets = batch_buckets(settings, device, max_batch)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     model = load_model(settings.model, device, dtype)
     load_s = time.perf_counter() - started - device_s
     options = runner_options(settings, device)
-    engine = Engine(model, settings.max_batch or default_max_batch(device), options=options)
+    engine = Engine(model, max_batch, batch_buckets=buckets, options=options)
     warm_up(engine)
     total = time.perf_counter() - started
     log.info("model %s loaded on %s/%s in %.1fs; batch %d", model.name, device, dtype, total, engine.max_batch)
@@ -277,6 +283,21 @@ def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event)
             stopping.wait(delay)
             delay = min(delay * 2, 10.0)
     return False
+
+
+def batch_buckets(settings: WorkerSettings, device: torch.device, max_batch: int) -> tuple[int, ...] | None:
+    """BAILAN_BATCH_BUCKETS for this device and batch; None: the engine's own choice. Raises
+    ValueError where the largest bucket cannot hold a full batch (its steps would run uncaptured)."""
+    given = settings.batch_buckets
+    if not given:
+        return None
+    if device.type != "cuda":
+        log.warning("BAILAN_BATCH_BUCKETS pads batches for CUDA graphs: ignored on the %s", device.type)
+        return None
+    if given[-1] < 2 * max_batch:
+        raise ValueError(f"BAILAN_BATCH_BUCKETS={','.join(map(str, given))}: the largest bucket must hold a full "
+                         f"batch, 2 x {max_batch} images = {2 * max_batch} rows (BAILAN_MAX_BATCH)")
+    return tuple(given)
 
 
 def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOptions:

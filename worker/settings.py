@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from bailan.caps import DeviceCaps
 from bailan.jobs import model_dir_problem
-from bailan.settings import SharedSettings, non_empty_path
+from bailan.settings import SharedSettings, comma_separated, non_empty_path
 
 
 class WorkerSettings(SharedSettings):
@@ -70,6 +71,16 @@ class WorkerSettings(SharedSettings):
             "(later starts reuse BAILAN_COMPILE_CACHE_DIR)."
         ),
     )
+    batch_buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "UNet row counts (two for each guided image) that a step's batch is padded up to, comma-separated, "
+            "each captured as a CUDA graph before the worker is ready (CUDA only). Empty: 2 and 4 (1 too when "
+            "not compiling), then every 8 up to twice the batch. Finer buckets waste less of a step on padding "
+            "when jobs come and go, and each adds a capture to the start."
+        ),
+    )
+    _split_buckets = field_validator("batch_buckets", mode="before")(comma_separated)
     compile_cache_dir: Path = Field(
         Path(".run/compile-cache"),
         description=(
@@ -115,6 +126,13 @@ class WorkerSettings(SharedSettings):
         if path == cls.model_fields["model"].default:
             fix += " or start the worker from the repository root, where the built-in model lives"
         raise ValueError(f"BAILAN_MODEL={str(path)!r} ({path.resolve()}): {problem}; {fix}")
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets_are_row_counts(cls, value: list[int]) -> list[int]:
+        if any(rows < 1 for rows in value):
+            raise ValueError(f"BAILAN_BATCH_BUCKETS={value}: a bucket is a number of UNet rows, at least 1")
+        return sorted(set(value))
 
     @model_validator(mode="after")
     def _ttls_outlive_heartbeats(self) -> "WorkerSettings":
