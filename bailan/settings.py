@@ -129,7 +129,7 @@ class SharedSettings(BaseSettings):
             "they are internal (loopback, private, link-local...); every other host must resolve to public addresses."
         ),
     )
-    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Seconds one webhook POST may take, connect to answer.")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Seconds a webhook POST may wait to connect, and for each read of the answer (at most 2 x this + 10 s in all).")
     webhook_retries: int = Field(
         8, ge=0, le=50, description="Times a failed `completed` delivery is tried again (started and preview: never)."
     )

@@ -82,7 +82,9 @@ def is_public(address: str) -> bool:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
     if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
         ip = ip.sixtofour  # 2002:c0a8:101:: carries 192.168.1.1 to whoever relays 6to4
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
+    # is_site_local: fec0::/10, deprecated but still routed inside some networks, and "global" to ipaddress.
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local
+                                 or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local))
 
 
 # What the C resolver also reads as an IPv4 address: 2130706433, 0x7f.1, 127.1, 017700000001.

@@ -91,6 +91,18 @@ def receiver() -> Iterator[Receiver]:
             self.send_response(status)
             if status == 302:
                 self.send_header("Location", "/target")
+            if self.path == "/big-answer":
+                # 64 MB over about 6 s, as a receiver that answers with a flood would.
+                chunk = b"x" * 2**20
+                self.send_header("Content-Length", str(64 * len(chunk)))
+                self.end_headers()
+                try:
+                    for _ in range(64):
+                        self.wfile.write(chunk)
+                        time.sleep(0.1)
+                except OSError:
+                    pass  # the sender hung up: what is guarded
+                return
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -117,7 +129,8 @@ def verified(received: Received) -> dict[str, Any]:
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
                                      "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255",
                                      "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "ff02::1", "::",
-                                     "2002:c0a8:101::1"])  # 6to4 carrying 192.168.1.1: was public
+                                     "2002:c0a8:101::1",  # 6to4 carrying 192.168.1.1: was public
+                                     "fec0::1", "fee0::1"])  # IPv6 site-local (deprecated, still internal): was public
 def test_internal_addresses_are_not_public(address: str) -> None:
     """Guards: an internal, link-local, multicast or reserved block reachable by a webhook."""
     assert not webhooks.is_public(address)
@@ -333,6 +346,16 @@ def test_redirect_is_not_followed(receiver: Receiver, delivery_env: None) -> Non
         delivery.send(receiver.url("/redirect"), "msg_y", "{}", delivery.settings())
     assert len(receiver.to("/redirect")) == 1
     assert receiver.to("/target") == []
+
+
+def test_a_receivers_answer_is_not_read(receiver: Receiver, delivery_env: None) -> None:
+    """Guards against a receiver flooding the sender: its answer's body was read whole (and
+    gzip unpacked), so any address a client names could fill the memory of the process that
+    delivers everyone's webhooks. Only the status is read, and nothing is asked compressed."""
+    started = time.monotonic()
+    assert delivery.send(receiver.url("/big-answer"), "msg_big", "{}", delivery.settings()) == 200
+    assert time.monotonic() - started < 3  # not the 6 s the whole answer takes
+    assert receiver.to("/big-answer")[0].headers["accept-encoding"] == "identity"
 
 
 # ---------------------------------------------------------------- the whole service
