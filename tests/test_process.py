@@ -44,8 +44,10 @@ def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch
 def test_batch_buckets_are_read_checked_and_used_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards BAILAN_BATCH_BUCKETS: read comma-separated (pydantic-settings reads lists as JSON),
     a non-positive bucket refused naming the variable, buckets that cannot hold a full batch
-    refused before the model loads (steps beyond them would run uncaptured), and buckets set
-    on the CPU, where padding is only wasted work, ignored."""
+    refused before the model loads (steps beyond them would run uncaptured), as are buckets
+    above a full batch (padded to, never captured) and, with compile, a bucket of 1 (the
+    compiled UNet's code then never saved); buckets set on the CPU, where padding is only
+    wasted work, ignored."""
     from pydantic import ValidationError
 
     monkeypatch.setenv("BAILAN_BATCH_BUCKETS", "32, 8,2,8")
@@ -53,13 +55,49 @@ def test_batch_buckets_are_read_checked_and_used_on_cuda_only(monkeypatch: pytes
     assert settings.batch_buckets == [2, 8, 32]
     assert batch_buckets(settings, torch.device("cuda"), 16) == (2, 8, 32)
     assert batch_buckets(settings, torch.device("cpu"), 16) is None
-    with pytest.raises(ValueError, match="BAILAN_BATCH_BUCKETS=2,8,32: the largest bucket must hold .* 40 rows"):
+    with pytest.raises(ValueError, match="BAILAN_BATCH_BUCKETS=2,8,32: the largest bucket must be .* 40 rows"):
         batch_buckets(settings, torch.device("cuda"), 20)
+    # Beyond a full batch: warm-up never captures it, yet steps would be padded to it.
+    with pytest.raises(ValueError, match="the largest bucket must be .* 16 rows"):
+        batch_buckets(settings, torch.device("cuda"), 8)
+    monkeypatch.setenv("BAILAN_BATCH_BUCKETS", "1,2,32")
+    ones = WorkerSettings(model=BUILTIN)
+    assert batch_buckets(ones, torch.device("cuda"), 16) == (1, 2, 32)
+    with pytest.raises(ValueError, match="a bucket of 1 row has a compiled UNet compile twice"):
+        batch_buckets(ones, torch.device("cuda"), 16, compiled=True)
     monkeypatch.setenv("BAILAN_BATCH_BUCKETS", "0,8")
     with pytest.raises(ValidationError, match="BAILAN_BATCH_BUCKETS"):
         WorkerSettings(model=BUILTIN)
     monkeypatch.delenv("BAILAN_BATCH_BUCKETS")
     assert batch_buckets(WorkerSettings(model=BUILTIN), torch.device("cuda"), 16) is None  # the engine's own
+
+@pytest.mark.parametrize("setting", ["dtype", "cache"])
+def test_a_setting_the_device_refuses_stops_the_worker_before_it_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, setting: str
+) -> None:
+    """Guards against a worker that took tens of seconds to load its model, then died with a
+    traceback (exit 1, which supervisors restart in a loop) on a setting it could have judged
+    at once: BAILAN_DTYPE=float16 on the CPU, or a BAILAN_COMPILE_CACHE_DIR that is a file
+    (checked on CUDA only, where the worker compiles). It exits 2 with one line naming it."""
+    from worker import process
+
+    loads: list[Path] = []
+    monkeypatch.setattr(process, "load_model", lambda *args, **kwargs: loads.append(args[0]))
+    if setting == "dtype":
+        settings = WorkerSettings(model=BUILTIN, dtype="float16")
+        named = "BAILAN_DTYPE=float16"
+    else:
+        (tmp_path / "a-file").write_text("")
+        settings = WorkerSettings(model=BUILTIN, compile_cache_dir=tmp_path / "a-file")
+        monkeypatch.setattr(process, "pick_device", lambda name: torch.device("cuda"))
+        monkeypatch.setattr(process, "pick_dtype", lambda name, device: torch.float16)
+        monkeypatch.setattr(torch.cuda, "init", lambda: None)
+        monkeypatch.setattr(process, "default_max_batch", lambda device: 16)
+        named = "BAILAN_COMPILE_CACHE_DIR="
+    with caplog.at_level("ERROR", logger="bailan.worker"):
+        assert process.serve(settings) == 2
+    assert loads == []
+    assert any(named in record.getMessage() for record in caplog.records), caplog.text
 
 
 def test_a_first_compile_says_it_will_take_minutes(tmp_path: Path, caplog: pytest.LogCaptureFixture,

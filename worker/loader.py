@@ -83,7 +83,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("BAILAN_DEVICE=cuda but torch sees no CUDA device")
+        raise ValueError("BAILAN_DEVICE=cuda but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -91,7 +91,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and name != "float32":
-        raise RuntimeError(f"BAILAN_DTYPE={name} is not supported on the CPU; use float32")
+        raise ValueError(f"BAILAN_DTYPE={name} is not supported on the CPU; use float32")
     return getattr(torch, name)
 
 

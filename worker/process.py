@@ -89,20 +89,21 @@ def serve(settings: WorkerSettings) -> int:
     """Serve the queue until SIGINT/SIGTERM; 0 after a clean stop, non-zero when it cannot go on."""
     before = process_age_s()
     started = time.perf_counter()
-    device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
-    if device.type == "cuda":
-        torch.cuda.init()  # the driver's set-up, timed apart from the load it would otherwise join
-    device_s = time.perf_counter() - started
-    max_batch = settings.max_batch or default_max_batch(device)
     try:
-        buckets = batch_buckets(settings, device, max_batch)
+        # Settings only the device can judge, judged before the model loads (tens of seconds).
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device)
+        if device.type == "cuda":
+            torch.cuda.init()  # the driver's set-up, timed apart from the load it would otherwise join
+        max_batch = settings.max_batch or default_max_batch(device)
+        options = runner_options(settings, device)
+        buckets = batch_buckets(settings, device, max_batch, compiled=options.compile_unet)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    device_s = time.perf_counter() - started
     model = load_model(settings.model, device, dtype)
     load_s = time.perf_counter() - started - device_s
-    options = runner_options(settings, device)
     engine = Engine(model, max_batch, batch_buckets=buckets, options=options)
     warm_up(engine)
     total = time.perf_counter() - started
@@ -285,18 +286,26 @@ def wait_for_redis(connection: redis.Redis, url: str, stopping: threading.Event)
     return False
 
 
-def batch_buckets(settings: WorkerSettings, device: torch.device, max_batch: int) -> tuple[int, ...] | None:
+def batch_buckets(settings: WorkerSettings, device: torch.device, max_batch: int,
+                  compiled: bool = False) -> tuple[int, ...] | None:
     """BAILAN_BATCH_BUCKETS for this device and batch; None: the engine's own choice. Raises
-    ValueError where the largest bucket cannot hold a full batch (its steps would run uncaptured)."""
+    ValueError for buckets the worker would not capture: the largest must be a full batch
+    (steps padded beyond what warm-up captures would run uncaptured), and with a compiled
+    UNet none may be 1 (its first call would be of one row: compiled again for every other,
+    and never saved for the next start)."""
     given = settings.batch_buckets
     if not given:
         return None
     if device.type != "cuda":
         log.warning("BAILAN_BATCH_BUCKETS pads batches for CUDA graphs: ignored on the %s", device.type)
         return None
-    if given[-1] < 2 * max_batch:
-        raise ValueError(f"BAILAN_BATCH_BUCKETS={','.join(map(str, given))}: the largest bucket must hold a full "
-                         f"batch, 2 x {max_batch} images = {2 * max_batch} rows (BAILAN_MAX_BATCH)")
+    named = f"BAILAN_BATCH_BUCKETS={','.join(map(str, given))}"
+    if given[-1] != 2 * max_batch:
+        raise ValueError(f"{named}: the largest bucket must be a full batch, 2 x {max_batch} images = "
+                         f"{2 * max_batch} rows (BAILAN_MAX_BATCH)")
+    if compiled and given[0] == 1:
+        raise ValueError(f"{named}: a bucket of 1 row has a compiled UNet compile twice and its code never "
+                         "saved; leave 1 out, or set BAILAN_COMPILE=false")
     return tuple(given)
 
 
@@ -308,13 +317,17 @@ def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOpti
     if compile_:
         # Compiled kernels outlive the process here, so a restart skips most of the compile.
         cache = settings.compile_cache_dir.resolve()
-        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            empty = not any(cache.iterdir())
+        except OSError as exc:
+            raise ValueError(f"BAILAN_COMPILE_CACHE_DIR={str(settings.compile_cache_dir)!r}: {exc}") from exc
         # Set, not defaulted: importing diffusers already set TORCHINDUCTOR_CACHE_DIR to a /tmp
         # directory (torch._dynamo computes its cache dir at import), and kept it there.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
         os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
         # Nothing else says why a first start keeps /readyz at 503 for minutes.
-        if any(cache.iterdir()):
+        if not empty:
             log.info("torch.compile: may reuse the compiled kernels in %s (another model's, or another torch "
                      "version's, still compile for minutes)", cache)
         else:
