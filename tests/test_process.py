@@ -45,9 +45,9 @@ def test_batch_buckets_are_read_checked_and_used_on_cuda_only(monkeypatch: pytes
     """Guards BAILAN_BATCH_BUCKETS: read comma-separated (pydantic-settings reads lists as JSON),
     a non-positive bucket refused naming the variable, buckets that cannot hold a full batch
     refused before the model loads (steps beyond them would run uncaptured), as are buckets
-    above a full batch (padded to, never captured) and, with compile, a bucket of 1 (the
-    compiled UNet's code then never saved); buckets set on the CPU, where padding is only
-    wasted work, ignored."""
+    above a full batch (padded to, never captured) and, with compile, a bucket of 1 or an odd
+    one (the compiled UNet's code then never saved, or dropped at every start); buckets set
+    on the CPU, where padding is only wasted work, ignored."""
     from pydantic import ValidationError
 
     monkeypatch.setenv("BAILAN_BATCH_BUCKETS", "32, 8,2,8")
@@ -65,6 +65,11 @@ def test_batch_buckets_are_read_checked_and_used_on_cuda_only(monkeypatch: pytes
     assert batch_buckets(ones, torch.device("cuda"), 16) == (1, 2, 32)
     with pytest.raises(ValueError, match="a bucket of 1 row has a compiled UNet compile twice"):
         batch_buckets(ones, torch.device("cuda"), 16, compiled=True)
+    monkeypatch.setenv("BAILAN_BATCH_BUCKETS", "2,6,9,16")
+    odd = WorkerSettings(model=BUILTIN)
+    assert batch_buckets(odd, torch.device("cuda"), 8) == (2, 6, 9, 16)
+    with pytest.raises(ValueError, match="with a compiled UNet every bucket must be even"):
+        batch_buckets(odd, torch.device("cuda"), 8, compiled=True)
     monkeypatch.setenv("BAILAN_BATCH_BUCKETS", "0,8")
     with pytest.raises(ValidationError, match="BAILAN_BATCH_BUCKETS"):
         WorkerSettings(model=BUILTIN)

@@ -292,7 +292,7 @@ def batch_buckets(settings: WorkerSettings, device: torch.device, max_batch: int
     ValueError for buckets the worker would not capture: the largest must be a full batch
     (steps padded beyond what warm-up captures would run uncaptured), and with a compiled
     UNet none may be 1 (its first call would be of one row: compiled again for every other,
-    and never saved for the next start)."""
+    and never saved for the next start) or odd."""
     given = settings.batch_buckets
     if not given:
         return None
@@ -306,6 +306,10 @@ def batch_buckets(settings: WorkerSettings, device: torch.device, max_batch: int
     if compiled and given[0] == 1:
         raise ValueError(f"{named}: a bucket of 1 row has a compiled UNet compile twice and its code never "
                          "saved; leave 1 out, or set BAILAN_COMPILE=false")
+    if compiled and any(rows % 2 for rows in given):
+        # Its saved code is checked at twice its first batch (worker.precompile): an odd bucket
+        # may fail the guards it keeps, and the code would be dropped and compiled at every start.
+        raise ValueError(f"{named}: with a compiled UNet every bucket must be even; or set BAILAN_COMPILE=false")
     return tuple(given)
 
 
@@ -347,6 +351,10 @@ def warm_up(engine: Engine) -> None:
     H100 it was 28.9 s of a 138 s first start, for about 0.15 s per 16-image decode."""
     timings = engine.warm_up(defer_vae_compile=True)
     log.info("warm-up: %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    if engine.runner.vae_deferred:
+        # Before ready, so that whoever reads the log (bench/service.py) knows to wait for its end.
+        log.info("the VAE decoder's first compile is left for after the worker is ready; decodes are eager until "
+                 "it is done")
     model = engine.model
     job = GenerationJob(id="warm-up", prompt="warm up", width=model.native_width, height=model.native_height,
                         steps=2, guidance_scale=2.0, seed=0, preview_every=1)
