@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import httpx
 
 from app.schemas import JobOut
-from bailan.client import ApiError, Client
+from bailan.client import ApiError, Client, passing
 from bailan.jobs import TERMINAL_STATES, JobRequest, JobState
 
 # Request fields that take a picture: the flag names a file, sent as base64.
@@ -169,7 +169,15 @@ def generate(client: Client, args: argparse.Namespace) -> int:
                 for ref in view.previews:
                     if ref.step not in saved:
                         saved.add(ref.step)
-                        (args.previews / f"{job.id}-step{ref.step:04d}.jpg").write_bytes(client.preview(job.id, ref.step))
+                        try:
+                            data = client.preview(job.id, ref.step)
+                        except (ApiError, httpx.HTTPError) as exc:
+                            # A frame that fails to load (expired, a passing break) is skipped, as
+                            # the page skips it: not a reason to give up on (and cancel) the job.
+                            if not (passing(exc) or getattr(exc, "status_code", None) == 404):
+                                raise
+                            continue
+                        (args.previews / f"{job.id}-step{ref.step:04d}.jpg").write_bytes(data)
     except KeyboardInterrupt:
         bar.end()
         # The job would otherwise run on with nobody waiting for it.

@@ -35,7 +35,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=60.0)
 QUIET_S = 10.0
 # A stream broken this many times in a row, no view between, is given up: the API is down.
-RECONNECTS = 5
+RECONNECTS = 8
 # The longest a held poll (Prefer: wait) waits, when the key's stream places are all taken.
 HOLD_S = 30
 
@@ -148,6 +148,17 @@ def _quiet(deadline: float | None) -> float | None:
     return max(0.05, min(deadline - time.monotonic(), QUIET_S))
 
 
+def passing(exc: Exception) -> bool:
+    """Whether an error is a break that may pass: the connection (an API restart), the store's
+    `event: error`, or the API or a proxy answering that it cannot serve now (502, 503 with
+    Retry-After while its Redis is away, 504). Not: a job that expired (404), a refusal."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    if isinstance(exc, JobGone):
+        return exc.status_code != 404
+    return isinstance(exc, ApiError) and exc.status_code in (502, 503, 504)
+
+
 class _Watch:
     """How watch() goes on when its event stream breaks; shared by Client and AsyncClient.
 
@@ -181,12 +192,14 @@ class _Watch:
                 return exc.retry_after or 1.0
             self.held = True
             return 0.0
-        passing = isinstance(exc, httpx.TransportError) or (isinstance(exc, JobGone) and exc.status_code != 404)
         self.failures += 1
-        if not passing or self.failures > RECONNECTS:
+        if not passing(exc) or self.failures > RECONNECTS:
             raise exc
         left = self.remaining()
-        return min(0.25 * 2**self.failures, 5.0, max(left, 0.0) if left is not None else 5.0)
+        wait = min(0.25 * 2**self.failures, 5.0)
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            wait = min(max(exc.retry_after, 0.0), 5.0)  # the API says when to come back (its store away)
+        return min(wait, max(left, 0.0) if left is not None else wait)
 
     def hold_s(self) -> int:
         left = self.remaining()
@@ -198,9 +211,17 @@ def _held_view(response: httpx.Response) -> tuple[JobOut, bool]:
     return JobOut.model_validate_json(response.content), "preference-applied" in response.headers
 
 
+class BadKey(ValueError):
+    """An API key no HTTP header can carry (a character beyond ASCII, a space: a bad copy)."""
+
+
 def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     url = (url or os.environ.get("BAILAN_URL") or DEFAULT_URL).rstrip("/")
     key = key if key is not None else os.environ.get("BAILAN_API_KEY")
+    if key and not (key.isascii() and key.isprintable() and " " not in key):
+        raise BadKey("the API key (--key or BAILAN_API_KEY) holds a character no HTTP header carries "
+                     f"(at {next(i for i, c in enumerate(key) if not (c.isascii() and c.isprintable()) or c == ' ')}); "
+                     "was it copied whole?")
     return url, ({"Authorization": f"Bearer {key}"} if key else {})
 
 
@@ -291,16 +312,26 @@ class Client:
         for view in self.watch(job_id, timeout):
             if view.status in TERMINAL_STATES:
                 return view
-        raise WaitTimeout(view if view is not None else self.get(job_id), timeout or 0.0)
+        view = view if view is not None else self.get(job_id)  # timeout 0: the job as it is
+        if view.status in TERMINAL_STATES:
+            return view
+        raise WaitTimeout(view, timeout or 0.0)
 
     def previews(self, job_id: str) -> Iterator[Preview]:
-        """Each preview as it arrives (oldest first), until the job ends."""
+        """Each preview as it arrives (oldest first), until the job ends. A frame that fails
+        to load (expired already, or a passing break) is skipped: the next one replaces it."""
         seen: set[int] = set()
         for view in self.watch(job_id):
             for ref in view.previews:
                 if ref.step not in seen:
                     seen.add(ref.step)
-                    yield Preview(ref.step, self._request("GET", ref.url).content, view)
+                    try:
+                        data = self._request("GET", ref.url).content
+                    except (httpx.HTTPError, ApiError) as exc:
+                        if not (passing(exc) or getattr(exc, "status_code", None) == 404):
+                            raise
+                        continue
+                    yield Preview(ref.step, data, view)
 
     def preview(self, job_id: str, step: int | None = None) -> bytes:
         """A preview's JPEG: after `step`, or the newest."""
@@ -413,7 +444,10 @@ class AsyncClient:
         async for view in self.watch(job_id, timeout):
             if view.status in TERMINAL_STATES:
                 return view
-        raise WaitTimeout(view if view is not None else await self.get(job_id), timeout or 0.0)
+        view = view if view is not None else await self.get(job_id)  # timeout 0: the job as it is
+        if view.status in TERMINAL_STATES:
+            return view
+        raise WaitTimeout(view, timeout or 0.0)
 
     async def previews(self, job_id: str) -> AsyncIterator[Preview]:
         seen: set[int] = set()
@@ -421,7 +455,13 @@ class AsyncClient:
             for ref in view.previews:
                 if ref.step not in seen:
                     seen.add(ref.step)
-                    yield Preview(ref.step, (await self._request("GET", ref.url)).content, view)
+                    try:
+                        data = (await self._request("GET", ref.url)).content
+                    except (httpx.HTTPError, ApiError) as exc:
+                        if not (passing(exc) or getattr(exc, "status_code", None) == 404):
+                            raise
+                        continue  # as Client.previews: the next frame replaces it
+                    yield Preview(ref.step, data, view)
 
     async def preview(self, job_id: str, step: int | None = None) -> bytes:
         path = f"/v1/jobs/{job_id}/previews/{'latest' if step is None else step}"

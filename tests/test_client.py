@@ -391,3 +391,73 @@ def test_watch_decides_each_break_as_documented() -> None:
         _Watch(None).broke(JobGone(404, "expired"))
     with pytest.raises(ApiError):
         _Watch(None).broke(ApiError(401, "unknown API key"))
+    # The API (or a proxy) that cannot serve now: its store away (503, Retry-After), a restart
+    # behind a proxy (502, 504). The store's 503 had the CLI give up, and cancel the job.
+    assert _Watch(None).broke(ApiError(503, "the job store (Redis) is unavailable", retry_after=2.0)) == 2.0
+    assert _Watch(None).broke(ApiError(502, "bad gateway")) > 0 and _Watch(None).broke(ApiError(504, "gw")) > 0
+    with pytest.raises(ApiError):
+        _Watch(None).broke(ApiError(500, "internal error"))  # a bug, not a break that passes
+
+
+def test_a_preview_that_fails_to_load_does_not_end_the_watch(service: Service, key: tuple[Path, str],
+                                                              tmp_path: Path) -> None:
+    """Guards against one preview download failing (the store away a moment, the frame expired)
+    ending a job's watch: previews() raised, and the CLI gave up on the job and canceled it.
+    The frame is skipped, as the page skips it; the job and its image come through."""
+    import httpx
+
+    from bailan import cli
+
+    real = httpx.HTTPTransport()
+    failed: list[str] = []
+
+    class FirstPreviewFails(httpx.BaseTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            if "/previews/" in request.url.path and not failed:
+                failed.append(request.url.path)
+                return httpx.Response(503, json={"detail": "the job store (Redis) is unavailable: injected"},
+                                      headers={"Retry-After": "1"})
+            return real.handle_request(request)
+
+    url = f"http://127.0.0.1:{service.port}"
+    with real, Client(url, key[1], transport=FirstPreviewFails()) as flaky:
+        job = flaky.submit(prompt="a red circle", width=32, height=32, steps=9, scheduler="euler", preview_every=3)
+        assert [p.step for p in flaky.previews(job.id)] == [6]  # 3 failed to load, and was skipped
+        assert flaky.wait(job.id, timeout=60).status is JobState.succeeded
+
+    failed.clear()
+    (tmp_path / "frames").mkdir()
+    args = cli.parser().parse_args(["generate", "a blue square", "-o", str(tmp_path / "out.png"), "--previews",
+                                    str(tmp_path / "frames"), "--width", "32", "--height", "32", "--steps", "9",
+                                    "--preview-every", "3", "--scheduler", "euler"])
+    real = httpx.HTTPTransport()
+    with real, Client(url, key[1], transport=FirstPreviewFails()) as flaky:
+        assert cli.generate(flaky, args) == 0
+    assert failed and (tmp_path / "out.png").is_file()
+    assert len(list((tmp_path / "frames").iterdir())) == 1  # the frames that loaded (step 6)
+
+
+def test_wait_on_a_job_that_ended_returns_it_whatever_the_timeout(client: Client) -> None:
+    """Guards against wait(id, timeout=0) on a job that had already ended raising WaitTimeout
+    ("still succeeded after 0 s"): with no time to watch, it returned nothing it fetched."""
+    job, _ = client.generate("a red circle", width=32, height=32, steps=2, timeout=60)
+    assert client.wait(job.id, timeout=0).status is JobState.succeeded
+
+    async def waited() -> JobState:
+        async with AsyncClient(client.url, client.http.headers["Authorization"].removeprefix("Bearer ")) as aio:
+            return (await aio.wait(job.id, timeout=0)).status
+
+    assert asyncio.run(waited()) is JobState.succeeded
+
+
+def test_an_api_key_no_header_carries_is_named(service: Service, tmp_path: Path) -> None:
+    """Guards against a key copied with a stray character ("bl_abc…") failing deep in httpx
+    with "'ascii' codec can't encode character": the client names the key, and the CLI says so
+    (exit 2, as for any flag value refused)."""
+    from bailan.client import BadKey
+
+    with pytest.raises(BadKey, match=r"the API key \(--key or BAILAN_API_KEY\) holds a character"):
+        Client(f"http://127.0.0.1:{service.port}", "bl_abc\u2026")
+    refused = run_cli("status", "some-job", "--url", f"http://127.0.0.1:{service.port}", "--key", "bl_abc\u2026",
+                      env={}, cwd=tmp_path)
+    assert refused.returncode == 2 and "the API key (--key or BAILAN_API_KEY)" in refused.stderr
