@@ -277,3 +277,26 @@ def test_page_rides_out_failures_it_can(browser: Browser, keyed_service: Service
         assert steps == [10, 15], steps  # the one lost, the ones after it shown
         assert page.is_hidden("#job-error"), page.text_content("#job-error")
         assert tab.errors == [], tab.errors
+
+
+def test_page_says_an_image_expired_instead_of_offering_a_retry(browser: Browser, keyed_service: Service) -> None:
+    """Guards against a finished job whose image had expired (the blob store keeps images for
+    BAILAN_RESULT_TTL_S) shown as "could not be loaded; open the job again to retry": the API's
+    404 said it expired, and no retry could bring it back. The page shows the API's reason."""
+    from bailan.blobs import DirBlobStore, image_key
+
+    with offline_tab(browser, keyed_service.port) as tab:
+        page = tab.page
+        tab.goto("/")
+        page.fill("#api-key", KEY)
+        job = submit_in_page(tab, steps=2, preview_every=0, prompt="a short one")
+        wait_status(tab, "succeeded")
+        page.wait_for_selector("#images img", timeout=UI_TIMEOUT_MS)
+        blobs = DirBlobStore(os.environ["BAILAN_BLOB_DIR"])  # the service's: the tests' own (conftest)
+        assert blobs.get(image_key(job, 0)) is not None
+        blobs.delete(image_key(job, 0))  # expired
+        page.reload()
+        page.click(f"#history li[data-id='{job}'] button")
+        page.wait_for_selector("#job-error:not([hidden])", timeout=UI_TIMEOUT_MS)
+        shown = page.text_content("#job-error") or ""
+        assert shown.startswith("image 0: ") and "expired" in shown and "retry" not in shown, shown

@@ -172,14 +172,24 @@ function formatSeconds(seconds) {
   return `${Math.round(seconds / 60)} min`;
 }
 
-async function blobUrl(path) {
+// The bytes at `path` as an object URL, or why not: the API's answer (status 0 when the
+// network failed: a missing frame, not a stopped page).
+async function fetchBlob(path) {
   try {
     const response = await fetch(path, { headers: authHeaders() });
-    if (!response.ok) return null;
-    return URL.createObjectURL(await response.blob());
+    if (!response.ok) {
+      let body = null;
+      try { body = await response.json(); } catch (exc) { /* not the API's JSON (a proxy's page) */ }
+      return { url: null, status: response.status, reason: errorText(body, response) };
+    }
+    return { url: URL.createObjectURL(await response.blob()), status: response.status, reason: "" };
   } catch (exc) {
-    return null; // the network failed: a missing frame, not a stopped page
+    return { url: null, status: 0, reason: "" };
   }
+}
+
+async function blobUrl(path) {
+  return (await fetchBlob(path)).url;
 }
 
 async function showFrame(job, preview) {
@@ -202,13 +212,17 @@ async function showFrame(job, preview) {
 async function showImages(job, view) {
   const ext = (view.params && view.params.output_format) || "png";
   for (const image of view.images) {
-    const url = await blobUrl(image.url);
+    const fetched = await fetchBlob(image.url);
+    const url = fetched.url;
     if (job !== current) {
       if (url) URL.revokeObjectURL(url);
       return;
     }
     if (!url) {
-      showJobError(`image ${image.index} could not be loaded; open the job again to retry`);
+      // Gone for good (expired): the API says so, and a retry cannot help. Anything else may pass.
+      showJobError(fetched.status === 404
+        ? `image ${image.index}: ${fetched.reason}`
+        : `image ${image.index} could not be loaded; open the job again to retry`);
       continue;
     }
     job.images.push(url);
