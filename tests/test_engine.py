@@ -199,6 +199,19 @@ def test_out_of_memory_fails_only_what_must_fail(model: LoadedModel) -> None:
     assert torch.allclose(alone.latents[0], jobs[0].latents[0], atol=1e-4)
 
 
+def a_two_image_job_beside_another(model: LoadedModel, other_guidance: float
+                                    ) -> tuple[Engine, GenerationJob, GenerationJob]:
+    """A two-step, two-image job and a one-image job run to their end in one engine, whose
+    UNet or decoder the caller made fail on cue."""
+    engine = Engine(model, max_batch=8)
+    two = make_job("a", steps=2, guidance_scale=1.0, num_images=2)
+    other = make_job("b", steps=2, guidance_scale=other_guidance, seed=2)
+    engine.submit(two)
+    engine.submit(other)
+    engine.run_until_idle()
+    return engine, two, other
+
+
 def test_a_job_failed_in_a_later_half_does_not_take_the_others_down(model: LoadedModel) -> None:
     """Guards against one job's out-of-memory error failing every job on the worker: a
     two-image job whose first image ran in the first half of a split step and whose
@@ -210,12 +223,7 @@ def test_a_job_failed_in_a_later_half_does_not_take_the_others_down(model: Loade
     # [a1] fails alone (5): job a is out of memory; [b] runs (6).
     model.pipe.unet = OOMAtCalls(original, failing={2, 4, 5})
     try:
-        engine = Engine(model, max_batch=8)
-        two = make_job("a", steps=2, guidance_scale=1.0, num_images=2)
-        other = make_job("b", steps=2, guidance_scale=5.0, seed=2)
-        engine.submit(two)
-        engine.submit(other)
-        engine.run_until_idle()
+        engine, two, other = a_two_image_job_beside_another(model, other_guidance=5.0)
         assert model.pipe.unet.calls == [4, 4, 1, 3, 1, 2]
         with pytest.raises(torch.OutOfMemoryError):
             two.future.result(timeout=0)
@@ -243,12 +251,7 @@ def test_a_job_failed_at_its_decode_in_one_half_does_not_take_the_others_down(mo
 
     model.pipe.vae.decode = decode
     try:
-        engine = Engine(model, max_batch=8)
-        two = make_job("a", steps=2, guidance_scale=1.0, num_images=2)
-        other = make_job("b", steps=2, guidance_scale=1.0, seed=2)
-        engine.submit(two)
-        engine.submit(other)
-        engine.run_until_idle()
+        _, two, other = a_two_image_job_beside_another(model, other_guidance=1.0)
         assert model.pipe.unet.calls == [3, 3, 1, 2]
         with pytest.raises(torch.OutOfMemoryError):
             two.future.result(timeout=0)
@@ -263,24 +266,30 @@ def test_an_error_as_jobs_finish_fails_them_instead_of_hanging_them(engine: Engi
     (after its decode freed its slots: a CUDA error as the device caught up, or here its
     picture's compositing) reached the engine loop, whose answer, failing every job it
     holds, no longer saw the finishing ones."""
+    broken = make_job("broken", steps=3)
+
+    def compose(image: np.ndarray) -> np.ndarray:
+        raise RuntimeError("injected: compositing failed")
+
+    broken.compose = compose  # type: ignore[method-assign]
+    fails_all_it_holds_then_serves_on(engine, broken, "compositing")
+
+
+def fails_all_it_holds_then_serves_on(engine: Engine, broken: GenerationJob, error: str) -> None:
+    """With the engine loop on a thread, as the worker runs it: `broken` and a longer
+    bystander both end with the error (matching `error`), and a job after them succeeds."""
     stop = threading.Event()
     thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        broken = make_job("broken", steps=3)
-
-        def compose(image: np.ndarray) -> np.ndarray:
-            raise RuntimeError("injected: compositing failed")
-
-        broken.compose = compose  # type: ignore[method-assign]
         bystander = make_job("by", steps=30)
         engine.submit(broken)
         engine.submit(bystander)
-        with pytest.raises(RuntimeError, match="compositing"):
+        with pytest.raises(RuntimeError, match=error):
             broken.future.result(timeout=60)
-        with pytest.raises(RuntimeError, match="compositing"):  # the engine's answer: fail all it holds
+        with pytest.raises(RuntimeError, match=error):  # the engine's answer: fail all it holds
             bystander.future.result(timeout=60)
-        after = make_job("after", steps=2)  # and the engine serves on
+        after = make_job("after", steps=2)  # the engine thread survived and serves on
         engine.submit(after)
         assert after.future.result(timeout=60)
     finally:
@@ -412,30 +421,11 @@ def test_shared_dpm_step_equals_separate_steps(engine: Engine) -> None:
 def test_an_unexpected_engine_error_fails_jobs_instead_of_hanging_them(engine: Engine) -> None:
     """Guards against an exception escaping a step killing the engine thread and
     leaving every job on the worker waiting for ever."""
-    import threading
 
     def explode(job: GenerationJob, step: int) -> None:
         raise RuntimeError("boom")
 
-    stop = threading.Event()
-    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        broken = make_job("boom", on_progress=explode)
-        bystander = make_job("by", steps=30)
-        engine.submit(broken)
-        engine.submit(bystander)
-        with pytest.raises(RuntimeError, match="boom"):
-            broken.future.result(timeout=60)
-        with pytest.raises(RuntimeError, match="boom"):
-            bystander.future.result(timeout=60)
-        # The engine thread survived and serves the next job.
-        after = make_job("after")
-        engine.submit(after)
-        assert after.future.result(timeout=60)
-    finally:
-        stop.set()
-        thread.join(10)
+    fails_all_it_holds_then_serves_on(engine, make_job("boom", on_progress=explode), "boom")
 
 
 def test_decode_failure_of_one_image_fails_only_its_job(model: LoadedModel) -> None:
