@@ -250,3 +250,52 @@ def test_a_job_whose_start_failed_on_redis_is_given_back_not_failed(
     assert job.retries_left == 1
     assert "blip-start" not in FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids()
     assert StartedJobRegistry(QUEUE, connection=redis_conn).get_job_ids() == []
+
+
+def test_a_job_given_back_after_a_sweep_put_it_back_is_queued_once(
+    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against the give-back of a job whose start failed on Redis pushing a second copy:
+    while the slot's start hung (cut off from Redis), a sweep found the job queued and in no
+    queue, and put it back (bailan.reaper._recover_lost); the slot's give-back then pushed it
+    again, and two slots ran it. Sweep ages are written, not slept."""
+    from rq.worker import BaseWorker
+
+    from bailan import reaper
+    from bailan.jobs import Keys
+
+    queue = Queue(QUEUE, connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue_call(func=RQ_FUNC, args=("twice",), job_id="twice", result_ttl=600, failure_ttl=600, timeout=-1)
+    redis_conn.zadd(Keys.waiting(QUEUE), {"twice": time.time() - 100})  # as the API's submit, a while ago
+    prepare = BaseWorker.prepare_job_execution
+    copies: list[int] = []
+
+    def hangs_while_a_sweep_puts_it_back(self: SlotWorker, job: Job, *args: Any, **kwargs: Any) -> None:
+        if not copies:
+            reaper._recover_lost(redis_conn, QUEUE, QUEUE)  # seen lost once...
+            redis_conn.zadd(Keys.lost(QUEUE), {"twice": time.time() - 100})  # ...a sweep ago
+            assert reaper._recover_lost(redis_conn, QUEUE, QUEUE) == ["twice"]
+            copies.append(redis_conn.lrange(queue.key, 0, -1).count(b"twice"))
+            raise redis.ConnectionError("Connection reset by peer")
+        prepare(self, job, *args, **kwargs)
+
+    monkeypatch.setattr(BaseWorker, "prepare_job_execution", hangs_while_a_sweep_puts_it_back)
+    given_back = SlotWorker._give_back
+
+    def counting(self: SlotWorker, job: Job, queue: Queue) -> None:
+        given_back(self, job, queue)
+        copies.append(redis_conn.lrange(queue.key, 0, -1).count(b"twice"))
+
+    monkeypatch.setattr(SlotWorker, "_give_back", counting)
+    ran: list[str] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    thread = work_in_thread(make_slot(redis_conn, stop, lambda job_id: ran.append(job_id) or {"images": 1}), errors)
+    deadline = time.monotonic() + 30
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # time enough for a second copy to be taken, were there one
+    stop.set()
+    thread.join(timeout=30)
+    assert errors == [] and copies == [1, 1] and ran == ["twice"]
+    assert Job.fetch("twice", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED

@@ -381,18 +381,22 @@ class SlotWorker(SimpleWorker):
             while True:
                 with self.connection.pipeline() as pipe:
                     try:
-                        pipe.watch(job.key)
+                        pipe.watch(job.key, queue.key)
                         status, worker = (as_text(v) if v is not None else None
                                           for v in pipe.hmget(job.key, "status", "worker_name"))
                         # Queued: RQ's start never reached Redis. Started by this slot: it did, its reply lost.
                         ours = status == JobStatus.QUEUED.value or (status == JobStatus.STARTED.value
                                                                      and worker == self.name)
+                        # Put back already (a sweep's _recover_lost, or RQ's cleanup requeuing it
+                        # while this start hung): a second copy would run it twice.
+                        queued = pipe.lpos(queue.key, job.id) is not None
                         pipe.multi()
                         self.cleanup_execution(job, pipeline=pipe)
                         if ours:
                             job.set_status(JobStatus.QUEUED, pipeline=pipe)
                             pipe.lrem(queue.intermediate_queue_key, 0, job.id)
-                            pipe.lpush(queue.key, job.id)
+                            if not queued:
+                                pipe.lpush(queue.key, job.id)
                             pipe.zadd(Keys.waiting(queue.name), {job.id: now()})
                         pipe.execute()
                         return
