@@ -1006,6 +1006,11 @@ def test_event_stream_follows_job_to_the_end(redis_url: str, redis_conn: redis.R
         job_id = submit(c)["id"]
 
         def worker() -> None:
+            # Once the stream follows the job (its subscription is up), and a moment more for its
+            # first view: a slow start (a loaded CI host) saw the job running already.
+            deadline = time.monotonic() + 30
+            while redis_conn.pubsub_numsub(Keys.job_events(job_id))[0][1] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             time.sleep(0.2)
             start_job(redis_conn, job_id)
             redis_conn.hset(Keys.job(job_id), RecordField.step, "7")
@@ -1030,7 +1035,16 @@ def test_event_stream_reports_expiry(redis_url: str, redis_conn: redis.Redis) ->
 
     with client_for(make_settings(redis_url, events_poll_interval_s=0.02)) as c:
         job_id = submit(c)["id"]
-        timer = threading.Timer(0.2, redis_conn.delete, args=(Keys.job(job_id),))
+
+        def expire() -> None:
+            # Once the stream follows the job, and its first view is out (as above).
+            deadline = time.monotonic() + 30
+            while redis_conn.pubsub_numsub(Keys.job_events(job_id))[0][1] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            redis_conn.delete(Keys.job(job_id))
+
+        timer = threading.Thread(target=expire)
         timer.start()
         events = read_events(c, f"/v1/jobs/{job_id}/events")
         timer.join()
