@@ -210,6 +210,22 @@ def test_a_slot_tells_the_engine_of_a_job_it_took_until_the_job_is_done(redis_co
         assert names[run - 1] == "expect" and names[run + 1] == f"unexpect {job_id}"
 
 
+def runs_until_one_ran(conn: redis.Redis, then_s: float) -> tuple[list[str], list[BaseException]]:
+    """A slot works its queue until its runner ran a job, and `then_s` more; the jobs it ran
+    (their ids) and what its work loop raised."""
+    ran: list[str] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    thread = work_in_thread(make_slot(conn, stop, lambda job_id: ran.append(job_id) or {"images": 1}), errors)
+    deadline = time.monotonic() + 60
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(then_s)
+    stop.set()
+    thread.join(timeout=30)
+    return ran, errors
+
+
 def test_a_job_whose_start_failed_on_redis_is_given_back_not_failed(
     redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,16 +250,7 @@ def test_a_job_whose_start_failed_on_redis_is_given_back_not_failed(
         prepare(self, job, *args, **kwargs)
 
     monkeypatch.setattr(BaseWorker, "prepare_job_execution", fails_once)
-    ran: list[str] = []
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    thread = work_in_thread(make_slot(redis_conn, stop, lambda job_id: ran.append(job_id) or {"images": 1}), errors)
-    deadline = time.monotonic() + 60
-    while not ran and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # its end in RQ
-    stop.set()
-    thread.join(timeout=30)
+    ran, errors = runs_until_one_ran(redis_conn, then_s=0.5)  # then its end in RQ
     assert errors == [] and tries == ["blip-start", "blip-start"] and ran == ["blip-start"]
     job = Job.fetch("blip-start", connection=redis_conn, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.FINISHED
@@ -287,15 +294,6 @@ def test_a_job_given_back_after_a_sweep_put_it_back_is_queued_once(
         copies.append(redis_conn.lrange(queue.key, 0, -1).count(b"twice"))
 
     monkeypatch.setattr(SlotWorker, "_give_back", counting)
-    ran: list[str] = []
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    thread = work_in_thread(make_slot(redis_conn, stop, lambda job_id: ran.append(job_id) or {"images": 1}), errors)
-    deadline = time.monotonic() + 30
-    while not ran and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # time enough for a second copy to be taken, were there one
-    stop.set()
-    thread.join(timeout=30)
+    ran, errors = runs_until_one_ran(redis_conn, then_s=1.0)  # time for a second copy to be taken, were there one
     assert errors == [] and copies == [1, 1] and ran == ["twice"]
     assert Job.fetch("twice", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
