@@ -281,11 +281,19 @@ def _end_as_recorded(connection: redis.Redis, registry: StartedJobRegistry, job_
 LOST_AFTER_S = 10.0
 
 # KEYS: RQ's job hash, its queue, waiting, lost, RQ's intermediate list of the queue. ARGV: job
-# id, now. Put back only if still queued to RQ and in no queue: a job a worker started
-# meanwhile stays its. RQ's own list of jobs taken by a one-queue worker gives it up, or its
-# cleanup would later fail it as stuck.
+# id, now, and the slot giving it back ("" for a sweep). Put back only if still queued to RQ and
+# in no queue: a job a worker started meanwhile stays its. A slot giving back a job it took may
+# find it started by itself (RQ's start reached Redis, its reply did not): queued again. RQ's
+# own list of jobs taken by a one-queue worker gives it up, or its cleanup would later fail it
+# as stuck.
 _PUT_BACK = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' then
+  if ARGV[3] == '' or status ~= 'started' or redis.call('HGET', KEYS[1], 'worker_name') ~= ARGV[3] then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+end
 if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
 redis.call('LREM', KEYS[5], 0, ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[1])
@@ -294,6 +302,16 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 return 1
 """
 _put_back = redis.client.Script(None, _PUT_BACK.encode())  # type: ignore[arg-type]
+
+
+def put_back(connection: redis.Redis, queue_name: str, job_id: str, by: str = "") -> bool:
+    """Put a job taken off `queue_name` and never run back at the head of that queue, at
+    once and only once: unless it is in the queue already or RQ shows it in other hands (a
+    job started by the slot `by`, the one giving it back, is queued again). True if pushed."""
+    queue_key = RQ_QUEUE_PREFIX + queue_name
+    keys = [f"rq:job:{job_id}", queue_key, Keys.waiting(queue_name), Keys.lost(queue_name),
+            f"{queue_key}:intermediate"]
+    return bool(_put_back(keys=keys, args=[job_id, now(), by], client=connection))
 
 
 def _recover_lost(connection: redis.Redis, queue_name: str, base: str) -> list[str]:
@@ -333,10 +351,8 @@ def _recover_lost(connection: redis.Redis, queue_name: str, base: str) -> list[s
             write.zadd(lost, {job_id: now()})
     write.execute()
     for job_id in now_lost:
-        if job_id in suspects and suspects[job_id] <= cutoff:
-            keys = [f"rq:job:{job_id}", queue_key, waiting, lost, f"{queue_key}:intermediate"]
-            if _put_back(keys=keys, args=[job_id, now()], client=connection):
-                recovered.append(job_id)
+        if job_id in suspects and suspects[job_id] <= cutoff and put_back(connection, queue_name, job_id):
+            recovered.append(job_id)
     if recovered:
         connection.hincrbyfloat(metrics_key(base), "bailan_jobs_recovered_total", len(recovered))
     return recovered

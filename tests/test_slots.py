@@ -226,13 +226,15 @@ def runs_until_one_ran(conn: redis.Redis, then_s: float) -> tuple[list[str], lis
     return ran, errors
 
 
+@pytest.mark.parametrize("reached_redis", [False, True])
 def test_a_job_whose_start_failed_on_redis_is_given_back_not_failed(
-    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch, reached_redis: bool
 ) -> None:
     """Guards against a Redis blip in RQ's start bookkeeping (before any runner saw the job)
     failing the job: RQ's failure path ran, with no outcome in the job's record, no
     `completed` webhook, and its retry never used. The job goes back to the head of its
-    queue and runs, once."""
+    queue and runs, once; also when the start reached Redis and only its reply was lost
+    (RQ then shows the job started by this slot)."""
     from rq import Retry
     from rq.registry import FailedJobRegistry
     from rq.worker import BaseWorker
@@ -246,6 +248,8 @@ def test_a_job_whose_start_failed_on_redis_is_given_back_not_failed(
     def fails_once(self: SlotWorker, job: Job, *args: Any, **kwargs: Any) -> None:
         tries.append(job.id)
         if len(tries) == 1:
+            if reached_redis:
+                prepare(self, job, *args, **kwargs)
             raise redis.ConnectionError("Connection reset by peer")  # Redis restarting
         prepare(self, job, *args, **kwargs)
 

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 import rq
 from rq import Queue, SimpleWorker
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq import worker_registration
 from rq.registry import (
     DeferredJobRegistry,
@@ -35,13 +35,12 @@ from rq.registry import (
     StartedJobRegistry,
 )
 from rq.timeouts import BaseDeathPenalty
-from rq.utils import as_text
 
 from bailan import events
-from bailan.jobs import JobState, Keys, now
+from bailan.jobs import JobState
 from bailan.logs import job_context
 from bailan.queues import fair_order, mark_served
-from bailan.reaper import end_in_rq
+from bailan.reaper import end_in_rq, put_back
 from worker.outage import RedisGone, RedisOutage
 
 log = logging.getLogger("bailan.worker")
@@ -312,14 +311,7 @@ class SlotWorker(SimpleWorker):
             # Requeued (and maybe running elsewhere) or failed by a reaper: not ours to end. But
             # this attempt's lease goes: left to lapse, it would have the reaper requeue or fail
             # the job again, under whoever holds it now.
-            execution = self.execution
-            try:
-                with self.connection.pipeline() as pipe:
-                    self.cleanup_execution(job, pipeline=pipe)
-                    pipe.execute()
-            except BaseException:
-                self.execution = execution  # as below: the retry must still find the lease
-                raise
+            self._drop_lease(job)
             return
         # One transaction where RQ's own success path WATCHes the job's dependents, reads them and
         # writes a result stream: Bailan jobs have no dependents, and the stream would hold only
@@ -374,36 +366,23 @@ class SlotWorker(SimpleWorker):
         self._notify_final(job)
 
     def _give_back(self, job: Job, queue: Queue) -> None:
-        """Put a job this slot took and never ran back at the head of its queue, queued, without
-        this slot's lease; unless RQ shows it in other hands by now (a reaper's, another slot's)."""
+        """Put a job this slot took and never ran back at the head of its queue, as a sweep puts
+        back a lost one (bailan.reaper.put_back: once, and not if RQ shows it in other hands),
+        then drop this slot's lease. In that order: should Redis fail in between, the lease
+        that lapses is a queued job's, which the reaper drops."""
+        put_back(self.connection, queue.name, job.id, by=self.name)
+        self._drop_lease(job)
+
+    def _drop_lease(self, job: Job) -> None:
+        """This attempt's lease and execution record, removed. RQ forgets the execution as it
+        queues its delete: should the write fail, a retry (the reaper's too) must still find it."""
         execution = self.execution
         try:
-            while True:
-                with self.connection.pipeline() as pipe:
-                    try:
-                        pipe.watch(job.key, queue.key)
-                        status, worker = (as_text(v) if v is not None else None
-                                          for v in pipe.hmget(job.key, "status", "worker_name"))
-                        # Queued: RQ's start never reached Redis. Started by this slot: it did, its reply lost.
-                        ours = status == JobStatus.QUEUED.value or (status == JobStatus.STARTED.value
-                                                                     and worker == self.name)
-                        # Put back already (a sweep's _recover_lost, or RQ's cleanup requeuing it
-                        # while this start hung): a second copy would run it twice.
-                        queued = pipe.lpos(queue.key, job.id) is not None
-                        pipe.multi()
-                        self.cleanup_execution(job, pipeline=pipe)
-                        if ours:
-                            job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                            pipe.lrem(queue.intermediate_queue_key, 0, job.id)
-                            if not queued:
-                                pipe.lpush(queue.key, job.id)
-                            pipe.zadd(Keys.waiting(queue.name), {job.id: now()})
-                        pipe.execute()
-                        return
-                    except redis.WatchError:
-                        self.execution = execution  # read again, and forget it again
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe)
+                pipe.execute()
         except BaseException:
-            self.execution = execution  # a retry (the reaper's too) must still find the lease
+            self.execution = execution
             raise
 
     def _notify_final(self, job: Job) -> None:
