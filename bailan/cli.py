@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import httpx
 
 from app.schemas import JobOut
-from bailan.client import ApiError, Client, passing
+from bailan.client import ApiError, Client, lost_frame
 from bailan.jobs import TERMINAL_STATES, JobRequest, JobState
 
 # Request fields that take a picture: the flag names a file, sent as base64.
@@ -174,7 +174,7 @@ def generate(client: Client, args: argparse.Namespace) -> int:
                         except (ApiError, httpx.HTTPError) as exc:
                             # A frame that fails to load (expired, a passing break) is skipped, as
                             # the page skips it: not a reason to give up on (and cancel) the job.
-                            if not (passing(exc) or getattr(exc, "status_code", None) == 404):
+                            if not lost_frame(exc):
                                 raise
                             continue
                         (args.previews / f"{job.id}-step{ref.step:04d}.jpg").write_bytes(data)

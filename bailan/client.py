@@ -159,6 +159,12 @@ def passing(exc: Exception) -> bool:
     return isinstance(exc, ApiError) and exc.status_code in (502, 503, 504)
 
 
+def lost_frame(exc: Exception) -> bool:
+    """Whether a preview that failed to load is only skipped (the next frame replaces it): it
+    expired already (404), or the break may pass."""
+    return passing(exc) or (isinstance(exc, ApiError) and exc.status_code == 404)
+
+
 class _Watch:
     """How watch() goes on when its event stream breaks; shared by Client and AsyncClient.
 
@@ -218,9 +224,9 @@ class BadKey(ValueError):
 def _settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     url = (url or os.environ.get("BAILAN_URL") or DEFAULT_URL).rstrip("/")
     key = key if key is not None else os.environ.get("BAILAN_API_KEY")
-    if key and not (key.isascii() and key.isprintable() and " " not in key):
-        raise BadKey("the API key (--key or BAILAN_API_KEY) holds a character no HTTP header carries "
-                     f"(at {next(i for i, c in enumerate(key) if not (c.isascii() and c.isprintable()) or c == ' ')}); "
+    bad = next((i for i, c in enumerate(key or "") if not (c.isascii() and c.isprintable()) or c == " "), None)
+    if bad is not None:
+        raise BadKey(f"the API key (--key or BAILAN_API_KEY) holds a character no HTTP header carries (at {bad}); "
                      "was it copied whole?")
     return url, ({"Authorization": f"Bearer {key}"} if key else {})
 
@@ -328,7 +334,7 @@ class Client:
                     try:
                         data = self._request("GET", ref.url).content
                     except (httpx.HTTPError, ApiError) as exc:
-                        if not (passing(exc) or getattr(exc, "status_code", None) == 404):
+                        if not lost_frame(exc):
                             raise
                         continue
                     yield Preview(ref.step, data, view)
@@ -458,9 +464,9 @@ class AsyncClient:
                     try:
                         data = (await self._request("GET", ref.url)).content
                     except (httpx.HTTPError, ApiError) as exc:
-                        if not (passing(exc) or getattr(exc, "status_code", None) == 404):
+                        if not lost_frame(exc):
                             raise
-                        continue  # as Client.previews: the next frame replaces it
+                        continue  # as Client.previews
                     yield Preview(ref.step, data, view)
 
     async def preview(self, job_id: str, step: int | None = None) -> bytes:
