@@ -510,6 +510,48 @@ def test_a_cancel_cut_short_by_redis_leaves_no_stranded_job(
     assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [other.encode()]
 
 
+def test_the_loser_of_two_racing_cancels_answers_canceled(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against the second of two concurrent cancels of a queued job answering 202 "asked
+    to stop": it read the job queued, found it already off its queue (the first cancel took
+    it) and took the running branch, though the job was canceled and nothing would stop."""
+    from app.store import records
+
+    job_id = submit(client)["id"]
+    original = records.cancel
+
+    def racing(conn: redis.Redis, base: str, snap: records.JobSnapshot, *args: Any) -> str:
+        original(conn, base, snap, *args)  # the winner, from the same snapshot the loser read
+        return original(conn, base, snap, *args)
+
+    monkeypatch.setattr(records, "cancel", racing)
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "canceled"
+
+
+def test_a_cancel_racing_a_jobs_own_end_answers_409(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a cancel answering 202 "asked to stop" for a job that succeeded between
+    the request's read and its write: nothing was left to stop."""
+    from app.store import records
+
+    job_id = submit(client)["id"]
+    start_job(redis_conn, job_id)
+    original = records.cancel
+
+    def ending(conn: redis.Redis, base: str, snap: records.JobSnapshot, *args: Any) -> str:
+        redis_conn.hset(Keys.job(job_id), mapping={RecordField.finished_at: repr(now()), RecordField.images: "[]"})
+        return original(conn, base, snap, *args)
+
+    monkeypatch.setattr(records, "cancel", ending)
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 409, r.text
+    assert "already ended (succeeded)" in r.json()["detail"]
+
+
 def test_cancel_running_job_sets_flag(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards: cancel of a running job doing nothing, or yanking RQ state under a live worker.
 

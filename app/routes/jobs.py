@@ -597,7 +597,9 @@ async def job_events(request: Request, job_id: JobId, jobs: JobAccessDep, princi
         "A queued job is removed from the queue and never runs: 200, status `canceled`. "
         "A running job is asked to stop; its worker does so at its next step: 202, "
         "status still `running` with `cancel_requested: true` until it stops. "
-        "A job that already ended: 409, nothing changes."
+        "A job that already ended: 409, nothing changes. The code follows the job as it is "
+        "after the request: 200 whenever it is canceled (a second cancel racing the first), "
+        "409 when it ended otherwise meanwhile."
     ),
     responses={
         202: {"model": JobOut, "description": "Running job asked to stop."},
@@ -615,7 +617,17 @@ def cancel_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Any:
             status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"
         ) from None
     view = views.job_view(conn, _load(settings, conn, job_id, principal, for_view=True), jobs.links)
-    code = status.HTTP_200_OK if outcome == records.CancelOutcome.canceled else status.HTTP_202_ACCEPTED
+    # The answer is what the job is now, not which branch this request took: a second cancel
+    # racing the first finds the job off its queue and asks its (nonexistent) worker to stop,
+    # yet the job is canceled; a running job may have ended meanwhile, by the cancel or not.
+    if outcome == records.CancelOutcome.canceled or view.status is JobState.canceled:
+        code = status.HTTP_200_OK
+    elif view.status in TERMINAL_STATES:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job_id} already ended ({view.status.value}); nothing to cancel"
+        )
+    else:
+        code = status.HTTP_202_ACCEPTED
     return JSONResponse(view.model_dump(mode="json"), status_code=code)
 
 
