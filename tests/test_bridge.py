@@ -498,3 +498,29 @@ def test_an_end_whose_reply_was_lost_is_not_taken_for_anothers(
     monkeypatch.setattr(Pipeline, "execute", execute)
     assert bridge.run("lostreply") == {"images": 1}
     assert lost and RecordField.images in record(redis_conn, "lostreply")
+
+
+def test_a_job_the_api_already_canceled_is_not_ended_twice(bridge: JobBridge, redis_conn: redis.Redis) -> None:
+    """Guards against a second `completed` webhook under one id: the API's cancel ended a queued
+    job (record, webhook) but the reply to that transaction was lost, so it pushed the job
+    back to its queue; the worker that took it ended it canceled again and queued another."""
+    submit(redis_conn, "twice", webhook_url="https://example.com/hook")
+    ended = repr(now())
+    redis_conn.hset(Keys.job("twice"), mapping={RecordField.cancel_requested: ended, RecordField.finished_at: ended})
+    queued = Queue(bridge.hooks.queue, connection=redis_conn, serializer=JSONSerializer)
+    assert bridge.run("twice") == {"canceled": True}
+    assert queued.get_job_ids() == []
+    assert record(redis_conn, "twice")[RecordField.finished_at] == ended
+
+
+def test_a_queued_job_asked_to_cancel_ends_canceled_with_its_webhook(
+    bridge: JobBridge, redis_conn: redis.Redis
+) -> None:
+    """Guards against the fix above swallowing the ordinary case: a job whose cancel was asked
+    (the API's end of it failed) and never ended must still end canceled, webhook and all."""
+    submit(redis_conn, "asked", webhook_url="https://example.com/hook")
+    redis_conn.hset(Keys.job("asked"), RecordField.cancel_requested, repr(now()))
+    queued = Queue(bridge.hooks.queue, connection=redis_conn, serializer=JSONSerializer)
+    assert bridge.run("asked") == {"canceled": True}
+    assert len(queued.get_job_ids()) == 1
+    assert RecordField.finished_at in record(redis_conn, "asked")

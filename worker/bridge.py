@@ -174,7 +174,11 @@ class JobBridge:
             with self.lock:
                 self.hooked[job_id] = params
         if record.get(RecordField.cancel_requested):
-            self._finish_record(job_id, {})
+            if not record.get(RecordField.finished_at):
+                self._finish_record(job_id, {})
+            # Else the API ended it canceled already, and pushed it back only because that
+            # end's reply was lost (app.store.records.cancel): ending it again would send a
+            # second `completed` webhook under the same id.
             return CANCELED_RESULT
         try:
             created = float(record.get(RecordField.created_at) or "nan")
