@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 # The worker-side entry point, named by string so the API never imports it.
 RQ_FUNC = "worker.slots.run_job"
@@ -308,18 +308,24 @@ class JobRequest(BaseModel):
     def _whole_numbers(cls, value: Any) -> Any:
         return _whole_number(value)
 
-    @model_validator(mode="after")
-    def _a_mask_needs_a_picture(self) -> "JobRequest":
-        if self.mask_image is not None and self.init_image is None:
+    # Field validators that read an earlier field (info.data), not model validators: an error
+    # then names its field in `loc` (["body", "mask_image"]), as every other 422 does.
+    @field_validator("mask_image")
+    @classmethod
+    def _a_mask_needs_a_picture(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("init_image") is None and "init_image" in info.data:
             raise ValueError("mask_image needs init_image: the mask says which parts of it to repaint")
-        return self
+        return value
 
-    @model_validator(mode="after")
-    def _every_image_seed_is_valid(self) -> "JobRequest":
+    @field_validator("num_images")
+    @classmethod
+    def _every_image_seed_is_valid(cls, value: int, info: ValidationInfo) -> int:
         # Image i uses seed + i, and each of those must be resubmittable as a seed.
-        if self.seed is not None and self.seed + self.num_images - 1 > SEED_MAX:
-            raise ValueError(f"seed + num_images - 1 must be at most {SEED_MAX} (image i uses seed + i)")
-        return self
+        seed = info.data.get("seed")
+        if seed is not None and seed + value - 1 > SEED_MAX:
+            raise ValueError(f"seed + num_images - 1 must be at most {SEED_MAX} (image i uses seed + i; "
+                             f"seed is {seed})")
+        return value
 
 
 class InputImage(BaseModel):

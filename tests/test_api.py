@@ -163,6 +163,8 @@ def test_size_defaults_to_live_worker_native_size(client: TestClient, redis_conn
         ({"prompt": "x", "output_format": "gif"}, ["body", "output_format"]),
         ({"prompt": "x", "seed": 2**32}, ["body", "seed"]),
         ({"prompt": "x", "preview_every": -1}, ["body", "preview_every"]),
+        # A check across two fields names the later one (it was ["body"], naming none).
+        ({"prompt": "x", "seed": 2**32 - 2, "num_images": 4}, ["body", "num_images"]),
     ],
 )
 def test_invalid_input_is_422_naming_the_field(

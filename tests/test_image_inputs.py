@@ -146,7 +146,8 @@ def test_a_pictures_size_keeps_the_size_caps(redis_url: str, redis_conn: redis.R
 def test_a_mask_needs_a_picture_and_strength_is_bounded(client: TestClient) -> None:
     """Guards against a mask with nothing to repaint, and strengths outside (0, 1]."""
     r = submit(client, mask_image=b64(encoded(16, 16)))
-    assert r.status_code == 422 and "mask_image" in r.text
+    status, loc, msg = field_error(r)
+    assert (status, loc) == (422, ["body", "mask_image"]) and "needs init_image" in msg
     for strength in (0, 1.5, True):
         r = submit(client, init_image=b64(encoded(16, 16)), strength=strength)
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "strength"]
