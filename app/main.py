@@ -23,10 +23,11 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import AREAS
 from app.deps import JobAccess
-from app.errors import validation_error
+from app.errors import http_error, validation_error
 from app.metrics import HttpMetrics, RedisCollector
 from app.middleware import BodySizeLimit, SelfOnlyPages
 from app.routes.jobs import submit_router
@@ -157,6 +158,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_exception_handler(redis.RedisError, redis_unavailable)
     # The default 422 handler fails (500) on inputs JSON cannot carry: NaN, 1e400, lone surrogates.
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
 
     app.add_middleware(SelfOnlyPages)

@@ -252,6 +252,22 @@ def test_malformed_json_is_422(client: TestClient, payload: bytes) -> None:
     assert r.status_code == 422, r.text
 
 
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [(b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "4300 digits"),
+     (b'{"prompt": "x\xff"}', "utf-8")],
+)
+def test_a_body_pythons_json_refuses_is_422_saying_why(client: TestClient, payload: bytes, reason: str) -> None:
+    """Guards against a body json.loads refused with a ValueError of its own (an integer longer
+    than Python's 4300-digit limit, bytes that are not UTF-8) getting FastAPI's bare 400
+    "There was an error parsing the body", where every other malformed body gets a 422 that
+    says what is wrong."""
+    r = client.post("/v1/jobs", content=payload, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]
+    assert error["type"] == "json_invalid" and reason in error["msg"] and "sys." not in error["msg"]
+
+
 def test_oversized_body_is_413(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards: a huge body read into memory and parsed (declared size or chunked stream)."""
     cap = 65536

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 
 from app import hold, limits, views
 from app.deps import AsyncRedisDep, AuthDep, BlobsDep, PathForDep, RedisDep, SettingsDep, WorkerCacheDep
-from app.errors import json_safe
+from app.errors import json_safe, unreadable_body
 from app.routes import jobs
 from app.schemas import JobOut, make_request_model
 from app.settings import ApiSettings
@@ -142,6 +142,9 @@ class OpenAIRoute(APIRoute):
             except RequestValidationError as exc:
                 return _from_validation(list(exc.errors())).response()
             except HTTPException as exc:
+                unreadable = unreadable_body(exc)
+                if unreadable is not None:
+                    return _from_validation(list(unreadable.errors())).response()
                 return _from_http(exc).response()
             except redis.RedisError as exc:
                 settings: ApiSettings = request.app.state.settings
