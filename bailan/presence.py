@@ -10,15 +10,14 @@ database, every job record included, on every call.
 
 A dead worker's key expires by itself; its name is dropped from the set by
 the next reader once it is a minute stale. The key's TTL, kept by Redis' own
-clock, is what says a worker is alive: the set's scores come from the
-workers' clocks, so readers list every name scored within that minute and
-keep those whose key still exists. A worker whose clock is a few seconds
-behind the API's is then still seen (it was taken for dead at 4 s of skew).
+clock, is what says a worker is alive. The set's scores are on Redis' clock
+too (TIME, read inside a script on both sides), so no host's clock enters
+presence at all: a worker whose clock was a few seconds behind the API's was
+once taken for dead, and later one more than a minute behind still was.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import redis
@@ -29,10 +28,24 @@ from bailan.jobs import Keys
 STALE_S = 60.0
 
 
+# Redis' time in seconds, as a float (TIME answers seconds and microseconds as strings).
+_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+# KEYS[1] the set; ARGV: name, TTL in seconds.
+_SCORE = _NOW + "redis.call('ZADD', KEYS[1], string.format('%.6f', now + tonumber(ARGV[2])), ARGV[1])\n"
+# KEYS[1] the set; ARGV: how long a stale name stays. The names still within it.
+_NAMES = _NOW + """local stale = string.format('%.6f', now - tonumber(ARGV[1]))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. stale)
+return redis.call('ZRANGEBYSCORE', KEYS[1], stale, '+inf')
+"""
+# For scripts that find live workers themselves (app.store.records' snapshot): a Lua function,
+# `presence_since()`, the lowest score a live worker's name may have.
+LUA_PRESENCE_SINCE = f"local function presence_since()\n{_NOW}return now - {STALE_S!r}\nend\n"
+
+
 def publish(pipe: Any, name: str, payload: str, ttl_s: float) -> None:
     """Queue on `pipe` the writes that say worker `name` is alive for `ttl_s` seconds."""
     pipe.set(Keys.worker(name), payload, px=max(1, int(ttl_s * 1000)))
-    pipe.zadd(Keys.workers(), {name: time.time() + ttl_s})
+    pipe.eval(_SCORE, 1, Keys.workers(), name, repr(float(ttl_s)))
 
 
 def withdraw(conn: redis.Redis, name: str) -> None:
@@ -49,12 +62,7 @@ def _live_keys(names: list[bytes | str]) -> list[str]:
 
 def live(conn: redis.Redis) -> list[tuple[str, bytes]]:
     """(worker key, its JSON) for every worker whose presence holds: its key not expired."""
-    stale = time.time() - STALE_S
-    pipe = conn.pipeline(transaction=False)
-    pipe.zremrangebyscore(Keys.workers(), "-inf", stale)
-    pipe.zrangebyscore(Keys.workers(), stale, "+inf")
-    _, names = pipe.execute()
-    keys = _live_keys(names)
+    keys = _live_keys(conn.eval(_NAMES, 1, Keys.workers(), repr(STALE_S)))
     return [(key, raw) for key, raw in zip(keys, conn.mget(keys)) if raw is not None] if keys else []
 
 

@@ -1206,19 +1206,24 @@ def test_live_workers_are_found_without_scanning_the_keyspace(client: TestClient
     assert client.get("/readyz").status_code == 503
 
 
-def test_a_worker_whose_clock_lags_is_still_live(client: TestClient, redis_conn: redis.Redis) -> None:
-    """Guards against presence read on the reader's clock: a worker whose clock was more than
-    its presence TTL (4 s) behind the API's scored its entry in the past, so it was never
-    live (/readyz 503, no workers in /v1/models, no eta_s) while its key was alive in Redis.
-    The key's TTL, on Redis' clock, decides; a key expired is dead whatever its score."""
+def test_a_worker_whose_clock_lags_is_still_live(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against presence scored or read on a host's clock. Scored on the worker's and
+    read on the API's, a worker more than its presence TTL (4 s) behind was never live
+    (/readyz 503, no workers in /v1/models, no eta_s) while its key was alive in Redis;
+    later, read within a minute of the score, one more than a minute behind still was not.
+    Both sides now read Redis' TIME; the key's TTL, on Redis' clock too, decides."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # the worker's clock, an hour behind
     publish_worker(redis_conn, "lagging", samples_per_s=5.0, step_s=0.25, backlog=0)
-    redis_conn.zadd(Keys.workers(), {"lagging": time.time() - 20})  # its clock 50 s behind, TTL 30 s
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the API's, an hour ahead
     assert client.get("/readyz").json()["workers"] == 1
     assert [m["workers"] for m in client.get("/v1/models").json()["models"]] == [1]
     job = submit(client)
     assert client.get(f"/v1/jobs/{job['id']}").json()["eta_s"] is not None  # the snapshot script's read too
+    assert presence.any_live(redis_conn)  # the launcher's
     redis_conn.delete(Keys.worker("lagging"))  # its key expired: dead, though scored ahead
-    redis_conn.zadd(Keys.workers(), {"lagging": time.time() + 30})
     assert client.get("/readyz").status_code == 503
 
 

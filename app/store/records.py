@@ -206,9 +206,9 @@ if rq[1] == 'queued' and rq[2] then
   if model then served = redis.call('EXISTS', MODEL_LIVE_PREFIX .. model) end
   if position and ARGV[3] ~= '' then
     local workers = {}
-    -- Presence is the key's TTL (Redis' clock); the scores, the workers' clocks, only narrow
-    -- the names down (bailan.presence).
-    for _, name in ipairs(redis.call('ZRANGEBYSCORE', WORKERS_KEY, tonumber(ARGV[2]) - PRESENCE_STALE_S, '+inf')) do
+    -- Presence is the key's TTL; the scores (both on Redis' clock) only narrow the names
+    -- down (bailan.presence).
+    for _, name in ipairs(redis.call('ZRANGEBYSCORE', WORKERS_KEY, presence_since(), '+inf')) do
       local description = redis.call('GET', WORKER_PREFIX .. name)
       if description then
         table.insert(workers, name)
@@ -263,7 +263,7 @@ _SNAPSHOT = _lua_constants(
     WORKERS_KEY=Keys.workers(),
     WORKER_PREFIX=Keys.worker(""),
     MODELS_PREFIX=Keys.models(""),
-) + f"local PRESENCE_STALE_S = {presence.STALE_S!r}\n" + _SNAPSHOT_SOURCE
+) + presence.LUA_PRESENCE_SINCE + _SNAPSHOT_SOURCE
 
 
 @dataclass
