@@ -477,6 +477,30 @@ def test_the_file_is_keyed_by_what_the_compiled_code_depends_on(tmp_path: Path, 
     assert artifact_path(tmp_path, "unet", unet_forward, half.unet) != base
 
 
+@torch.inference_mode()
+def test_hosts_with_other_thread_counts_keep_their_own_files(inductor_cache: Path) -> None:
+    """Guards a compile cache shared by hosts with different CPU counts: dynamo's saved guards
+    check torch's thread count, which the file's name did not show, so each host loaded the
+    other's file, found it did not fit, removed it and compiled again, start after start."""
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    net, path = net_path(inductor_cache)
+    Precompiled("net", net_forward, net, path)(torch.randn(2, 3, 8, 8))
+    try:
+        torch.set_num_threads(other)
+        theirs = artifact_path(inductor_cache, "net", net_forward, net)
+        assert theirs != path
+        elsewhere = Precompiled("net", net_forward, net, theirs)
+        elsewhere(torch.randn(2, 3, 8, 8))
+        assert elsewhere.source == "compiled"
+    finally:
+        torch.set_num_threads(threads)
+    assert path.exists() and theirs.exists()
+    back = Precompiled("net", net_forward, net, artifact_path(inductor_cache, "net", net_forward, net))
+    back(torch.randn(2, 3, 8, 8))
+    assert back.source == "loaded"
+
+
 def test_the_file_is_named_the_same_by_every_process(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Guards a cache that never hits: a checkpoint whose config leaves settings to their defaults
     (an older diffusers wrote it) has diffusers list them in `_use_default_values` in a set's

@@ -96,6 +96,9 @@ def artifact_path(cache_dir: Path, name: str, forward: Callable[..., Any], modul
         "processors": sorted({type(p).__name__ for p in getattr(module, "attn_processors", {}).values()}),
         "forward": source,
         "conv_1x1_as_mm": inductor.conv_1x1_as_mm,
+        # dynamo's global-state guard checks torch's thread count: a cache shared by hosts with
+        # other CPU counts had each discard the other's file as not fitting, and compile again.
+        "threads": torch.get_num_threads(),
         "extra": extra or {},
     }
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
