@@ -1,7 +1,7 @@
 """Estimated wait: how long a queued job has left, from the workers' measured rates.
 
-Each worker measures its engine (worker.rates.StepMeter) and publishes, beside
-its heartbeat in its worker key (Keys.worker):
+Each worker measures its engine (worker.rates.StepMeter) and publishes, with
+its presence every tick in its worker key (Keys.worker):
 
 - `samples_per_s`: sample-steps per second while busy (one image of one job
   advancing one denoising step is one sample-step), an exponential moving average;
