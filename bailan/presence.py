@@ -11,7 +11,9 @@ database, every job record included, on every call.
 A dead worker's key expires by itself; its name is dropped from the set by
 the next reader once it is a minute stale. The key's TTL, kept by Redis' own
 clock, is what says a worker is alive. The set's scores are on Redis' clock
-too (bailan.redis_time), so no host's clock enters presence at all.
+too (TIME, read inside a script on both sides), so no host's clock enters
+presence at all: a worker whose clock was a few seconds behind the API's was
+once taken for dead, and later one more than a minute behind still was.
 """
 
 from __future__ import annotations
@@ -21,23 +23,29 @@ from typing import Any
 import redis
 
 from bailan.jobs import Keys
-from bailan.redis_time import LUA_NOW, add_expiring
 
 # How long a stale name stays in the set before a reader drops it (seconds).
 STALE_S = 60.0
 
 
+# Redis' time in seconds, as a float (TIME answers seconds and microseconds as strings).
+_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+# KEYS[1] the set; ARGV: name, TTL in seconds.
+_SCORE = _NOW + "redis.call('ZADD', KEYS[1], string.format('%.6f', now + tonumber(ARGV[2])), ARGV[1])\n"
 # KEYS[1] the set; ARGV: how long a stale name stays. The names still within it.
-_NAMES = LUA_NOW + """local stale = string.format('%.6f', now - tonumber(ARGV[1]))
+_NAMES = _NOW + """local stale = string.format('%.6f', now - tonumber(ARGV[1]))
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. stale)
 return redis.call('ZRANGEBYSCORE', KEYS[1], stale, '+inf')
 """
+# For scripts that find live workers themselves (app.store.records' snapshot): a Lua function,
+# `presence_since()`, the lowest score a live worker's name may have.
+LUA_PRESENCE_SINCE = f"local function presence_since()\n{_NOW}return now - {STALE_S!r}\nend\n"
 
 
 def publish(pipe: Any, name: str, payload: str, ttl_s: float) -> None:
     """Queue on `pipe` the writes that say worker `name` is alive for `ttl_s` seconds."""
     pipe.set(Keys.worker(name), payload, px=max(1, int(ttl_s * 1000)))
-    add_expiring(pipe, Keys.workers(), name, ttl_s)
+    pipe.eval(_SCORE, 1, Keys.workers(), name, repr(float(ttl_s)))
 
 
 def withdraw(conn: redis.Redis, name: str) -> None:

@@ -524,23 +524,3 @@ def test_a_queued_job_asked_to_cancel_ends_canceled_with_its_webhook(
     assert bridge.run("asked") == {"canceled": True}
     assert len(queued.get_job_ids()) == 1
     assert RecordField.finished_at in record(redis_conn, "asked")
-
-
-def test_previews_of_a_worker_whose_clock_lags_are_listed(
-    bridge: JobBridge, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Guards against preview expiry read across two hosts' clocks: the worker scored each
-    preview by its own clock, the API compared with its own, so a worker more than the
-    preview lifetime (10 min) behind its API stored previews no client ever saw (and one
-    ahead kept listing them after their blobs had gone). Both sides use Redis' TIME."""
-    import time
-
-    from app.store import records
-
-    real = time.time
-    submit(redis_conn, "lagging", preview_every=1)
-    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # the worker's clock, an hour behind
-    assert bridge.run("lagging") == {"images": 1}
-    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the API's, an hour ahead
-    snap = records.snapshot(redis_conn, "lagging")
-    assert snap is not None and snap.preview_steps == [1, 2]

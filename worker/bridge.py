@@ -25,7 +25,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from bailan import events, redis_time, webhooks
+from bailan import events, webhooks
 from bailan.blobs import BlobStore, image_key, open_store, preview_key
 from bailan.webhooks import WebhookEvent
 from bailan.jobs import ErrorCode, JobParams, Keys, RecordField, decode_record, dumps, now
@@ -415,7 +415,7 @@ class JobBridge:
             self.blobs.put(preview_key(job_id, step), data, ttl)
             pipe = webhooks.transaction(self.connection)
             # Scored by expiry: the API lists the steps whose blobs are still there without looking.
-            redis_time.add_expiring(pipe, Keys.previews(job_id), str(step), ttl)
+            pipe.zadd(Keys.previews(job_id), {str(step): now() + ttl})
             pipe.expire(Keys.previews(job_id), max(ttl, self.settings.result_ttl_s))
             events.notify(pipe, job_id)  # event streams: look again
             with self.lock:

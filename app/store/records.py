@@ -40,7 +40,6 @@ from bailan.jobs import (
     public_state,
 )
 from bailan import events, presence, webhooks
-from bailan.redis_time import LUA_REDIS_NOW
 from bailan.blobs import BlobStore, image_key, preview_key
 from bailan.keys import ANONYMOUS
 from bailan.metrics import field, metrics_key
@@ -190,14 +189,14 @@ class ClaimLost(Exception):
 # queued job whose base queue is given, what its wait estimate needs (app.store.wait): the
 # live workers' descriptions, and the lengths of the other queues served with its own (its
 # base queues, the model's and the plain one, and their API keys' queues: bailan.queues).
-# KEYS: record, RQ job hash, preview steps. ARGV: job id, base queue ("": no wait inputs).
-# Expiry scores are compared with Redis' own time (bailan.redis_time), not the API's. The key layout's fixed parts are written into the source (_lua_constants):
+# KEYS: record, RQ job hash, preview steps. ARGV: job id, now (unix s), base queue ("": no
+# wait inputs). The key layout's fixed parts are written into the source (_lua_constants):
 # each argument costs the API's client an encoding on every poll.
 _SNAPSHOT_SOURCE = """
 local record = redis.call('HGETALL', KEYS[1])
 if #record == 0 then return false end
 local rq = redis.call('HMGET', KEYS[2], 'status', 'origin')
-local alive = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. string.format('%.6f', redis_now()), '+inf')
+local alive = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')
 local position = false
 local served = false
 local waiting = false
@@ -205,25 +204,25 @@ if rq[1] == 'queued' and rq[2] then
   position = redis.call('LPOS', RQ_QUEUE_PREFIX .. rq[2], ARGV[1])
   local model = redis.call('HGET', KEYS[1], 'model')
   if model then served = redis.call('EXISTS', MODEL_LIVE_PREFIX .. model) end
-  if position and ARGV[2] ~= '' then
+  if position and ARGV[3] ~= '' then
     local workers = {}
     -- Presence is the key's TTL; the scores (both on Redis' clock) only narrow the names
     -- down (bailan.presence).
-    for _, name in ipairs(redis.call('ZRANGEBYSCORE', WORKERS_KEY, redis_now() - PRESENCE_STALE_S, '+inf')) do
+    for _, name in ipairs(redis.call('ZRANGEBYSCORE', WORKERS_KEY, presence_since(), '+inf')) do
       local description = redis.call('GET', WORKER_PREFIX .. name)
       if description then
         table.insert(workers, name)
         table.insert(workers, description)
       end
     end
-    local roots = {ARGV[2]}
+    local roots = {ARGV[3]}
     if model then
-      table.insert(roots, ARGV[2] .. MODEL_QUEUE_INFIX .. model)
+      table.insert(roots, ARGV[3] .. MODEL_QUEUE_INFIX .. model)
     else
       -- Every worker counts for a job that names no model, and each splits its turns between
       -- the plain queue and its model's: every model's queue is work ahead of it too.
-      for _, name in ipairs(redis.call('SMEMBERS', MODELS_PREFIX .. ARGV[2])) do
-        table.insert(roots, ARGV[2] .. MODEL_QUEUE_INFIX .. name)
+      for _, name in ipairs(redis.call('SMEMBERS', MODELS_PREFIX .. ARGV[3])) do
+        table.insert(roots, ARGV[3] .. MODEL_QUEUE_INFIX .. name)
       end
     end
     local seen = {[rq[2]] = true}
@@ -264,7 +263,7 @@ _SNAPSHOT = _lua_constants(
     WORKERS_KEY=Keys.workers(),
     WORKER_PREFIX=Keys.worker(""),
     MODELS_PREFIX=Keys.models(""),
-) + f"local PRESENCE_STALE_S = {presence.STALE_S!r}\n" + LUA_REDIS_NOW + _SNAPSHOT_SOURCE
+) + presence.LUA_PRESENCE_SINCE + _SNAPSHOT_SOURCE
 
 
 @dataclass
@@ -313,7 +312,7 @@ RawSnapshot = Any
 
 
 def _snapshot_args(job_id: str, base: str | None) -> tuple[list[str], list[str]]:
-    return [Keys.job(job_id), Job.key_for(job_id), Keys.previews(job_id)], [job_id, base or ""]
+    return [Keys.job(job_id), Job.key_for(job_id), Keys.previews(job_id)], [job_id, repr(now()), base or ""]
 
 
 def _text(value: bytes | str | None) -> str | None:
