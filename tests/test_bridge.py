@@ -501,9 +501,10 @@ def test_an_end_whose_reply_was_lost_is_not_taken_for_anothers(
 
 
 def test_a_job_the_api_already_canceled_is_not_ended_twice(bridge: JobBridge, redis_conn: redis.Redis) -> None:
-    """Guards against a second `completed` webhook under one id: the API's cancel ended a queued
-    job (record, webhook) but the reply to that transaction was lost, so it pushed the job
-    back to its queue; the worker that took it ended it canceled again and queued another."""
+    """Guards against a second `completed` webhook under one id (and a second count of the
+    job as canceled): the API's cancel ended a queued job (record, webhook, count) but the
+    reply to that transaction was lost, so it pushed the job back to its queue; the worker
+    that took it ended it canceled again and queued another."""
     submit(redis_conn, "twice", webhook_url="https://example.com/hook")
     ended = repr(now())
     redis_conn.hset(Keys.job("twice"), mapping={RecordField.cancel_requested: ended, RecordField.finished_at: ended})
@@ -511,6 +512,8 @@ def test_a_job_the_api_already_canceled_is_not_ended_twice(bridge: JobBridge, re
     assert bridge.run("twice") == {"canceled": True}
     assert queued.get_job_ids() == []
     assert record(redis_conn, "twice")[RecordField.finished_at] == ended
+    # The API counted it when it ended it: counted here too, it was two jobs canceled.
+    assert "bailan_jobs_finished_total" not in str(bridge.tally.take())
 
 
 def test_a_queued_job_asked_to_cancel_ends_canceled_with_its_webhook(
@@ -523,4 +526,5 @@ def test_a_queued_job_asked_to_cancel_ends_canceled_with_its_webhook(
     queued = Queue(bridge.hooks.queue, connection=redis_conn, serializer=JSONSerializer)
     assert bridge.run("asked") == {"canceled": True}
     assert len(queued.get_job_ids()) == 1
+    assert "status=canceled" in str(bridge.tally.take())
     assert RecordField.finished_at in record(redis_conn, "asked")

@@ -47,6 +47,10 @@ class ExceedsDeviceLimits(Exception):
     """A job over this worker's caps on size or steps (bailan.caps)."""
 
 
+class EndedCanceled(Exception):
+    """The job's record shows it ended canceled already: only RQ has yet to hear it."""
+
+
 class Superseded(Exception):
     """The job's record no longer shows this attempt (a reaper requeued or failed it while
     this worker could not reach Redis): its outcome is not written."""
@@ -125,6 +129,9 @@ class JobBridge:
             raise  # not an outcome: the process exits and the reaper requeues the job
         except Superseded as exc:
             return self._superseded(exc)
+        except EndedCanceled:
+            log.info("job already ended canceled by the API; ending it in RQ alone")
+            return CANCELED_RESULT
         except Exception as exc:
             code = getattr(exc, "bailan_error_code", None)
             if code is None:
@@ -174,11 +181,12 @@ class JobBridge:
             with self.lock:
                 self.hooked[job_id] = params
         if record.get(RecordField.cancel_requested):
-            if not record.get(RecordField.finished_at):
-                self._finish_record(job_id, {})
-            # Else the API ended it canceled already, and pushed it back only because that
-            # end's reply was lost (app.store.records.cancel): ending it again would send a
-            # second `completed` webhook under the same id.
+            if record.get(RecordField.finished_at):
+                # The API ended it canceled already, and pushed it back only because that end's
+                # reply was lost (app.store.records.cancel): ending it again would send a second
+                # `completed` webhook under the same id, and count it twice.
+                raise EndedCanceled
+            self._finish_record(job_id, {})
             return CANCELED_RESULT
         try:
             created = float(record.get(RecordField.created_at) or "nan")
