@@ -20,6 +20,7 @@ This process only supervises: it must never import torch (a test checks).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -514,6 +515,7 @@ def supervise(
             if code is None:
                 continue
             why = f"the {child.name} (pid {child.process.pid}) exited with {describe_exit(code)}"
+            kill_group(child)  # its orphans (a crashed uvicorn's workers) must not outlive it
             delay = child.restarts.after_exit(settings)
             if delay is None:
                 return f"{why}, {settings.restart_limit} times in a row within {settings.restart_window_s:g} s of its start"
@@ -569,10 +571,21 @@ def stop_children(children: list[Child], stop: Stop) -> list[Child]:
     for child in killed:
         reason = "on a second Ctrl-C" if stop.force else f"still running {STOP_TIMEOUT_S:.0f} s after SIGTERM"
         print(f"bailan: killing the {child.name} (pid {child.process.pid}), {reason}", file=sys.stderr)
-        child.process.kill()
+        kill_group(child)
     for child in children:
         child.process.wait()
+        kill_group(child)  # what a child that ended left behind in its group
     return killed
+
+
+def kill_group(child: Child) -> None:
+    """SIGKILL the child's whole process group (spawn gives each its own). The child alone
+    would leave its own children running: uvicorn's worker processes under
+    BAILAN_API_PROCESSES, still draining event streams after their SIGTERM."""
+    # The group's id is the child's pid; Linux does not reuse a pid while a group of that id
+    # exists, so this reaches no stranger. An empty group answers ProcessLookupError.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.process.pid, signal.SIGKILL)
 
 
 def child_env(settings: LaunchSettings) -> dict[str, str]:

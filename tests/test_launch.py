@@ -509,3 +509,65 @@ def test_a_child_that_keeps_crashing_ends_the_launch(tmp_path: Path) -> None:
         assert http_status(f"{handle.base}/healthz") is None
     finally:
         running.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (dead, not yet reaped by its parent) counts as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def test_a_killed_child_takes_its_own_children_with_it(tmp_path: Path) -> None:
+    """Guards against processes left running after a forced stop or a crash: a child was
+    killed alone (SIGKILL to its pid), so its own children, such as uvicorn's workers under
+    BAILAN_API_PROCESSES still draining event streams after their SIGTERM, outlived the
+    launcher. The child's whole process group goes."""
+    from bailan.launch import Stop, spawn, stop_children
+
+    grandchild_pid = tmp_path / "grandchild.pid"
+    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); "
+            f"open({str(grandchild_pid)!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    child = spawn("api", [sys.executable, "-c", code], dict(os.environ))
+    deadline = time.monotonic() + 30
+    while not (grandchild_pid.exists() and grandchild_pid.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(grandchild_pid.read_text())
+    stop = Stop()
+    stop.force = True  # a second Ctrl-C: kill at once
+    assert stop_children([child], stop) == [child]
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_a_crashed_childs_orphans_go_before_its_restart(tmp_path: Path) -> None:
+    """Guards against a crashed child's own children (a uvicorn master's workers) living on
+    beside the child started in its place, holding its port and its memory."""
+    from bailan.launch import Stop, spawn, supervise
+
+    grandchild_pid = tmp_path / "grandchild.pid"
+    code = ("import signal, subprocess, sys; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); "
+            f"open({str(grandchild_pid)!r}, 'w').write(str(p.pid)); sys.exit(1)")
+    child = spawn("api", [sys.executable, "-c", code], dict(os.environ))
+    stop = Stop()
+
+    def tick() -> None:
+        if child.restarts.restart_at is not None:  # the crash was seen and a restart planned
+            stop.signum = signal.SIGTERM
+
+    assert supervise([child], None, stop, tick, LaunchSettings(restart_backoff_s=30)) is None
+    grandchild = int(grandchild_pid.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
