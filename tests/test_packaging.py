@@ -101,6 +101,33 @@ def test_compose_api_and_worker_share_one_image(compose: dict[str, Any]) -> None
     assert worker["command"] == ["python", "-m", "worker"]
 
 
+def test_the_images_api_runs_with_the_launchers_limits() -> None:
+    """Guards against the container's API under bare uvicorn: no header cap (httptools), no
+    concurrency limit, every BAILAN_API_* ignored. Its command is `python -m app` (app.server),
+    listening on every address of the container."""
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    assert [line for line in lines if line.startswith("CMD ")] == ['CMD ["python", "-m", "app"]']
+    env = " ".join(line for line in lines if line.startswith("ENV ") or line.startswith("BAILAN_"))
+    assert "BAILAN_HOST=0.0.0.0" in env and "BAILAN_PORT=8000" in env
+
+
+def test_compose_services_stop_cleanly_and_redis_drops_root(compose: dict[str, Any]) -> None:
+    """Guards against a stop that waits out the grace period: `python -m worker` as PID 1 ignores
+    SIGTERM until its handler is in (after the model loads); and against Redis run as root (the
+    image drops to its redis user only through its entrypoint, which `sh -c` skipped)."""
+    for name in ("api", "worker", "webhooks"):
+        assert compose["services"][name]["init"] is True, name
+    command = " ".join(compose["services"]["redis"]["command"])
+    assert "exec docker-entrypoint.sh redis-server " in command
+
+
+def test_the_image_carries_only_the_built_in_model() -> None:
+    """Guards against a `docker compose build` copying every model under ./models (gigabytes;
+    they reach the worker as a read-only mount) into the image."""
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "models/*" in ignored and "!models/bailan-shapes" in ignored
+
+
 def test_compose_worker_reserves_a_gpu_and_scales(compose: dict[str, Any]) -> None:
     worker = compose["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
@@ -110,6 +137,8 @@ def test_compose_worker_reserves_a_gpu_and_scales(compose: dict[str, Any]) -> No
     assert "ports" not in worker
     # An empty BAILAN_MODEL would be read as a path; unset must stay unset.
     assert worker["environment"].get("BAILAN_MODEL") is None
+    # A worker without a usable GPU exits saying so, rather than serving on the CPU.
+    assert worker["environment"]["BAILAN_DEVICE"] == "${BAILAN_DEVICE:-cuda}"
 
 
 def test_ci_runs_make_test() -> None:

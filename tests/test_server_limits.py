@@ -1,4 +1,5 @@
-"""The API's HTTP server limits as `make run` starts it, and its banner's word on API keys."""
+"""The API's HTTP server limits as `make run` and `python -m app` (the container's command)
+start it, and the banner's word on API keys."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bailan.launch import LaunchSettings, auth_line, banner, uvicorn_limits
+from app.server import uvicorn_limits
+from bailan.launch import LaunchSettings, auth_line, banner
 from tests.test_e2e import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +47,12 @@ def test_banner_announces_open_mode(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_api_under_the_launchers_limits_refuses_huge_headers(redis_url: str, tmp_path: Path) -> None:
     """Guards: a client sending megabytes of headers (or dripping them) being buffered without bound;
-    with the launcher's options the API answers 400 past BAILAN_API_MAX_HEADER_BYTES."""
+    with the launcher's options the API answers 400 past BAILAN_API_MAX_HEADER_BYTES. Started as
+    the container image starts it, `python -m app`, which once ran uvicorn with none of them."""
     port = free_port()
-    env = {**os.environ, "BAILAN_REDIS_URL": redis_url, "BAILAN_API_MAX_HEADER_BYTES": "8192"}
-    argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-            *uvicorn_limits(LaunchSettings(_env_file=None, api_max_header_bytes=8192))]
+    env = {**os.environ, "BAILAN_REDIS_URL": redis_url, "BAILAN_API_MAX_HEADER_BYTES": "8192",
+           "BAILAN_PORT": str(port), "BAILAN_HOST": "127.0.0.1"}
+    argv = [sys.executable, "-m", "app"]
     with (tmp_path / "api.log").open("wb") as log:
         api = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
