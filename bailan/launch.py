@@ -346,6 +346,19 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the API could not listen on (host, port), or None: tried the way uvicorn binds
+    (SO_REUSEADDR), so a port left in TIME_WAIT by our own last run counts as free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def auth_line() -> str:
     """The banner's word on API keys: open mode must never go unnoticed."""
     keys_file = os.environ.get("BAILAN_API_KEYS_FILE")
@@ -561,6 +574,13 @@ def main() -> int:
     except ValidationError as exc:
         print(f"bailan: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    taken = port_taken(settings.host, settings.port)
+    if taken is not None:
+        # Else uvicorn failed to start behind our back while the port answered for another
+        # program, and the banner said Bailan was up there.
+        print(f"bailan: cannot serve on {settings.host}:{settings.port} ({taken}): another program, or another "
+              "`make run`, has it; stop it or set BAILAN_PORT", file=sys.stderr)
+        return 1
     stop = Stop()
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)

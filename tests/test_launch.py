@@ -572,3 +572,21 @@ def test_a_crashed_childs_orphans_go_before_its_restart(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert not _alive(grandchild)
 
+
+def test_a_taken_port_stops_the_launch_before_anything_starts(tmp_path: Path) -> None:
+    """Guards against a false "Bailan is up": with BAILAN_PORT held by another program, the
+    API crashed and was restarted in a loop while the launcher, finding the port answering,
+    printed its banner (and "ready" once the worker registered) for the other program."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        running = launched(tmp_path, BAILAN_PORT=str(port))
+        handle = next(running)
+        try:
+            assert handle.wait_exit(60) == 1
+            output = handle.output()
+            assert f"cannot serve on 127.0.0.1:{port}" in output and "BAILAN_PORT" in output, output[-2000:]
+            assert "is up at" not in output and not (tmp_path / "valkey").exists()
+        finally:
+            running.close()
