@@ -9,6 +9,11 @@ STAMP := $(VENV)/.bailan-installed
 # Without a GPU, this torch is installed before anything else: an unpinned
 # torch would pull a multi-GB CUDA build that a CPU-only machine can't use.
 CPU_TORCH ?= torch==2.13.0
+# Where that CPU build comes from when this machine has none on disk: PyPI's
+# Linux x86_64 torch is the CUDA build (several GB of NVIDIA libraries). Asked
+# only when it answers within seconds (offline machines use their own wheels);
+# empty: plain pip, as configured.
+CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
@@ -32,8 +37,12 @@ $(STAMP): pyproject.toml
 	elif $(PY) -m pip show torch >/dev/null 2>&1; then \
 		echo "==> no GPU; keeping the installed torch"; \
 	else \
-		echo "==> no GPU: installing $(CPU_TORCH) (CPU build) first; this takes a minute"; \
-		$(PY) -m pip install --quiet --disable-pip-version-check "$(CPU_TORCH)"; \
+		index=""; \
+		if [ -n "$(CPU_TORCH_INDEX)" ] && $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=5)" "$(CPU_TORCH_INDEX)" >/dev/null 2>&1; then \
+			index="--index-url $(CPU_TORCH_INDEX)"; \
+		fi; \
+		echo "==> no GPU: installing $(CPU_TORCH) (CPU build$${index:+, from $(CPU_TORCH_INDEX)}) first; this takes a minute"; \
+		$(PY) -m pip install --quiet --disable-pip-version-check $$index "$(CPU_TORCH)"; \
 	fi
 	@echo "==> installing bailan, its trainer's and test tools into $(VENV)"
 	@# One venv serves run, test and train: the train extra is the trainer's
