@@ -25,6 +25,9 @@ SEED_MAX = 2**32 - 1
 # size cap that is not one would advertise a maximum no request could reach.
 SIZE_MULTIPLE = 8
 DEFAULT_STEPS = 25
+# The most steps any setting may allow (BAILAN_MAX_STEPS' own bound), and so the largest
+# preview_every that means anything: one beyond the steps asks for no preview.
+STEPS_HARD_MAX = 100_000
 # A model's name is its directory's name; it becomes part of Redis keys.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MODEL_NAME_MAX = 64
@@ -230,7 +233,7 @@ class JobRequest(BaseModel):
         description=f"Images to generate, 1–{MAX_IMAGES}; image i uses seed + i.",
     )
     preview_every: int = Field(
-        5, ge=0, description="Steps between intermediate JPEG previews; 0 disables them."
+        5, ge=0, le=STEPS_HARD_MAX, description="Steps between intermediate JPEG previews; 0 disables them."
     )
     preview_kind: PreviewKind = Field(
         PreviewKind.x0,

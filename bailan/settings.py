@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bailan.jobs import URL_HARD_MAX_CHARS
+from bailan.jobs import STEPS_HARD_MAX, URL_HARD_MAX_CHARS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -72,7 +72,7 @@ class SharedSettings(BaseSettings):
     )
     preview_ttl_s: int = Field(3600, ge=1, description="Seconds intermediate previews are kept.")
     # The API refuses more; the worker sizes each slot's schedule table by it.
-    max_steps: int = Field(150, ge=1, le=100_000, description="Most denoising steps a request may ask for.")
+    max_steps: int = Field(150, ge=1, le=STEPS_HARD_MAX, description="Most denoising steps a request may ask for.")
     blob_dir: Path = Field(
         Path(".run/blobs"),
         description=(

@@ -163,6 +163,9 @@ def test_size_defaults_to_live_worker_native_size(client: TestClient, redis_conn
         ({"prompt": "x", "output_format": "gif"}, ["body", "output_format"]),
         ({"prompt": "x", "seed": 2**32}, ["body", "seed"]),
         ({"prompt": "x", "preview_every": -1}, ["body", "preview_every"]),
+        # Past int64 it failed the worker's whole batch; any value past the steps means no preview.
+        ({"prompt": "x", "preview_every": 2**63}, ["body", "preview_every"]),
+        ({"prompt": "x", "preview_every": 100_001}, ["body", "preview_every"]),
         # A check across two fields names the later one (it was ["body"], naming none).
         ({"prompt": "x", "seed": 2**32 - 2, "num_images": 4}, ["body", "num_images"]),
     ],

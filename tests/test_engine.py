@@ -320,6 +320,28 @@ def test_a_canceled_job_waiting_behind_one_that_does_not_fit_ends_at_once(model:
     assert running.future.result(timeout=0) and head.future.result(timeout=0)
 
 
+def test_a_job_the_batch_cannot_hold_fails_alone(engine: Engine) -> None:
+    """Guards against one job's admission failing its batch: a preview_every past int64 (the
+    API once took any size) raised OverflowError out of the scheduler's admission, which failed
+    every running job and left that job's own future unresolved, its slot waiting for ever.
+    It fails by itself, leaves no slot taken, and the others run on."""
+    running = make_job("running", steps=8, num_images=2)
+    engine.submit(running)
+    engine.step_once()
+    bad = make_job("bad", preview_every=2**63, num_images=2)
+    engine.submit(bad)
+    engine.step_once()
+    with pytest.raises(OverflowError):
+        bad.future.result(timeout=0)
+    assert engine.scheduler.active_samples() == 2  # `running`'s
+    # Nor held by a slot it half took (its images, its future, until the slot's next job).
+    assert all(held is not bad for pool in engine.scheduler.pools.values() for held in pool.jobs)
+    after = make_job("after", seed=3)
+    engine.submit(after)
+    engine.run_until_idle()
+    assert running.future.result(timeout=0) and after.future.result(timeout=0)
+
+
 def test_cancel_stops_a_running_job_at_the_next_step(engine: Engine) -> None:
     """Guards against cancel being ignored until the job ends, or stopping its batch-mates."""
     victim = make_job("v", steps=50)

@@ -93,18 +93,24 @@ class Pool:
         return int(self.active.sum())
 
     def take(self, job: GenerationJob) -> list[int]:
+        """Slots for the job's images; all or none: a value its arrays cannot hold (an integer
+        past int64) raises with no slot left taken."""
         free = np.flatnonzero(~self.active)[: job.num_images]
-        for image, slot in enumerate(free):
-            self.jobs[slot] = job
-            self.image[slot] = image
-            self.first[slot] = self.step[slot] = job.start_step
-            self.total[slot] = job.steps
-            self.guided[slot] = job.guided
-            # Previews show the job's first image only.
-            self.preview_every[slot] = job.preview_every if image == 0 else 0
-            self.full_decode[slot] = job.preview_full_decode
-            self.preview_x0[slot] = job.preview_kind == "x0"
-            self.active[slot] = True
+        try:
+            for image, slot in enumerate(free):
+                self.jobs[slot] = job
+                self.image[slot] = image
+                self.first[slot] = self.step[slot] = job.start_step
+                self.total[slot] = job.steps
+                self.guided[slot] = job.guided
+                # Previews show the job's first image only.
+                self.preview_every[slot] = job.preview_every if image == 0 else 0
+                self.full_decode[slot] = job.preview_full_decode
+                self.preview_x0[slot] = job.preview_kind == "x0"
+                self.active[slot] = True
+        except Exception:
+            self.release(free)
+            raise
         return [int(s) for s in free]
 
     def release(self, slots: np.ndarray | list[int]) -> None:
@@ -173,9 +179,16 @@ class BatchScheduler:
             pool = self.pools.get(size)
             if pool is None:
                 pool = self.pools[size] = Pool(size, self.max_batch)
+            try:
+                slots = pool.take(job)
+            except Exception as exc:  # noqa: BLE001 - this job's own failure, not its batch-mates'
+                # Raised out of here, it failed every running job and left this one's future
+                # unresolved: its slot thread waited for ever.
+                job.future.set_exception(exc)
+                continue
             entry = admitted.setdefault(size, Admission(size, [], []))
             entry.jobs.append(job)
-            entry.slots.append(pool.take(job))
+            entry.slots.append(slots)
             used += job.num_images
         return list(admitted.values())
 
