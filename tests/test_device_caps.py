@@ -78,6 +78,23 @@ def test_api_refuses_what_no_live_worker_takes_naming_the_field(
     assert client.post("/v1/jobs", json={"prompt": "x", "width": 1024, "height": 1024}).status_code == 202
 
 
+def test_api_refuses_more_images_than_any_live_workers_batch(client: TestClient, redis_conn: redis.Redis) -> None:
+    """Guards against a job of 3 or 4 images (the API's own range) accepted when every live
+    worker batches at most 2 (a GPU under 14 GiB, or BAILAN_MAX_BATCH=2): it waited its turn,
+    then its worker failed it as invalid_for_model."""
+    redis_conn.flushdb()
+    info = {"model": "tiny", "width": 128, "height": 128, "worker": "small-gpu", "device": "cuda:0",
+            "dtype": "float16", "max_batch": 2, "caps": {"max_pixels": None, "max_steps": None}}
+    announce(redis_conn, "small-gpu", json.dumps(info))
+    assert client.post("/v1/jobs", json={"prompt": "x", "num_images": 2}).status_code == 202
+    r = client.post("/v1/jobs", json={"prompt": "x", "num_images": 3})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", "num_images"] and "batch of 2" in detail["msg"]
+    announce(redis_conn, "big-gpu", json.dumps({**info, "worker": "big-gpu", "max_batch": 8}))
+    assert client.post("/v1/jobs", json={"prompt": "x", "num_images": 3}).status_code == 202
+
+
 def test_a_cpu_worker_fails_a_job_over_its_caps_with_a_clear_code(
     redis_url: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -213,8 +213,9 @@ def _check_img2img_steps(request: JobRequest, params: JobParams) -> None:
 
 
 def _check_device_caps(workers: list[WorkerInfo], request: JobRequest, params: JobParams) -> None:
-    """A 422 for a job no live worker would take (bailan.caps: a CPU worker's size and steps caps)."""
-    refusal = device_refusal(workers, params.width, params.height, params.steps)
+    """A 422 for a job no live worker would take (bailan.caps: a CPU worker's size and steps caps;
+    more images than any worker's batch, which a worker with less GPU memory keeps small)."""
+    refusal = device_refusal(workers, params.width, params.height, params.steps, params.num_images)
     if refusal is None:
         return
     field, reason = refusal

@@ -167,9 +167,11 @@ def serving(workers: list[WorkerInfo], model: str | None) -> list[WorkerInfo]:
     return workers if model is None else [w for w in workers if w.model == model]
 
 
-def device_refusal(workers: list[WorkerInfo], width: int | None, height: int | None, steps: int) -> tuple[str, str] | None:
-    """(field, reason) when live workers exist and none of them takes a job this size and this
-    many steps (bailan.caps); None when one does, or when none is alive (a job may wait for one)."""
+def device_refusal(workers: list[WorkerInfo], width: int | None, height: int | None, steps: int,
+                   num_images: int = 1) -> tuple[str, str] | None:
+    """(field, reason) when live workers exist and none of them takes a job this size, this
+    many steps (bailan.caps) and this many images (a job's images run in one batch, so at most
+    a worker's max_batch); None when one does, or when none is alive (a job may wait for one)."""
     if not workers:
         return None
     refusals = []
@@ -177,6 +179,8 @@ def device_refusal(workers: list[WorkerInfo], width: int | None, height: int | N
         # A size the request left to the worker is its model's native size.
         w, h = width or worker.width, height or worker.height
         refusal = worker.caps.refusal(w or 0, h or 0, steps)
+        if refusal is None and worker.max_batch and num_images > worker.max_batch:
+            refusal = "num_images", f"num_images = {num_images} exceeds a batch of {worker.max_batch} images"
         if refusal is None:
             return None
         refusals.append((refusal, worker))
