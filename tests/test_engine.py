@@ -342,6 +342,31 @@ def test_a_job_the_batch_cannot_hold_fails_alone(engine: Engine) -> None:
     assert running.future.result(timeout=0) and after.future.result(timeout=0)
 
 
+def test_slots_waiting_for_room_hear_of_a_canceled_job_dropped_at_admission(model: LoadedModel) -> None:
+    """Guards against room freed unheard: a job canceled while it waited, dropped when its turn
+    came, woke no slot waiting for room (only ends and the cancel sweep did), so the worker
+    took its next job up to half a second late."""
+    engine = Engine(model, max_batch=2)
+    running = make_job("running", steps=40)
+    engine.submit(running)
+    engine.step_once()
+    head = make_job("head", steps=4)
+    engine.submit(head)
+    assert not engine.has_room()
+    head.cancel_requested.set()
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(engine.wait_for_room(60)))
+    waiter.start()
+    time.sleep(0.2)  # the waiter is asleep on the condition
+    engine.step_once()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and woke == [True]
+    with pytest.raises(JobCanceled):
+        head.future.result(timeout=0)
+    running.cancel_requested.set()
+    engine.run_until_idle()
+
+
 def test_cancel_stops_a_running_job_at_the_next_step(engine: Engine) -> None:
     """Guards against cancel being ignored until the job ends, or stopping its batch-mates."""
     victim = make_job("v", steps=50)

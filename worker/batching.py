@@ -133,6 +133,7 @@ class BatchScheduler:
         self._incoming: queue.SimpleQueue[tuple[GenerationJob, Size]] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, Size]] = deque()
         self._last_size: Size | None = None
+        self._left_unadmitted = 0
 
     # ---- from any thread ------------------------------------------------------
 
@@ -172,6 +173,7 @@ class BatchScheduler:
             if job.cancel_requested.is_set():
                 self._waiting.popleft()
                 job.future.set_exception(JobCanceled())
+                self._left_unadmitted += 1
                 continue
             if used + job.num_images > self.max_batch:
                 break
@@ -185,12 +187,19 @@ class BatchScheduler:
                 # Raised out of here, it failed every running job and left this one's future
                 # unresolved: its slot thread waited for ever.
                 job.future.set_exception(exc)
+                self._left_unadmitted += 1
                 continue
             entry = admitted.setdefault(size, Admission(size, [], []))
             entry.jobs.append(job)
             entry.slots.append(slots)
             used += job.num_images
         return list(admitted.values())
+
+    def left_unadmitted(self) -> int:
+        """Jobs admission ended without a slot (canceled first, or failed) since the last call:
+        room freed that slots waiting for it must hear of."""
+        count, self._left_unadmitted = self._left_unadmitted, 0
+        return count
 
     def idle_sizes(self) -> list[Size]:
         """Sizes whose pool no job holds a slot in, oldest pool first."""

@@ -207,7 +207,7 @@ class Engine:
         canceled = self.scheduler.canceled()
         for job in canceled:
             job.future.set_exception(JobCanceled())
-        if canceled:
+        if canceled or self.scheduler.left_unadmitted():
             self._room_freed()
         plan = self.scheduler.plan()
         if plan is None:
