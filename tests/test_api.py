@@ -986,6 +986,59 @@ def test_idempotency_key_released_when_submit_fails(redis_url: str, redis_conn: 
         assert r.status_code == 202
 
 
+def test_a_submit_whose_reply_timed_out_is_replayed_not_queued_again(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against the case Idempotency-Key exists for: Redis ran the submit's transaction
+    and its reply timed out (a stall past BAILAN_REDIS_TIMEOUT_S). The API answered 503 and
+    deleted the key's claim, so the client's retry with the key queued a second job."""
+    from app.store import records
+
+    real_submit = records.submit
+
+    def timed_out(*args: Any, **kwargs: Any) -> str:
+        real_submit(*args, **kwargs)
+        raise redis.TimeoutError("injected: the reply to an applied EXEC timed out")
+
+    monkeypatch.setattr(records, "submit", timed_out)
+    headers = {"Idempotency-Key": "stalled"}
+    assert client.post("/v1/jobs", json={"prompt": "x"}, headers=headers).status_code == 503
+    monkeypatch.undo()
+    retry = client.post("/v1/jobs", json={"prompt": "x"}, headers=headers)
+    assert retry.status_code == 200 and retry.headers["idempotent-replayed"] == "true", retry.text
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [retry.json()["id"].encode()]
+
+
+def test_a_retry_is_replayed_whatever_changed_since_its_first_submit(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    """Guards against a retry refused although its job was made: the key was looked up only
+    after the checks that read what may change between two tries (the live workers' caps; the
+    server's default model, which also entered the fingerprint), so a retry after the only
+    GPU worker died got a 422 on its width, and one after BAILAN_DEFAULT_MODEL changed (or
+    through another API replica) a 422 'key reused with another body'."""
+    headers = {"Idempotency-Key": "retry-later"}
+    body = {"prompt": "x", "width": 1024, "height": 1024}
+    publish_worker(redis_conn, "gpu", width=512, height=512)
+    with client_for(make_settings(redis_url)) as c:
+        first = c.post("/v1/jobs", json=body, headers=headers)
+        assert first.status_code == 202, first.text
+        presence.withdraw(redis_conn, "gpu")
+        publish_worker(redis_conn, "cpu", width=512, height=512, device="cpu",
+                       caps={"max_pixels": 512 * 512, "max_steps": 50})
+        assert c.post("/v1/jobs", json={**body, "prompt": "y"}).status_code == 422  # as a new job: refused
+        again = c.post("/v1/jobs", json=body, headers=headers)
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+
+    other = {"Idempotency-Key": "another-default"}
+    with client_for(make_settings(redis_url, default_model="alpha")) as c:
+        first = c.post("/v1/jobs", json={"prompt": "z"}, headers=other)
+        assert first.status_code == 202, first.text
+    with client_for(make_settings(redis_url, default_model="beta")) as c:
+        again = c.post("/v1/jobs", json={"prompt": "z"}, headers=other)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+
+
 def test_idempotency_key_of_expired_job_starts_a_new_one(client: TestClient, redis_conn: redis.Redis) -> None:
     """Guards: a key whose job expired answering 409 'in progress' forever."""
     headers = {"Idempotency-Key": "k2"}

@@ -306,7 +306,7 @@ def _pick_model(
 class Submitted(NamedTuple):
     job_id: str
     replayed: bool  # an earlier request with the same Idempotency-Key made it
-    params: JobParams  # as resolved (a replay: this request's, not the first one's)
+    params: JobParams | None  # as resolved; None for a replay, which resolves nothing
 
 
 def submit_job_request(
@@ -328,22 +328,29 @@ def submit_job_request(
     (a field), HTTPException (409 key in flight, 429 limits).
     """
     workers = workers if workers is not None else live_workers(conn)
-    body = _pick_model(settings, conn, body, workers)
-    init, mask, width, height = inputs.check_inputs(
-        body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes, settings.max_image_pixels
-    )
-    params = records.resolve_params(body, conn, width, height, init, mask, workers)
-    if finish is not None:
-        params = finish(params)
-    _check_sides(settings, body, params)
-    _check_pixels(settings, body, params.width, params.height)
-    _check_default_steps(settings, body, params)
-    _check_img2img_steps(body, params)
-    _check_device_caps(serving(workers, body.model), body, params)
-    claim = _claim(settings, conn, body, idempotency_key, principal.name)
+    # First the key, fingerprinted on the body as sent: a retry finds its job before anything
+    # that may have changed since (the live workers, the default model the server names) can
+    # refuse it or tell its body from the first one's.
+    sent = body
+    claim = _claim(settings, conn, sent, idempotency_key, principal.name)
     if claim is not None and not claim.fresh:
-        return Submitted(claim.job_id, True, params)
+        return Submitted(claim.job_id, True, None)
+    submitting = False
     try:
+        body = _pick_model(settings, conn, body, workers)
+        init, mask, width, height = inputs.check_inputs(
+            body.init_image, body.mask_image, body.width, body.height, settings.max_image_bytes,
+            settings.max_image_pixels,
+        )
+        params = records.resolve_params(body, conn, width, height, init, mask, workers)
+        if finish is not None:
+            params = finish(params)
+        _check_sides(settings, body, params)
+        _check_pixels(settings, body, params.width, params.height)
+        _check_default_steps(settings, body, params)
+        _check_img2img_steps(body, params)
+        _check_device_caps(serving(workers, body.model), body, params)
+        submitting = True
         job_id = records.submit(
             settings, conn, params, principal.name, job_id=claim.job_id if claim else None,
             inputs={name: d.data for name, d in (("init_image", init), ("mask_image", mask)) if d is not None},
@@ -352,14 +359,17 @@ def submit_job_request(
     except records.ClaimLost:
         # This submit was slow enough that a retry with the key took it over and made the job:
         # that one is this request's job (idempotency), and nothing was queued twice.
-        again = _claim(settings, conn, body, idempotency_key, principal.name)
+        again = _claim(settings, conn, sent, idempotency_key, principal.name)
         if again is None or again.fresh:
             if again is not None:
                 idempotency.release_idempotency(conn, again)
             raise _key_in_flight() from None
-        return Submitted(again.job_id, True, params)
+        return Submitted(again.job_id, True, None)
     except Exception as exc:
-        if claim is not None:
+        # A Redis error out of the submit may come after Redis ran it (its reply timed out):
+        # the claim then stays, so a retry replays the job if it was made, and claims the key
+        # afresh after IDEMPOTENCY_IN_FLIGHT_S if not. Released, the retry queued it twice.
+        if claim is not None and not (submitting and isinstance(exc, redis.RedisError)):
             idempotency.release_idempotency(conn, claim)
         if isinstance(exc, limits.Refused):
             raise _refusal(settings, exc) from None
@@ -392,6 +402,7 @@ def _submit(
         if replayed:
             raise  # a 503: the retry, with its key, finds the job again
         # Accepted already: its view as written, not a 503 that would invite a resubmit.
+        assert params is not None  # not a replay
         snap = records.accepted_snapshot(job_id, params, principal.name)
     if snap is None:  # only if Redis lost it within milliseconds
         raise _not_found(settings, job_id)
