@@ -1084,6 +1084,33 @@ def test_a_submit_slower_than_the_keys_window_queues_nothing_twice(
     assert not redis_conn.zcard(Keys.reservations(QUEUE))  # the slow one's place was given back
 
 
+def test_a_stale_claim_taken_over_meanwhile_is_not_deleted(
+    settings: ApiSettings, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against two jobs for one key: a request read a stale claim (its job expired) and
+    deleted it, but another retry had meanwhile replaced it with its own, live claim; the DEL
+    removed that one, and this request claimed the key and queued a second job."""
+    from app.store.idempotency import IdempotencyInFlight, claim_idempotency, idempotency_digest
+
+    key = Keys.idempotency(idempotency_digest("anonymous", "race"))
+    redis_conn.set(key, json.dumps({"job_id": "a" * 32, "fingerprint": "f", "claimed_at": now() - 3600}))
+    taken = json.dumps({"job_id": "b" * 32, "fingerprint": "f", "claimed_at": now()})
+    real_get = redis_conn.get
+    done: list[bool] = []
+
+    def read_then_taken_over(name: str) -> Any:
+        raw = real_get(name)
+        if name == key and not done:
+            done.append(True)
+            redis_conn.set(key, taken)  # the other retry, between this read and the delete
+        return raw
+
+    monkeypatch.setattr(redis_conn, "get", read_then_taken_over)
+    with pytest.raises(IdempotencyInFlight):  # the other's claim, still in flight
+        claim_idempotency(settings, redis_conn, "race", "f", "anonymous")
+    assert real_get(key) == taken.encode()
+
+
 def test_idempotency_key_in_flight_is_409(client: TestClient, settings: ApiSettings, redis_conn: redis.Redis) -> None:
     """Guards: two concurrent requests with one key both queuing a job, or the second seeing a 404."""
     from app.schemas import make_request_model

@@ -17,6 +17,20 @@ from bailan.jobs import JobRequest, Keys, dumps, now
 IDEMPOTENCY_IN_FLIGHT_S = 10.0
 
 
+# Delete a claim only if it still holds what was read: between a read and a plain DEL another
+# request may have replaced a stale claim with its own live one, whose job would then be made
+# twice (that request's, and the next retry's on the key it found free).
+_DELETE_IF_UNCHANGED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def delete_if_unchanged(conn: redis.Redis, redis_key: str, raw: bytes) -> bool:
+    """Delete the claim at `redis_key` if its value is still `raw`, as read; whether it did."""
+    return bool(conn.eval(_DELETE_IF_UNCHANGED, 1, redis_key, raw))
+
+
 class IdempotencyMismatch(Exception):
     pass
 
@@ -54,9 +68,12 @@ def claim_idempotency(
         value = dumps({"job_id": job_id, "fingerprint": fingerprint, "claimed_at": now()})
         if conn.set(redis_key, value, nx=True, ex=ttl):
             return IdempotencyClaim(redis_key, job_id, fresh=True)
-        existing = parse_json((conn.get(redis_key) or b"").decode(), None)
+        raw = conn.get(redis_key)
+        if raw is None:
+            continue  # expired meanwhile: claim afresh
+        existing = parse_json(raw.decode(errors="replace"), None)
         if not isinstance(existing, dict) or not looks_like_job_id(str(existing.get("job_id"))):
-            conn.delete(redis_key)  # expired meanwhile, or garbage: claim afresh
+            delete_if_unchanged(conn, redis_key, raw)  # garbage: claim afresh
             continue
         if existing.get("fingerprint") != fingerprint:
             raise IdempotencyMismatch()
@@ -64,7 +81,7 @@ def claim_idempotency(
             return IdempotencyClaim(redis_key, existing["job_id"], fresh=False)
         if now() - float(existing.get("claimed_at") or 0) < IDEMPOTENCY_IN_FLIGHT_S:
             raise IdempotencyInFlight()
-        conn.delete(redis_key)  # its job expired: the key may start a new one
+        delete_if_unchanged(conn, redis_key, raw)  # its job expired: the key may start a new one
     raise IdempotencyInFlight()
 
 
@@ -77,7 +94,8 @@ def names_job(raw: bytes | None, job_id: str) -> bool:
 def release_idempotency(conn: redis.Redis, claim: IdempotencyClaim) -> None:
     """Undo a fresh claim whose submit failed, so a retry with the key can succeed."""
     try:
-        if names_job(conn.get(claim.redis_key), claim.job_id):
-            conn.delete(claim.redis_key)
+        raw = conn.get(claim.redis_key)
+        if raw is not None and names_job(raw, claim.job_id):
+            delete_if_unchanged(conn, claim.redis_key, raw)
     except redis.RedisError:
         pass  # a retry gets 409 for IDEMPOTENCY_IN_FLIGHT_S, then claims the key afresh
