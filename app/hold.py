@@ -29,6 +29,7 @@ import anyio
 import redis
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from app import limits
 from app.deps import JobAccess
@@ -77,6 +78,25 @@ async def give_back_place(conn: redis.Redis, principal: Principal, stream_id: st
     (limits.STREAM_LEASE_S) ran out."""
     with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
         await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
+
+
+class PlacedStream(StreamingResponse):
+    """An event stream holding one of its API key's stream places, given back when the
+    response ends, however it ends. The body's own `finally` is not enough: a client gone
+    before the body's first step has Starlette cancel the body unstarted, so its `finally`
+    never runs, and the place stayed taken until its lease (limits.STREAM_LEASE_S) ran out:
+    a reconnecting EventSource on a flaky link used up its key's places."""
+
+    def __init__(self, content: Any, conn: redis.Redis, principal: Principal, stream_id: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.place = (conn, principal, stream_id)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await give_back_place(*self.place)
 
 
 async def snapshots(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -278,3 +279,39 @@ def test_openai_urls_start_with_the_public_url(redis_url: str, redis_conn: redis
         done[0].join()
     assert r.status_code == 200, r.text
     assert r.json()["data"] == [{"url": f"{public}/v1/jobs/{r.headers['x-bailan-job-id']}/images/0"}]
+
+
+def test_a_stream_whose_client_left_before_it_began_gives_back_its_place(redis_conn: redis.Redis) -> None:
+    """Guards against a stream place kept for its whole 60 s lease: a client that left before
+    the stream's first step (an EventSource reconnecting on a flaky link) had Starlette cancel
+    the stream's body unstarted, so the body's `finally` that gave the place back never ran,
+    and a key's places ran out. The response gives it back, however it ends. Driven as an
+    ASGI 2.3 server (uvicorn's) drives it: the disconnect is there at once."""
+    import anyio
+
+    from app import limits
+    from app.hold import PlacedStream
+    from bailan.keys import Principal
+
+    principal = Principal("leaver")
+    places = Keys.streams(key_digest("leaver"))
+    assert limits.open_stream(redis_conn, "leaver", "s1", 4)
+    started: list[bool] = []
+
+    async def body() -> Any:
+        started.append(True)
+        yield "event: job\ndata: {}\n\n"
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await anyio.sleep(0.05)  # the wire is slow: the disconnect wins
+
+    async def serve() -> None:
+        response = PlacedStream(body(), redis_conn, principal, "s1")
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}, "method": "GET"}, receive, send)
+
+    anyio.run(serve)
+    assert not started  # the body never ran: only the response could give the place back
+    assert redis_conn.zcard(places) == 0

@@ -588,14 +588,10 @@ async def job_events(request: Request, job_id: JobId, jobs: JobAccessDep, princi
         except redis.RedisError as exc:
             # The response has started, so a 503 is no longer possible.
             yield f"event: error\ndata: the job store (Redis) is unavailable: {exc}\n\n"
-        finally:
-            await hold.give_back_place(conn, principal, stream_id)
 
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    # The response gives the place back, also when the client left before the stream began.
+    return hold.PlacedStream(stream(), conn, principal, stream_id,
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 # ---------------------------------------------------------------- cancel

@@ -28,7 +28,7 @@ import redis
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 # Starlette's, the base of FastAPI's: body parsing raises it too.
@@ -456,11 +456,7 @@ async def generate_images(
             # The response has started, so a 503 is no longer possible.
             yield _sse("error", OpenAIError(503, f"the job store (Redis) is unavailable: {exc}", "server_error",
                                             None, "service_unavailable").body)
-        finally:
-            await hold.give_back_place(conn, principal, stream_id)
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", "X-Bailan-Job-Id": job_id},
-    )
+    # The response gives the place back, also when the client left before the stream began.
+    return hold.PlacedStream(events(), conn, principal, stream_id,
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", "X-Bailan-Job-Id": job_id})
