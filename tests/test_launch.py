@@ -522,43 +522,51 @@ def _alive(pid: int) -> bool:
     return False
 
 
+def _with_a_stubborn_child(tmp_path: Path, then: str) -> tuple[Any, int]:
+    """A launcher child (spawn) that starts a process of its own ignoring SIGTERM, then runs
+    `then` (Python); the child and that process's pid."""
+    from bailan.launch import spawn
+
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import signal, subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); {then}")
+    child = spawn("api", [sys.executable, "-c", code], dict(os.environ))
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return child, int(pid_file.read_text())
+
+
+def _gone(pid: int, within_s: float = 10) -> bool:
+    deadline = time.monotonic() + within_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
 def test_a_killed_child_takes_its_own_children_with_it(tmp_path: Path) -> None:
     """Guards against processes left running after a forced stop or a crash: a child was
     killed alone (SIGKILL to its pid), so its own children, such as uvicorn's workers under
     BAILAN_API_PROCESSES still draining event streams after their SIGTERM, outlived the
     launcher. The child's whole process group goes."""
-    from bailan.launch import Stop, spawn, stop_children
+    from bailan.launch import Stop, stop_children
 
-    grandchild_pid = tmp_path / "grandchild.pid"
-    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); "
-            f"open({str(grandchild_pid)!r}, 'w').write(str(p.pid)); time.sleep(120)")
-    child = spawn("api", [sys.executable, "-c", code], dict(os.environ))
-    deadline = time.monotonic() + 30
-    while not (grandchild_pid.exists() and grandchild_pid.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    grandchild = int(grandchild_pid.read_text())
+    child, grandchild = _with_a_stubborn_child(
+        tmp_path, "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)")
     stop = Stop()
     stop.force = True  # a second Ctrl-C: kill at once
     assert stop_children([child], stop) == [child]
-    deadline = time.monotonic() + 10
-    while _alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(grandchild)
+    assert _gone(grandchild)
 
 
 def test_a_crashed_childs_orphans_go_before_its_restart(tmp_path: Path) -> None:
     """Guards against a crashed child's own children (a uvicorn master's workers) living on
     beside the child started in its place, holding its port and its memory."""
-    from bailan.launch import Stop, spawn, supervise
+    from bailan.launch import Stop, supervise
 
-    grandchild_pid = tmp_path / "grandchild.pid"
-    code = ("import signal, subprocess, sys; "
-            "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); "
-            f"open({str(grandchild_pid)!r}, 'w').write(str(p.pid)); sys.exit(1)")
-    child = spawn("api", [sys.executable, "-c", code], dict(os.environ))
+    child, grandchild = _with_a_stubborn_child(tmp_path, "sys.exit(1)")
     stop = Stop()
 
     def tick() -> None:
@@ -566,11 +574,7 @@ def test_a_crashed_childs_orphans_go_before_its_restart(tmp_path: Path) -> None:
             stop.signum = signal.SIGTERM
 
     assert supervise([child], None, stop, tick, LaunchSettings(restart_backoff_s=30)) is None
-    grandchild = int(grandchild_pid.read_text())
-    deadline = time.monotonic() + 10
-    while _alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(grandchild)
+    assert _gone(grandchild)
 
 
 def test_a_taken_port_stops_the_launch_before_anything_starts(tmp_path: Path) -> None:
