@@ -738,3 +738,25 @@ def test_a_lease_left_by_an_attempt_that_never_started_its_job(redis_conn: redis
         assert job.id not in queue.get_job_ids()
         assert redis_conn.zscore(leases, "stale:alive") is not None  # the live lease is kept
     redis_conn.delete(queue.key, Keys.job(job.id), job.key, leases)
+
+
+def test_a_worker_that_gave_up_on_redis_still_records_what_ends_once_it_is_back(redis_conn: redis.Redis) -> None:
+    """Guards against images made and lost: once the worker had given up on Redis (past the
+    outage limit, winding down), every later call raised RedisGone without trying, so a job
+    that finished after Redis came back could not record its outcome. A call is tried once;
+    only its failure raises, at once."""
+    from worker.outage import RedisGone, RedisOutage
+
+    outage = RedisOutage(redis_conn, limit_s=300)
+    outage.gave_up.set()
+    assert outage.retry("storing a job's outcome", lambda: redis_conn.set("bailan-test:outcome", "1")) is True
+    assert redis_conn.get("bailan-test:outcome") == b"1"
+    redis_conn.delete("bailan-test:outcome")
+    started = time.monotonic()
+
+    def down() -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    with pytest.raises(RedisGone):
+        outage.retry("storing a job's outcome", down)
+    assert time.monotonic() - started < 1  # no waiting out another outage

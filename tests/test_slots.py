@@ -301,3 +301,31 @@ def test_a_job_given_back_after_a_sweep_put_it_back_is_queued_once(
     ran, errors = runs_until_one_ran(redis_conn, then_s=1.0)  # time for a second copy to be taken, were there one
     assert errors == [] and copies == [1, 1] and ran == ["twice"]
     assert Job.fetch("twice", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+
+
+def test_a_job_left_when_the_worker_gives_up_on_redis_is_not_failed(redis_conn: redis.Redis) -> None:
+    """Guards against a job failed in RQ with nothing in its record: Redis came back just as
+    the worker gave up on it (past BAILAN_REDIS_OUTAGE_LIMIT_S) and the job's runner raised
+    RedisGone; RQ, reachable again, failed the job and dropped its lease, so it ended failed
+    with no error code and no webhook, and the reaper never ran it again. It keeps its lease,
+    which lapses with the worker, for the reaper to requeue, as a dead worker's job."""
+    from rq import Retry
+    from rq.registry import FailedJobRegistry
+
+    from worker.outage import RedisGone
+
+    queue = Queue(QUEUE, connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue_call(func=RQ_FUNC, args=("gone",), job_id="gone", result_ttl=600, failure_ttl=600,
+                       timeout=-1, retry=Retry(max=1))
+    stop = threading.Event()
+
+    def runner(job_id: str) -> dict[str, Any]:
+        stop.set()  # the worker winds down
+        raise RedisGone("Redis unreachable for more than 300 s (BAILAN_REDIS_OUTAGE_LIMIT_S)")
+
+    errors: list[BaseException] = []
+    work_in_thread(make_slot(redis_conn, stop, runner), errors).join(timeout=30)
+    job = Job.fetch("gone", connection=redis_conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STARTED and job.retries_left == 1
+    assert "gone" not in FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids()
+    assert StartedJobRegistry(QUEUE, connection=redis_conn).get_job_ids() == ["gone"]  # its lease, for the reaper

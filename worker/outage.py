@@ -66,17 +66,19 @@ class RedisOutage:
     def retry(self, what: str, call: Callable[[], T]) -> T:
         """`call()` until it gets through; raises RedisGone past the limit.
 
+        Once the worker gave up, each call is still tried once: Redis may be back while the
+        worker winds down, and a job finishing then records its outcome rather than leave
+        its images made for nothing.
+
         `call` must build its pipeline afresh: redis-py empties a pipeline whose
         execute failed.
         """
         delay = FIRST_DELAY_S
         while True:
-            if self.gave_up.is_set():
-                raise self._give_up()
             try:
                 result = call()
             except TRANSIENT as exc:
-                if self._went_down(what, exc) > self.limit_s:
+                if self.gave_up.is_set() or self._went_down(what, exc) > self.limit_s:
                     raise self._give_up() from exc
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY_S)

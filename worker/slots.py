@@ -152,6 +152,9 @@ class SlotWorker(SimpleWorker):
         # Whether RQ's start bookkeeping for the running job failed on Redis, before any runner saw it.
         self.start_failed = False
         self.job_was_superseded = False
+        # Whether the running job left the runner with the worker going (Redis gone past the
+        # outage limit, a forced stop): no outcome of the job's, so none to record in RQ.
+        self.job_abandoned = False
         self._last_wait_beat = 0.0
         self.outage: RedisOutage | None = None
         # The queues the process was given are the base queues (the plain one, then
@@ -234,7 +237,11 @@ class SlotWorker(SimpleWorker):
         """Hand the job to the runner; called by run_job while RQ performs it."""
         if self.runner is None:
             raise RuntimeError(f"slot {self.name} has no runner")
-        result = self.runner(job_id)
+        try:
+            result = self.runner(job_id)
+        except (RedisGone, SystemExit, KeyboardInterrupt):
+            self.job_abandoned = True
+            raise
         self.job_was_canceled = result == CANCELED_RESULT
         self.job_was_superseded = result == SUPERSEDED_RESULT
         self.job_returned = True
@@ -294,6 +301,7 @@ class SlotWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.running_job = job
         self.job_was_canceled = self.job_was_superseded = self.job_returned = self.start_failed = False
+        self.job_abandoned = False
         token = _running_slot.set(self)
         if self.expect is not None:
             self.expect()
@@ -342,6 +350,13 @@ class SlotWorker(SimpleWorker):
             pipe.execute()
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "") -> None:
+        if self.job_abandoned:
+            # The worker is going, not the job failing: failed in RQ (Redis back just as the
+            # worker gave up on it), it ended with no error and no outcome in its record, its
+            # images made and lost. Left alone, its lease lapses and the reaper requeues it, as
+            # a dead worker's.
+            log.warning("slot %s: leaving job %s to the reaper: the worker is stopping under it", self.name, job.id)
+            return
         if self.start_failed:
             # Redis failed RQ's start bookkeeping (a restart, a dropped connection): the job never
             # ran, so it is not failed (with no outcome in its record) but given back. Should Redis
