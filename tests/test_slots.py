@@ -329,3 +329,77 @@ def test_a_job_left_when_the_worker_gives_up_on_redis_is_not_failed(redis_conn: 
     assert job.get_status() == JobStatus.STARTED and job.retries_left == 1
     assert "gone" not in FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids()
     assert StartedJobRegistry(QUEUE, connection=redis_conn).get_job_ids() == ["gone"]  # its lease, for the reaper
+
+
+def test_a_shutdown_command_to_every_slot_stops_the_worker_gracefully(redis_conn: redis.Redis) -> None:
+    """Guards against a forced exit from RQ's own shutdown command: RQ answers it with SIGINT
+    to the process, so the command sent to each of a worker's slots (as to every worker
+    `rq info` lists) made a second SIGINT, which the worker reads as "force": every running
+    job was abandoned. Each command now asks for the graceful stop."""
+    import signal
+
+    from rq.command import send_shutdown_command
+
+    interrupts: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupts.append(signum))
+    try:
+        stop = threading.Event()
+        slot = make_slot(redis_conn, stop)
+        errors: list[BaseException] = []
+        thread = work_in_thread(slot, errors)
+        channel = slot.pubsub_channel_name
+        deadline = time.monotonic() + 10
+        while not redis_conn.pubsub_numsub(channel)[0][1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        send_shutdown_command(redis_conn, slot.name)
+        send_shutdown_command(redis_conn, slot.name)
+        thread.join(timeout=30)
+        assert not thread.is_alive() and stop.is_set() and errors == []
+        time.sleep(0.2)  # a signal, had one been sent, is handled by now
+        assert interrupts == []
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_work_loop_restarted_after_an_outage_keeps_one_subscription(
+    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a subscriber (and a thread) added at every restart of a slot's work loop
+    after a Redis outage: RQ unsubscribes only after registering the worker's death, which the
+    outage failed, so one command then reached the slot once per restart."""
+    from rq.worker import BaseWorker
+
+    from worker.outage import RedisOutage
+
+    register_death = BaseWorker.register_death
+    dequeue = SlotWorker.dequeue_job_and_maintain_ttl
+    failures = {"dequeue": 1, "death": 1}
+
+    def dequeue_once_broken(self: SlotWorker, *args: Any, **kwargs: Any) -> Any:
+        if failures["dequeue"]:
+            failures["dequeue"] -= 1
+            raise redis.ConnectionError("Connection reset by peer")  # Redis restarting
+        return dequeue(self, *args, **kwargs)
+
+    def death_once_broken(self: BaseWorker) -> None:
+        if failures["death"]:
+            failures["death"] -= 1
+            raise redis.ConnectionError("Connection refused")  # the teardown meets the outage too
+        register_death(self)
+
+    monkeypatch.setattr(SlotWorker, "dequeue_job_and_maintain_ttl", dequeue_once_broken)
+    monkeypatch.setattr(BaseWorker, "register_death", death_once_broken)
+    stop = threading.Event()
+    slot = make_slot(redis_conn, stop)
+    thread = threading.Thread(target=slot.serve, args=(RedisOutage(redis_conn, 60),), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while failures["dequeue"] + failures["death"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # the loop, restarted, subscribed again
+        assert failures == {"dequeue": 0, "death": 0}
+        assert redis_conn.pubsub_numsub(slot.pubsub_channel_name)[0][1] == 1
+    finally:
+        stop.set()
+        thread.join(timeout=30)

@@ -16,6 +16,7 @@ Slots use RQ's public API, but for one hook that has no public equivalent
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ import rq
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq import worker_registration
+from rq.command import parse_payload
 from rq.registry import (
     DeferredJobRegistry,
     FailedJobRegistry,
@@ -179,6 +181,7 @@ class SlotWorker(SimpleWorker):
                 self.work(logging_level="WARNING")
             except Exception as exc:  # RQ's teardown meets the outage too
                 log.warning("slot %s: work loop failed: %s", self.name, exc)
+            self._drop_subscription()
             if self.stop.is_set():
                 return
             log.warning("slot %s: work loop ended; waiting for Redis to restart it", self.name)
@@ -193,6 +196,32 @@ class SlotWorker(SimpleWorker):
                 self.register_death()
             except redis.RedisError:
                 continue
+
+    def _drop_subscription(self) -> None:
+        """End the loop's subscription to its command channel, if its teardown did not. RQ
+        unsubscribes after registering the worker's death, which an outage fails: each restart
+        of the loop then added a subscriber (and a thread), and one command reached the slot
+        as many times."""
+        thread, pubsub = self.pubsub_thread, self.pubsub
+        self.pubsub_thread = self.pubsub = None
+        if thread is not None:
+            # Its loop ends at its next wake-up and closes the connection itself: closed under
+            # it, the read in progress fails. Stopped, it does not subscribe again after an outage.
+            thread.stop()
+        if pubsub is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                pubsub.unsubscribe()  # at once, where the connection still holds
+
+    def handle_payload(self, message: Any) -> None:
+        # RQ answers `shutdown` with a SIGINT to the process. Sent to each of a worker's slots
+        # (as an operator sends it to every worker `rq info` lists), the second SIGINT forced
+        # an exit that abandoned every running job. A shutdown is the worker's graceful stop,
+        # however often it comes: the running jobs finish first.
+        if parse_payload(message).get("command") == "shutdown":
+            log.info("slot %s: shutdown command: the worker finishes its running jobs and stops", self.name)
+            self.stop.set()
+            return
+        super().handle_payload(message)
 
     def heartbeat(self, *args: Any, **kwargs: Any) -> None:
         # RQ's dequeue retries a lost connection for ever, calling this first on
