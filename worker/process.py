@@ -53,20 +53,6 @@ EXIT_REDIS_GONE = 3
 IDLE_STOP_S = 5.0
 
 
-# A read that takes longer means a connection cut without a word (a host gone, a NAT that
-# forgot it): the call fails and the outage handling (worker.outage) takes over. Set here,
-# not left to redis-py, whose older releases (pyproject allows them) set no limit: a slot
-# then waited for ever, and the worker never reached its outage limit. Longer than any
-# blocking read a slot makes.
-REDIS_READ_TIMEOUT_S = 10.0
-
-
-def worker_connection(url: str) -> redis.Redis:
-    """The worker's Redis client, shared by its slots, bridge and liveness thread."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=REDIS_READ_TIMEOUT_S,
-                                socket_keepalive=True, health_check_interval=30)
-
-
 class Shutdown:
     """The process's one SIGINT/SIGTERM handler: the first signal sets `requested`
     (slots stop dequeuing, running jobs finish); a second exits at once."""
@@ -126,7 +112,7 @@ def serve(settings: WorkerSettings) -> int:
     # Two decimals: the built-in model's load and warm-up take hundredths of a second on a CPU.
     log.info("start: process and imports %s, device %.2f s, model load %.2f s, warm-up %.2f s",
              "unknown" if before is None else f"{before:.1f} s", device_s, load_s, total - device_s - load_s)
-    connection = worker_connection(settings.redis_url)
+    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
     shutdown = Shutdown()
     # Installed once, before Redis is even reached: a worker waiting for its
     # Redis must stop on SIGTERM, and once the worker key is up (/readyz says
