@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -346,16 +347,33 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
-def port_taken(host: str, port: int) -> str | None:
-    """Why the API could not listen on (host, port), or None: tried the way uvicorn binds
-    (SO_REUSEADDR), so a port left in TIME_WAIT by our own last run counts as free."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def port_taken(host: str, port: int, processes: int = 1) -> str | None:
+    """Why the API could not listen on (host, port), or None, tried as uvicorn binds: one
+    process binds every address the host resolves to (IPv6 ones IPv6-only), several bind one
+    socket of the host's family. SO_REUSEADDR, as uvicorn: a port left in TIME_WAIT by our own
+    last run counts as free."""
+    if processes > 1:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        targets = [(family, (host, port))]
+    else:
         try:
-            probe.bind((host, port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
+            found = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            return f"the address {host!r} does not resolve: {exc.strerror}"
+        targets = list(dict.fromkeys((family, address) for family, _, _, _, address in found))
+    for family, address in targets:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and processes == 1:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return (f"{address[0]} port {port} is in use: another program, or another `make run`, "
+                            "has it; stop it or set BAILAN_PORT")
+                return f"{address[0]} port {port}: {exc.strerror or exc}; set BAILAN_HOST or BAILAN_PORT"
     return None
 
 
@@ -548,7 +566,10 @@ def stop_children(children: list[Child], stop: Stop) -> list[Child]:
         kill_group(child)
     for child in children:
         child.process.wait()
-        kill_group(child)  # what a child that ended left behind in its group
+        if child.restarts.restart_at is None:
+            # What a child that ended now left behind in its group. One waiting for its restart
+            # had its group killed when it crashed; its pid, reaped since, may be another's now.
+            kill_group(child)
     return killed
 
 
@@ -574,12 +595,11 @@ def main() -> int:
     except ValidationError as exc:
         print(f"bailan: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    taken = port_taken(settings.host, settings.port)
+    taken = port_taken(settings.host, settings.port, settings.api_processes)
     if taken is not None:
         # Else uvicorn failed to start behind our back while the port answered for another
         # program, and the banner said Bailan was up there.
-        print(f"bailan: cannot serve on {settings.host}:{settings.port} ({taken}): another program, or another "
-              "`make run`, has it; stop it or set BAILAN_PORT", file=sys.stderr)
+        print(f"bailan: cannot serve on {settings.host}:{settings.port}: {taken}", file=sys.stderr)
         return 1
     stop = Stop()
     for signum in STOP_SIGNALS:

@@ -577,6 +577,25 @@ def test_a_crashed_childs_orphans_go_before_its_restart(tmp_path: Path) -> None:
     assert _gone(grandchild)
 
 
+def test_the_port_check_binds_as_uvicorn_does() -> None:
+    """Guards against a port check that disagrees with uvicorn: one API process binds every
+    address its host resolves to, IPv6 ones IPv6-only, so an IPv4 program on 0.0.0.0 does not
+    keep it from "::" (the check refused a start uvicorn would make), while several processes
+    bind one dual-stack socket, which it does. A host that does not resolve says so, rather
+    than blame another program."""
+    from bailan.launch import port_taken
+
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert "in use" in (port_taken("0.0.0.0", port) or "")
+        assert "in use" in (port_taken("127.0.0.1", port) or "")
+        assert port_taken("::", port) is None  # one process: IPv6-only, as uvicorn binds it
+        assert "in use" in (port_taken("::", port, processes=2) or "")  # dual-stack, as --workers binds
+    assert "does not resolve" in (port_taken("no-such-host.invalid", 8000) or "")
+
+
 def test_a_taken_port_stops_the_launch_before_anything_starts(tmp_path: Path) -> None:
     """Guards against a false "Bailan is up": with BAILAN_PORT held by another program, the
     API crashed and was restarted in a loop while the launcher, finding the port answering,
