@@ -181,12 +181,14 @@ class SlotWorker(SimpleWorker):
                 self.work(logging_level="WARNING")
             except Exception as exc:  # RQ's teardown meets the outage too
                 log.warning("slot %s: work loop failed: %s", self.name, exc)
-            self._drop_subscription()
             if self.stop.is_set():
+                self._drop_subscription(unsubscribe=False)
                 return
             log.warning("slot %s: work loop ended; waiting for Redis to restart it", self.name)
             if not outage.wait_until_up(self.stop, f"slot {self.name}"):
+                self._drop_subscription(unsubscribe=False)
                 return
+            self._drop_subscription(unsubscribe=True)  # Redis answers: the old channel goes at once
             quick_ends = quick_ends + 1 if time.monotonic() - started < QUICK_END_S else 0
             if quick_ends >= QUICK_ENDS:
                 log.error("slot %s: work loop ended %d times in a row at once; giving up", self.name, quick_ends)
@@ -197,20 +199,23 @@ class SlotWorker(SimpleWorker):
             except redis.RedisError:
                 continue
 
-    def _drop_subscription(self) -> None:
+    def _drop_subscription(self, unsubscribe: bool) -> None:
         """End the loop's subscription to its command channel, if its teardown did not. RQ
         unsubscribes after registering the worker's death, which an outage fails: each restart
         of the loop then added a subscriber (and a thread), and one command reached the slot
-        as many times."""
+        as many times. `unsubscribe`: Redis answers, so the channel may go at once; else only
+        the thread is stopped (no call that would wait out the outage's retries)."""
         thread, pubsub = self.pubsub_thread, self.pubsub
         self.pubsub_thread = self.pubsub = None
-        if thread is not None:
-            # Its loop ends at its next wake-up and closes the connection itself: closed under
-            # it, the read in progress fails. Stopped, it does not subscribe again after an outage.
-            thread.stop()
-        if pubsub is not None:
+        if thread is None or pubsub is None:
+            return
+        # Stopped, its loop ends at its next wake-up and closes the connection itself (closed
+        # under it, the read in progress would fail), and does not subscribe again after an
+        # outage. The UNSUBSCRIBE wakes it at once.
+        thread.stop()
+        if unsubscribe and thread.is_alive() and pubsub.subscribed:
             with contextlib.suppress(redis.RedisError, OSError):
-                pubsub.unsubscribe()  # at once, where the connection still holds
+                pubsub.unsubscribe()
 
     def handle_payload(self, message: Any) -> None:
         # RQ answers `shutdown` with a SIGINT to the process. Sent to each of a worker's slots
