@@ -613,3 +613,27 @@ def test_a_taken_port_stops_the_launch_before_anything_starts(tmp_path: Path) ->
             assert "is up at" not in output and not (tmp_path / "valkey").exists()
         finally:
             running.close()
+
+
+def test_a_child_waiting_for_its_restart_is_not_killed_again_by_pid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against a SIGKILL to a stranger's process group: a child that crashed had its group
+    killed then, and was reaped; at the stop, seconds later, its pid may name another group."""
+    from bailan import launch
+
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "ended").mkdir()
+    crashed, first = _with_a_stubborn_child(tmp_path / "crashed", "sys.exit(1)")
+    ended, second = _with_a_stubborn_child(tmp_path / "ended", "sys.exit(0)")
+    crashed.process.wait()
+    crashed.restarts.restart_at = time.monotonic() + 30  # the supervisor planned its restart
+    killed: list[int] = []
+    monkeypatch.setattr(launch, "kill_group", lambda child: killed.append(child.process.pid))
+    try:
+        launch.stop_children([crashed, ended], launch.Stop())
+        assert killed == [ended.process.pid]  # the child that ended now, not the one reaped before
+    finally:
+        for pid in (first, second):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
