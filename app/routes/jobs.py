@@ -597,6 +597,10 @@ async def job_events(request: Request, job_id: JobId, jobs: JobAccessDep, princi
 # ---------------------------------------------------------------- cancel
 
 
+def _nothing_to_cancel(job_id: str, state: JobState) -> HTTPException:
+    return HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended ({state.value}); nothing to cancel")
+
+
 @router.post(
     "/{job_id}/cancel",
     response_model=JobOut,
@@ -621,9 +625,7 @@ def cancel_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Any:
     try:
         outcome = records.cancel(conn, settings.queue_name, snap, settings.result_ttl_s, Policy.of(settings))
     except records.AlreadyEnded as exc:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"job {job_id} already ended ({exc.state.value}); nothing to cancel"
-        ) from None
+        raise _nothing_to_cancel(job_id, exc.state) from None
     view = views.job_view(conn, _load(settings, conn, job_id, principal, for_view=True), jobs.links)
     # The answer is what the job is now, not which branch this request took: a second cancel
     # racing the first finds the job off its queue and asks its (nonexistent) worker to stop,
@@ -631,9 +633,7 @@ def cancel_job(job_id: JobId, jobs: JobAccessDep, principal: AuthDep) -> Any:
     if outcome == records.CancelOutcome.canceled or view.status is JobState.canceled:
         code = status.HTTP_200_OK
     elif view.status in TERMINAL_STATES:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"job {job_id} already ended ({view.status.value}); nothing to cancel"
-        )
+        raise _nothing_to_cancel(job_id, view.status)
     else:
         code = status.HTTP_202_ACCEPTED
     return JSONResponse(view.model_dump(mode="json"), status_code=code)
