@@ -37,6 +37,9 @@ _NAMES = _NOW + """local stale = string.format('%.6f', now - tonumber(ARGV[1]))
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. stale)
 return redis.call('ZRANGEBYSCORE', KEYS[1], stale, '+inf')
 """
+# Sent by SHA, as the reaper's scripts are: presence is written every tick by every worker.
+_score = redis.client.Script(None, _SCORE.encode())  # type: ignore[arg-type]
+_names = redis.client.Script(None, _NAMES.encode())  # type: ignore[arg-type]
 # For scripts that find live workers themselves (app.store.records' snapshot): a Lua function,
 # `presence_since()`, the lowest score a live worker's name may have.
 LUA_PRESENCE_SINCE = f"local function presence_since()\n{_NOW}return now - {STALE_S!r}\nend\n"
@@ -45,7 +48,7 @@ LUA_PRESENCE_SINCE = f"local function presence_since()\n{_NOW}return now - {STAL
 def publish(pipe: Any, name: str, payload: str, ttl_s: float) -> None:
     """Queue on `pipe` the writes that say worker `name` is alive for `ttl_s` seconds."""
     pipe.set(Keys.worker(name), payload, px=max(1, int(ttl_s * 1000)))
-    pipe.eval(_SCORE, 1, Keys.workers(), name, repr(float(ttl_s)))
+    _score(keys=[Keys.workers()], args=[name, repr(float(ttl_s))], client=pipe)
 
 
 def withdraw(conn: redis.Redis, name: str) -> None:
@@ -62,7 +65,7 @@ def _live_keys(names: list[bytes | str]) -> list[str]:
 
 def live(conn: redis.Redis) -> list[tuple[str, bytes]]:
     """(worker key, its JSON) for every worker whose presence holds: its key not expired."""
-    keys = _live_keys(conn.eval(_NAMES, 1, Keys.workers(), repr(STALE_S)))
+    keys = _live_keys(_names(keys=[Keys.workers()], args=[repr(STALE_S)], client=conn))
     return [(key, raw) for key, raw in zip(keys, conn.mget(keys)) if raw is not None] if keys else []
 
 

@@ -20,15 +20,15 @@ IDEMPOTENCY_IN_FLIGHT_S = 10.0
 # Delete a claim only if it still holds what was read: between a read and a plain DEL another
 # request may have replaced a stale claim with its own live one, whose job would then be made
 # twice (that request's, and the next retry's on the key it found free).
-_DELETE_IF_UNCHANGED = """
+_delete_if_unchanged = redis.client.Script(None, b"""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
+""")  # type: ignore[arg-type]
 
 
 def delete_if_unchanged(conn: redis.Redis, redis_key: str, raw: bytes) -> bool:
     """Delete the claim at `redis_key` if its value is still `raw`, as read; whether it did."""
-    return bool(conn.eval(_DELETE_IF_UNCHANGED, 1, redis_key, raw))
+    return bool(_delete_if_unchanged(keys=[redis_key], args=[raw], client=conn))
 
 
 class IdempotencyMismatch(Exception):
