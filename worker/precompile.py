@@ -43,7 +43,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # Bump when the way artifacts are made changes in a way their key does not show.
-FORMAT = 1
+FORMAT = 2
 
 
 def _guard_filter(entries: Sequence[Any]) -> list[bool]:
@@ -203,6 +203,7 @@ class Precompiled:
         if path is None:
             self.source = "plain: no compile cache"
             return
+        _canonical_config(self.module)
         if not aot_available():
             self.fall_back(f"torch {torch.__version__} has no ahead-of-time compile")
             return
@@ -284,6 +285,24 @@ def _sweep_stale_staging(folder: Path) -> None:
                 shutil.rmtree(staging, ignore_errors=True)
         except OSError:
             pass
+
+
+def _canonical_config(module: torch.nn.Module) -> None:
+    """Give a diffusers module's config one layout, however the module was made.
+
+    The forward reads entries of it (the UNet's `center_input_sample`), so dynamo's saved guards
+    check the order of its keys. Loading from disk adds `_name_or_path`, `_class_name`,
+    `_diffusers_version` and `_use_default_values`, which a module built in code lacks, and a
+    config.json's own order carries over; the file's name (artifact_path) rightly ignores both.
+    Code compiled by one (bench/throughput.py's model built in code) then refused the other (the
+    worker's, loaded from the directory it was saved to). The compiled code sees the public
+    entries alone, sorted by name; the module's weights and structure are untouched."""
+    config = getattr(module, "_internal_dict", None)
+    if not isinstance(config, dict):
+        return
+    public = sorted(((k, v) for k, v in config.items() if not k.startswith("_")), key=lambda item: item[0])
+    if list(config) != [k for k, _ in public]:
+        module._internal_dict = type(config)(public)
 
 
 def _remove(path: Path) -> None:
