@@ -17,6 +17,15 @@ Images/s is images over the makespan (first submit -> last image fetched).
     python bench/service.py --url http://127.0.0.1:8000              # a running service
     python bench/service.py --start --json out.json                  # start `make run`'s launcher here, measure, stop
 
+Each row also says what the engine did meanwhile (`engine`), from the
+workers' figures on GET /metrics before and after the mode: its steps, their
+mean rows and seconds (host time of a step; on CUDA it includes waiting for the
+device), and `busy_share`, the steps' seconds over the makespan. What a row
+loses to the engine in-process splits so: a step slower than in-process is
+contention inside the step (the worker's other threads, the GIL), a
+`busy_share` short of 1 is time the engine stood idle (hand-overs, bookkeeping,
+the clients' own turn-around).
+
 With `--start` it also measures the worker's start: seconds from launching the
 service until /readyz answers 200 (model load, compile, CUDA graph capture).
 Settings for the started service come from the environment (BAILAN_MODEL, ...).
@@ -157,9 +166,73 @@ def run_single(base: str, body: dict[str, Any], steps: int, reps: int, poll_s: f
     row = summarise("single_client" + SUFFIX[notify], results, poll_s, [steps] * reps, 0.0, notify)
     # One after another: throughput is one over the latency, not images over the makespan.
     row["images_per_s"] = round(1 / row["latency_p50_s"], 3)
+    row["latency_sum_s"] = round(sum(r["done"] - r["submitted"] for r in results), 4)
     for key in ("started_spread_s", "finished_spread_s"):
         row.pop(key, None)  # one job at a time: no burst to spread
     return row
+
+
+# Workers' figures, summed over their labels (workers, models): bailan.metrics' names.
+ENGINE_SERIES = ("bailan_images_total", "bailan_steps_total", "bailan_step_seconds_sum", "bailan_step_seconds_count",
+                 "bailan_batch_rows_sum", "bailan_batch_rows_count")
+
+
+def scrape_engine(base: str) -> dict[str, float] | None:
+    """ENGINE_SERIES from GET /metrics, or None where it is not served."""
+    try:
+        response = httpx.get(f"{base}/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    totals = dict.fromkeys(ENGINE_SERIES, 0.0)
+    for line in response.text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+class EngineMeter:
+    """The engine's steps during a mode, from the workers' figures on /metrics. A worker
+    publishes them once a presence tick (about a second), so a mode's figures are read
+    once the images it made have been counted."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.mark = scrape_engine(base)
+
+    def since(self, images: int, timeout_s: float = 5.0) -> dict[str, float] | None:
+        """The steps since the last mark, once `images` more images are counted; marks anew."""
+        if self.mark is None:
+            return None
+        deadline = time.monotonic() + timeout_s
+        now = scrape_engine(self.base)
+        while now is not None and now["bailan_images_total"] - self.mark["bailan_images_total"] < images \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = scrape_engine(self.base)
+        before, self.mark = self.mark, now
+        if now is None:
+            return None
+        delta = {k: now[k] - before[k] for k in ENGINE_SERIES}
+        if delta["bailan_step_seconds_count"] <= 0:
+            return None
+        return {
+            "steps": int(delta["bailan_steps_total"]),
+            "step_s_mean": round(delta["bailan_step_seconds_sum"] / delta["bailan_step_seconds_count"], 5),
+            "rows_mean": round(delta["bailan_batch_rows_sum"] / max(delta["bailan_batch_rows_count"], 1), 2),
+            "busy_s": round(delta["bailan_step_seconds_sum"], 4),
+        }
+
+    def add_to(self, row: dict[str, Any], makespan_s: float | None = None) -> dict[str, Any]:
+        """`row` with its `engine` figures (and `busy_share` of the makespan)."""
+        figures = self.since(row["images"])
+        if figures is not None:
+            span = makespan_s if makespan_s is not None else row["makespan_s"]
+            figures["busy_share"] = round(figures["busy_s"] / span, 3) if span > 0 else None
+            row["engine"] = figures
+        return row
 
 
 def summarise(name: str, results: list[dict[str, Any]], poll_s: float, steps: list[int],
@@ -299,9 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         results["modes"][row["mode"]] = row
         spread = (f"  started over {row['started_spread_s']:.3f} s, ended over {row['finished_spread_s']:.3f} s"
                   if {"started_spread_s", "finished_spread_s"} <= row.keys() else "")
+        engine = row.get("engine")
+        stepped = (f"  engine: {engine['steps']} steps of {engine['rows_mean']} rows, {1000 * engine['step_s_mean']:.1f} ms "
+                   f"each, busy {engine['busy_share']}" if engine else "")
         print(f"  {row['mode']:<24} {row['images_per_s']:8.3f} img/s  p50 {row['latency_p50_s']:.3f} s  "
               f"p95 {row['latency_p95_s']:.3f} s  failed {row['failed']}  phases p50 {row.get('phases_p50_s')}"
-              f"{spread}", flush=True)
+              f"{spread}{stepped}", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -318,14 +394,18 @@ def main(argv: list[str] | None = None) -> int:
                     results["deferred_vae_compile_s"] = round(waited, 2)
                     print(f"the worker's deferred VAE compile ended {waited:.1f} s after ready", flush=True)
         results["models"] = httpx.get(f"{base}/v1/models", timeout=10).json()
+        engine = EngineMeter(base)
         # Warm-up: the first requests through every process path.
-        run_mode("warm-up", base, body, [2] * 4, 0.01)
+        engine.since(run_mode("warm-up", base, body, [2] * 4, 0.01)["images"])
         for notify in ways:
-            run_mode("warm-up", base, body, [2] * 4, 0.01, notify=notify)
+            engine.since(run_mode("warm-up", base, body, [2] * 4, 0.01, notify=notify)["images"])
             suffix = SUFFIX[notify]
-            record(run_single(base, body, args.steps, args.single_reps, poll_for(1), notify))
+            single = run_single(base, body, args.steps, args.single_reps, poll_for(1), notify)
+            # One after another: the engine's share of the jobs' own time, not of the gaps between them.
+            record(engine.add_to(single, makespan_s=single["latency_sum_s"]))
             for n in [int(c) for c in args.clients.split(",") if c]:
-                record(run_mode(f"clients_{n}{suffix}", base, body, [args.steps] * n, poll_for(n), notify=notify))
+                record(engine.add_to(run_mode(f"clients_{n}{suffix}", base, body, [args.steps] * n, poll_for(n),
+                                              notify=notify)))
             mixed = [int(s) for s in args.mixed_steps.split(",")]
             n = args.stagger_clients
             if n < 1:
@@ -334,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             # never starves the worker: the comparison is of batching mixed work, not of idling.
             burst = results["modes"].get(f"clients_{n}{suffix}")
             interval = args.stagger if args.stagger is not None else (burst["makespan_s"] / (2 * n) if burst else 0.05)
-            record(run_mode(f"staggered_{n}_mixed_steps{suffix}", base, body, [mixed[i % len(mixed)] for i in range(n)],
-                            poll_for(n), interval=interval, notify=notify))
+            record(engine.add_to(run_mode(f"staggered_{n}_mixed_steps{suffix}", base, body,
+                                          [mixed[i % len(mixed)] for i in range(n)], poll_for(n), interval=interval,
+                                          notify=notify)))
     finally:
         if process is not None:
             stop_service(process)
