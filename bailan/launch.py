@@ -49,6 +49,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A worker finishes or requeues its current job on SIGTERM; give it that long.
 STOP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.2
+# Restarts of an embedded server that exits during a stop (keep_valkey_up): a server that
+# keeps dying is left dead, and the workers leave their jobs to the reaper.
+STOP_REVIVALS = 3
 EXAMPLE_PROMPT = "a red circle on a blue background"
 
 
@@ -550,13 +553,18 @@ def _tend_valkey(valkey: EmbeddedValkey, settings: LaunchSettings, now: float) -
     return None
 
 
-def stop_children(children: list[Child], stop: Stop) -> list[Child]:
-    """SIGTERM all, wait, then kill what is left; returns the ones killed."""
+def stop_children(children: list[Child], stop: Stop, valkey: EmbeddedValkey | None = None) -> list[Child]:
+    """SIGTERM all, wait, then kill what is left; returns the ones killed. Meanwhile the
+    embedded server, stopped last, is kept up for them (`keep_valkey_up`)."""
     alive = [c for c in children if c.process.poll() is None]
     for child in alive:
         child.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
+    revivals = 0
     while alive and time.monotonic() < deadline and not stop.force:
+        if valkey is not None and revivals < STOP_REVIVALS and valkey.exit_code() is not None:
+            revivals += 1
+            keep_valkey_up(valkey)
         alive = [c for c in alive if c.process.poll() is None]
         time.sleep(POLL_INTERVAL_S)
     killed = [c for c in alive if c.process.poll() is None]
@@ -571,6 +579,22 @@ def stop_children(children: list[Child], stop: Stop) -> list[Child]:
             # had its group killed when it crashed; its pid, reaped since, may be another's now.
             kill_group(child)
     return killed
+
+
+def keep_valkey_up(valkey: EmbeddedValkey) -> None:
+    """Start the embedded server again, which exited while the others wind down.
+
+    It shares the launcher's process group, so a SIGTERM sent to the whole group (GNU
+    timeout, `kill -- -PGID`) reaches it at once, and a worker finishing its job would lose
+    its Redis and leave the job to the reaper. Its SIGTERM exit wrote the AOF out, so it
+    comes back with every write."""
+    code = describe_exit(valkey.exit_code() or 0)
+    print(f"bailan: the embedded valkey server exited with {code} during the stop (a stop signal sent to the "
+          "whole process group reaches it too); restarting it so the others can finish", file=sys.stderr, flush=True)
+    try:
+        valkey.restart()
+    except Exception as exc:  # noqa: BLE001 - the stop goes on; the workers leave their jobs to the reaper
+        print(f"bailan: cannot restart the embedded valkey server: {exc}", file=sys.stderr, flush=True)
 
 
 def kill_group(child: Child) -> None:
@@ -650,7 +674,7 @@ def main() -> int:
         else:
             print("\nbailan: stopping (Ctrl-C again to kill now)", file=sys.stderr, flush=True)
     finally:
-        killed = stop_children(children, stop)
+        killed = stop_children(children, stop, valkey)
         # Last, so every child could still write while it shut down;
         # SIGTERM makes valkey fsync its AOF before it exits.
         if valkey is not None and valkey.exit_code() is None:

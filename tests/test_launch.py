@@ -424,6 +424,32 @@ def test_ctrl_c_stops_api_worker_and_valkey_cleanly(launch: Launch) -> None:
     assert list((launch.valkey_dir / "appendonlydir").iterdir())
 
 
+@pytest.fixture
+def launch_long_jobs(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Launch]:
+    """The launch above with a CPU worker that takes 150 steps: a job that runs for seconds."""
+    yield from launched(tmp_path, BAILAN_MODEL=str(tiny_model_dir), BAILAN_MAX_STEPS_CPU="150")
+
+
+def test_a_stop_signal_to_the_whole_group_still_lets_a_running_job_finish(launch_long_jobs: Launch) -> None:
+    """Guards the stop order when SIGTERM reaches the launcher's whole process group (GNU
+    `timeout`, `kill -- -PGID`; H100 run 5): the embedded valkey, in the launcher's group,
+    got it too and exited while the worker was finishing its job, so the job's end could not
+    be recorded (left to the reaper) and every process logged connection errors. The launcher
+    must bring the server back for the others' wind-down and stop it last."""
+    launch = launch_long_jobs
+    launch.wait_ready()
+    job = post_json(f"{launch.base}/v1/jobs",
+                    {"prompt": "a red circle", "steps": 150, "num_images": 4, "preview_every": 0})
+    _wait(lambda: get_json(f"{launch.base}/v1/jobs/{job['id']}")["status"] == "running", "the job to run", launch)
+    os.killpg(launch.process.pid, signal.SIGTERM)
+    assert launch.wait_exit() == 0, launch.output()[-4000:]
+    output = launch.output()
+    assert "restarting it so the others can finish" in output, output[-4000:]
+    assert "job succeeded" in output, output[-4000:]
+    assert "killing the" not in output, output[-4000:]
+    assert not (launch.valkey_dir / "valkey.pid").exists()
+
+
 def _pids(launch: Launch, what: Callable[[str], bool]) -> list[int]:
     return [pid for pid, command in descendants(launch.process.pid).items() if what(command)]
 
