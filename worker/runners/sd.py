@@ -127,16 +127,20 @@ class _Graph:
 
 
 def default_batch_buckets(device: torch.device, max_batch: int, compiled: bool = False) -> tuple[int, ...]:
-    """On CUDA, UNet row counts 1, 2, 4, then multiples of 8 up to 2 x max_batch: each is a
-    captured graph (and kernel selection) made at start-up, so staggered arrivals never
-    pay for a new shape mid-request; padding wastes < 1/2 of a small batch and < 1/5 of
-    a large one. A compiled UNet starts at 2 (batch 1 would be its own compile). On the
-    CPU there is nothing to amortize."""
+    """On CUDA, UNet row counts 1, 2, 4, then multiples of 4 up to 32 and of 8 above, up to
+    2 x max_batch: each is a captured graph (and kernel selection) made at start-up, so
+    staggered arrivals never pay for a new shape mid-request. Steps run at their bucket, so
+    18 rows cost 20: with buckets 8 apart (24), H100 run 5's staggered mode kept 0.72 of the
+    all-at-once rate, and its step times replayed with buckets 4 apart give 0.78
+    (bench/bucket_padding.py), for three more captures (~1.4 s each) at start. A compiled
+    UNet starts at 2 (batch 1 would be its own compile). On the CPU there is nothing to
+    amortize."""
     if device.type != "cuda":
         return ()
     top = 2 * max_batch
     small = {2, 4} if compiled else {1, 2, 4}
-    return tuple(sorted({b for b in small if b < top} | {min(b, top) for b in range(8, top + 8, 8)}))
+    steps = {b for b in range(8, 33, 4)} | {b for b in range(40, top + 8, 8)}
+    return tuple(sorted({b for b in small if b < top} | {min(b, top) for b in steps if b < top + 8}))
 
 
 def default_max_batch(device: torch.device) -> int:
