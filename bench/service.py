@@ -20,7 +20,8 @@ Images/s is images over the makespan (first submit -> last image fetched).
 Each row also says what the engine did meanwhile (`engine`), from the
 workers' figures on GET /metrics before and after the mode: its steps, their
 mean rows and seconds (host time of a step; on CUDA it includes waiting for the
-device), and `busy_share`, the steps' seconds over the makespan. What a row
+device), and `busy_share`, the steps' seconds over the makespan (summed over
+workers, so with several it can pass 1). What a row
 loses to the engine in-process splits so: a step slower than in-process is
 contention inside the step (the worker's other threads, the GIL), a
 `busy_share` short of 1 is time the engine stood idle (hand-overs, bookkeeping,
@@ -203,8 +204,11 @@ class EngineMeter:
         self.mark = scrape_engine(base)
 
     def since(self, images: int, timeout_s: float = 5.0) -> dict[str, float] | None:
-        """The steps since the last mark, once `images` more images are counted; marks anew."""
+        """The steps since the last mark, once `images` more images are counted; marks anew.
+        None where /metrics did not answer (the mark stays) or the images were not all counted
+        in time (the figures would mix this mode's steps with the next one's)."""
         if self.mark is None:
+            self.mark = scrape_engine(self.base)
             return None
         deadline = time.monotonic() + timeout_s
         now = scrape_engine(self.base)
@@ -212,8 +216,10 @@ class EngineMeter:
                 and time.monotonic() < deadline:
             time.sleep(0.1)
             now = scrape_engine(self.base)
-        before, self.mark = self.mark, now
         if now is None:
+            return None
+        before, self.mark = self.mark, now
+        if now["bailan_images_total"] - before["bailan_images_total"] < images:
             return None
         delta = {k: now[k] - before[k] for k in ENGINE_SERIES}
         if delta["bailan_step_seconds_count"] <= 0:
