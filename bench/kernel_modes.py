@@ -132,6 +132,12 @@ def child(mode: str, rows: int, small: bool, reps: int) -> dict[str, Any]:
     }
 
 
+def write(path: Path | None, rows: int, results: list[dict[str, Any]]) -> None:
+    """The results so far, after every mode: a run stopped later keeps them."""
+    if path is not None:
+        path.write_text(json.dumps({"rows": rows, "results": results}, indent=2) + "\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="eager,default,max-autotune", help=f"comma-separated, of {', '.join(MODES)}")
@@ -175,12 +181,14 @@ def main() -> int:
                 child_process.communicate()
                 results.append({"mode": mode, "not_finished_within_s": round(left, 1)})
                 print(f"  {mode:<18} not finished within {left:.0f} s", flush=True)
+                write(args.json, args.rows, results)
                 continue
             done = subprocess.CompletedProcess(cmd, child_process.returncode, stdout, stderr)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
                 results.append({"mode": mode, "error": (done.stderr or done.stdout)[-800:]})
                 print(f"  {mode:<18} failed: {(done.stderr or done.stdout)[-800:]}", flush=True)
+                write(args.json, args.rows, results)
                 continue
             row = json.loads(lines[-1].removeprefix("RESULT "))
             row["process_s"] = round(time.monotonic() - t0, 1)
@@ -188,16 +196,14 @@ def main() -> int:
             print(f"  {mode:<18} first call {row['first_call_s']:7.1f} s   call {row['call_ms']:8.2f} ms at "
                   f"{row['rows']} rows   max |diff| vs eager {row['max_abs_diff_vs_eager']}   "
                   f"(process {row['process_s']} s, {row['device']})", flush=True)
-        if args.json:
-            args.json.write_text(json.dumps({"rows": args.rows, "results": results}, indent=2) + "\n")
+        write(args.json, args.rows, results)
     base = next((r["call_ms"] for r in results if r.get("mode") == "default" and "call_ms" in r), None)
     if base:
         for r in results:
             if "call_ms" in r:
                 r["speed_vs_default"] = round(base / r["call_ms"], 3)
         print("speed against default compile:", {r["mode"]: r["speed_vs_default"] for r in results if "speed_vs_default" in r})
-    if args.json:
-        args.json.write_text(json.dumps({"rows": args.rows, "results": results}, indent=2) + "\n")
+    write(args.json, args.rows, results)
     return 0
 
 
