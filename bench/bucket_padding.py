@@ -4,8 +4,8 @@ Replays (c1) (N jobs at once, 25 steps) and (c2) (N arrivals at twice the rate (
 them, 15/25/40 steps in turn), stepping every active sample each step as the engine does,
 at the step time of the bucket the rows are padded to, plus a decode per finished image.
 Step times come from a bench/throughput.py JSON (`compiled_step_ms_by_rows`, measured at
-every captured bucket), or else from a line through run 2's two H100 points (2 rows 6.5 ms,
-32 rows 69.2 ms). Prints (c2)/(c1) with the buckets as measured or given, and with none.
+every captured bucket; a bucket between two measured ones is interpolated between them), or
+else from a line through run 2's two H100 points (2 rows 6.5 ms, 32 rows 69.2 ms). Prints (c2)/(c1) with the buckets as measured or given, and with none.
 
     python bench/bucket_padding.py [--json throughput_gpu.json] [--buckets 2,4,8,12,16,20,24,28,32]
 """
@@ -63,13 +63,23 @@ def main() -> int:
     line = lambda rows: (LINE_MS[0] + LINE_MS[1] * rows) / 1000  # noqa: E731
     buckets = sorted(int(b) for b in args.buckets.split(",")) if args.buckets else sorted(measured) or [2, 4, 8, 16, 24, 32]
 
+    def at(rows: int) -> float:
+        """The step at `rows`: measured, else between the measured rows around it, else the line."""
+        if rows in measured:
+            return measured[rows]
+        below = max((r for r in measured if r < rows), default=None)
+        above = min((r for r in measured if r > rows), default=None)
+        if below is None or above is None:
+            return line(rows)
+        share = (rows - below) / (above - below)
+        return measured[below] + share * (measured[above] - measured[below])
+
     def padded(rows: int) -> float:
-        bucket = next((b for b in buckets if b >= rows), rows)
-        return measured.get(bucket) or line(bucket)
+        return at(next((b for b in buckets if b >= rows), rows))
 
     source = f"measured ({args.json})" if measured else "a line through run 2's 2- and 32-row steps (a model)"
     print(f"step times: {source}; N = {args.n}")
-    for name, step in ((f"buckets {','.join(map(str, buckets))}", padded), ("no padding (the line)", line)):
+    for name, step in ((f"buckets {','.join(map(str, buckets))}", padded), ("no padding", at)):
         c1, c2 = ratio(step, args.n)
         print(f"  {name:40s} (c1) {c1:.3f} s  (c2) {c2:.3f} s  (c2)/(c1) throughput {c1 / c2:.3f}")
     return 0

@@ -80,7 +80,7 @@ def test_batch_buckets_are_read_checked_and_used_on_cuda_only(monkeypatch: pytes
 def test_default_buckets_are_four_rows_apart_up_to_32() -> None:
     """Guards the padding of a staggered batch: with buckets 8 rows apart above 8, a step of
     18 rows ran at 24, and H100 run 5's staggered mode kept 0.72 of the all-at-once rate
-    (0.78 replayed with buckets 4 apart, bench/bucket_padding.py). Buckets are even and end
+    (0.79 replayed with buckets 4 apart, bench/bucket_padding.py). Buckets are even and end
     at a full batch, as a compiled UNet needs; none on the CPU."""
     cuda = torch.device("cuda")
     assert default_batch_buckets(cuda, 16, compiled=True) == (2, 4, 8, 12, 16, 20, 24, 28, 32)
