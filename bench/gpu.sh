@@ -58,7 +58,7 @@ export BAILAN_MAX_STREAMS_PER_KEY=${BAILAN_MAX_STREAMS_PER_KEY:-64}
 # started; a SIGTERM would end it at once and leave the launcher to the group signal.
 # The service is told of the cache by BAILAN_COMPILE_CACHE_DIR alone, as under make run and
 # compose: its worker start is warm only if the worker itself points torch at that directory.
-timeout --foreground -s INT -k 60 "${STAGE2_S:-$STAGE2_DEFAULT_S}" env -u TORCHINDUCTOR_CACHE_DIR -u TRITON_CACHE_DIR $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
+timeout --foreground -s INT -k 90 "${STAGE2_S:-$STAGE2_DEFAULT_S}" env -u TORCHINDUCTOR_CACHE_DIR -u TRITON_CACHE_DIR $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
   --stagger-clients "${STAGGER_CLIENTS:-16}" --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" 2>&1 | tee -a "$LOG"
 echo "stage 2 exit: $?" | tee -a "$LOG"
 du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
