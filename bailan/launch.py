@@ -674,7 +674,10 @@ def main() -> int:
         else:
             print("\nbailan: stopping (Ctrl-C again to kill now)", file=sys.stderr, flush=True)
     finally:
-        killed = stop_children(children, stop, valkey)
+        # Only a server that was serving when the stop came is brought back for the wind-down:
+        # not one the supervisor gave up on, nor one waiting for its restart after a crash.
+        keep_up = valkey if failure is None and valkey is not None and valkey.restarts.restart_at is None else None
+        killed = stop_children(children, stop, keep_up)
         # Last, so every child could still write while it shut down;
         # SIGTERM makes valkey fsync its AOF before it exits.
         if valkey is not None and valkey.exit_code() is None:
