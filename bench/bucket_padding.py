@@ -21,6 +21,8 @@ from pathlib import Path
 LINE_MS = (2.3, 2.09)  # intercept, per row
 DECODE_S = 0.15 / 16
 FINISH_S = 0.02  # the host's end of a step that finished jobs
+# worker.runners.sd.default_batch_buckets for a compiled batch of 16 (not imported: no torch here).
+WORKER_BUCKETS = (2, 4, 8, 12, 16, 20, 24, 28, 32)
 
 
 def makespan(step_s: Callable[[int], float], steps: list[int], interval: float) -> float:
@@ -54,14 +56,14 @@ def ratio(step_s: Callable[[int], float], n: int) -> tuple[float, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="a bench/throughput.py result with compiled_step_ms_by_rows")
-    p.add_argument("--buckets", help="row counts, comma-separated (default: those measured, else 2,4,8,16,24,32)")
+    p.add_argument("--buckets", help="row counts, comma-separated (default: those measured, else the worker's default for a batch of 16)")
     p.add_argument("--n", type=int, default=16)
     args = p.parse_args()
     measured: dict[int, float] = {}
     if args.json:
         measured = {int(k): v / 1000 for k, v in json.loads(args.json.read_text())["compiled_step_ms_by_rows"].items()}
     line = lambda rows: (LINE_MS[0] + LINE_MS[1] * rows) / 1000  # noqa: E731
-    buckets = sorted(int(b) for b in args.buckets.split(",")) if args.buckets else sorted(measured) or [2, 4, 8, 16, 24, 32]
+    buckets = sorted(int(b) for b in args.buckets.split(",")) if args.buckets else sorted(measured) or list(WORKER_BUCKETS)
 
     def at(rows: int) -> float:
         """The step at `rows`: measured, else between the measured rows around it, else the line."""
