@@ -335,7 +335,8 @@ def test_inputs_outside_the_guards_fall_back_instead_of_failing_the_job(
     """Guards a loaded function called with inputs it was not compiled for (another dtype): it
     cannot recompile itself as torch.compile would, and raising would fail the job. It must
     fall back to plain torch.compile, with the right result, and remove the file: kept, every
-    later start would load it and fall back again."""
+    later start would load it and fall back again. The log must name the guard that refused
+    (H100 run 5's refusal said only "do not fit", and its cause took a CPU reproduction)."""
     net, path = net_path(inductor_cache)
     Precompiled("net", net_forward, net, path)(torch.randn(2, 3, 8, 8))
     wide = Net().double().eval()
@@ -345,6 +346,7 @@ def test_inputs_outside_the_guards_fall_back_instead_of_failing_the_job(
         assert torch.allclose(loaded(x), wide(x), atol=1e-8)
     assert loaded.source is not None and loaded.source.startswith("plain:")
     assert "do not fit the guards" in caplog.text
+    assert "dtype mismatch" in caplog.text, caplog.text
     assert not path.exists()
 
 

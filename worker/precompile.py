@@ -143,7 +143,8 @@ class Precompiled:
         aot = self._aot
         if aot is not None:
             if not aot.guard_check(self.module, *tensors):
-                self._discard(f"inputs {_shapes(tensors)} do not fit the guards of {self.path}")
+                self._discard(f"inputs {_shapes(tensors)} do not fit the guards of {self.path}"
+                              f"{_failed_guard(aot, self.module, *tensors)}")
             elif self._proven:
                 return aot(self.module, *tensors)
             else:
@@ -335,6 +336,19 @@ def _checked(aot: Any) -> Any:
         raise TypeError(f"{type(aot).__name__} has no guard_check in torch {torch.__version__}")
     aot.disable_guard_check()
     return aot
+
+
+def _failed_guard(aot: Any, *args: Any) -> str:
+    """Which guard refused `args` (": <its check>"), as far as this torch tells it, else "":
+    the one line that says why a start compiles again instead of loading (H100 run 5's was the
+    order of the config's keys). Read through torch's private guard manager, so any failure
+    to read it only leaves the reason out."""
+    try:
+        info = aot._artifacts.guard_manager.check_verbose(aot.prepare_f_locals(*args))
+        parts = [str(part).split("  #", 1)[0].strip() for part in info.verbose_code_parts]
+    except Exception:  # noqa: BLE001 - a diagnosis, never a reason to fail
+        return ""
+    return f": {'; '.join(parts)[:300]}" if parts else ""
 
 
 def _shapes(tensors: Sequence[torch.Tensor]) -> str:
