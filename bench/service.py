@@ -48,6 +48,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -187,10 +188,10 @@ def scrape_engine(base: str) -> dict[str, float] | None:
     if response.status_code != 200:
         return None
     totals = dict.fromkeys(ENGINE_SERIES, 0.0)
-    for line in response.text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
     return totals
 
 
