@@ -139,8 +139,8 @@ def default_batch_buckets(device: torch.device, max_batch: int, compiled: bool =
         return ()
     top = 2 * max_batch
     small = {2, 4} if compiled else {1, 2, 4}
-    steps = {b for b in range(8, 33, 4)} | {b for b in range(40, top + 8, 8)}
-    return tuple(sorted({b for b in small if b < top} | {min(b, top) for b in steps if b < top + 8}))
+    larger = [*range(8, 33, 4), *range(40, top + 8, 8)]
+    return tuple(sorted({b for b in small if b < top} | {min(b, top) for b in larger}))
 
 
 def default_max_batch(device: torch.device) -> int:
