@@ -5,7 +5,8 @@ them, 15/25/40 steps in turn), stepping every active sample each step as the eng
 at the step time of the bucket the rows are padded to, plus a decode per finished image.
 Step times come from a bench/throughput.py JSON (`compiled_step_ms_by_rows`, measured at
 every captured bucket; a bucket between two measured ones is interpolated between them), or
-else from a line through run 2's two H100 points (2 rows 6.5 ms, 32 rows 69.2 ms). Prints (c2)/(c1) with the buckets as measured or given, and with none.
+else from a line through run 2's two H100 points (2 rows 6.5 ms, 32 rows 69.2 ms). Prints
+(c2)/(c1) with the buckets as measured or given, and with none.
 
     python bench/bucket_padding.py [--json throughput_gpu.json] [--buckets 2,4,8,12,16,20,24,28,32]
 """
