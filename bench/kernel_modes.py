@@ -13,11 +13,15 @@ Modes: `eager` (no compile), `default` (torch.compile, batch static),
 `default-dynamic` (batch dimension dynamic, as the worker compiles), `max-autotune`
 (mode max-autotune-no-cudagraphs: Triton GEMM/convolution templates timed
 against cuBLAS/cuDNN; the CUDA graph is the engine's own), `max-autotune-cdt`
-(that plus coordinate-descent tuning of the generated kernels). Modes run in
+(that plus coordinate-descent tuning of the generated kernels). Each may end in
+`+cudnn-benchmark`: cuDNN then times its convolution algorithms at the first
+call and keeps the fastest (the worker's BAILAN_CUDNN_BENCHMARK); without it,
+its heuristics pick, as the worker does by default. Modes run in
 the order given until `--budget-s` is spent; one that outruns what is left is
 reported as not finished, with the seconds it was given.
 
     python bench/kernel_modes.py --modes eager,default,max-autotune --budget-s 300 --json out.json
+    python bench/kernel_modes.py --rows 2 --modes eager,eager+cudnn-benchmark --budget-s 60
     .venv/bin/python bench/kernel_modes.py --small --modes eager,default   # a CPU dry run, small channels
 """
 
@@ -37,6 +41,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("eager", "default", "default-dynamic", "max-autotune", "max-autotune-cdt")
+CUDNN_BENCHMARK = "+cudnn-benchmark"
+
+
+def known(mode: str) -> bool:
+    return mode.removesuffix(CUDNN_BENCHMARK) in MODES
 
 
 def build_unet(small: bool, device: Any, dtype: Any) -> Any:
@@ -64,6 +73,8 @@ def child(mode: str, rows: int, small: bool, reps: int) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    name, mode = mode, mode.removesuffix(CUDNN_BENCHMARK)
+    torch.backends.cudnn.benchmark = name.endswith(CUDNN_BENCHMARK)
     dtype = torch.float16 if cuda else torch.float32
     unet = build_unet(small, device, dtype)
     inductor.conv_1x1_as_mm = True  # as the worker compiles (worker/runners/sd.py)
@@ -126,7 +137,7 @@ def child(mode: str, rows: int, small: bool, reps: int) -> dict[str, Any]:
             sync()
             times.append((time.perf_counter() - t0) / 5)
     return {
-        "mode": mode, "rows": rows, "first_call_s": round(first_s, 2), "call_ms": round(1000 * statistics.median(times), 2),
+        "mode": name, "rows": rows, "first_call_s": round(first_s, 2), "call_ms": round(1000 * statistics.median(times), 2),
         "max_abs_diff_vs_eager": round(diff, 5), "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
     }
@@ -140,29 +151,31 @@ def write(path: Path | None, rows: int, results: list[dict[str, Any]]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="eager,default,max-autotune", help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--modes", default="eager,default,max-autotune",
+                   help=f"comma-separated, of {', '.join(MODES)}, each with {CUDNN_BENCHMARK} or not")
     p.add_argument("--rows", type=int, default=32, help="UNet rows per call (guided images x 2)")
     p.add_argument("--reps", type=int, default=10, help="timed blocks of 5 calls; the median block counts")
     p.add_argument("--budget-s", type=float, default=600, help="seconds for all modes together")
     p.add_argument("--small", action="store_true", help="the small-channel SD1.5 shape (a CPU dry run)")
     p.add_argument("--json", type=Path)
-    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.rows, args.small, args.reps)), flush=True)
         return 0
 
     modes = args.modes.split(",")
-    unknown = set(modes) - set(MODES)
+    unknown = {mode for mode in modes if not known(mode)}
     if unknown:
-        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; known: {', '.join(MODES)}, each with "
+                f"{CUDNN_BENCHMARK} or not")
     deadline = time.monotonic() + args.budget_s
     results: list[dict[str, Any]] = []
     for mode in modes:
         left = deadline - time.monotonic()
         if left < 10:
             results.append({"mode": mode, "skipped": "no budget left"})
-            print(f"  {mode:<18} skipped: no budget left", flush=True)
+            print(f"  {mode:<34} skipped: no budget left", flush=True)
             continue
         with tempfile.TemporaryDirectory(prefix=f"kernel-modes-{mode}-", ignore_cleanup_errors=True) as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton",
@@ -180,20 +193,20 @@ def main() -> int:
                 os.killpg(child_process.pid, signal.SIGKILL)
                 child_process.communicate()
                 results.append({"mode": mode, "not_finished_within_s": round(left, 1)})
-                print(f"  {mode:<18} not finished within {left:.0f} s", flush=True)
+                print(f"  {mode:<34} not finished within {left:.0f} s", flush=True)
                 write(args.json, args.rows, results)
                 continue
             done = subprocess.CompletedProcess(cmd, child_process.returncode, stdout, stderr)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
                 results.append({"mode": mode, "error": (done.stderr or done.stdout)[-800:]})
-                print(f"  {mode:<18} failed: {(done.stderr or done.stdout)[-800:]}", flush=True)
+                print(f"  {mode:<34} failed: {(done.stderr or done.stdout)[-800:]}", flush=True)
                 write(args.json, args.rows, results)
                 continue
             row = json.loads(lines[-1].removeprefix("RESULT "))
             row["process_s"] = round(time.monotonic() - t0, 1)
             results.append(row)
-            print(f"  {mode:<18} first call {row['first_call_s']:7.1f} s   call {row['call_ms']:8.2f} ms at "
+            print(f"  {mode:<34} first call {row['first_call_s']:7.1f} s   call {row['call_ms']:8.2f} ms at "
                   f"{row['rows']} rows   max |diff| vs eager {row['max_abs_diff_vs_eager']}   "
                   f"(process {row['process_s']} s, {row['device']})", flush=True)
         write(args.json, args.rows, results)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker.process import batch_buckets, runner_options
-from worker.runners.sd import default_batch_buckets
+from worker.runners.sd import RunnerOptions, default_batch_buckets
 from worker.settings import WorkerSettings
 
 BUILTIN = Path(__file__).resolve().parent.parent / "models" / "bailan-shapes"
@@ -40,6 +40,20 @@ def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch
     assert not off.cuda_graphs and not off.compile_unet and not off.channels_last
     forced = runner_options(WorkerSettings(model=BUILTIN, compile=True, cuda_graphs=True), torch.device("cpu"))
     assert not forced.cuda_graphs and not forced.compile_unet
+
+
+def test_cudnn_benchmark_is_off_unless_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards BAILAN_CUDNN_BENCHMARK reaching the runner: cuDNN timing its algorithms at every
+    bucket of every start (about a second each on an H100, for steps measured no faster at a
+    full batch) was on with no way to turn it off."""
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "")  # runner_options sets them: restored after the test
+    settings = WorkerSettings(model=BUILTIN, compile_cache_dir=tmp_path / "compile")
+    assert not runner_options(settings, torch.device("cuda")).cudnn_benchmark
+    monkeypatch.setenv("BAILAN_CUDNN_BENCHMARK", "true")
+    settings = WorkerSettings(model=BUILTIN, compile_cache_dir=tmp_path / "compile")
+    assert runner_options(settings, torch.device("cuda")).cudnn_benchmark
+    assert RunnerOptions(cudnn_benchmark=True).resolve(torch.device("cuda")).cudnn_benchmark
 
 
 def test_batch_buckets_are_read_checked_and_used_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:

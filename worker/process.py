@@ -341,7 +341,8 @@ def runner_options(settings: WorkerSettings, device: torch.device) -> RunnerOpti
     # NHWC and fused attention projections pay only under compile (eager NHWC GroupNorms convert back).
     return RunnerOptions(cuda_graphs=graphs, compile_unet=compile_, compile_vae=compile_,
                          compile_cache=settings.compile_cache_dir.resolve() if compile_ else None,
-                         channels_last=compile_, fuse_qkv=compile_, max_steps=settings.max_steps)
+                         channels_last=compile_, fuse_qkv=compile_, cudnn_benchmark=settings.cudnn_benchmark,
+                         max_steps=settings.max_steps)
 
 
 def warm_up(engine: Engine) -> None:

@@ -71,6 +71,14 @@ class WorkerSettings(SharedSettings):
             "(later starts reuse BAILAN_COMPILE_CACHE_DIR)."
         ),
     )
+    cudnn_benchmark: bool = Field(
+        False,
+        description=(
+            "Let cuDNN time its convolution algorithms and keep the fastest, once per shape (CUDA only): "
+            "at warm-up, for each bucket, at every start. false: cuDNN's heuristics pick, which measured "
+            "as fast at a full batch on an H100."
+        ),
+    )
     batch_buckets: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
         description=(

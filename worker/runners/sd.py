@@ -68,6 +68,8 @@ class RunnerOptions:
     channels_last: bool = False  # NHWC weights and activations
     fuse_qkv: bool = False  # one projection for attention's q, k and v
     sdpa_backend: str | None = None  # force one attention kernel: flash, efficient, cudnn, math
+    # cuDNN times its convolution algorithms at each new shape (CUDA only): each bucket's first run.
+    cudnn_benchmark: bool = False
     max_steps: int = 150  # rows of each slot's coefficient table: the most steps a job may take
 
     def resolve(self, device: torch.device) -> "RunnerOptions":
@@ -82,6 +84,7 @@ class RunnerOptions:
             channels_last=self.channels_last and cuda,
             fuse_qkv=self.fuse_qkv,
             sdpa_backend=self.sdpa_backend if cuda else None,
+            cudnn_benchmark=self.cudnn_benchmark,
             max_steps=self.max_steps,
         )
 
@@ -227,8 +230,9 @@ class SDRunner:
             unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            # cuDNN times its convolution algorithms once per shape; shapes are few (buckets).
-            torch.backends.cudnn.benchmark = True
+            # Off by default: at a full batch the steps took as long either way (README, Performance),
+            # and timing them costs each bucket's capture at every start.
+            torch.backends.cudnn.benchmark = opts.cudnn_benchmark
         if opts.compile_unet:
             import torch._inductor.config as inductor
 
@@ -626,9 +630,11 @@ class SDRunner:
         pool = self._pool(size)
         unet = self._compiled_unet if self._compiled_unet is not None else self._eager_unet()
         started = time.perf_counter()
+        later: list[float] = []
         for bucket in buckets:
             if bucket > 2 * self.max_batch:
                 continue
+            began = time.perf_counter()
             index = _scratch_index(pool, bucket, self.options.max_steps)
             noise = torch.zeros((bucket, *pool.latents.shape[1:]), device=self.device)
             if self.options.cuda_graphs:
@@ -639,9 +645,15 @@ class SDRunner:
             else:
                 with self._sdpa():
                     self._body(pool, index, noise, unet)
+            if "first_bucket_s" in timings:
+                later.append(time.perf_counter() - began)
             timings.setdefault("first_bucket_s", time.perf_counter() - started)
         self._sync()
         timings["unet_buckets_s"] = time.perf_counter() - started
+        if later:
+            # What each further bucket adds to a start (its kernels chosen, its graph captured):
+            # the first one's includes the compile.
+            timings["later_bucket_s_each"] = sum(later) / len(later)
         started = time.perf_counter()
         for count in self.vae_buckets:
             self.decode(torch.zeros((count, *pool.latents.shape[1:]), device=self.device))
