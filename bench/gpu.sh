@@ -67,6 +67,16 @@ grep -E "warm-up|start:|ready|compil|graph" "$OUT/service_gpu.log" | grep -v rea
 # load on the H100, 3-6 s on a 2-core CPU): the 15 slowest, cumulative microseconds.
 $PY -X importtime -c "import worker.process" 2> "$OUT/importtime.txt" >/dev/null
 sort -t'|' -k2 -n -r "$OUT/importtime.txt" | head -15 | tee -a "$LOG"
+# Run 5 found pure-Python modules 6-18x slower to import than on a 2-core CPU (torch._dynamo's
+# symbolic_convert: 91 ms against 15): whether torch's bytecode is there to load, or compiled anew.
+$PY - <<'PYEOF' 2>&1 | tee -a "$LOG"
+import importlib.util, os, sys
+import torch
+pkg = os.path.dirname(torch.__file__)
+pyc = importlib.util.cache_from_source(os.path.join(pkg, "_dynamo", "symbolic_convert.py"))
+print(f"bytecode: {pyc} there: {os.path.exists(pyc)}; torch's folder writable: {os.access(pkg, os.W_OK)}; "
+      f"dont_write_bytecode: {sys.flags.dont_write_bytecode}; pycache_prefix: {sys.pycache_prefix}")
+PYEOF
 if [ "$DEVICE" = cuda ] && [ -n "${SDXL:-}" ]; then
   # SDXL base architecture at 1024x1024 (random weights), CUDA graphs around the eager UNet:
   # its cold compile would take this run's remaining minutes.
