@@ -94,6 +94,27 @@ redis.call('ZADD', KEYS[2], now + """ + str(RESERVATION_S) + """, ARGV[5])
 return {'ok', tostring(total)}
 """
 
+# A submit that failed after admission, before its transaction ran: its place back, and its
+# submit back to the key's rate (the theoretical arrival time one interval earlier, never
+# before now), so a retry of a submit that made nothing is not refused for it.
+# KEYS: rate state, reservations. ARGV: reservation member, rate interval s (0 = none).
+_RELEASE = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+local interval = tonumber(ARGV[2])
+if interval <= 0 then return 0 end
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local back = math.max(tat - interval, now)
+if tat <= now then return 0 end
+if back <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], tostring(back), 'PX', math.ceil((back - now) * 1000) + 1000)
+end
+return 1
+"""
+
 # KEYS: the key's open streams. ARGV: cap, stream id, lease s. 1 = opened, 0 = at the cap.
 _OPEN_STREAM = """
 local t = redis.call('TIME')
@@ -134,16 +155,21 @@ class Admission:
     base: str
     member: str
     depth: int  # jobs queued (or being queued) across every key before this one
+    rate_key: str = ""
+    interval_s: float = 0.0  # the key's rate interval; 0 = no rate
 
     def release_in(self, pipe: redis.client.Pipeline) -> None:
         pipe.zrem(Keys.reservations(self.base), self.member)
 
-    def release(self, conn: redis.Redis) -> None:
-        """For a submit that failed after admission: give the place back now, not after RESERVATION_S."""
+    def release(self, conn: redis.Redis, refund: bool = True) -> None:
+        """For a submit that failed after admission: give the place back now, not after
+        RESERVATION_S, and with `refund` its submit back to the key's rate. No refund where
+        the job may have been queued after all (a transaction whose reply was lost)."""
         try:
-            conn.zrem(Keys.reservations(self.base), self.member)
+            conn.register_script(_RELEASE)(keys=[self.rate_key, Keys.reservations(self.base)],
+                                           args=[self.member, repr(self.interval_s) if refund else "0"])
         except redis.RedisError:
-            pass  # it expires by itself
+            pass  # the place expires by itself; the submit stays counted
 
 
 def admit(
@@ -179,7 +205,7 @@ def admit(
     value = float(number)
     if verdict != "ok":
         raise Refused(verdict, value)
-    return Admission(base, member, int(value))
+    return Admission(base, member, int(value), keys[0], rate.interval_s if rate else 0.0)
 
 
 def open_stream(conn: redis.Redis, key_name: str, stream_id: str, cap: int) -> bool:

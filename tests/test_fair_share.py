@@ -104,6 +104,28 @@ def test_rate_limit_is_429_with_retry_after(redis_url: str, redis_conn: redis.Re
         submit_as(c, "alice")
 
 
+def test_a_submit_that_queued_nothing_gives_its_rate_back(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a submit that failed after admission (here its Idempotency-Key's claim was taken over
+    before the transaction ran, so nothing was queued) still counting against its key's rate: the
+    client's next submit was refused 429 for a job that was never made. A place or a submit given
+    back must give back only its own: the key's other submits still count."""
+    settings = make_settings(redis_url, rate_limit="2/minute")
+    params = JobParams(prompt="x", seed=1)
+    claim = "test:claim-taken-over"
+    redis_conn.set(claim, "another-job")
+    try:
+        records.submit(settings, redis_conn, params, "alice")  # one of alice's two
+        with pytest.raises(records.ClaimLost):
+            records.submit(settings, redis_conn, params, "alice", job_id="mine", claim_key=claim)
+        assert redis_conn.zcard(Keys.reservations(QUEUE)) == 0
+        records.submit(settings, redis_conn, params, "alice")  # the second: the failed one gave its back
+        with pytest.raises(limits.Refused) as refused:
+            records.submit(settings, redis_conn, params, "alice")
+        assert refused.value.reason == "rate"
+    finally:
+        redis_conn.delete(claim)
+
+
 def test_queued_per_key_cap_is_429(redis_url: str, redis_conn: redis.Redis, keys_file: Path) -> None:
     """Guards: one key filling the whole queue; the cap must count only its own queued jobs and free
     up as they leave the queue."""

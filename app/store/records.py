@@ -134,10 +134,11 @@ def submit(
         conn, base, owner, queue_name, job_id,
         settings.rate, settings.max_queued_per_key, settings.max_queue_depth,
     )
-    record = new_record(params, owner)
-    queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    sent = False
     pipe = conn.pipeline(transaction=True)
     try:
+        record = new_record(params, owner)
+        queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
         if claim_key is not None:
             pipe.watch(claim_key)  # a change before EXEC makes it fail (WatchError: ClaimLost)
             if not idempotency.names_job(pipe.get(claim_key), job_id):
@@ -165,12 +166,15 @@ def submit(
         # Should a worker take it off the queue and never start it, the reaper finds it here.
         pipe.zadd(Keys.waiting(queue_name), {job_id: now()})
         admission.release_in(pipe)
+        sent = True
         try:
             pipe.execute()
         except redis.WatchError:
+            sent = False  # EXEC refused it: nothing was queued
             raise ClaimLost(job_id) from None
     except BaseException:
-        admission.release(conn)
+        # A transaction sent whose answer never came may have queued the job: its submit counts.
+        admission.release(conn, refund=not sent)
         raise
     finally:
         pipe.reset()
