@@ -29,6 +29,9 @@ BUCKETS: dict[str, tuple[float, ...]] = {
     "bailan_job_wait_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
     # Seconds of one engine step (one UNet call for one batch group, all its splits).
     "bailan_step_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    # A succeeded job's time on its worker, by phase: admit (handed to the engine until given
+    # a slot), denoise (its steps and decode), store (its images encoded and stored, record written).
+    "bailan_job_phase_seconds": (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     # UNet rows (images, twice for guided ones) run in one step.
     "bailan_batch_rows": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 }
@@ -50,6 +53,10 @@ HELP: dict[str, str] = {
     **COUNTERS,
     "bailan_job_wait_seconds": "Seconds from submit to start (queue wait).",
     "bailan_step_seconds": "Seconds per engine step.",
+    "bailan_job_phase_seconds": (
+        "A succeeded job's seconds on its worker, by phase: admit (waiting in the engine for a slot), "
+        "denoise (steps and decode), store (images encoded and stored)."
+    ),
     "bailan_batch_rows": "UNet rows run per engine step (batch fill).",
 }
 

