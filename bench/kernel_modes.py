@@ -10,7 +10,9 @@ included), the captured call's milliseconds, and the largest difference from
 the eager UNet's output on the same inputs.
 
 Modes: `eager` (no compile), `default` (torch.compile, batch static),
-`default-dynamic` (batch dimension dynamic, as the worker compiles), `max-autotune`
+`default-dynamic` (batch dimension dynamic, as the worker compiles), `regional`
+(each transformer and ResNet block compiled alone, the rest eager: a block
+shape that repeats compiles once, which may cut the compile's time), `max-autotune`
 (mode max-autotune-no-cudagraphs: Triton GEMM/convolution templates timed
 against cuBLAS/cuDNN; the CUDA graph is the engine's own), `max-autotune-cdt`
 (that plus coordinate-descent tuning of the generated kernels). Each may end in
@@ -40,7 +42,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("eager", "default", "default-dynamic", "max-autotune", "max-autotune-cdt")
+MODES = ("eager", "default", "default-dynamic", "regional", "max-autotune", "max-autotune-cdt")
+# What `regional` compiles, each block alone: nearly all of the UNet's work, in repeated shapes.
+REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 CUDNN_BENCHMARK = "+cudnn-benchmark"
 
 
@@ -87,6 +91,15 @@ def child(mode: str, rows: int, small: bool, reps: int) -> dict[str, Any]:
         reference = unet_forward(unet, x, t, embeds).float()
 
     if mode == "eager":
+        fn = unet_forward
+    elif mode == "regional":
+        # Each block compiled on its own: blocks of one shape (SD1.5 repeats each transformer
+        # block's shape five times) share one compile; what lies between them runs eagerly.
+        # One compile per distinct shape of a block class: more than dynamo's default 8.
+        torch._dynamo.config.recompile_limit = 64
+        for module in unet.modules():
+            if type(module).__name__ in REGIONAL_BLOCKS:
+                module.compile(fullgraph=True, dynamic=False)
         fn = unet_forward
     else:
         compile_mode = None
