@@ -24,8 +24,11 @@ COPY pyproject.toml README.md ./
 COPY bailan ./bailan
 COPY app ./app
 COPY worker ./worker
-# Installed in place (editable): what runs is the code copied here.
-RUN pip install --no-cache-dir -e .
+# Installed in place (editable): what runs is the code copied here. Its bytecode is compiled
+# here, as pip compiles the dependencies': the code is read-only at run time and
+# PYTHONDONTWRITEBYTECODE is set, so without it every start compiles it again.
+RUN pip install --no-cache-dir -e . \
+    && python -m compileall -q bailan app worker
 
 # The worker's default BAILAN_MODEL, models/bailan-shapes, is relative to WORKDIR.
 COPY models ./models
