@@ -3,6 +3,7 @@ robin by real slot workers, the reaper and cancel on key queues. Against a real 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,41 @@ def test_a_submit_that_queued_nothing_gives_its_rate_back(redis_url: str, redis_
             records.submit(settings, redis_conn, params, "alice")
         assert refused.value.reason == "rate"
     finally:
+        redis_conn.delete(claim)
+
+
+def test_a_connection_lost_while_watching_the_claim_is_a_redis_error_that_keeps_its_submit(
+    redis_url: str, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards a submit whose connection died between WATCH on its Idempotency-Key's claim and EXEC:
+    redis-py reports that as a WatchError, which was taken for the claim's takeover. The submit
+    then gave its rate back for a transaction that may have run, and the route, told a retry had
+    made the job, answered 404 for a job never queued rather than a 503 to retry."""
+    settings = make_settings(redis_url, rate_limit="2/minute")
+    params = JobParams(prompt="x", seed=1)
+    claim = "test:claim-cut-off"
+    redis_conn.set(claim, json.dumps({"job_id": "cut"}))
+    submitting = redis.Redis.from_url(redis_url, client_name="cut-off-submit")
+    names_job = records.idempotency.names_job
+
+    def cut_off(raw: bytes | None, job_id: str) -> bool:
+        for client in redis_conn.client_list():
+            if client.get("name") == "cut-off-submit":
+                redis_conn.client_kill(client["addr"])
+        return names_job(raw, job_id)
+
+    try:
+        records.submit(settings, redis_conn, params, "alice")  # one of alice's two
+        monkeypatch.setattr(records.idempotency, "names_job", cut_off)
+        with pytest.raises(redis.ConnectionError):
+            records.submit(settings, submitting, params, "alice", job_id="cut", claim_key=claim)
+        monkeypatch.undo()
+        assert redis_conn.zcard(Keys.reservations(QUEUE)) == 0  # its place went back
+        with pytest.raises(limits.Refused) as refused:  # its submit did not: it may have been queued
+            records.submit(settings, redis_conn, params, "alice")
+        assert refused.value.reason == "rate"
+    finally:
+        submitting.close()
         redis_conn.delete(claim)
 
 

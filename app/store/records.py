@@ -169,8 +169,12 @@ def submit(
         sent = True
         try:
             pipe.execute()
-        except redis.WatchError:
-            sent = False  # EXEC refused it: nothing was queued
+        except redis.WatchError as exc:
+            if isinstance(exc.__context__, redis.RedisError):
+                # redis-py's word for a connection lost while watching: the transaction may have
+                # run. A Redis error, as any lost reply: the route's 503 keeps the claim for a retry.
+                raise redis.ConnectionError(str(exc)) from exc
+            sent = False  # EXEC refused it (the claim changed): nothing was queued
             raise ClaimLost(job_id) from None
     except BaseException:
         # A transaction sent whose answer never came may have queued the job: its submit counts.
