@@ -29,8 +29,9 @@ BUCKETS: dict[str, tuple[float, ...]] = {
     "bailan_job_wait_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
     # Seconds of one engine step (one UNet call for one batch group, all its splits).
     "bailan_step_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-    # A succeeded job's time on its worker, by phase: admit (handed to the engine until given
-    # a slot), denoise (its steps and decode), store (its images encoded and stored, record written).
+    # A succeeded job's time on its worker, by phase: start (its slot took it: record read, marked
+    # started), admit (handed to the engine until given a slot), denoise (prompt encoded, steps,
+    # decode), store (its images encoded and stored, record written).
     "bailan_job_phase_seconds": (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     # UNet rows (images, twice for guided ones) run in one step.
     "bailan_batch_rows": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
@@ -54,8 +55,9 @@ HELP: dict[str, str] = {
     "bailan_job_wait_seconds": "Seconds from submit to start (queue wait).",
     "bailan_step_seconds": "Seconds per engine step.",
     "bailan_job_phase_seconds": (
-        "A succeeded job's seconds on its worker, by phase: admit (waiting in the engine for a slot), "
-        "denoise (steps and decode), store (images encoded and stored)."
+        "A succeeded job's seconds on its worker, by phase: start (record read, marked started), admit "
+        "(waiting in the engine for a slot), denoise (prompt encoded, steps, decode), store (images encoded "
+        "and stored)."
     ),
     "bailan_batch_rows": "UNet rows run per engine step (batch fill).",
 }

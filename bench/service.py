@@ -179,7 +179,7 @@ ENGINE_SERIES = ("bailan_images_total", "bailan_steps_total", "bailan_step_secon
                  "bailan_batch_rows_sum", "bailan_batch_rows_count")
 
 
-PHASES = ("admit", "denoise", "store")  # bailan_job_phase_seconds' phases
+PHASES = ("start", "admit", "denoise", "store")  # bailan_job_phase_seconds' phases
 
 
 def scrape_engine(base: str) -> dict[str, float] | None:
@@ -240,7 +240,7 @@ class EngineMeter:
             "rows_mean": round(delta["bailan_batch_rows_sum"] / max(delta["bailan_batch_rows_count"], 1), 2),
             "busy_s": round(delta["bailan_step_seconds_sum"], 4),
         }
-        # A job's mean seconds on its worker per phase: waiting in the engine, denoising, storing.
+        # A job's mean seconds on its worker per phase: starting, waiting in the engine, denoising, storing.
         phases = {phase: round(delta[f"phase_{phase}_sum"] / delta[f"phase_{phase}_count"], 4)
                   for phase in PHASES if delta[f"phase_{phase}_count"] > 0}
         if phases:

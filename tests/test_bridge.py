@@ -462,9 +462,10 @@ def test_a_wait_measured_across_skewed_clocks_never_lowers_the_histogram(
 def test_a_succeeded_job_counts_where_its_time_on_the_worker_went(
     bridge: JobBridge, model: LoadedModel, redis_conn: redis.Redis
 ) -> None:
-    """Guards bailan_job_phase_seconds: without it a service slower than its engine could not say
-    whether its jobs waited in the engine, denoised slowly, or spent the time being encoded and
-    stored (the H100's run 5: a lone job took 70 ms longer through the worker than in-process)."""
+    """Guards bailan_job_phase_seconds losing a phase or mixing two up: each of start, admit,
+    denoise and store observed once for a succeeded job, the denoising and storing taking time,
+    and together no more than the job's run (the H100's run 5 could not say where a lone job's
+    70 ms beyond the engine's own went)."""
     submit(redis_conn, "phases", steps=3)
     bridge.tally.take()
     started = time.perf_counter()
@@ -472,11 +473,11 @@ def test_a_succeeded_job_counts_where_its_time_on_the_worker_went(
     wall = time.perf_counter() - started
     taken = bridge.tally.take()
     seconds = {}
-    for phase in ("admit", "denoise", "store"):
+    for phase in ("start", "admit", "denoise", "store"):
         labels = {"model": model.name, "phase": phase}
         assert taken[field("bailan_job_phase_seconds_count", labels)] == 1, phase
         seconds[phase] = taken[field("bailan_job_phase_seconds_sum", labels)]
-    assert seconds["denoise"] > 0 and seconds["store"] > 0 and seconds["admit"] >= 0
+    assert seconds["denoise"] > 0 and seconds["store"] > 0 and seconds["start"] > 0 and seconds["admit"] >= 0
     assert sum(seconds.values()) <= wall
 
 

@@ -124,7 +124,7 @@ class JobBridge:
         with self.lock:
             self.running.add(job_id)
         try:
-            result = self._run(job_id)
+            result = self._run(job_id, started)
         except RedisGone:
             raise  # not an outcome: the process exits and the reaper requeues the job
         except Superseded as exc:
@@ -169,7 +169,8 @@ class JobBridge:
         assert self.outage is not None
         return self.outage.retry(what, call)
 
-    def _run(self, job_id: str) -> dict[str, Any]:
+    def _run(self, job_id: str, taken: float) -> dict[str, Any]:
+        """The job's run (`run`'s body); `taken`: time.perf_counter() when its slot handed it here."""
         key = Keys.job(job_id)
         record = decode_record(self._redis("reading a job record", lambda: self.connection.hgetall(key)))
         if not record.get(RecordField.params):
@@ -297,16 +298,17 @@ class JobBridge:
             with self.lock:
                 self.in_flight.pop(job_id, None)
         self._store_images(job, params.output_format.value, images)
-        self._observe_phases(job)
+        self._observe_phases(job, taken)
         return {"images": len(images)}
 
-    def _observe_phases(self, job: GenerationJob) -> None:
-        """Where a succeeded job's time on this worker went: waiting in the engine for a slot
-        (and for the jobs taken with it), denoising and decoding, then encoding and storing."""
+    def _observe_phases(self, job: GenerationJob, taken: float) -> None:
+        """Where a succeeded job's time on this worker went: its start (record read, marked
+        started), waiting in the engine for a slot (and for the jobs taken with it), its
+        prompt encoded, steps and decode, then its images encoded and stored."""
         stored = time.perf_counter()
-        if not 0 < job.submitted_at <= job.admitted_at <= job.done_at <= stored:
+        if not 0 < taken <= job.submitted_at <= job.admitted_at <= job.done_at <= stored:
             return  # a phase's stamp is missing: never a made-up figure
-        for phase, seconds in (("admit", job.admitted_at - job.submitted_at),
+        for phase, seconds in (("start", job.submitted_at - taken), ("admit", job.admitted_at - job.submitted_at),
                                ("denoise", job.done_at - job.admitted_at), ("store", stored - job.done_at)):
             self.tally.observe("bailan_job_phase_seconds", seconds, {"model": self.model.name, "phase": phase})
 

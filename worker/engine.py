@@ -257,9 +257,10 @@ class Engine:
     # ---- the loop's parts ---------------------------------------------------
 
     def _start(self, admission: Admission) -> None:
+        # Before the prompts are encoded: `admit` is the wait, `denoise` all the work.
+        self._admitted(admission.jobs)
         try:
             self.runner.start(admission)
-            self._admitted(admission.jobs)
             return
         except Exception as exc:
             # One call set up every admitted job; find the bad one(s) by starting each alone.
@@ -269,7 +270,6 @@ class Engine:
         for job, slots in zip(admission.jobs, admission.slots):
             try:
                 self.runner.start(Admission(admission.size, [job], [slots]))
-                self._admitted([job])
             except Exception as exc:  # a bad job must not take the engine down
                 self._fail_to_start(job, exc)
 
