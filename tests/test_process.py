@@ -43,9 +43,9 @@ def test_cuda_machinery_is_switched_on_by_the_device(tmp_path: Path, monkeypatch
 
 
 def test_cudnn_benchmark_is_off_unless_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Guards BAILAN_CUDNN_BENCHMARK reaching the runner: cuDNN timing its algorithms at every
-    bucket of every start (about a second each on an H100, for steps measured no faster at a
-    full batch) was on with no way to turn it off."""
+    """Guards BAILAN_CUDNN_BENCHMARK reaching the runner, off unless set: cuDNN timing its
+    algorithms at every bucket of every start (likely most of the 1.4 s each bucket took on an
+    H100, for no step seen faster) was on with no way to turn it off."""
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(name, "")  # runner_options sets them: restored after the test
     settings = WorkerSettings(model=BUILTIN, compile_cache_dir=tmp_path / "compile")

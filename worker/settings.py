@@ -75,8 +75,8 @@ class WorkerSettings(SharedSettings):
         False,
         description=(
             "Let cuDNN time its convolution algorithms and keep the fastest, once per shape (CUDA only): "
-            "at warm-up, for each bucket, at every start. false: cuDNN's heuristics pick, which measured "
-            "as fast at a full batch on an H100."
+            "at warm-up, for each bucket, at every start. false: cuDNN's heuristics pick; no H100 figure "
+            "showed the timing making a step faster."
         ),
     )
     batch_buckets: Annotated[list[int], NoDecode] = Field(

@@ -230,8 +230,8 @@ class SDRunner:
             unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            # Off by default: at a full batch the steps took as long either way (README, Performance),
-            # and timing them costs each bucket's capture at every start.
+            # Off by default: no H100 figure showed the timing making a step faster (README,
+            # Performance), and it costs each bucket's capture at every start.
             torch.backends.cudnn.benchmark = opts.cudnn_benchmark
         if opts.compile_unet:
             import torch._inductor.config as inductor
