@@ -34,7 +34,8 @@ torch = os.path.dirname(u.find_spec('torch').origin)
 sys.exit(os.path.exists(u.cache_from_source(os.path.join(torch, '_dynamo', 'symbolic_convert.py'))) == False)"; then
   export PYTHONPYCACHEPREFIX=/tmp/pycache
   unset PYTHONDONTWRITEBYTECODE
-  echo "torch has no bytecode here: the imports keep theirs in $PYTHONPYCACHEPREFIX"
+  echo "torch has no bytecode here: the imports keep theirs in $PYTHONPYCACHEPREFIX (so the importtime" \
+    "reading at the end is of imports with bytecode, as a pip install has it)" | tee "$OUT/bytecode.txt"
 fi
 # In-process and service share one compile cache: the service's worker start is then the
 # "warm" start (its kernels were compiled by the in-process run).
@@ -85,9 +86,10 @@ $PY - <<'PYEOF' 2>&1 | tee -a "$LOG"
 import importlib.util, os, sys
 import torch
 pkg = os.path.dirname(torch.__file__)
+prefix, sys.pycache_prefix = sys.pycache_prefix, None  # the bytecode beside the source, not a prefix's copy
 pyc = importlib.util.cache_from_source(os.path.join(pkg, "_dynamo", "symbolic_convert.py"))
 print(f"bytecode: {pyc} there: {os.path.exists(pyc)}; torch's folder writable: {os.access(pkg, os.W_OK)}; "
-      f"dont_write_bytecode: {sys.flags.dont_write_bytecode}; pycache_prefix: {sys.pycache_prefix}")
+      f"dont_write_bytecode: {sys.flags.dont_write_bytecode}; pycache_prefix: {prefix}")
 PYEOF
 if [ "$DEVICE" = cuda ] && [ -n "${SDXL:-}" ]; then
   # SDXL base architecture at 1024x1024 (random weights), CUDA graphs around the eager UNet:
