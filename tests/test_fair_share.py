@@ -162,6 +162,34 @@ def test_a_connection_lost_while_watching_the_claim_is_a_redis_error_that_keeps_
         redis_conn.delete(claim)
 
 
+def test_a_submit_whose_connection_dies_is_never_sent_again(
+    redis_url: str, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards a job queued twice: redis-py sends a transaction again after a lost connection or a
+    reply that timed out, and a submit's transaction that had run (its reply lost) then pushed
+    the job onto its queue a second time. Cut off before EXEC here, the submit must fail as a
+    Redis error (a 503; its client retries, with its Idempotency-Key if it sent one), not be
+    sent again behind its back."""
+    settings = make_settings(redis_url, rate_limit="none")
+    submitting = redis.Redis.from_url(redis_url, client_name="resent-submit")
+    release_in = limits.Admission.release_in
+
+    def cut_off(self: limits.Admission, pipe: Any) -> None:
+        for client in redis_conn.client_list():
+            if client.get("name") == "resent-submit":
+                redis_conn.client_kill(client["addr"])
+        release_in(self, pipe)
+
+    monkeypatch.setattr(limits.Admission, "release_in", cut_off)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            records.submit(settings, submitting, JobParams(prompt="x", seed=1), "alice", job_id="resent")
+    finally:
+        submitting.close()
+    assert not redis_conn.exists(Keys.job("resent"))
+    assert redis_conn.zcard(Keys.reservations(QUEUE)) == 0
+
+
 def test_queued_per_key_cap_is_429(redis_url: str, redis_conn: redis.Redis, keys_file: Path) -> None:
     """Guards: one key filling the whole queue; the cap must count only its own queued jobs and free
     up as they leave the queue."""

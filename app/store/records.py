@@ -139,10 +139,12 @@ def submit(
     try:
         record = new_record(params, owner)
         queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
-        if claim_key is not None:
-            pipe.watch(claim_key)  # a change before EXEC makes it fail (WatchError: ClaimLost)
-            if not idempotency.names_job(pipe.get(claim_key), job_id):
-                raise ClaimLost(job_id)
+        # Watched always: redis-py sends an unwatched transaction again after a lost connection
+        # or a timed-out reply, and again after one that ran queues the job twice. Watched, it
+        # raises instead (below). The claim's change before EXEC fails it too (ClaimLost).
+        pipe.watch(Keys.job(job_id), *([claim_key] if claim_key is not None else []))
+        if claim_key is not None and not idempotency.names_job(pipe.get(claim_key), job_id):
+            raise ClaimLost(job_id)
         # Explicit MULTI first: RQ calls multi() itself only on an empty pipeline.
         pipe.multi()
         pipe.hset(Keys.job(job_id), mapping=record)
