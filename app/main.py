@@ -49,18 +49,20 @@ DOCS_ASSETS_URL = "/docs-assets"
 
 # Retried once: a connection that broke (a pooled one from before a Redis restart). Not a
 # timeout: the commands may still run once Redis catches up, and a transaction sent again
-# would then run twice (a job queued twice, a webhook sent twice).
+# would then run twice (a job queued twice, a webhook sent twice). A connection can break after
+# its command ran too: writes that must not run twice watch their keys (a submit), which
+# redis-py never sends again, or use a client that never retries (the reaper).
 RETRIED = (redis.ConnectionError,)
 
 
-def make_redis(settings: ApiSettings) -> redis.Redis:
+def make_redis(settings: ApiSettings, retries: int = 1) -> redis.Redis:
     # Short timeouts and a single quick retry: a dead Redis must become a
     # prompt 503, not a request that hangs for redis-py's default backoff.
     return redis.Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1, supported_errors=RETRIED),
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries, supported_errors=RETRIED),
         health_check_interval=30,
     )
 
@@ -91,7 +93,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                         "is 'anonymous' and sees every job; set it before exposing the API beyond this machine")
         else:
             log.info("API keys from %s: %d keys", settings.api_keys_file, len(keyring))
-        reaper = Reaper(conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s,
+        # Never retried: a connection can break after a command ran, and RQ's cleanup transaction
+        # (the requeue of a dead worker's job) sent again pushed the job onto its queue twice, to
+        # run twice. A sweep that fails is simply the next one's to do.
+        reaper_conn = make_redis(settings, retries=0)
+        reaper = Reaper(reaper_conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s,
                         webhooks.Policy.of(settings), blobs=blobs,
                         blob_sweep_interval_s=settings.blob_sweep_interval_s)
         reaper.start()
@@ -104,6 +110,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         finally:
             await job_events.stop()
             reaper.stop()
+            reaper_conn.close()
             conn.close()
             await aconn.aclose()
 
