@@ -62,14 +62,25 @@ def parse_rate(text: str) -> Rate | None:
 # KEYS: rate state, reservations, key-queue set, own queue list, base queue list.
 # ARGV: rate interval s (0 = none), rate period s, per-key cap, total cap,
 #       reservation member, own queue name.
+# A call that finds its member holding a place already is one sent again by the client after
+# its answer was lost: it answers as the first did, without charging the rate again.
 # Returns {verdict, number}: {"ok", depth}, {"rate", seconds to wait},
 # {"key", own depth}, {"total", depth}.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local held = redis.call('ZSCORE', KEYS[2], ARGV[5])
 local interval = tonumber(ARGV[1])
 local tat = now
+if held then
+  -- Sent again (its first answer lost): admitted already; not charged or counted twice.
+  local total = redis.call('LLEN', KEYS[5]) + redis.call('ZCARD', KEYS[2]) - 1
+  for _, name in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    total = total + redis.call('LLEN', '""" + RQ_QUEUE_PREFIX + """' .. name)
+  end
+  return {'ok', tostring(total)}
+end
 if interval > 0 then
   tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
   local wait = tat + interval - tonumber(ARGV[2]) - now
@@ -99,9 +110,10 @@ return {'ok', tostring(total)}
 # before now), so a retry of a submit that made nothing is not refused for it.
 # KEYS: rate state, reservations. ARGV: reservation member, rate interval s (0 = none).
 _RELEASE = """
-redis.call('ZREM', KEYS[2], ARGV[1])
+local removed = redis.call('ZREM', KEYS[2], ARGV[1])
 local interval = tonumber(ARGV[2])
-if interval <= 0 then return 0 end
+-- Nothing removed: released already (this call sent again after its answer was lost).
+if interval <= 0 or removed == 0 then return 0 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -120,7 +132,9 @@ _OPEN_STREAM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local held = redis.call('ZSCORE', KEYS[1], ARGV[2])
+-- Held already: this call sent again after its answer was lost, not a stream over the cap.
+if not held and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) + 60)
 return 1

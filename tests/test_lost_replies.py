@@ -11,10 +11,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from app import limits
 from app.main import create_app, make_redis
-from app.store import records
-from bailan.jobs import JobParams
-from tests.lost_reply import LostReply, transaction_with
+from app.store import idempotency, records
+from bailan.jobs import JobParams, Keys, now
+from bailan.queues import key_digest, key_queue_name
+from tests.lost_reply import LostReply, command_with, transaction_with
 from tests.test_api import QUEUE, make_settings, start_job
 
 
@@ -57,3 +59,73 @@ def test_a_submit_whose_answer_was_lost_is_queued_once(redis_url: str, redis_con
             conn.close()
     assert proxy.fired.is_set()
     assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [b"lost-answer"]
+
+
+def test_an_admission_sent_again_is_charged_once(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a submit charged twice against its key's rate (and, one below a queue cap, refused
+    429 by its own place): the admission script, sent again after its answer was lost, ran again."""
+    settings = make_settings(redis_url, rate_limit="2/minute")
+    rate = settings.rate
+    queue = key_queue_name(QUEUE, "alice")
+    # The scripts loaded, as on any server that has admitted a submit before.
+    limits.admit(redis_conn, QUEUE, "bob", key_queue_name(QUEUE, "bob"), "bob-job", rate, 10, 100)
+    with LostReply(server_port(redis_url), command_with(b"EVALSHA", b"alice-1")) as proxy:
+        conn = make_redis(make_settings(proxy.url(db_of(redis_url))))
+        try:
+            limits.admit(conn, QUEUE, "alice", queue, "alice-1", rate, 10, 100)
+        finally:
+            conn.close()
+    assert proxy.fired.is_set()
+    limits.admit(redis_conn, QUEUE, "alice", queue, "alice-2", rate, 10, 100)  # the second of two
+    with pytest.raises(limits.Refused):
+        limits.admit(redis_conn, QUEUE, "alice", queue, "alice-3", rate, 10, 100)
+
+
+def test_a_release_sent_again_refunds_once(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a failed submit giving back two submits of its key's rate: the release script,
+    sent again after its answer was lost, refunded again."""
+    rate = make_settings(redis_url, rate_limit="2/minute").rate
+    queue = key_queue_name(QUEUE, "alice")
+    admitted = [limits.admit(redis_conn, QUEUE, "alice", queue, f"alice-{i}", rate, 10, 100) for i in range(2)]
+    limits.admit(redis_conn, QUEUE, "bob", key_queue_name(QUEUE, "bob"), "bob", rate, 10, 100).release(redis_conn)
+    with LostReply(server_port(redis_url), command_with(b"EVALSHA", b"alice-1")) as proxy:
+        conn = make_redis(make_settings(proxy.url(db_of(redis_url))))
+        try:
+            admitted[1].release(conn)  # its submit failed before its transaction ran
+        finally:
+            conn.close()
+    assert proxy.fired.is_set()
+    limits.admit(redis_conn, QUEUE, "alice", queue, "alice-again", rate, 10, 100)  # the one given back
+    with pytest.raises(limits.Refused):
+        limits.admit(redis_conn, QUEUE, "alice", queue, "alice-more", rate, 10, 100)
+
+
+def test_a_stream_place_sent_again_is_not_over_the_cap(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a 429 for an event stream that was within its key's cap: the place-taking script,
+    sent again after its answer was lost, counted its own place, and the place stayed held
+    for its lease."""
+    redis_conn.zadd(Keys.streams(key_digest("carol")), {"elsewhere": now() + 60})  # one of two open
+    assert limits.open_stream(redis_conn, "dave", "loads-the-script", 2)
+    with LostReply(server_port(redis_url), command_with(b"EVALSHA", b"carol-stream")) as proxy:
+        conn = make_redis(make_settings(proxy.url(db_of(redis_url))))
+        try:
+            assert limits.open_stream(conn, "carol", "carol-stream", 2)
+        finally:
+            conn.close()
+    assert proxy.fired.is_set()
+
+
+def test_an_idempotency_claim_sent_again_is_its_own(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a 409 "in flight" for a first request: its Idempotency-Key's SET NX, sent again
+    after its answer was lost, found the claim the first one had made and took it for another
+    request's."""
+    with LostReply(server_port(redis_url), command_with(b"SET", b":idempotency:")) as proxy:
+        settings = make_settings(proxy.url(db_of(redis_url)))
+        conn = make_redis(settings)
+        try:
+            claim = idempotency.claim_idempotency(settings, conn, "key-1", "fingerprint", "alice")
+        finally:
+            conn.close()
+    assert proxy.fired.is_set()
+    assert claim.fresh
+    assert idempotency.names_job(redis_conn.get(claim.redis_key), claim.job_id)
