@@ -75,6 +75,9 @@ def claim_idempotency(
         if not isinstance(existing, dict) or not looks_like_job_id(str(existing.get("job_id"))):
             delete_if_unchanged(conn, redis_key, raw)  # garbage: claim afresh
             continue
+        if existing.get("job_id") == job_id:
+            # This claim's own SET ran, its answer lost and the command sent again: it is ours.
+            return IdempotencyClaim(redis_key, job_id, fresh=True)
         if existing.get("fingerprint") != fingerprint:
             raise IdempotencyMismatch()
         if conn.exists(Keys.job(existing["job_id"])):
