@@ -5,6 +5,9 @@ server, through tests/lost_reply.py's proxy."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -13,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from app import limits
 from app.main import create_app, make_redis
+from app.settings import ApiSettings
 from app.store import idempotency, records
 from bailan.jobs import JobParams, Keys, now
 from bailan.queues import key_digest, key_queue_name
@@ -26,6 +30,21 @@ def server_port(redis_url: str) -> int:
 
 def db_of(redis_url: str) -> int:
     return int(urlparse(redis_url).path.lstrip("/") or 0)
+
+
+@contextmanager
+def api_client_losing(redis_url: str, trigger: Callable[[bytes], bool],
+                      **overrides: Any) -> Iterator[tuple[redis.Redis, ApiSettings]]:
+    """The API's Redis client (app.main.make_redis) and settings, through a proxy that loses
+    its answer to what `trigger` matches once; checks that it did."""
+    with LostReply(server_port(redis_url), trigger) as proxy:
+        settings = make_settings(proxy.url(db_of(redis_url)), **overrides)
+        conn = make_redis(settings)
+        try:
+            yield conn, settings
+        finally:
+            conn.close()
+    assert proxy.fired.is_set(), "no answer was lost: the test did not test it"
 
 
 def test_the_reaper_never_requeues_a_dead_workers_job_twice(redis_url: str, redis_conn: redis.Redis) -> None:
@@ -49,15 +68,9 @@ def test_a_submit_whose_answer_was_lost_is_queued_once(redis_url: str, redis_con
     """Guards a job queued twice: the API's Redis client sent a submit's transaction again when
     the connection broke after it ran. The submit must fail as a Redis error (a 503, which
     its client retries, with its Idempotency-Key if it sent one) with its job queued once."""
-    with LostReply(server_port(redis_url), transaction_with(b"RPUSH", b"rq:queue:")) as proxy:
-        settings = make_settings(proxy.url(db_of(redis_url)), rate_limit="none")
-        conn = make_redis(settings)  # the API's client, as every route has it
-        try:
-            with pytest.raises(redis.ConnectionError):
-                records.submit(settings, conn, JobParams(prompt="x", seed=1), job_id="lost-answer")
-        finally:
-            conn.close()
-    assert proxy.fired.is_set()
+    with api_client_losing(redis_url, transaction_with(b"RPUSH", b"rq:queue:"), rate_limit="none") as (conn, settings):
+        with pytest.raises(redis.ConnectionError):
+            records.submit(settings, conn, JobParams(prompt="x", seed=1), job_id="lost-answer")
     assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1) == [b"lost-answer"]
 
 
@@ -69,13 +82,8 @@ def test_an_admission_sent_again_is_charged_once(redis_url: str, redis_conn: red
     queue = key_queue_name(QUEUE, "alice")
     # The scripts loaded, as on any server that has admitted a submit before.
     limits.admit(redis_conn, QUEUE, "bob", key_queue_name(QUEUE, "bob"), "bob-job", rate, 10, 100)
-    with LostReply(server_port(redis_url), command_with(b"EVALSHA", b"alice-1")) as proxy:
-        conn = make_redis(make_settings(proxy.url(db_of(redis_url))))
-        try:
-            limits.admit(conn, QUEUE, "alice", queue, "alice-1", rate, 10, 100)
-        finally:
-            conn.close()
-    assert proxy.fired.is_set()
+    with api_client_losing(redis_url, command_with(b"EVALSHA", b"alice-1")) as (conn, _):
+        limits.admit(conn, QUEUE, "alice", queue, "alice-1", rate, 10, 100)
     limits.admit(redis_conn, QUEUE, "alice", queue, "alice-2", rate, 10, 100)  # the second of two
     with pytest.raises(limits.Refused):
         limits.admit(redis_conn, QUEUE, "alice", queue, "alice-3", rate, 10, 100)
@@ -88,13 +96,8 @@ def test_a_release_sent_again_refunds_once(redis_url: str, redis_conn: redis.Red
     queue = key_queue_name(QUEUE, "alice")
     admitted = [limits.admit(redis_conn, QUEUE, "alice", queue, f"alice-{i}", rate, 10, 100) for i in range(2)]
     limits.admit(redis_conn, QUEUE, "bob", key_queue_name(QUEUE, "bob"), "bob", rate, 10, 100).release(redis_conn)
-    with LostReply(server_port(redis_url), command_with(b"EVALSHA", b"alice-1")) as proxy:
-        conn = make_redis(make_settings(proxy.url(db_of(redis_url))))
-        try:
-            admitted[1].release(conn)  # its submit failed before its transaction ran
-        finally:
-            conn.close()
-    assert proxy.fired.is_set()
+    with api_client_losing(redis_url, command_with(b"EVALSHA", b"alice-1")) as (conn, _):
+        admitted[1].release(conn)  # its submit failed before its transaction ran
     limits.admit(redis_conn, QUEUE, "alice", queue, "alice-again", rate, 10, 100)  # the one given back
     with pytest.raises(limits.Refused):
         limits.admit(redis_conn, QUEUE, "alice", queue, "alice-more", rate, 10, 100)
@@ -106,26 +109,15 @@ def test_a_stream_place_sent_again_is_not_over_the_cap(redis_url: str, redis_con
     for its lease."""
     redis_conn.zadd(Keys.streams(key_digest("carol")), {"elsewhere": now() + 60})  # one of two open
     assert limits.open_stream(redis_conn, "dave", "loads-the-script", 2)
-    with LostReply(server_port(redis_url), command_with(b"EVALSHA", b"carol-stream")) as proxy:
-        conn = make_redis(make_settings(proxy.url(db_of(redis_url))))
-        try:
-            assert limits.open_stream(conn, "carol", "carol-stream", 2)
-        finally:
-            conn.close()
-    assert proxy.fired.is_set()
+    with api_client_losing(redis_url, command_with(b"EVALSHA", b"carol-stream")) as (conn, _):
+        assert limits.open_stream(conn, "carol", "carol-stream", 2)
 
 
 def test_an_idempotency_claim_sent_again_is_its_own(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards a 409 "in flight" for a first request: its Idempotency-Key's SET NX, sent again
     after its answer was lost, found the claim the first one had made and took it for another
     request's."""
-    with LostReply(server_port(redis_url), command_with(b"SET", b":idempotency:")) as proxy:
-        settings = make_settings(proxy.url(db_of(redis_url)))
-        conn = make_redis(settings)
-        try:
-            claim = idempotency.claim_idempotency(settings, conn, "key-1", "fingerprint", "alice")
-        finally:
-            conn.close()
-    assert proxy.fired.is_set()
+    with api_client_losing(redis_url, command_with(b"SET", b":idempotency:")) as (conn, settings):
+        claim = idempotency.claim_idempotency(settings, conn, "key-1", "fingerprint", "alice")
     assert claim.fresh
     assert idempotency.names_job(redis_conn.get(claim.redis_key), claim.job_id)
