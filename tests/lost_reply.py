@@ -2,9 +2,10 @@
 
 `LostReply` is a TCP proxy in front of the real Redis-compatible server. It forwards every
 byte both ways, except once: when what a client sent on its connection matches `trigger`,
-it forwards that to the server, gives the server time to run it, then closes the client's
-connection without its answer. The client sees a broken connection (redis-py: ConnectionError)
-for a command whose effects are in Redis, which is what a retry that sends it again doubles.
+it goes on passing the client's bytes to the server (the rest of a command cut across
+reads), and the server's next answer, which says the command ran, it drops, closing the
+client's connection. The client sees a broken connection (redis-py: ConnectionError) for a
+command whose effects are in Redis, which is what a retry that sends it again doubles.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -37,6 +37,7 @@ class LostReply:
         self.server = (host, server_port)
         self.trigger = trigger
         self.fired = threading.Event()
+        self._armed = threading.Event()
         self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
         self._stop = threading.Event()
@@ -73,6 +74,7 @@ class LostReply:
     def _pump(self, client: socket.socket) -> None:
         server = socket.create_connection(self.server)
         sent = b""
+        armed = False  # the trigger matched: the server's next answer is lost
         try:
             while not self._stop.is_set():
                 ready, _, _ = select.select([client, server], [], [], 0.1)
@@ -81,14 +83,16 @@ class LostReply:
                     if not data:
                         return
                     if side is server:
+                        if armed:
+                            self.fired.set()  # it ran; its answer goes nowhere
+                            return
                         client.sendall(data)
                         continue
                     server.sendall(data)
                     sent += data
-                    if not self.fired.is_set() and self.trigger(sent):
-                        self.fired.set()
-                        time.sleep(0.3)  # the server runs it; its answer is never passed on
-                        return
+                    if not armed and not self._armed.is_set() and self.trigger(sent):
+                        self._armed.set()  # once for the proxy, not once per connection
+                        armed = True
                     if sent.endswith(EXEC):
                         sent = b""
         except OSError:
