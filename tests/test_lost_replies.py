@@ -18,7 +18,8 @@ from app import limits
 from app.main import create_app, make_redis
 from app.settings import ApiSettings
 from app.store import idempotency, records
-from bailan.jobs import JobParams, Keys, now
+from bailan.jobs import JobParams, JobState, Keys, now
+from bailan.metrics import field, metrics_key
 from bailan.queues import key_digest, key_queue_name
 from tests.lost_reply import LostReply, command_with, transaction_with
 from tests.test_api import QUEUE, make_settings, start_job
@@ -121,3 +122,22 @@ def test_an_idempotency_claim_sent_again_is_its_own(redis_url: str, redis_conn: 
         claim = idempotency.claim_idempotency(settings, conn, "key-1", "fingerprint", "alice")
     assert claim.fresh
     assert idempotency.names_job(redis_conn.get(claim.redis_key), claim.job_id)
+
+
+def test_a_cancel_whose_answer_was_lost_ends_the_job_once(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a queued job's cancel counted twice and its `completed` webhook queued twice: the
+    transaction that ends it, sent again by the API's client after its answer was lost, ran
+    again. The cancel must fail as a Redis error (a 503), the job ended canceled once."""
+    settings = make_settings(redis_url)
+    job_id = records.submit(settings, redis_conn, JobParams(prompt="x", seed=1, webhook_url="https://example.com/h"))
+    snap = records.snapshot(redis_conn, job_id, QUEUE)
+    assert snap is not None
+    with api_client_losing(redis_url, transaction_with(b"HINCRBYFLOAT", b"canceled")) as (conn, _):
+        with pytest.raises(redis.ConnectionError):
+            records.cancel(conn, QUEUE, snap, settings.result_ttl_s)
+    canceled = field("bailan_jobs_finished_total", {"status": "canceled"})
+    assert float(redis_conn.hget(metrics_key(QUEUE), canceled) or 0) == 1
+    deliveries = [name for name in (redis_conn.keys("rq:queue:*") or []) if b"webhook" in name]
+    assert deliveries and sum(redis_conn.lrange(name, 0, -1).count(f"msg_{job_id}_completed".encode())
+                              for name in deliveries) == 1
+    assert records.snapshot(redis_conn, job_id, QUEUE).state is JobState.canceled

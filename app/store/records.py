@@ -139,9 +139,9 @@ def submit(
     try:
         record = new_record(params, owner)
         queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
-        # Watched always: redis-py sends an unwatched transaction again after a lost connection
-        # or a timed-out reply, and again after one that ran queues the job twice. Watched, it
-        # raises instead (below). The claim's change before EXEC fails it too (ClaimLost).
+        # Watched always: redis-py sends an unwatched transaction again after a lost connection,
+        # and again after one that ran queues the job twice. Watched, it raises instead
+        # (execute_watched). The claim's change before EXEC fails it too (ClaimLost).
         pipe.watch(Keys.job(job_id), *([claim_key] if claim_key is not None else []))
         if claim_key is not None and not idempotency.names_job(pipe.get(claim_key), job_id):
             raise ClaimLost(job_id)
@@ -170,12 +170,8 @@ def submit(
         admission.release_in(pipe)
         sent = True
         try:
-            pipe.execute()
-        except redis.WatchError as exc:
-            if isinstance(exc.__context__, redis.RedisError):
-                # redis-py's word for a connection lost while watching: the transaction may have
-                # run. A Redis error, as any lost reply: the route's 503 keeps the claim for a retry.
-                raise redis.ConnectionError(str(exc)) from exc
+            execute_watched(pipe)  # a lost answer: a Redis error, whose 503 keeps the claim for a retry
+        except redis.WatchError:
             sent = False  # EXEC refused it (the claim changed): nothing was queued
             raise ClaimLost(job_id) from None
     except BaseException:
@@ -189,6 +185,19 @@ def submit(
 
 class ClaimLost(Exception):
     """An Idempotency-Key's claim no longer names the job being submitted (records.submit)."""
+
+
+def execute_watched(pipe: redis.client.Pipeline) -> list[Any]:
+    """EXEC a transaction that WATCHes its keys, which redis-py never sends twice. Raises
+    WatchError where a watched key changed (the transaction did not run), and a Redis error
+    where the connection broke: redis-py says WatchError for that too, yet the transaction may
+    have run, its answer lost."""
+    try:
+        return pipe.execute()
+    except redis.WatchError as exc:
+        if isinstance(exc.__context__, redis.RedisError):
+            raise redis.ConnectionError(str(exc)) from exc
+        raise
 
 
 # ---------------------------------------------------------------- read
@@ -517,6 +526,10 @@ class CancelOutcome:
     requested = "requested"  # it is running; the worker stops it at its next step
 
 
+# Tries at ending a canceled job's record while something else writes it.
+CANCEL_TRIES = 5
+
+
 class AlreadyEnded(Exception):
     def __init__(self, state: JobState) -> None:
         super().__init__(state.value)
@@ -534,21 +547,34 @@ def _end_canceled(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, 
             rq_job.cleanup(keep_s, remove_from_queue=False)
         except (NoSuchJobError, InvalidJobOperation):
             pass
-    pipe = webhooks.transaction(conn)
-    pipe.hsetnx(Keys.job(snap.job_id), RecordField.finished_at, stamp)
-    # Kept as long as any ended job's (its submit's TTL ran from then, maybe hours ago).
-    pipe.expire(Keys.job(snap.job_id), keep_s)
-    # The client's input images (megabytes, possibly) are spent: the job never runs.
-    pipe.delete(*Keys.input_images(snap.job_id))
-    events.notify(pipe, snap.job_id)
-    # No worker ever sees this job: the API counts its final state (bailan.metrics).
-    # Labelled with the model the job named, as a worker labels what it ends; none named, none.
+    # Watched, so never sent twice (its webhook queued twice, the cancel counted twice).
+    key = Keys.job(snap.job_id)
     model = snap.record.get(RecordField.model)
-    pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total",
-                                               {"status": "canceled", **({"model": model} if model else {})}), 1)
     policy = hooks if hooks is not None else webhooks.Policy.defaults(base, keep_s)
-    webhooks.enqueue(conn, pipe, policy, snap.job_id, webhooks.WebhookEvent.completed, snap.params)
-    pipe.execute()
+    with conn.pipeline(transaction=True) as pipe:
+        for _ in range(CANCEL_TRIES):
+            pipe.watch(key)
+            if pipe.hexists(key, RecordField.finished_at):
+                return  # another cancel of it ended it, and counted it
+            pipe.multi()
+            pipe.hsetnx(key, RecordField.finished_at, stamp)
+            # Kept as long as any ended job's (its submit's TTL ran from then, maybe hours ago).
+            pipe.expire(key, keep_s)
+            # The client's input images (megabytes, possibly) are spent: the job never runs.
+            pipe.delete(*Keys.input_images(snap.job_id))
+            events.notify(pipe, snap.job_id)
+            # No worker ever sees this job: the API counts its final state (bailan.metrics).
+            # Labelled with the model the job named, as a worker labels what it ends; none named, none.
+            pipe.hincrbyfloat(metrics_key(base), field("bailan_jobs_finished_total",
+                                                       {"status": "canceled", **({"model": model} if model else {})}), 1)
+            webhooks.enqueue(conn, pipe, policy, snap.job_id, webhooks.WebhookEvent.completed, snap.params)
+            try:
+                execute_watched(pipe)
+                return
+            except redis.WatchError:
+                continue  # the record changed before EXEC: look again
+    # Never seen: cancel() puts a job it took off its queue back, for its worker to end canceled.
+    raise redis.WatchError(f"job {snap.job_id}'s record kept changing while it was being ended canceled")
 
 
 def cancel(
