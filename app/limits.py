@@ -107,7 +107,9 @@ return {'ok', tostring(total)}
 
 # A submit that failed after admission, before its transaction ran: its place back, and its
 # submit back to the key's rate (the theoretical arrival time one interval earlier, never
-# before now), so a retry of a submit that made nothing is not refused for it.
+# before now), so a retry of a submit that made nothing is not refused for it. Only while it
+# holds its place: one whose place already lapsed (a submit stalled RESERVATION_S) keeps its
+# submit counted, as does a second sending of this call.
 # KEYS: rate state, reservations. ARGV: reservation member, rate interval s (0 = none).
 _RELEASE = """
 local removed = redis.call('ZREM', KEYS[2], ARGV[1])

@@ -50,8 +50,8 @@ DOCS_ASSETS_URL = "/docs-assets"
 # Retried once: a connection that broke (a pooled one from before a Redis restart). Not a
 # timeout: the commands may still run once Redis catches up, and a transaction sent again
 # would then run twice (a job queued twice, a webhook sent twice). A connection can break after
-# its command ran too: writes that must not run twice watch their keys (a submit), which
-# redis-py never sends again, or use a client that never retries (the reaper).
+# its command ran too: writes that must not run twice watch their keys (a submit, a cancel's
+# end), which redis-py never sends again, or use a client that never retries (the reaper).
 RETRIED = (redis.ConnectionError,)
 
 
@@ -95,7 +95,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             log.info("API keys from %s: %d keys", settings.api_keys_file, len(keyring))
         # Never retried: a connection can break after a command ran, and RQ's cleanup transaction
         # (the requeue of a dead worker's job) sent again pushed the job onto its queue twice, to
-        # run twice. A sweep that fails is simply the next one's to do.
+        # run twice. A sweep that fails there leaves the requeued job's record with its dead
+        # attempt's traces (started_at, step) until a worker starts it again.
         reaper_conn = make_redis(settings, retries=0)
         reaper = Reaper(reaper_conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s,
                         webhooks.Policy.of(settings), blobs=blobs,

@@ -162,14 +162,13 @@ def test_a_connection_lost_while_watching_the_claim_is_a_redis_error_that_keeps_
         redis_conn.delete(claim)
 
 
-def test_a_submit_whose_connection_dies_is_never_sent_again(
+def test_a_submit_cut_off_while_watching_fails_cleanly(
     redis_url: str, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Guards a job queued twice: redis-py sends a transaction again after a lost connection or a
-    reply that timed out, and a submit's transaction that had run (its reply lost) then pushed
-    the job onto its queue a second time. Cut off before EXEC here, the submit must fail as a
-    Redis error (a 503; its client retries, with its Idempotency-Key if it sent one), not be
-    sent again behind its back."""
+    """Guards what a submit whose connection is cut between WATCH and EXEC leaves behind: it
+    fails as a Redis error (a 503, for its client to retry), with nothing queued and its
+    admission's place given back at once, not held for its lease. (Its transaction is watched
+    so that redis-py never sends it twice: tests/test_lost_replies.py.)"""
     settings = make_settings(redis_url, rate_limit="none")
     submitting = redis.Redis.from_url(redis_url, client_name="resent-submit")
     release_in = limits.Admission.release_in
