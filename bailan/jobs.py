@@ -507,6 +507,9 @@ class RecordField:
     error_code = "error_code"
     error_message = "error_message"
     cancel_requested = "cancel_requested"  # unix seconds when a client asked
+    # The stamp of the cancel that took it off its queue: that cancel, sent again after its
+    # answer was lost, knows it removed the job itself (app.store.records.cancel).
+    taken_off_queue = "taken_off_queue"
     unknown_words = "unknown_words"  # JSON list of prompt words the model's vocabulary lacks
     model = "model"  # name of the model that ran it
     worker = "worker"  # RQ worker name that ran it

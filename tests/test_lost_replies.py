@@ -141,3 +141,26 @@ def test_a_cancel_whose_answer_was_lost_ends_the_job_once(redis_url: str, redis_
     assert deliveries and sum(redis_conn.lrange(name, 0, -1).count(f"msg_{job_id}_completed".encode())
                               for name in deliveries) == 1
     assert records.snapshot(redis_conn, job_id, QUEUE).state is JobState.canceled
+
+
+def test_a_cancel_of_a_queued_job_whose_removal_answer_was_lost_still_cancels_it(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    """Guards a queued job's cancel answered 202 "asked to stop", the job left in no queue for
+    the reaper to find (10 s or more): its removal from the queue, sent again by the API's
+    client after its answer was lost, removed nothing and read as a worker having taken it."""
+    settings = make_settings(redis_url)
+    params = JobParams(prompt="x", seed=1)
+    first = records.submit(settings, redis_conn, params)  # a cancel before: the script is loaded
+    records.cancel(redis_conn, QUEUE, records.snapshot(redis_conn, first, QUEUE), settings.result_ttl_s)
+    job_id = records.submit(settings, redis_conn, params)
+    snap = records.snapshot(redis_conn, job_id, QUEUE)
+    removal = job_id.encode()
+
+    def removing(sent: bytes) -> bool:  # the removal from its queue, however it is sent
+        return removal in sent and (b"LREM" in sent or b"EVALSHA" in sent) and sent.endswith(b"\r\n")
+
+    with api_client_losing(redis_url, removing) as (conn, _):
+        outcome = records.cancel(conn, QUEUE, snap, settings.result_ttl_s)
+    assert outcome == records.CancelOutcome.canceled
+    assert records.snapshot(redis_conn, job_id, QUEUE).state is JobState.canceled

@@ -529,6 +529,16 @@ class CancelOutcome:
 # Tries at ending a canceled job's record while something else writes it.
 CANCEL_TRIES = 5
 
+# KEYS: the job's queue, its record. ARGV: the job's id, this cancel's stamp. How many ids it
+# removed: 1 also where this cancel's own first sending removed it (the answer lost, the call
+# sent again), which a plain LREM would answer 0, as if a worker had taken the job.
+_TAKE_OFF_QUEUE = f"""
+if redis.call('HGET', KEYS[2], '{RecordField.taken_off_queue}') == ARGV[2] then return 1 end
+local removed = redis.call('LREM', KEYS[1], 0, ARGV[1])
+if removed > 0 then redis.call('HSET', KEYS[2], '{RecordField.taken_off_queue}', ARGV[2]) end
+return removed
+"""
+
 
 class AlreadyEnded(Exception):
     def __init__(self, state: JobState) -> None:
@@ -596,7 +606,7 @@ def cancel(
         # LREM is the atomic test: if it removed the id no worker can pop it
         # any more; if not, a worker took it a moment ago and it is running.
         queue_key = RQ_QUEUE_PREFIX + (snap.origin or base)
-        removed = conn.lrem(queue_key, 0, snap.job_id)
+        removed = conn.register_script(_TAKE_OFF_QUEUE)(keys=[queue_key, job_key], args=[snap.job_id, stamp])
         if removed or snap.rq_status in ("deferred", "scheduled", None):
             try:
                 _end_canceled(conn, base, snap, keep_s, hooks, stamp)
