@@ -95,8 +95,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             log.info("API keys from %s: %d keys", settings.api_keys_file, len(keyring))
         # Never retried: a connection can break after a command ran, and RQ's cleanup transaction
         # (the requeue of a dead worker's job) sent again pushed the job onto its queue twice, to
-        # run twice. A sweep that fails there leaves the requeued job's record with its dead
-        # attempt's traces (started_at, step) until a worker starts it again.
+        # run twice. A cleanup whose answer was lost is read back (bailan.reaper._reap_queue).
         reaper_conn = make_redis(settings, retries=0)
         reaper = Reaper(reaper_conn, settings.queue_name, settings.reap_interval_s, settings.result_ttl_s,
                         webhooks.Policy.of(settings), blobs=blobs,

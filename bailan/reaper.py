@@ -142,7 +142,13 @@ def _reap_queue(
         if not expired:
             return []
     # RQ requeues a job with retries left to its origin: this same queue.
-    registry.cleanup(timestamp=cutoff)
+    try:
+        registry.cleanup(timestamp=cutoff)
+    except redis.ConnectionError as exc:
+        # Its answer may be lost after it ran, and it is never sent again (a requeue twice runs the
+        # job twice): what it did is read back below, so the requeued job still loses its dead
+        # attempt's traces. A Redis that is down fails the read too, and the sweep with it.
+        log.warning("reaper: RQ's cleanup of %s got no answer (%s); reading what it did", queue_name, exc)
     check = connection.pipeline()
     for job_id in expired:
         check.hget(f"rq:job:{job_id}", "status")

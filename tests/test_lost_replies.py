@@ -18,7 +18,7 @@ from app import limits
 from app.main import create_app, make_redis
 from app.settings import ApiSettings
 from app.store import idempotency, records
-from bailan.jobs import JobParams, JobState, Keys, now
+from bailan.jobs import JobParams, JobState, Keys, RecordField, now
 from bailan.metrics import field, metrics_key
 from bailan.queues import key_digest, key_queue_name
 from tests.lost_reply import LostReply, command_with, transaction_with
@@ -51,7 +51,9 @@ def api_client_losing(redis_url: str, trigger: Callable[[bytes], bool],
 def test_the_reaper_never_requeues_a_dead_workers_job_twice(redis_url: str, redis_conn: redis.Redis) -> None:
     """Guards a job run twice: the API's reaper requeues a dead worker's job in RQ's cleanup
     transaction, and the API's Redis client sent that transaction again when the connection
-    broke after it ran, pushing the job's id onto its queue twice."""
+    broke after it ran, pushing the job's id onto its queue twice. Not sent again, the sweep
+    still reads what it did: the requeued job must lose its dead attempt's traces (its view
+    read as running) and be waiting again, not be left so for good."""
     job_id = records.submit(make_settings(redis_url), redis_conn, JobParams(prompt="x", seed=1))
     start_job(redis_conn, job_id, execution_score=time.time() - 100)  # its worker died long ago
     with LostReply(server_port(redis_url), transaction_with(b"RPUSH", b"rq:queue:")) as proxy:
@@ -63,6 +65,9 @@ def test_the_reaper_never_requeues_a_dead_workers_job_twice(redis_url: str, redi
                 time.sleep(0.05)
             time.sleep(0.3)  # a second push, if one comes, comes now
     assert redis_conn.lrange(f"rq:queue:{QUEUE}", 0, -1).count(job_id.encode()) == 1
+    assert not redis_conn.hexists(Keys.job(job_id), RecordField.started_at)
+    assert redis_conn.zscore(Keys.waiting(QUEUE), job_id) is not None
+    assert records.snapshot(redis_conn, job_id, QUEUE).state is JobState.queued
 
 
 def test_a_submit_whose_answer_was_lost_is_queued_once(redis_url: str, redis_conn: redis.Redis) -> None:
