@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from unittest import mock
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -548,6 +549,47 @@ def test_the_loser_of_two_racing_cancels_answers_canceled(
 
     monkeypatch.setattr(records, "cancel", racing)
     r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "canceled"
+
+
+def test_the_loser_of_two_cancels_racing_mid_way_answers_canceled(
+    client: TestClient, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards against the second of two concurrent cancels of a queued job answering 202 with
+    status queued: the first had taken the job off its queue and was still ending it, so the
+    second found it in no queue, not yet ended, and took the running branch."""
+    from app.store import records
+
+    job_id = submit(client)["id"]
+    original = records.cancel
+
+    winner = redis.Redis.from_url(client.app.state.settings.redis_url)
+    threads: list[threading.Thread] = []
+    original_end = records._end_canceled
+
+    def slow_end(*end_args: Any) -> None:
+        time.sleep(0.2)  # the loser looks meanwhile
+        original_end(*end_args)
+
+    def racing(conn: redis.Redis, base: str, snap: records.JobSnapshot, *args: Any) -> str:
+        # The winner takes the job off its queue, and ends it a moment after the loser looks.
+        monkeypatch.setattr(records, "_end_canceled", slow_end)
+        threads.append(threading.Thread(target=original, args=(winner, base, snap, *args)))
+        threads[0].start()
+        deadline = time.monotonic() + 5
+        while redis_conn.lpos(f"rq:queue:{QUEUE}", job_id) is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        return original(conn, base, snap, *args)
+
+    monkeypatch.setattr(records, "cancel", racing)
+    try:
+        r = client.post(f"/v1/jobs/{job_id}/cancel")
+    finally:
+        for thread in threads:
+            thread.join()
+        winner.close()
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "canceled"
 

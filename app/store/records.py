@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import secrets
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -528,6 +529,9 @@ class CancelOutcome:
 
 # Tries at ending a canceled job's record while something else writes it.
 CANCEL_TRIES = 5
+# How long a cancel that finds another one ending the job waits for that end (milliseconds,
+# normally); should the other fail, the job's worker ends it canceled instead.
+CANCEL_WAIT_S = 1.0
 
 # KEYS: the job's queue, its record. ARGV: the job's id, this cancel's stamp. How many ids it
 # removed: 1 also where this cancel's own first sending removed it (the answer lost, the call
@@ -587,6 +591,18 @@ def _end_canceled(conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, 
     raise redis.WatchError(f"job {snap.job_id}'s record kept changing while it was being ended canceled")
 
 
+def _taken_by_another_cancel(conn: redis.Redis, job_key: str) -> bool:
+    """Whether another cancel took the queued job off its queue a moment ago (its stamp is on
+    the record): it ends the job canceled. Waits for that end, at most CANCEL_WAIT_S, so that
+    this cancel's answer shows it."""
+    if conn.hget(job_key, RecordField.taken_off_queue) is None:
+        return False
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while not conn.hexists(job_key, RecordField.finished_at) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return True
+
+
 def cancel(
     conn: redis.Redis, base: str, snap: JobSnapshot, keep_s: int, hooks: webhooks.Policy | None = None
 ) -> str:
@@ -607,6 +623,8 @@ def cancel(
         # any more; if not, a worker took it a moment ago and it is running.
         queue_key = RQ_QUEUE_PREFIX + (snap.origin or base)
         removed = conn.register_script(_TAKE_OFF_QUEUE)(keys=[queue_key, job_key], args=[snap.job_id, stamp])
+        if not removed and _taken_by_another_cancel(conn, job_key):
+            return CancelOutcome.canceled
         if removed or snap.rq_status in ("deferred", "scheduled", None):
             try:
                 _end_canceled(conn, base, snap, keep_s, hooks, stamp)
