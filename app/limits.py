@@ -70,17 +70,10 @@ _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local held = redis.call('ZSCORE', KEYS[2], ARGV[5])
-local interval = tonumber(ARGV[1])
+-- Sent again (its first answer lost): admitted already, so neither charged nor capped again.
+local held = redis.call('ZSCORE', KEYS[2], ARGV[5]) ~= false
+local interval = held and 0 or tonumber(ARGV[1])
 local tat = now
-if held then
-  -- Sent again (its first answer lost): admitted already; not charged or counted twice.
-  local total = redis.call('LLEN', KEYS[5]) + redis.call('ZCARD', KEYS[2]) - 1
-  for _, name in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-    total = total + redis.call('LLEN', '""" + RQ_QUEUE_PREFIX + """' .. name)
-  end
-  return {'ok', tostring(total)}
-end
 if interval > 0 then
   tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
   local wait = tat + interval - tonumber(ARGV[2]) - now
@@ -92,11 +85,12 @@ local own = redis.call('LLEN', KEYS[4])
 for _, member in ipairs(reserved) do
   if string.sub(member, 1, #prefix) == prefix then own = own + 1 end
 end
-if own >= tonumber(ARGV[3]) then return {'key', tostring(own)} end
-local total = redis.call('LLEN', KEYS[5]) + #reserved
+if not held and own >= tonumber(ARGV[3]) then return {'key', tostring(own)} end
+local total = redis.call('LLEN', KEYS[5]) + #reserved - (held and 1 or 0)
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   total = total + redis.call('LLEN', '""" + RQ_QUEUE_PREFIX + """' .. name)
 end
+if held then return {'ok', tostring(total)} end
 if total >= tonumber(ARGV[4]) then return {'total', tostring(total)} end
 if interval > 0 then
   redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', math.ceil((tat + interval - now) * 1000) + 1000)
