@@ -85,8 +85,7 @@ class WorkerSettings(SharedSettings):
             "UNet row counts (two for each guided image) that a step's batch is padded up to, comma-separated, "
             "each captured as a CUDA graph before the worker is ready (CUDA only). Empty: 2 and 4 (1 too when "
             "not compiling), then every 4 up to 32 and every 8 above, up to twice the batch. Finer buckets waste "
-            "less of a step on padding "
-            "when jobs come and go, and each adds a capture to the start."
+            "less of a step on padding when jobs come and go, and each adds a capture to the start."
         ),
     )
     _split_buckets = field_validator("batch_buckets", mode="before")(comma_separated)

@@ -135,9 +135,9 @@ def default_batch_buckets(device: torch.device, max_batch: int, compiled: bool =
     staggered arrivals never pay for a new shape mid-request. Steps run at their bucket, so
     18 rows cost 20: with buckets 8 apart (24), H100 run 5's staggered mode kept 0.72 of the
     all-at-once rate, and its step times replayed with buckets 4 apart give 0.79
-    (bench/bucket_padding.py), for three more captures (~1.4 s each) at start. A compiled
-    UNet starts at 2 (batch 1 would be its own compile). On the CPU there is nothing to
-    amortize."""
+    (bench/bucket_padding.py), for three more captures at start (1.4 s each there, with
+    cuDNN's algorithm timing, then on). A compiled UNet starts at 2 (batch 1 would be its
+    own compile). On the CPU there is nothing to amortize."""
     if device.type != "cuda":
         return ()
     top = 2 * max_batch
