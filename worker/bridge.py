@@ -37,6 +37,7 @@ from worker.generation import InvalidInput
 from worker.outage import TRANSIENT, RedisGone, RedisOutage
 from worker.settings import WorkerSettings
 from worker.slots import CANCELED_RESULT, SUPERSEDED_RESULT, running_slot
+from worker.trace import Trace, wall
 
 T = TypeVar("T")
 
@@ -87,6 +88,8 @@ class JobBridge:
     # Shared with the slots and the liveness thread (worker.process); made here when not given.
     outage: RedisOutage | None = None
     tally: Tally = field(default_factory=Tally)
+    # A line per succeeded job (worker.trace); off unless the worker process gives one.
+    trace: Trace = field(default_factory=lambda: Trace(None))
 
     def __post_init__(self) -> None:
         if self.outage is None:
@@ -311,6 +314,8 @@ class JobBridge:
         for phase, seconds in (("start", job.submitted_at - taken), ("admit", job.admitted_at - job.submitted_at),
                                ("denoise", job.done_at - job.admitted_at), ("store", stored - job.done_at)):
             self.tally.observe("bailan_job_phase_seconds", seconds, {"model": self.model.name, "phase": phase})
+        self.trace.add("job", job=job.id, taken=wall(taken), submitted=wall(job.submitted_at),
+                       admitted=wall(job.admitted_at), done=wall(job.done_at), stored=wall(stored))
 
     def _inputs(
         self, job_id: str, params: JobParams, width: int, height: int
@@ -465,6 +470,7 @@ class JobBridge:
                 log.warning("progress/cancel sync failed: %s", exc)
             except Exception:  # this thread must outlive any one bad round
                 log.exception("progress/cancel sync failed")
+            self.trace.flush()
             self.stop.wait(0.05)
 
     def sync_jobs(self) -> bool:
@@ -503,3 +509,4 @@ class JobBridge:
         """Stop the I/O thread and wait for the previews still being stored."""
         self.stop.set()
         self.previews.shutdown(wait=True)
+        self.trace.flush()

@@ -43,6 +43,7 @@ from worker.loader import LoadedModel
 from worker.rates import StepMeter
 from worker.runners import make_runner
 from worker.runners.sd import RunnerOptions, default_batch_buckets
+from worker.trace import Trace, wall
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ class Engine:
         self.iterations = 0
         # Step figures for /metrics (bailan.metrics); the worker process sets it.
         self.tally: Tally | None = None
+        # A line per step (worker.trace), when the worker process sets one.
+        self.trace: Trace | None = None
+        # Seconds of the current step spent decoding finished samples (for the trace).
+        self._decode_s = 0.0
         # Measured speed, published with the heartbeat for the API's wait estimate (bailan.eta).
         self.meter = StepMeter()
 
@@ -201,10 +206,14 @@ class Engine:
     @torch.inference_mode()
     def step_once(self) -> bool:
         """Admit and drop jobs, then one step for one group: plan -> run -> update."""
+        began = time.perf_counter()
         if self._expected and self.scheduler.waiting and not self.scheduler.active_samples():
             self._gather()
+        gathered = time.perf_counter()
+        admitted = 0
         for admission in self.scheduler.admit():
             self._start(admission)
+            admitted += len(admission.jobs)
         canceled = self.scheduler.canceled()
         for job in canceled:
             job.future.set_exception(JobCanceled())
@@ -217,8 +226,10 @@ class Engine:
             self._forget_idle_sizes()
             return self.scheduler.waiting
         started = time.perf_counter()
+        self._decode_s = 0.0
         ran = self._run(plan)
         samples = sum(len(part) for part in ran)
+        finished = 0
         for i, part in enumerate(ran):
             if i:
                 # An earlier part's end (its decode, out of memory) may have failed a job with
@@ -226,8 +237,15 @@ class Engine:
                 part = self.scheduler.restrict(part, np.ones(len(part), dtype=bool))
                 if part is None:
                     continue
-            self._update(part)
+            finished += self._update(part)
         self.meter.record(time.perf_counter() - started, samples)
+        if self.trace is not None and self.trace.on:
+            # t0 is the step's start after its admissions: gather_s and admit_s came before it.
+            self.trace.add("step", t0=wall(started), t1=wall(time.perf_counter()),
+                           gather_s=round(gathered - began, 6), admit_s=round(started - gathered, 6),
+                           admitted=admitted, rows=sum(part.rows for part in ran),
+                           bucket=max((part.bucket for part in ran), default=0), samples=samples,
+                           finished=finished, decode_s=round(self._decode_s, 6))
         self.iterations += 1
         self._forget_idle_sizes()
         if self.tally is not None:
@@ -318,8 +336,9 @@ class Engine:
         kept = (self.scheduler.restrict(part, np.ones(len(part), dtype=bool)) for part in ran)
         return [part for part in kept if part is not None]
 
-    def _update(self, plan: StepPlan) -> None:
-        """Count the step, report progress and previews, finish what is done."""
+    def _update(self, plan: StepPlan) -> int:
+        """Count the step, report progress and previews, finish what is done; returns how
+        many samples this step finished."""
         finished = self.scheduler.advance(plan)
         pool = self.scheduler.pools[plan.size]
         leads = plan.slots[pool.image[plan.slots] == 0]
@@ -333,6 +352,7 @@ class Engine:
         self._settle(MAX_STEPS_IN_FLIGHT)
         if finished:
             self._finish(plan, finished)
+        return len(finished)
 
     def _settle(self, keep: int) -> None:
         """Report progress of steps the device has finished; wait while more than `keep` are queued."""
@@ -395,6 +415,7 @@ class Engine:
         finished = [(job, image, slot) for job, image, slot in finished if not job.future.done()]
         slots = [slot for _, _, slot in finished]
         pool = self.scheduler.pools[plan.size]
+        decoding = time.perf_counter()
         try:
             latents = self.runner.final_latents(plan.size, slots)
             try:
@@ -413,6 +434,8 @@ class Engine:
             pool.release(slots)
             self._fail([job for job, _, _ in finished], exc)
             return
+        finally:
+            self._decode_s += time.perf_counter() - decoding
         pool.release(slots)
         self._room_freed()
         try:

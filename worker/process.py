@@ -42,6 +42,7 @@ from worker.outage import RedisOutage
 from worker.runners.sd import default_max_batch
 from worker.settings import WorkerSettings
 from worker.slots import SlotWorker
+from worker.trace import Trace
 
 log = logging.getLogger("bailan.worker")
 
@@ -123,7 +124,9 @@ def serve(settings: WorkerSettings) -> int:
     outage = RedisOutage(connection, settings.redis_outage_limit_s)
     tally = Tally()
     engine.tally = tally
-    bridge = JobBridge(settings, model, engine, connection, outage=outage, tally=tally)
+    trace = Trace(settings.trace_file)
+    engine.trace = trace
+    bridge = JobBridge(settings, model, engine, connection, outage=outage, tally=tally, trace=trace)
     # Jobs for this model, and jobs that name none (bailan.queues).
     queues = [
         Queue(name, connection=connection, serializer=JSONSerializer)
@@ -144,6 +147,7 @@ def serve(settings: WorkerSettings) -> int:
             wait_for_room=engine.wait_for_room,
             expect=engine.expect,
             unexpect=engine.unexpect,
+            trace=trace,
         )
         # Exactly one slot per job the engine holds: a spare slot would sit in RQ's
         # blocking dequeue and take a job the engine has no room for yet.

@@ -112,6 +112,11 @@ class WorkerSettings(SharedSettings):
         0, ge=0, description="Largest width × height a worker on a GPU takes (0 = no cap beyond the API's)."
     )
     max_steps_cuda: int = Field(0, ge=0, description="Most steps a worker on a GPU takes (0 = no cap beyond the API's).")
+    trace_file: Path | None = Field(
+        None,
+        description="Append a JSON line per engine step and per succeeded job to this file (worker.trace), "
+        "for bench/service.py --trace. Unset: no trace.",
+    )
 
     def device_caps(self, device_type: str) -> DeviceCaps:
         """This worker's caps on a device of type `device_type` ("cpu" or "cuda")."""

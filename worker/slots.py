@@ -44,6 +44,7 @@ from bailan.logs import job_context
 from bailan.queues import fair_order, mark_served
 from bailan.reaper import end_in_rq, put_back
 from worker.outage import RedisGone, RedisOutage
+from worker.trace import Trace, wall
 
 log = logging.getLogger("bailan.worker")
 
@@ -132,9 +133,13 @@ class SlotWorker(SimpleWorker):
         expect: Callable[[], None] | None = None,
         unexpect: Callable[[], None] | None = None,
         lease_s: int = 30,
+        trace: Trace | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # A line per job this slot ended succeeded (worker.trace): when RQ gave it the job, and
+        # when RQ's end was written, which the bridge's own line cannot see.
+        self.trace = trace if trace is not None else Trace(None)
         self.runner = runner
         self.stop = stop if stop is not None else threading.Event()
         self.has_room = has_room
@@ -333,6 +338,7 @@ class SlotWorker(SimpleWorker):
         self._ordered_queues = list(queues)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        dequeued = time.perf_counter()
         self.running_job = job
         self.job_was_canceled = self.job_was_superseded = self.job_returned = self.start_failed = False
         self.job_abandoned = False
@@ -342,6 +348,8 @@ class SlotWorker(SimpleWorker):
         try:
             with job_context(job.id):
                 super().execute_job(job, queue)
+            if self.job_returned and not (self.job_was_canceled or self.job_was_superseded):
+                self.trace.add("slot", job=job.id, dequeued=wall(dequeued), rq_ended=wall(time.perf_counter()))
         finally:
             if self.unexpect is not None:
                 self.unexpect()  # handed over long since, or never to be (a job RQ failed first)
