@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One benchmark run on a GPU machine (e.g. the device tool's H100/H200), at most ~8 minutes:
-#   bash bench/gpu.sh                 # writes $OUT/throughput_gpu.{json,log}, $OUT/service_gpu.{json,log}
+#   bash bench/gpu.sh                 # writes $OUT/throughput_gpu.{json,log}, $OUT/service_gpu.{json,log},
+#                                     # $OUT/service_trace.jsonl (the worker's timeline, worker/trace.py)
 #   BENCH_DEVICE=cpu PYTHON=.venv/bin/python CLIENTS=4 STAGGER_CLIENTS=4 bash bench/gpu.sh   # a dry run on the CPU, built-in model
 #   LEVERS=0 SDXL=1 bash bench/gpu.sh  # without the per-lever step timings; then SDXL at 1024x1024 (stage 3)
 #
@@ -72,7 +73,8 @@ export BAILAN_MAX_STREAMS_PER_KEY=${BAILAN_MAX_STREAMS_PER_KEY:-64}
 # The service is told of the cache by BAILAN_COMPILE_CACHE_DIR alone, as under make run and
 # compose: its worker start is warm only if the worker itself points torch at that directory.
 timeout --foreground -s INT -k 90 "${STAGE2_S:-$STAGE2_DEFAULT_S}" env -u TORCHINDUCTOR_CACHE_DIR -u TRITON_CACHE_DIR $PY bench/service.py --start --port 8017 --clients "${CLIENTS:-16,32}" \
-  --stagger-clients "${STAGGER_CLIENTS:-16}" --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" 2>&1 | tee -a "$LOG"
+  --stagger-clients "${STAGGER_CLIENTS:-16}" --json "$OUT/service_gpu.json" --service-log "$OUT/service_gpu.log" \
+  --trace "$OUT/service_trace.jsonl" 2>&1 | tee -a "$LOG"
 echo "stage 2 exit: $?" | tee -a "$LOG"
 du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
 grep -E "warm-up|start:|ready|compil|graph" "$OUT/service_gpu.log" | grep -v readyz | tail -10 | tee -a "$LOG"

@@ -27,6 +27,13 @@ contention inside the step (the worker's other threads, the GIL), a
 `busy_share` short of 1 is time the engine stood idle (hand-overs, bookkeeping,
 the clients' own turn-around).
 
+With `--trace FILE` each row also gets `trace`, the worker's own timeline
+of the mode (worker.trace; `--start` sets BAILAN_TRACE_FILE for its worker,
+otherwise start the worker with it): the seconds before its first step,
+between its steps (gathering a burst, admitting jobs, idle), its decodes, at
+how many steps the jobs were admitted, and each job's hand-overs (RQ's start,
+the bridge's start, waiting, denoising, storing, RQ's end), p50 and max.
+
 With `--start` it also measures the worker's start: seconds from launching the
 service until /readyz answers 200 (model load, compile, CUDA graph capture).
 Settings for the started service come from the environment (BAILAN_MODEL, ...).
@@ -49,6 +56,10 @@ from typing import Any
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from worker import trace  # noqa: E402  (no torch: the trace's reader alone)
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -292,8 +303,10 @@ def summarise(name: str, results: list[dict[str, Any]], poll_s: float, steps: li
 # ---- starting and stopping the service ----------------------------------------------------
 
 
-def start_service(port: int, log_path: Path | None) -> tuple[subprocess.Popen[bytes], Any]:
+def start_service(port: int, log_path: Path | None, trace_path: Path | None = None) -> tuple[subprocess.Popen[bytes], Any]:
     env = dict(os.environ, BAILAN_PORT=str(port), PYTHONUNBUFFERED="1")
+    if trace_path is not None:
+        env["BAILAN_TRACE_FILE"] = str(trace_path.resolve())
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     process = subprocess.Popen([sys.executable, "-m", "bailan.launch"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL)
@@ -367,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notify", default=",".join(NOTIFY_WAYS),
                    help="how clients learn that their job ended, each measured in turn: poll, events (following "
                         "the job's event stream; rows named *_events), wait (a submit held by Prefer: wait; *_wait)")
+    p.add_argument("--trace", type=Path, help="the worker's trace file (BAILAN_TRACE_FILE): each row gets `trace`")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -390,6 +404,16 @@ def main(argv: list[str] | None = None) -> int:
         # ~1,600 polls/s at most: what one API process per 4 cores can answer unhurried.
         return args.poll if args.poll is not None else max(0.01, clients / 1600)
 
+    def traced(row: dict[str, Any], since: float) -> dict[str, Any]:
+        """`row` with `trace`: what the worker's trace says of the mode begun at `since`."""
+        if args.trace is None or not args.trace.exists():
+            return row
+        time.sleep(0.2)  # the worker appends its lines every 50 ms, the slots' after RQ's end
+        found = trace.summarise(trace.read(args.trace, since, time.time()))
+        if found:
+            row["trace"] = found
+        return row
+
     def record(row: dict[str, Any]) -> None:
         results["modes"][row["mode"]] = row
         spread = (f"  started over {row['started_spread_s']:.3f} s, ended over {row['finished_spread_s']:.3f} s"
@@ -401,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['mode']:<24} {row['images_per_s']:8.3f} img/s  p50 {row['latency_p50_s']:.3f} s  "
               f"p95 {row['latency_p95_s']:.3f} s  failed {row['failed']}  phases p50 {row.get('phases_p50_s')}"
               f"{spread}{stepped}", flush=True)
+        if "trace" in row:
+            print(f"    trace: {json.dumps(row['trace'], separators=(',', ':'))}", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -408,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     process = log = None
     try:
         if args.start:
-            process, log = start_service(args.port, args.service_log)
+            process, log = start_service(args.port, args.service_log, args.trace)
             results["time_to_ready_s"] = round(wait_ready(base, process, args.ready_timeout), 2)
             print(f"service ready in {results['time_to_ready_s']} s", flush=True)
             if args.service_log is not None:
@@ -423,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
         for notify in ways:
             engine.since(run_mode("warm-up", base, body, [2] * 4, 0.01, notify=notify)["images"])
             suffix = SUFFIX[notify]
+            since = time.time()
             single = run_single(base, body, args.steps, args.single_reps, poll_for(1), notify)
             # One after another: the engine's share of the jobs' own time, not of the gaps between them.
-            record(engine.add_to(single, makespan_s=single["latency_sum_s"]))
+            record(traced(engine.add_to(single, makespan_s=single["latency_sum_s"]), since))
             for n in [int(c) for c in args.clients.split(",") if c]:
-                record(engine.add_to(run_mode(f"clients_{n}{suffix}", base, body, [args.steps] * n, poll_for(n),
-                                              notify=notify)))
+                since = time.time()
+                record(traced(engine.add_to(run_mode(f"clients_{n}{suffix}", base, body, [args.steps] * n,
+                                                     poll_for(n), notify=notify)), since))
             mixed = [int(s) for s in args.mixed_steps.split(",")]
             n = args.stagger_clients
             if n < 1:
@@ -437,9 +465,10 @@ def main(argv: list[str] | None = None) -> int:
             # never starves the worker: the comparison is of batching mixed work, not of idling.
             burst = results["modes"].get(f"clients_{n}{suffix}")
             interval = args.stagger if args.stagger is not None else (burst["makespan_s"] / (2 * n) if burst else 0.05)
-            record(engine.add_to(run_mode(f"staggered_{n}_mixed_steps{suffix}", base, body,
-                                          [mixed[i % len(mixed)] for i in range(n)], poll_for(n), interval=interval,
-                                          notify=notify)))
+            since = time.time()
+            record(traced(engine.add_to(run_mode(f"staggered_{n}_mixed_steps{suffix}", base, body,
+                                                 [mixed[i % len(mixed)] for i in range(n)], poll_for(n),
+                                                 interval=interval, notify=notify)), since))
     finally:
         if process is not None:
             stop_service(process)
