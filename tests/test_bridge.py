@@ -552,3 +552,57 @@ def test_a_queued_job_asked_to_cancel_ends_canceled_with_its_webhook(
     assert len(queued.get_job_ids()) == 1
     assert "status=canceled" in str(bridge.tally.take())
     assert RecordField.finished_at in record(redis_conn, "asked")
+
+
+def test_a_cancel_whose_record_kept_changing_still_ends_its_job_canceled_once(
+    bridge: JobBridge, redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards the one way a queued job's cancel gives up (app.store.records._end_canceled): its
+    record changed between WATCH and EXEC at every try. The job, already off its queue, must
+    not be stranded there half-ended: it goes back to the head of its queue asked to cancel,
+    and the worker that takes it ends it canceled, with one end time, one count and one
+    `completed` webhook."""
+    from app.store import records
+
+    job_id = "keptchanging"
+    queue = Queue("kept-changing", connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue_call(func=RQ_FUNC, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600, timeout=-1)
+    submit(redis_conn, job_id, webhook_url="https://example.com/hook", webhook_events=["completed"])
+    snap = records.snapshot(redis_conn, job_id)
+    assert snap is not None and snap.state.value == "queued"
+    tries: list[int] = []
+    original = records.execute_watched
+
+    def record_changed_meanwhile(pipe: redis.client.Pipeline) -> list[Any]:
+        tries.append(1)
+        redis_conn.hset(Keys.job(job_id), "touched", len(tries))  # a real change under the WATCH
+        return original(pipe)
+
+    monkeypatch.setattr(records, "execute_watched", record_changed_meanwhile)
+    with pytest.raises(redis.WatchError):
+        records.cancel(redis_conn, "kept-changing", snap, 600, bridge.hooks)
+    monkeypatch.undo()
+    assert len(tries) == records.CANCEL_TRIES
+    assert queue.get_job_ids() == [job_id]
+    assert RecordField.finished_at not in record(redis_conn, job_id)
+    hooks = Queue(bridge.hooks.queue, connection=redis_conn, serializer=JSONSerializer)
+    assert hooks.get_job_ids() == []
+
+    stop = threading.Event()
+    slot = SlotWorker([queue], name="kept-changing.0", connection=redis_conn, serializer=JSONSerializer,
+                      worker_ttl=20, runner=bridge.run, stop=stop)
+    errors: list[BaseException] = []
+    thread = work_in_thread(slot, errors)
+    try:
+        wait_for(lambda: RecordField.finished_at in record(redis_conn, job_id), 60, "the worker to end the job")
+        wait_for(lambda: queue.get_job_ids() == [] and
+                 Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).get_status()
+                 == JobStatus.CANCELED, 30, "RQ to show the job canceled")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert errors == []
+    after = records.snapshot(redis_conn, job_id)
+    assert after is not None and after.state.value == "canceled"
+    assert len(hooks.get_job_ids()) == 1
+    assert sum(v for k, v in bridge.tally.take().items() if "status=canceled" in k) == 1
