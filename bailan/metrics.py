@@ -6,7 +6,9 @@ liveness thread adds the counts to one Redis hash per queue (`Keys.metrics`)
 every tick, with HINCRBYFLOAT: totals stay monotonic across worker restarts
 and deaths (they live in Redis, in its AOF), a Redis outage only delays them
 (unsent counts are kept and sent later), and the API's collector reads the
-whole hash in one HGETALL at scrape time. No worker needs an open port.
+whole hash in one HGETALL at scrape time. No worker needs an open port. Each
+tick's counts are a batch with its own id, added at most once (`add_batch`):
+a batch whose answer was lost, sent again, adds nothing the second time.
 
 Fields are `<name>` plus labels: `<name>{<k>=<v>,...}`; histogram buckets are
 stored per bucket (not cumulative) as `<name>_bucket{...,le=<bound>}`, with
@@ -61,6 +63,19 @@ HELP: dict[str, str] = {
     ),
     "bailan_batch_rows": "UNet rows run per engine step (batch fill).",
 }
+
+
+# A batch of counts added once: its id's key is set first, and a batch sent again (its answer
+# was lost, so the sender could not tell whether it ran) finds it taken and adds nothing.
+ADD_BATCH = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+  for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 0
+"""
+# How long a batch's id is remembered: longer than a worker waits out a Redis outage
+# (BAILAN_REDIS_OUTAGE_LIMIT_S) with the batch unsent.
+BATCH_ID_TTL_S = 3600
 
 
 def metrics_key(queue_name: str) -> str:
@@ -123,20 +138,20 @@ class Tally:
             self._pending[field(f"{name}_count", labels)] += 1
 
     def take(self) -> dict[str, float]:
-        """Everything counted since the last take; `give_back` it if sending fails."""
+        """Everything counted since the last take (sent by `add_batch`, and sent again with
+        the same id while its sending fails)."""
         with self._lock:
             taken = dict(self._pending)
             self._pending.clear()
         return taken
 
-    def give_back(self, taken: Mapping[str, float]) -> None:
-        with self._lock:
-            for key, amount in taken.items():
-                self._pending[key] += amount
 
-    def add_to(self, pipe: Any, queue_name: str, taken: Mapping[str, float]) -> None:
-        """Queue the HINCRBYFLOATs of `taken` on a pipeline."""
-        key = metrics_key(queue_name)
-        for name, amount in taken.items():
-            if amount:
-                pipe.hincrbyfloat(key, name, amount)
+def add_batch(script: Any, pipe: Any, queue_name: str, batch_id: str, counts: Mapping[str, float]) -> None:
+    """Queue on `pipe` the adding of `counts` to the queue's figures, at most once for
+    `batch_id`. `script`: ADD_BATCH registered on the pipeline's client (register_script)."""
+    args: list[Any] = [BATCH_ID_TTL_S]
+    for name, amount in counts.items():
+        if amount:
+            args += [name, amount]
+    if len(args) > 1:
+        script(keys=[metrics_key(queue_name), f"{KEY_PREFIX}:metrics-batch:{batch_id}"], args=args, client=pipe)

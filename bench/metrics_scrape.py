@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bailan import presence  # noqa: E402
 from bailan.jobs import Keys  # noqa: E402
-from bailan.metrics import Tally  # noqa: E402
+from bailan.metrics import ADD_BATCH, Tally, add_batch  # noqa: E402
 from bailan.queues import key_queue_name  # noqa: E402
 from bench.common import answers_ok, free_port, private_valkey, wait_for  # noqa: E402
 
@@ -54,7 +54,7 @@ def seed(conn: redis.Redis, queue: str, workers: int, keys: int) -> None:
         tally.observe("bailan_batch_rows", 1 + j % 16)
         tally.inc("bailan_jobs_finished_total", {"model": model, "status": "succeeded"})
         tally.inc("bailan_images_total", {"model": model})
-    tally.add_to(pipe, queue, tally.take())
+    add_batch(conn.register_script(ADD_BATCH), pipe, queue, "seed", tally.take())
     pipe.execute()
 
 

@@ -169,3 +169,30 @@ def test_a_cancel_of_a_queued_job_whose_removal_answer_was_lost_still_cancels_it
         outcome = records.cancel(conn, QUEUE, snap, settings.result_ttl_s)
     assert outcome == records.CancelOutcome.canceled
     assert records.snapshot(redis_conn, job_id, QUEUE).state is JobState.canceled
+
+
+def test_a_workers_counts_whose_answer_was_lost_are_added_once(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards /metrics against a worker's counts added twice: its heartbeat sent them, the
+    connection broke after Redis had added them, and they went out again (redis-py's own
+    retry of the pipeline, or the next tick with the counts given back), so images and
+    finished jobs read doubled."""
+    from worker.liveness import Liveness
+    from worker.settings import WorkerSettings
+
+    images = field("bailan_images_total", {"model": "m"})
+    with LostReply(server_port(redis_url), command_with(b"EVALSHA", b"bailan_images_total")) as proxy:
+        url = proxy.url(db_of(redis_url))
+        # As worker.process connects.
+        conn = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        liveness = Liveness(WorkerSettings(redis_url=url, queue_name=QUEUE), conn, slots=[], info={"model": "m"})
+        liveness.tally.inc("bailan_images_total", {"model": "m"}, 3)
+        try:
+            liveness.heartbeat()
+        except redis.ConnectionError:
+            pass  # the answer lost: the counts stay unsent, for the next tick
+        liveness.tally.inc("bailan_images_total", {"model": "m"}, 2)
+        liveness.heartbeat()  # the next tick
+        conn.close()
+        assert proxy.fired.is_set(), "no answer was lost: the test did not test it"
+    assert float(redis_conn.hget(metrics_key(QUEUE), images)) == 5
+    assert liveness.unsent == {}

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ from rq.utils import now as rq_now
 
 from bailan import presence, webhooks
 from bailan.jobs import Keys
-from bailan.metrics import Tally
+from bailan.metrics import ADD_BATCH, Tally, add_batch
 from bailan.reaper import reap_abandoned
 from worker.outage import TRANSIENT, RedisOutage
 from worker.settings import WorkerSettings
@@ -58,6 +59,12 @@ class Liveness:
     def __post_init__(self) -> None:
         # Who gets the `completed` webhook of a job the sweep fails: fixed for the process.
         self.hooks = webhooks.Policy.of(self.settings)
+        self.add_batch = self.connection.register_script(ADD_BATCH)
+        # Counts whose sending failed, by batch id: sent again under the same id, since a batch
+        # whose answer was lost may have been added (bailan.metrics).
+        self.unsent: dict[str, dict[str, float]] = {}
+        # The worker's first beat (its main thread) may meet the liveness thread's.
+        self._beating = threading.Lock()
 
     def presence(self, pipe: Any) -> None:
         """The worker key, with a short TTL: /readyz stops counting a dead worker within it."""
@@ -66,6 +73,10 @@ class Liveness:
 
     def heartbeat(self, leases: bool = True) -> None:
         """The worker key, unsent metrics and (with `leases`) every running job's lease, in one round trip."""
+        with self._beating:
+            self._beat(leases)
+
+    def _beat(self, leases: bool) -> None:
         lease = self.settings.heartbeat_ttl_s
         pipe = self.connection.pipeline()
         self.presence(pipe)
@@ -87,12 +98,12 @@ class Liveness:
                 execution.heartbeat(job.started_job_registry, lease, pipeline=pipe)
                 job.heartbeat(rq_now(), lease, pipeline=pipe, xx=True)
         taken = self.tally.take()
-        self.tally.add_to(pipe, self.settings.queue_name, taken)
-        try:
-            pipe.execute()
-        except BaseException:
-            self.tally.give_back(taken)  # sent with a later tick
-            raise
+        if taken:
+            self.unsent[uuid.uuid4().hex] = taken
+        for batch_id, counts in self.unsent.items():
+            add_batch(self.add_batch, pipe, self.settings.queue_name, batch_id, counts)
+        pipe.execute()
+        self.unsent.clear()
 
     def loop(self) -> None:
         """The liveness thread: presence every tick, leases and a reaper sweep on their intervals."""
