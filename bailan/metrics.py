@@ -7,8 +7,9 @@ every tick, with HINCRBYFLOAT: totals stay monotonic across worker restarts
 and deaths (they live in Redis, in its AOF), a Redis outage only delays them
 (unsent counts are kept and sent later), and the API's collector reads the
 whole hash in one HGETALL at scrape time. No worker needs an open port. Each
-tick's counts are a batch with its own id, added at most once (`add_batch`):
-a batch whose answer was lost, sent again, adds nothing the second time.
+tick's counts are a batch with its sender's next number, added at most once
+(`add_batch`): a batch whose answer was lost, sent again, adds nothing the
+second time.
 
 Fields are `<name>` plus labels: `<name>{<k>=<v>,...}`; histogram buckets are
 stored per bucket (not cumulative) as `<name>_bucket{...,le=<bound>}`, with
@@ -65,16 +66,19 @@ HELP: dict[str, str] = {
 }
 
 
-# A batch of counts added once: its id's key is set first, and a batch sent again (its answer
-# was lost, so the sender could not tell whether it ran) finds it taken and adds nothing.
+# A sender's batches of counts, numbered 1, 2, ... and sent in order, each added once: the
+# sender's key holds the last number added, and a batch sent again (its answer was lost, so
+# the sender could not tell whether it ran) finds its number there and adds nothing.
 ADD_BATCH = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
-  for i = 2, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local seq = tonumber(ARGV[2])
+if seq > tonumber(redis.call('GET', KEYS[2]) or '0') then
+  for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
 end
 return 0
 """
-# How long a batch's id is remembered: longer than a worker waits out a Redis outage
-# (BAILAN_REDIS_OUTAGE_LIMIT_S) with the batch unsent.
+# How long a sender's last number is remembered after its last batch: longer than a worker
+# waits out a Redis outage (BAILAN_REDIS_OUTAGE_LIMIT_S) with a batch unsent.
 BATCH_ID_TTL_S = 3600
 
 
@@ -146,12 +150,14 @@ class Tally:
         return taken
 
 
-def add_batch(script: Any, pipe: Any, queue_name: str, batch_id: str, counts: Mapping[str, float]) -> None:
-    """Queue on `pipe` the adding of `counts` to the queue's figures, at most once for
-    `batch_id`. `script`: ADD_BATCH registered on the pipeline's client (register_script)."""
-    args: list[Any] = [BATCH_ID_TTL_S]
+def add_batch(script: Any, pipe: Any, queue_name: str, sender: str, number: int,
+              counts: Mapping[str, float]) -> None:
+    """Queue on `pipe` the adding of `counts` to the queue's figures, once: `sender` names
+    one process's run, whose batches are numbered from 1 and sent in order. `script`:
+    ADD_BATCH registered on the pipeline's client (register_script)."""
+    args: list[Any] = [BATCH_ID_TTL_S, number]
     for name, amount in counts.items():
         if amount:
             args += [name, amount]
-    if len(args) > 1:
-        script(keys=[metrics_key(queue_name), f"{KEY_PREFIX}:metrics-batch:{batch_id}"], args=args, client=pipe)
+    if len(args) > 2:
+        script(keys=[metrics_key(queue_name), f"{KEY_PREFIX}:metrics-sent:{sender}"], args=args, client=pipe)

@@ -54,7 +54,7 @@ def seed(conn: redis.Redis, queue: str, workers: int, keys: int) -> None:
         tally.observe("bailan_batch_rows", 1 + j % 16)
         tally.inc("bailan_jobs_finished_total", {"model": model, "status": "succeeded"})
         tally.inc("bailan_images_total", {"model": model})
-    add_batch(conn.register_script(ADD_BATCH), pipe, queue, "seed", tally.take())
+    add_batch(conn.register_script(ADD_BATCH), pipe, queue, "seed", 1, tally.take())
     pipe.execute()
 
 

@@ -297,7 +297,7 @@ def test_collector_builds_cumulative_histograms(redis_conn: redis.Redis) -> None
     tally.inc("bailan_jobs_finished_total", {"model": "m", "status": "succeeded"})
     tally.inc("bailan_jobs_finished_total", {"status": "failed", "error": "worker_lost"})
     pipe = redis_conn.pipeline()
-    add_batch(redis_conn.register_script(ADD_BATCH), pipe, "unit", "b1", tally.take())
+    add_batch(redis_conn.register_script(ADD_BATCH), pipe, "unit", "unit-test", 1, tally.take())
     pipe.execute()
     families = {f.name: f for f in RedisCollector(redis_conn, "unit").collect()}
     rows = {s.labels["le"]: s.value for s in families["bailan_batch_rows"].samples if s.name.endswith("_bucket")}

@@ -60,9 +60,12 @@ class Liveness:
         # Who gets the `completed` webhook of a job the sweep fails: fixed for the process.
         self.hooks = webhooks.Policy.of(self.settings)
         self.add_batch = self.connection.register_script(ADD_BATCH)
-        # Counts whose sending failed, by batch id: sent again under the same id, since a batch
-        # whose answer was lost may have been added (bailan.metrics).
-        self.unsent: dict[str, dict[str, float]] = {}
+        # This run's batches of counts (bailan.metrics.add_batch): numbered in order, and those
+        # whose sending failed kept by number, to be sent again under it, since a batch whose
+        # answer was lost may have been added.
+        self.sender = f"{self.settings.name}:{uuid.uuid4().hex}"
+        self.batches = 0
+        self.unsent: dict[int, dict[str, float]] = {}
         # The worker's first beat (its main thread) may meet the liveness thread's.
         self._beating = threading.Lock()
 
@@ -99,9 +102,10 @@ class Liveness:
                 job.heartbeat(rq_now(), lease, pipeline=pipe, xx=True)
         taken = self.tally.take()
         if taken:
-            self.unsent[uuid.uuid4().hex] = taken
-        for batch_id, counts in self.unsent.items():
-            add_batch(self.add_batch, pipe, self.settings.queue_name, batch_id, counts)
+            self.batches += 1
+            self.unsent[self.batches] = taken
+        for number, counts in self.unsent.items():
+            add_batch(self.add_batch, pipe, self.settings.queue_name, self.sender, number, counts)
         pipe.execute()
         self.unsent.clear()
 
