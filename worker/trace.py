@@ -12,6 +12,10 @@ engine step and per ended job, in wall-clock seconds (`time.time()`), so
     {"event": "job", "job": "<id>", "status": "succeeded", "taken": ..., "submitted": ...,
      "admitted": ..., "done": ..., "stored": ..., "rq_ended": ...}
 
+Times are the host's: on CUDA a step's end includes waiting for the device once
+steps queue up (two at most run ahead), and a decode's time includes the steps
+still queued before it, since the decode waits for them.
+
 Off by default: tracing writes a line per step and per job.
 """
 
