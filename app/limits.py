@@ -9,6 +9,7 @@ process that died in between expires after RESERVATION_S.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -210,7 +211,15 @@ def admit(
         queue_name,
     ]
     # EVALSHA, falling back to EVAL once per server: the script's body is not resent each time.
-    verdict, number = conn.register_script(_ADMIT)(keys=keys, args=args)
+    try:
+        verdict, number = conn.register_script(_ADMIT)(keys=keys, args=args)
+    except (redis.ConnectionError, redis.TimeoutError):
+        # No answer (a timeout, which the client does not resend): the script may have run, and
+        # its place would stay held, its submit counted against the key's rate, for
+        # RESERVATION_S, refusing the client's retry at a cap. Given back now; where the script
+        # never ran, the release finds no place and gives nothing.
+        Admission(base, member, 0, keys[0], rate.interval_s if rate else 0.0).release(conn)
+        raise
     verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
     value = float(number)
     if verdict != "ok":
@@ -221,7 +230,14 @@ def admit(
 def open_stream(conn: redis.Redis, key_name: str, stream_id: str, cap: int) -> bool:
     """Count a new event stream against its key's cap; False when the key is at it."""
     script = conn.register_script(_OPEN_STREAM)
-    return bool(script(keys=[Keys.streams(key_digest(key_name))], args=[cap, stream_id, STREAM_LEASE_S]))
+    try:
+        return bool(script(keys=[Keys.streams(key_digest(key_name))], args=[cap, stream_id, STREAM_LEASE_S]))
+    except (redis.ConnectionError, redis.TimeoutError):
+        # No answer: the place may be held for its lease (STREAM_LEASE_S) by a stream that never
+        # opened, counting against the key's cap. Closed now; where it was never taken, a no-op.
+        with contextlib.suppress(redis.RedisError):
+            close_stream(conn, key_name, stream_id)
+        raise
 
 
 def renew_stream(conn: redis.Redis, key_name: str, stream_id: str) -> None:

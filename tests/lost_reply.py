@@ -6,6 +6,8 @@ it goes on passing the client's bytes to the server (the rest of a command cut a
 reads), and the server's next answer, which says the command ran, it drops, closing the
 client's connection. The client sees a broken connection (redis-py: ConnectionError) for a
 command whose effects are in Redis, which is what a retry that sends it again doubles.
+With `hold`, the connection stays open instead and the answer never comes: the client
+times out (redis-py: TimeoutError), which no retry of the API's follows.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ class LostReply:
     """`with LostReply(port, trigger) as proxy:` clients connect to `proxy.port`; `proxy.fired`
     says whether the answer was dropped."""
 
-    def __init__(self, server_port: int, trigger: Callable[[bytes], bool], host: str = "127.0.0.1") -> None:
+    def __init__(self, server_port: int, trigger: Callable[[bytes], bool], host: str = "127.0.0.1",
+                 hold: bool = False) -> None:
         self.server = (host, server_port)
         self.trigger = trigger
+        self.hold = hold
         self.fired = threading.Event()
         self._armed = threading.Event()
         self._listener = socket.create_server((host, 0))
@@ -85,6 +89,8 @@ class LostReply:
                     if side is server:
                         if armed:
                             self.fired.set()  # it ran; its answer goes nowhere
+                            if self.hold:
+                                continue  # nor does the connection: the client waits, and times out
                             return
                         client.sendall(data)
                         continue

@@ -34,11 +34,12 @@ def db_of(redis_url: str) -> int:
 
 
 @contextmanager
-def api_client_losing(redis_url: str, trigger: Callable[[bytes], bool],
+def api_client_losing(redis_url: str, trigger: Callable[[bytes], bool], hold: bool = False,
                       **overrides: Any) -> Iterator[tuple[redis.Redis, ApiSettings]]:
     """The API's Redis client (app.main.make_redis) and settings, through a proxy that loses
-    its answer to what `trigger` matches once; checks that it did."""
-    with LostReply(server_port(redis_url), trigger) as proxy:
+    its answer to what `trigger` matches once (with `hold`, keeping the connection open, so
+    the client times out); checks that it did."""
+    with LostReply(server_port(redis_url), trigger, hold=hold) as proxy:
         settings = make_settings(proxy.url(db_of(redis_url)), **overrides)
         conn = make_redis(settings)
         try:
@@ -117,6 +118,32 @@ def test_a_stream_place_sent_again_is_not_over_the_cap(redis_url: str, redis_con
     assert limits.open_stream(redis_conn, "dave", "loads-the-script", 2)
     with api_client_losing(redis_url, command_with(b"EVALSHA", b"carol-stream")) as (conn, _):
         assert limits.open_stream(conn, "carol", "carol-stream", 2)
+
+
+def test_an_admission_whose_answer_never_came_holds_no_place(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a client refused for a job never made: its submit's admission script ran, its
+    answer never came (a timeout, which the API's client does not resend) and the submit
+    answered 503, but its place stayed held and its rate charged for 30 s, so the retry was
+    refused 429 at the key's queue cap and at its rate."""
+    settings = make_settings(redis_url, rate_limit="1/minute")
+    queue = key_queue_name(QUEUE, "erin")
+    limits.admit(redis_conn, QUEUE, "bob", key_queue_name(QUEUE, "bob"), "bob-job", settings.rate, 1, 100)
+    with api_client_losing(redis_url, command_with(b"EVALSHA", b"erin-1"), hold=True, redis_timeout_s=0.5) as (conn, _):
+        with pytest.raises(redis.TimeoutError):
+            limits.admit(conn, QUEUE, "erin", queue, "erin-1", settings.rate, 1, 100)
+    assert redis_conn.zscore(Keys.reservations(QUEUE), f"{queue}\nerin-1") is None
+    limits.admit(redis_conn, QUEUE, "erin", queue, "erin-2", settings.rate, 1, 100)  # the retry: one of one
+
+
+def test_a_stream_place_whose_answer_never_came_is_not_held(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a 429 for a key's only event stream: the place-taking script ran, its answer
+    never came (a timeout), the stream answered 503, and the place stayed held for its 60 s
+    lease, so the client's retry found the key at its cap of one."""
+    assert limits.open_stream(redis_conn, "dave", "loads-the-script", 1)
+    with api_client_losing(redis_url, command_with(b"EVALSHA", b"frank-1"), hold=True, redis_timeout_s=0.5) as (conn, _):
+        with pytest.raises(redis.TimeoutError):
+            limits.open_stream(conn, "frank", "frank-1", 1)
+    assert limits.open_stream(redis_conn, "frank", "frank-2", 1)
 
 
 def test_an_idempotency_claim_sent_again_is_its_own(redis_url: str, redis_conn: redis.Redis) -> None:
