@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from bailan.metrics import field
 from bailan.reaper import reap_abandoned
 from bailan.webhooks import WebhookEvent
 from tests.fixtures.oom_unet import OOMAboveRows
+from tests.lost_reply import transaction_with
 from tests.test_e2e import wait_for
 from tests.test_slots import work_in_thread
 from worker.bridge import ExceedsDeviceLimits, JobBridge, _InFlight
@@ -606,3 +609,60 @@ def test_a_cancel_whose_record_kept_changing_still_ends_its_job_canceled_once(
     assert after is not None and after.state.value == "canceled"
     assert len(hooks.get_job_ids()) == 1
     assert sum(v for k, v in bridge.tally.take().items() if "status=canceled" in k) == 1
+
+
+@contextmanager
+def bridge_losing(model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_url: str,
+                  trigger: Callable[[bytes], bool], **overrides: Any) -> Iterator[JobBridge]:
+    """A bridge whose connection (made as worker.process makes it) goes through a proxy that
+    loses its answer to what `trigger` matches once (tests/lost_reply.py); checks that it did."""
+    from tests.lost_reply import LostReply
+
+    address = urlparse(redis_url)
+    with LostReply(address.port or 6379, trigger) as proxy:
+        url = proxy.url(int(address.path.lstrip("/") or 0))
+        conn = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        settings = WorkerSettings(model=tiny_model_dir, redis_url=url, blob_dir=tmp_path / "blobs", **overrides)
+        engine = Engine(model, 2)
+        stop = threading.Event()
+        loop = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+        loop.start()
+        made = JobBridge(settings, model, engine, conn)
+        try:
+            yield made
+        finally:
+            made.close()
+            stop.set()
+            loop.join(timeout=10)
+            conn.close()
+        assert proxy.fired.is_set(), "no answer was lost: the test did not test it"
+
+
+def test_a_start_whose_answer_was_lost_queues_its_started_webhook_once(
+    model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_url: str, redis_conn: redis.Redis
+) -> None:
+    """Guards a `started` webhook sent twice: the worker's start transaction ran, its answer
+    was lost, and the worker's ride through the outage sent the transaction again, queueing
+    the same delivery a second time (receivers had to drop the repeat by its webhook-id)."""
+    submit(redis_conn, "startonce", webhook_url="https://example.com/hook", webhook_events=["started"])
+    with bridge_losing(model, tiny_model_dir, tmp_path, redis_url, transaction_with(b"started_at")) as bridge:
+        assert bridge.run("startonce") == {"images": 1}
+    assert len(redis_conn.lrange(f"rq:queue:{bridge.hooks.queue}", 0, -1)) == 1
+    assert record(redis_conn, "startonce")[RecordField.finished_at]
+
+
+def test_an_end_before_the_start_whose_answer_was_lost_queues_its_webhook_once(
+    model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_url: str, redis_conn: redis.Redis
+) -> None:
+    """Guards a `completed` webhook sent twice for a job ended before it started (here over
+    the worker's caps): that end has no attempt to fence it, and the worker's ride through
+    the outage sent it again after its answer was lost."""
+    submit(redis_conn, "refusedonce", steps=80, webhook_url="https://example.com/hook",
+           webhook_events=["completed"])
+    with bridge_losing(model, tiny_model_dir, tmp_path, redis_url, transaction_with(b"finished_at", b"error_code"),
+                       max_steps_cuda=50) as bridge:
+        bridge.caps = bridge.settings.device_caps("cuda")  # 50 steps at most
+        with pytest.raises(ExceedsDeviceLimits):
+            bridge.run("refusedonce")
+    assert len(redis_conn.lrange(f"rq:queue:{bridge.hooks.queue}", 0, -1)) == 1
+    assert record(redis_conn, "refusedonce")[RecordField.error_code] == ErrorCode.exceeds_device_limits.value

@@ -250,6 +250,13 @@ class JobBridge:
                     if status != "started" or worker != owner:
                         raise Superseded(f"RQ shows it {status} by {worker or 'no worker'}, "
                                          f"no longer started by slot {owner}")
+                    ours = pipe.hget(key, RecordField.started_at)  # after WATCH: answered at once
+                else:
+                    ours = self.connection.hget(key, RecordField.started_at)
+                if ours is not None and ours.decode() == repr(started):
+                    # This very write, applied before its answer was lost (a retry through an
+                    # outage): sent again, it would queue the `started` webhook a second time.
+                    return []
                 pipe.multi()
                 # A retried job starts afresh: no error, end time, images or previews of the attempt before.
                 pipe.hdel(key, RecordField.error_code, RecordField.error_message, RecordField.finished_at,
@@ -397,6 +404,10 @@ class JobBridge:
                     if not ours or ended is not None:
                         raise Superseded(f"its record was {'ended' if ended is not None else 'restarted'} "
                                          "by another process")
+                elif self.connection.hget(key, RecordField.finished_at) == repr(finished).encode():
+                    # An end before any start (refused, canceled while queued): no attempt fences
+                    # it, so this write applied before its answer was lost shows itself here.
+                    return []
                 pipe.multi()
                 pipe.hset(key, mapping={**fields, RecordField.finished_at: finished})
                 pipe.expire(key, ttl)
