@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One benchmark run on a GPU machine (e.g. the device tool's H100/H200), at most ~8 minutes:
 #   bash bench/gpu.sh                 # writes $OUT/throughput_gpu.{json,log}, $OUT/service_gpu.{json,log},
-#                                     # $OUT/service_trace.jsonl (the worker's timeline, worker/trace.py)
+#                                     # $OUT/service_trace.jsonl (the worker's timeline, worker/trace.py; the
+#                                     # in-process engine's is summed up in throughput_gpu.json's rows)
 #   BENCH_DEVICE=cpu PYTHON=.venv/bin/python CLIENTS=4 STAGGER_CLIENTS=4 bash bench/gpu.sh   # a dry run on the CPU, built-in model
 #   LEVERS=0 SDXL=1 bash bench/gpu.sh  # without the per-lever step timings; then SDXL at 1024x1024 (stage 3)
 #
@@ -50,7 +51,7 @@ if [ "$DEVICE" = cuda ]; then
   # SERVICE_ONLY=1: the stock baselines, then the service alone, its worker compiling cold.
   timeout "${STAGE1_S:-300}" $PY bench/throughput.py --device cuda --n 16 --stock-n 8 \
     $([ -n "${SERVICE_ONLY:-}" ] && echo --stock-only || { [ "${LEVERS:-1}" = 1 ] && echo --levers; }) \
-    --save-model "$MODEL" --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
+    --save-model "$MODEL" --trace /tmp/bailan-throughput-trace.jsonl --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
   echo "stage 1 exit: $?" | tee -a "$LOG"
   # Four API processes: 16-32 polling clients would queue behind one (README "Scaling out").
   export BAILAN_MODEL=$MODEL BAILAN_MAX_BATCH=16 BAILAN_API_PROCESSES=${API_PROCESSES:-4}
@@ -59,7 +60,7 @@ if [ "$DEVICE" = cuda ]; then
     || export BAILAN_COMPILE=false
 else
   timeout "${STAGE1_S:-600}" $PY bench/throughput.py --device cpu --n 8 --stock-n 4 --single-reps 2 \
-    --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
+    --trace /tmp/bailan-throughput-trace.jsonl --json "$OUT/throughput_gpu.json" 2>&1 | tee -a "$LOG"
   echo "stage 1 exit: $?" | tee -a "$LOG"
 fi
 export BAILAN_VALKEY_DIR=/tmp/bailan-bench-valkey BAILAN_VALKEY_PORT=6395 BAILAN_COMPILE_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR

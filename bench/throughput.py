@@ -29,6 +29,10 @@ writes it with save_pretrained for the whole-service benchmark (bench/service.py
 `--arch sdxl` builds SDXL base's architecture the same way (stock
 `StableDiffusionXLPipeline` against the engine's SDXL runner, at 1024x1024).
 `--json PATH` is rewritten after each mode, so a run cut short keeps what it measured.
+`--trace FILE` gives each engine row `trace`: the engine's own timeline of it
+(worker.trace: its steps' host time, what lay between them, its decodes), as
+bench/service.py's rows have it for the service's worker, so the two compare
+step for step.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from worker.engine import Engine, GenerationJob, RunnerOptions
 from worker.loader import LoadedModel, from_pipeline, read_pipeline
 from worker.imaging import encode_preview
+from worker import trace
+from worker.trace import Trace
 from world.tiny import TINY_WORDS, build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,6 +305,8 @@ class EngineBench:
 
     def __init__(self, engine: Engine, args: argparse.Namespace, meter: Meter) -> None:
         self.engine, self.args, self.meter = engine, args, meter
+        if args.trace is not None and engine.trace is None:
+            engine.trace = Trace(args.trace)
         self.previews = ThreadPoolExecutor(2, thread_name_prefix="preview")
         self.preview_count = 0
         self.images: dict[int, np.ndarray] = {}
@@ -355,6 +363,7 @@ class EngineBench:
             stop.set()
 
         self.meter.sync()
+        since = time.time()
         start = time.perf_counter()
         iterations = engine.iterations
         feeder = threading.Thread(target=feed, name="bench-clients", daemon=True)
@@ -374,6 +383,13 @@ class EngineBench:
             extra["arrival_interval_s"] = round(interval, 4)
         if preview_every:
             extra["previews"] = self.preview_count
+        if self.args.trace is not None and engine.trace is not None and engine.trace.on:
+            # The same timeline as the service's worker writes (bench/service.py --trace): its steps
+            # and what lay between them, to set beside the service's rows.
+            engine.trace.flush()
+            found = trace.summarise(trace.read(self.args.trace, since, time.time())).get("engine")
+            if found:
+                extra["trace"] = found
         return summary(name, latencies, makespan, len(texts), self.meter.peak_gib(), **extra)
 
 
@@ -424,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levers", action="store_true", help="CUDA: time one step per lever at 2 and 32 rows")
     p.add_argument("--save-model", type=Path, help="write the model here (save_pretrained) before measuring")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--trace", type=Path, help="the engine's timeline (worker.trace) to this file: each engine row "
+                   "gets `trace`, its steps and what lay between them, as bench/service.py's rows do")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.threads:
@@ -576,7 +594,8 @@ def run_engine(engine: Engine, args: argparse.Namespace, meter: Meter, results: 
     singles = [bench.run(f"d_engine_single{label}", texts[:1], [steps]) for _ in range(args.single_reps)]
     lat = [r["latency_p50_s"] for r in singles]
     record(summary(f"d_engine_single{label}", lat, statistics.median(lat), 1,
-                   max(r["peak_mem_gib"] for r in singles), reps=len(lat)))
+                   max(r["peak_mem_gib"] for r in singles), reps=len(lat),
+                   **({"trace": singles[-1]["trace"]} if "trace" in singles[-1] else {})))
     record(bench.run(f"c1_engine_all_at_once{label}", texts, [steps] * n))
     images = dict(bench.images)
     # Arrivals twice as fast as (c1) served them: the engine is never starved by the
