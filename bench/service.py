@@ -30,7 +30,8 @@ the clients' own turn-around).
 With `--trace FILE` each row also gets `trace`, the worker's own timeline
 of the mode (worker.trace; `--start` sets BAILAN_TRACE_FILE for its worker,
 otherwise start the worker with it): the seconds before its first step,
-between its steps (gathering a burst, admitting jobs, idle), its decodes, at
+between its steps with samples in hand (gathering a burst, admitting jobs,
+the rest), with none in hand (`idle_s`, waiting for jobs), its decodes, at
 how many steps the jobs were admitted, and each job's hand-overs (RQ's start,
 the bridge's start, waiting, denoising, storing, RQ's end), p50 and max.
 

@@ -76,6 +76,7 @@ def test_a_traced_worker_writes_each_step_and_each_jobs_hand_overs_in_order(
     steps = [line for line in lines if line["event"] == "step"]
     # One slot: each job alone, three steps each, decoded at its last.
     assert len(steps) == 6 and [s["finished"] for s in steps] == [0, 0, 1] * 2
+    assert [s["active_after"] for s in steps] == [1, 1, 0] * 2  # the engine empty after each job
     assert sum(s["admitted"] for s in steps) == 2 and all(s["rows"] >= s["samples"] == 1 for s in steps)
     assert all(s["t1"] > s["t0"] for s in steps)
     assert all(s["decode_s"] > 0 for s in steps if s["finished"])
@@ -125,19 +126,23 @@ def test_reading_a_trace_keeps_its_window_and_skips_a_line_cut_short(tmp_path: P
 
 
 def test_a_summary_splits_the_time_between_steps() -> None:
-    """Guards the trace summary's sums: the gaps between steps split into gathering a burst,
-    admitting its jobs and the rest; the first step placed after the first hand-over; a job's
+    """Guards the trace summary's sums: the gaps between steps with samples in hand split into
+    gathering a burst, admitting its jobs and the rest, a gap with none in hand counted as
+    waiting for work instead; the first step placed after the first hand-over; a job's
     hand-overs as the differences of its stamps."""
 
     def step(t0: float, t1: float, gather: float = 0.0, admit: float = 0.0, admitted: int = 0,
-             finished: int = 0, decode: float = 0.0) -> dict[str, object]:
+             finished: int = 0, decode: float = 0.0, active_after: int = 2) -> dict[str, object]:
         return {"event": "step", "t0": t0, "t1": t1, "gather_s": gather, "admit_s": admit, "admitted": admitted,
-                "rows": 4, "bucket": 4, "samples": 2, "finished": finished, "decode_s": decode}
+                "rows": 4, "bucket": 4, "samples": 2, "finished": finished, "decode_s": decode,
+                "active_after": active_after}
 
     items = [
         step(10.0, 11.0, gather=0.05, admit=0.1, admitted=1),
         step(11.5, 12.0, gather=0.1, admit=0.2, admitted=1),
-        step(12.0, 13.0, finished=2, decode=0.25),
+        step(12.0, 13.0, finished=2, decode=0.25, active_after=0),
+        # Nothing in hand for 2 s (no job came): waiting, not a gap of the engine's own.
+        step(15.0, 15.5, admit=0.3, admitted=1),
         {"event": "job", "job": "a", "taken": 9.5, "submitted": 9.6, "admitted": 10.0, "done": 13.0, "stored": 13.2},
         {"event": "slot", "job": "a", "dequeued": 9.4, "rq_ended": 13.3},
         {"event": "job", "job": "b", "taken": 9.8, "submitted": 9.9, "admitted": 11.5, "done": 13.0, "stored": 13.4},
@@ -145,12 +150,12 @@ def test_a_summary_splits_the_time_between_steps() -> None:
     ]
     summary = trace.summarise(items)
     engine = summary["engine"]
-    assert engine["steps"] == 3 and engine["steps_s"] == 2.5 and engine["decodes"] == 1
-    assert engine["between_steps_s"] == 0.5 and engine["largest_gap_s"] == 0.5
+    assert engine["steps"] == 4 and engine["steps_s"] == 3.0 and engine["decodes"] == 1
+    assert engine["between_steps_s"] == 0.5 and engine["largest_gap_s"] == 0.5 and engine["idle_s"] == 2.0
     # The first step's gather and admission came before any gap: not counted in one.
     assert engine["between_gather_s"] == 0.1 and engine["between_admit_s"] == 0.2
     assert engine["between_other_s"] == 0.2
-    assert engine["first_step_after_s"] == 0.5 and engine["admitting_steps"] == 2
+    assert engine["first_step_after_s"] == 0.5 and engine["admitting_steps"] == 3
     jobs = summary["jobs"]
     assert jobs["count"] == 2 and jobs["taken_over_s"] == 0.3 and jobs["stored_over_s"] == 0.2
     assert jobs["submitted_to_admitted_s"] == {"p50": 1.6, "max": 1.6}

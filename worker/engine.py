@@ -245,7 +245,8 @@ class Engine:
                            gather_s=round(gathered - began, 6), admit_s=round(started - gathered, 6),
                            admitted=admitted, rows=sum(part.rows for part in ran),
                            bucket=max((part.bucket for part in ran), default=0), samples=samples,
-                           finished=finished, decode_s=round(self._decode_s, 6))
+                           finished=finished, decode_s=round(self._decode_s, 6),
+                           active_after=self.scheduler.active_samples())
         self.iterations += 1
         self._forget_idle_sizes()
         if self.tally is not None:

@@ -7,8 +7,9 @@ in the middle. With `BAILAN_TRACE_FILE` set, the worker appends a line per
 engine step and per ended job, in wall-clock seconds (`time.time()`), so
 `bench/service.py --trace` lays them beside its clients' own stamps.
 
-    {"event": "step", "t0": ..., "t1": ..., "rows": 32, "bucket": 32, "samples": 16,
-     "admitted": 16, "finished": 0}
+    {"event": "step", "t0": ..., "t1": ..., "gather_s": ..., "admit_s": ..., "rows": 32,
+     "bucket": 32, "samples": 16, "admitted": 16, "finished": 0, "decode_s": 0.0,
+     "active_after": 16}
     {"event": "job", "job": "<id>", "status": "succeeded", "taken": ..., "submitted": ...,
      "admitted": ..., "done": ..., "stored": ..., "rq_ended": ...}
 
@@ -112,8 +113,9 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
 
     engine: its steps (host seconds each: on CUDA they include waiting for the device once
     steps queue up), the seconds from the first job's hand-over to the first step, the
-    seconds between steps split into gathering a burst, admitting jobs (prompts encoded)
-    and the rest (the loop waiting for work), the decodes, and at how many steps jobs were
+    seconds between steps while samples were in hand, split into gathering a burst,
+    admitting jobs (prompts encoded) and the rest, the seconds it stood with no samples
+    at all (`idle_s`: waiting for jobs), the decodes, and at how many steps jobs were
     admitted (a burst admitted over several steps finishes over several decodes).
     jobs: each hand-over's seconds, p50 and max over the jobs (RQ's start in the slot, the
     bridge's start, waiting for the engine, denoising, encoding and storing, RQ's end),
@@ -125,9 +127,14 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
             jobs.setdefault(item["job"], {}).update({k: v for k, v in item.items() if k in _JOB_STAMPS})
     summary: dict[str, Any] = {}
     if steps:
-        between = [b["t0"] - a["t1"] for a, b in zip(steps, steps[1:])]
-        gather = sum(s["gather_s"] for s in steps[1:])
-        admit = sum(s["admit_s"] for s in steps[1:])
+        # A gap after a step that left samples in hand is the engine's own; one after a step
+        # that left none is waiting for work (a lone client's next job), reported apart.
+        pairs = list(zip(steps, steps[1:]))
+        held = [(a, b) for a, b in pairs if a.get("active_after", 1)]
+        between = [b["t0"] - a["t1"] for a, b in held]
+        gather = sum(b["gather_s"] for _, b in held)
+        admit = sum(b["admit_s"] for _, b in held)
+        idle = sum(b["t0"] - a["t1"] for a, b in pairs if not a.get("active_after", 1))
         summary["engine"] = {
             "steps": len(steps),
             "rows_mean": round(sum(s["rows"] for s in steps) / len(steps), 2),
@@ -140,6 +147,7 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
             "between_admit_s": round(admit, 4),
             "between_other_s": round(sum(between) - gather - admit, 4),
             "largest_gap_s": round(max(between, default=0.0), 4),
+            "idle_s": round(idle, 4),
             "admitting_steps": sum(1 for s in steps if s["admitted"]),
         }
         taken = [j["taken"] for j in jobs.values() if "taken" in j]
