@@ -77,8 +77,9 @@ if seq > tonumber(redis.call('GET', KEYS[2]) or '0') then
 end
 return 0
 """
-# How long a sender's last number is remembered after its last batch: longer than a worker
-# waits out a Redis outage (BAILAN_REDIS_OUTAGE_LIMIT_S) with a batch unsent.
+# How long a sender's last number is remembered after its last batch, at least: the worker
+# makes it longer still where it waits out longer outages (BAILAN_REDIS_OUTAGE_LIMIT_S) with a
+# batch unsent.
 BATCH_ID_TTL_S = 3600
 
 
@@ -151,11 +152,12 @@ class Tally:
 
 
 def add_batch(script: Any, pipe: Any, queue_name: str, sender: str, number: int,
-              counts: Mapping[str, float]) -> None:
+              counts: Mapping[str, float], ttl_s: int = BATCH_ID_TTL_S) -> None:
     """Queue on `pipe` the adding of `counts` to the queue's figures, once: `sender` names
-    one process's run, whose batches are numbered from 1 and sent in order. `script`:
-    ADD_BATCH registered on the pipeline's client (register_script)."""
-    args: list[Any] = [BATCH_ID_TTL_S, number]
+    one process's run, whose batches are numbered from 1 and sent in order; its last number
+    is remembered `ttl_s` after its last batch. `script`: ADD_BATCH registered on the
+    pipeline's client (register_script)."""
+    args: list[Any] = [ttl_s, number]
     for name, amount in counts.items():
         if amount:
             args += [name, amount]

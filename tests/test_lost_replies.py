@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from fastapi.testclient import TestClient
 
 from app import limits
@@ -218,8 +220,33 @@ def test_a_workers_counts_whose_answer_was_lost_are_added_once(redis_url: str, r
         except redis.ConnectionError:
             pass  # the answer lost: the counts stay unsent, for the next tick
         liveness.tally.inc("bailan_images_total", {"model": "m"}, 2)
-        liveness.heartbeat()  # the next tick
+        liveness.heartbeat()  # the next tick: the batch in doubt, sent again
+        liveness.heartbeat()  # and the counts made meanwhile
         conn.close()
         assert proxy.fired.is_set(), "no answer was lost: the test did not test it"
     assert float(redis_conn.hget(metrics_key(QUEUE), images)) == 5
-    assert liveness.unsent == {}
+    assert liveness.unsent is None
+
+
+def test_a_worker_whose_counts_keep_failing_holds_one_batch_in_doubt(redis_url: str, redis_conn: redis.Redis) -> None:
+    """Guards a worker's memory (and each tick's pipeline) while Redis keeps refusing its
+    heartbeat: each tick added a new batch of counts, all of them sent again every tick, so
+    they piled up for as long as the failure lasted. One batch is in doubt at a time; the
+    counts made meanwhile wait in the tally, and all of them arrive, once, when Redis does."""
+    from bench.common import free_port
+    from worker.liveness import Liveness
+    from worker.settings import WorkerSettings
+
+    images = field("bailan_images_total", {"model": "m"})
+    nowhere = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    liveness = Liveness(WorkerSettings(redis_url=redis_url, queue_name=QUEUE), nowhere, slots=[], info={"model": "m"})
+    for amount in (1, 2, 4):
+        liveness.tally.inc("bailan_images_total", {"model": "m"}, amount)
+        with pytest.raises(redis.ConnectionError):
+            liveness.heartbeat()
+    assert liveness.unsent == (1, {images: 1}) and liveness.batches == 1  # one batch, the first tick's
+    liveness.connection = redis_conn  # Redis answers again
+    liveness.heartbeat()
+    liveness.heartbeat()
+    assert float(redis_conn.hget(metrics_key(QUEUE), images)) == 7
+    assert liveness.unsent is None

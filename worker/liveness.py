@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from rq.utils import now as rq_now
 
 from bailan import presence, webhooks
 from bailan.jobs import Keys
-from bailan.metrics import ADD_BATCH, Tally, add_batch
+from bailan.metrics import ADD_BATCH, BATCH_ID_TTL_S, Tally, add_batch
 from bailan.reaper import reap_abandoned
 from worker.outage import TRANSIENT, RedisOutage
 from worker.settings import WorkerSettings
@@ -60,12 +61,15 @@ class Liveness:
         # Who gets the `completed` webhook of a job the sweep fails: fixed for the process.
         self.hooks = webhooks.Policy.of(self.settings)
         self.add_batch = self.connection.register_script(ADD_BATCH)
-        # This run's batches of counts (bailan.metrics.add_batch): numbered in order, and those
-        # whose sending failed kept by number, to be sent again under it, since a batch whose
-        # answer was lost may have been added.
+        # This run's batches of counts (bailan.metrics.add_batch), numbered in order. One whose
+        # sending failed is kept, to be sent again under its number (its answer may have been
+        # lost after it was added), and no new one is taken meanwhile: counts made since wait
+        # in the tally, so however long Redis fails, one batch at most is in doubt.
         self.sender = f"{self.settings.name}:{uuid.uuid4().hex}"
         self.batches = 0
-        self.unsent: dict[int, dict[str, float]] = {}
+        self.unsent: tuple[int, dict[str, float]] | None = None
+        # Its number is remembered for longer than this worker waits out an outage with it unsent.
+        self.batch_ttl_s = max(BATCH_ID_TTL_S, math.ceil(2 * self.settings.redis_outage_limit_s))
         # The worker's first beat (its main thread) may meet the liveness thread's.
         self._beating = threading.Lock()
 
@@ -75,7 +79,7 @@ class Liveness:
         presence.publish(pipe, self.settings.name, json.dumps(info), self.settings.presence_ttl_s)
 
     def heartbeat(self, leases: bool = True) -> None:
-        """The worker key, unsent metrics and (with `leases`) every running job's lease, in one round trip."""
+        """The worker key, unsent metrics and (with `leases`) every running job's lease, in one pipeline."""
         with self._beating:
             self._beat(leases)
 
@@ -100,14 +104,16 @@ class Liveness:
                 slot.heartbeat(lease + 60, pipeline=pipe)
                 execution.heartbeat(job.started_job_registry, lease, pipeline=pipe)
                 job.heartbeat(rq_now(), lease, pipeline=pipe, xx=True)
-        taken = self.tally.take()
-        if taken:
-            self.batches += 1
-            self.unsent[self.batches] = taken
-        for number, counts in self.unsent.items():
-            add_batch(self.add_batch, pipe, self.settings.queue_name, self.sender, number, counts)
+        if self.unsent is None:
+            taken = self.tally.take()
+            if taken:
+                self.batches += 1
+                self.unsent = (self.batches, taken)
+        if self.unsent is not None:
+            number, counts = self.unsent
+            add_batch(self.add_batch, pipe, self.settings.queue_name, self.sender, number, counts, self.batch_ttl_s)
         pipe.execute()
-        self.unsent.clear()
+        self.unsent = None
 
     def loop(self) -> None:
         """The liveness thread: presence every tick, leases and a reaper sweep on their intervals."""
