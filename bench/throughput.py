@@ -306,7 +306,7 @@ class EngineBench:
     def __init__(self, engine: Engine, args: argparse.Namespace, meter: Meter) -> None:
         self.engine, self.args, self.meter = engine, args, meter
         if args.trace is not None and engine.trace is None:
-            engine.trace = Trace(args.trace)
+            engine.trace = Trace(args.trace, "in-process")
         self.previews = ThreadPoolExecutor(2, thread_name_prefix="preview")
         self.preview_count = 0
         self.images: dict[int, np.ndarray] = {}

@@ -38,7 +38,7 @@ def test_a_traced_worker_writes_each_step_and_each_jobs_hand_overs_in_order(
     succeeded job from its slot and its bridge whose stamps follow the job's path (RQ's
     dequeue, the bridge, the engine, the store, RQ's end), so the summary places each job."""
     path = tmp_path / "trace.jsonl"
-    traced = Trace(path)
+    traced = Trace(path, "traced-worker")
     model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
     settings = WorkerSettings(model=tiny_model_dir, redis_url=redis_url, blob_dir=tmp_path / "blobs",
                               trace_file=path)
@@ -79,6 +79,7 @@ def test_a_traced_worker_writes_each_step_and_each_jobs_hand_overs_in_order(
     assert [s["active_after"] for s in steps] == [1, 1, 0] * 2  # the engine empty after each job
     assert sum(s["admitted"] for s in steps) == 2 and all(s["rows"] >= s["samples"] == 1 for s in steps)
     assert all(s["t1"] > s["t0"] for s in steps)
+    assert {line["worker"] for line in lines} == {"traced-worker"}
     assert all(s["decode_s"] > 0 for s in steps if s["finished"])
     summary = trace.summarise(lines)
     assert summary["engine"]["steps"] == 6 and summary["engine"]["decodes"] == 2
@@ -126,10 +127,10 @@ def test_reading_a_trace_keeps_its_window_and_skips_a_line_cut_short(tmp_path: P
 
 
 def test_a_summary_splits_the_time_between_steps() -> None:
-    """Guards the trace summary's sums: the gaps between steps with samples in hand split into
-    gathering a burst, admitting its jobs and the rest, a gap with none in hand counted as
-    waiting for work instead; the first step placed after the first hand-over; a job's
-    hand-overs as the differences of its stamps."""
+    """Guards the trace summary's sums: the engine's time between steps split into gathering a
+    burst, admitting its jobs and the rest, and a gap with no samples in hand counted as
+    waiting for work but for the admission that ends it; the first step placed after the
+    first hand-over; a job's hand-overs as the differences of its stamps."""
 
     def step(t0: float, t1: float, gather: float = 0.0, admit: float = 0.0, admitted: int = 0,
              finished: int = 0, decode: float = 0.0, active_after: int = 2) -> dict[str, object]:
@@ -151,12 +152,27 @@ def test_a_summary_splits_the_time_between_steps() -> None:
     summary = trace.summarise(items)
     engine = summary["engine"]
     assert engine["steps"] == 4 and engine["steps_s"] == 3.0 and engine["decodes"] == 1
-    assert engine["between_steps_s"] == 0.5 and engine["largest_gap_s"] == 0.5 and engine["idle_s"] == 2.0
+    # The 2 s with nothing in hand: 0.3 s admitting the job that came (the engine's), 1.7 s waiting.
+    assert engine["idle_s"] == 1.7 and engine["between_steps_s"] == 0.8 and engine["largest_gap_s"] == 0.5
     # The first step's gather and admission came before any gap: not counted in one.
-    assert engine["between_gather_s"] == 0.1 and engine["between_admit_s"] == 0.2
+    assert engine["between_gather_s"] == 0.1 and engine["between_admit_s"] == 0.5
     assert engine["between_other_s"] == 0.2
     assert engine["first_step_after_s"] == 0.5 and engine["admitting_steps"] == 3
     jobs = summary["jobs"]
     assert jobs["count"] == 2 and jobs["taken_over_s"] == 0.3 and jobs["stored_over_s"] == 0.2
     assert jobs["submitted_to_admitted_s"] == {"p50": 1.6, "max": 1.6}
     assert jobs["stored_to_rq_ended_s"]["max"] == 0.2
+
+
+def test_a_summary_keeps_workers_sharing_a_trace_file_apart() -> None:
+    """Guards the summary of a file several workers append to (BAILAN_WORKERS > 1): their
+    steps interleave in time, and gaps taken across workers came out negative."""
+
+    def step(worker: str, t0: float, t1: float) -> dict[str, object]:
+        return {"event": "step", "worker": worker, "t0": t0, "t1": t1, "gather_s": 0.0, "admit_s": 0.0,
+                "admitted": 0, "rows": 2, "bucket": 2, "samples": 1, "finished": 0, "decode_s": 0.0,
+                "active_after": 1}
+
+    engine = trace.summarise([step("a", 0.0, 1.0), step("b", 0.5, 1.5), step("a", 1.1, 2.0), step("b", 1.7, 2.5)])["engine"]
+    assert engine["workers"] == 2 and engine["steps"] == 4
+    assert engine["between_steps_s"] == 0.3 and engine["largest_gap_s"] == 0.2

@@ -124,7 +124,7 @@ def serve(settings: WorkerSettings) -> int:
     outage = RedisOutage(connection, settings.redis_outage_limit_s)
     tally = Tally()
     engine.tally = tally
-    trace = Trace(settings.trace_file)
+    trace = Trace(settings.trace_file, settings.name)
     engine.trace = trace
     bridge = JobBridge(settings, model, engine, connection, outage=outage, tally=tally, trace=trace)
     # Jobs for this model, and jobs that name none (bailan.queues).

@@ -114,7 +114,7 @@ class WorkerSettings(SharedSettings):
     max_steps_cuda: int = Field(0, ge=0, description="Most steps a worker on a GPU takes (0 = no cap beyond the API's).")
     trace_file: Path | None = Field(
         None,
-        description="Append a JSON line per engine step and per succeeded job to this file (worker.trace), "
+        description="Append a JSON line per engine step, and two per succeeded job, to this file (worker.trace), "
         "for bench/service.py --trace. Unset: no trace.",
     )
 

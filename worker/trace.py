@@ -4,14 +4,17 @@
 a burst lost but not where: an engine idle while slots hand jobs over, a burst
 split over two admissions, stores serialised behind one another, a step slowed
 in the middle. With `BAILAN_TRACE_FILE` set, the worker appends a line per
-engine step and per ended job, in wall-clock seconds (`time.time()`), so
-`bench/service.py --trace` lays them beside its clients' own stamps.
+engine step, and two per succeeded job (the bridge's and its slot's), in
+wall-clock seconds (`time.time()`), each naming the worker, so
+`bench/service.py --trace` lays them beside its clients' own stamps, and
+workers sharing one file stay apart:
 
-    {"event": "step", "t0": ..., "t1": ..., "gather_s": ..., "admit_s": ..., "rows": 32,
-     "bucket": 32, "samples": 16, "admitted": 16, "finished": 0, "decode_s": 0.0,
+    {"event": "step", "worker": "<name>", "t0": ..., "t1": ..., "gather_s": ..., "admit_s": ...,
+     "admitted": 16, "rows": 32, "bucket": 32, "samples": 16, "finished": 0, "decode_s": 0.0,
      "active_after": 16}
-    {"event": "job", "job": "<id>", "status": "succeeded", "taken": ..., "submitted": ...,
-     "admitted": ..., "done": ..., "stored": ..., "rq_ended": ...}
+    {"event": "job", "worker": "<name>", "job": "<id>", "taken": ..., "submitted": ...,
+     "admitted": ..., "done": ..., "stored": ...}
+    {"event": "slot", "worker": "<name>", "job": "<id>", "dequeued": ..., "rq_ended": ...}
 
 Times are the host's: on CUDA a step's end includes waiting for the device once
 steps queue up (two at most run ahead), and a decode's time includes the steps
@@ -32,7 +35,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # perf_counter to wall-clock: the stamps are taken with perf_counter (GenerationJob's, the
-# engine's), which is monotonic but has no epoch; the offset is fixed at the trace's start.
+# engine's), which is monotonic but has no epoch; the offset is fixed at this module's import.
 _WALL_OFFSET = time.time() - time.perf_counter()
 
 
@@ -44,8 +47,9 @@ def wall(perf: float) -> float:
 class Trace:
     """Lines held in memory and appended to `path` by `flush` (off the engine's thread)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, worker: str = "") -> None:
         self.path = path
+        self.worker = worker  # on every line: several workers may append to one file
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._broken = False
@@ -58,7 +62,7 @@ class Trace:
         """One line; perf_counter stamps go in as `wall(...)`. Nothing when tracing is off."""
         if not self.on:
             return
-        line = json.dumps({"event": event, **fields}, separators=(",", ":"))
+        line = json.dumps({"event": event, "worker": self.worker, **fields}, separators=(",", ":"))
         with self._lock:
             self._lines.append(line)
 
@@ -113,10 +117,10 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
 
     engine: its steps (host seconds each: on CUDA they include waiting for the device once
     steps queue up), the seconds from the first job's hand-over to the first step, the
-    seconds between steps while samples were in hand, split into gathering a burst,
-    admitting jobs (prompts encoded) and the rest, the seconds it stood with no samples
-    at all (`idle_s`: waiting for jobs), the decodes, and at how many steps jobs were
-    admitted (a burst admitted over several steps finishes over several decodes).
+    engine's seconds between steps, split into gathering a burst, admitting jobs (prompts
+    encoded) and the rest, the seconds it stood with no samples at all (`idle_s`: waiting
+    for jobs), the decodes, and at how many steps jobs were admitted (a burst admitted over
+    several steps finishes over several decodes). Workers sharing the file are summed.
     jobs: each hand-over's seconds, p50 and max over the jobs (RQ's start in the slot, the
     bridge's start, waiting for the engine, denoising, encoding and storing, RQ's end),
     and over how long the jobs were handed over and stored."""
@@ -127,27 +131,34 @@ def summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
             jobs.setdefault(item["job"], {}).update({k: v for k, v in item.items() if k in _JOB_STAMPS})
     summary: dict[str, Any] = {}
     if steps:
+        # Each worker's steps follow one another; several workers' interleave.
+        by_worker: dict[str, list[dict[str, Any]]] = {}
+        for step in steps:
+            by_worker.setdefault(str(step.get("worker", "")), []).append(step)
+        pairs = [pair for own in by_worker.values() for pair in zip(own, own[1:])]
         # A gap after a step that left samples in hand is the engine's own; one after a step
-        # that left none is waiting for work (a lone client's next job), reported apart.
-        pairs = list(zip(steps, steps[1:]))
-        held = [(a, b) for a, b in pairs if a.get("active_after", 1)]
-        between = [b["t0"] - a["t1"] for a, b in held]
-        gather = sum(b["gather_s"] for _, b in held)
-        admit = sum(b["admit_s"] for _, b in held)
-        idle = sum(b["t0"] - a["t1"] for a, b in pairs if not a.get("active_after", 1))
+        # that left none is waiting for work (a lone client's next job), reported apart, but
+        # for the next step's gathering and admitting, which are the engine's work either way.
+        held = [b["t0"] - a["t1"] for a, b in pairs if a.get("active_after", 1)]
+        work = sum(b["gather_s"] + b["admit_s"] for a, b in pairs if not a.get("active_after", 1))
+        waited = sum(b["t0"] - a["t1"] for a, b in pairs if not a.get("active_after", 1)) - work
+        gather = sum(b["gather_s"] for _, b in pairs)
+        admit = sum(b["admit_s"] for _, b in pairs)
+        between = sum(held) + work
         summary["engine"] = {
+            "workers": len(by_worker),
             "steps": len(steps),
             "rows_mean": round(sum(s["rows"] for s in steps) / len(steps), 2),
             "step_s_mean": round(sum(s["t1"] - s["t0"] for s in steps) / len(steps), 5),
             "steps_s": round(sum(s["t1"] - s["t0"] for s in steps), 4),
             "decode_s": round(sum(s["decode_s"] for s in steps), 4),
             "decodes": sum(1 for s in steps if s["finished"]),
-            "between_steps_s": round(sum(between), 4),
+            "between_steps_s": round(between, 4),
             "between_gather_s": round(gather, 4),
             "between_admit_s": round(admit, 4),
-            "between_other_s": round(sum(between) - gather - admit, 4),
-            "largest_gap_s": round(max(between, default=0.0), 4),
-            "idle_s": round(idle, 4),
+            "between_other_s": round(between - gather - admit, 4),
+            "largest_gap_s": round(max(held, default=0.0), 4),
+            "idle_s": round(waited, 4),
             "admitting_steps": sum(1 for s in steps if s["admitted"]),
         }
         taken = [j["taken"] for j in jobs.values() if "taken" in j]
