@@ -64,6 +64,23 @@ def bridge(model: LoadedModel, tiny_model_dir: Path, tmp_path: Path, redis_conn:
     loop.join(timeout=10)
 
 
+@contextmanager
+def slot_serving(queue: Queue, name: str, runner: Callable[[str], dict[str, Any]], conn: redis.Redis,
+                 **slot_options: Any) -> Iterator[list[BaseException]]:
+    """An RQ slot named `name` working `queue` with `runner` on a thread, as the worker runs
+    one, stopped on leaving; yields the list of what its work loop raised."""
+    stop = threading.Event()
+    slot = SlotWorker([queue], name=name, connection=conn, serializer=JSONSerializer, worker_ttl=20, runner=runner,
+                      stop=stop, **slot_options)
+    errors: list[BaseException] = []
+    thread = work_in_thread(slot, errors)
+    try:
+        yield errors
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
 def submit(conn: redis.Redis, job_id: str, **fields: object) -> None:
     """A job record as the API writes it at submit."""
     params = JobParams.model_validate({"prompt": "a red circle", "width": 32, "height": 32, "steps": 3, "seed": 1,
@@ -363,22 +380,16 @@ def test_a_client_sees_its_job_succeed_before_rqs_bookkeeping(
         rq_success(self, *args, **kwargs)
 
     monkeypatch.setattr(SlotWorker, "handle_job_success", slow_bookkeeping)
-    stop = threading.Event()
-    slot = SlotWorker([queue], name="early-end.0", connection=redis_conn, serializer=JSONSerializer,
-                      worker_ttl=20, runner=bridge.run, stop=stop)
-    errors: list[BaseException] = []
-    thread = work_in_thread(slot, errors)
-    try:
-        assert held.wait(60), "the job never reached RQ's bookkeeping"
-        job = Job.fetch("early", connection=redis_conn, serializer=JSONSerializer)
-        assert job.get_status() == JobStatus.STARTED  # RQ has not caught up
-        snap = snapshot(redis_conn, "early")
-        assert snap is not None and snap.state.value == "succeeded"
-        assert bridge.blobs is not None and bridge.blobs.get(image_key("early", 0)) is not None
-    finally:
-        release.set()
-        stop.set()
-        thread.join(timeout=30)
+    with slot_serving(queue, "early-end.0", bridge.run, redis_conn) as errors:
+        try:
+            assert held.wait(60), "the job never reached RQ's bookkeeping"
+            job = Job.fetch("early", connection=redis_conn, serializer=JSONSerializer)
+            assert job.get_status() == JobStatus.STARTED  # RQ has not caught up
+            snap = snapshot(redis_conn, "early")
+            assert snap is not None and snap.state.value == "succeeded"
+            assert bridge.blobs is not None and bridge.blobs.get(image_key("early", 0)) is not None
+        finally:
+            release.set()
     assert errors == []
     assert Job.fetch("early", connection=redis_conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
 
@@ -591,19 +602,11 @@ def test_a_cancel_whose_record_kept_changing_still_ends_its_job_canceled_once(
     hooks = Queue(bridge.hooks.queue, connection=redis_conn, serializer=JSONSerializer)
     assert hooks.get_job_ids() == []
 
-    stop = threading.Event()
-    slot = SlotWorker([queue], name="kept-changing.0", connection=redis_conn, serializer=JSONSerializer,
-                      worker_ttl=20, runner=bridge.run, stop=stop)
-    errors: list[BaseException] = []
-    thread = work_in_thread(slot, errors)
-    try:
+    with slot_serving(queue, "kept-changing.0", bridge.run, redis_conn) as errors:
         wait_for(lambda: RecordField.finished_at in record(redis_conn, job_id), 60, "the worker to end the job")
         wait_for(lambda: queue.get_job_ids() == [] and
                  Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer).get_status()
                  == JobStatus.CANCELED, 30, "RQ to show the job canceled")
-    finally:
-        stop.set()
-        thread.join(timeout=30)
     assert errors == []
     after = records.snapshot(redis_conn, job_id)
     assert after is not None and after.state.value == "canceled"

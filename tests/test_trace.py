@@ -18,15 +18,13 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from bailan.jobs import RQ_FUNC
-from tests.test_bridge import submit
+from tests.test_bridge import slot_serving, submit
 from tests.test_e2e import wait_for
-from tests.test_slots import work_in_thread
 from worker import trace
 from worker.bridge import JobBridge
 from worker.engine import Engine
 from worker.loader import load_model
 from worker.settings import WorkerSettings
-from worker.slots import SlotWorker
 from worker.trace import Trace
 
 
@@ -54,22 +52,19 @@ def test_a_traced_worker_writes_each_step_and_each_jobs_hand_overs_in_order(
         submit(redis_conn, job_id, steps=3, preview_every=0)
         queue.enqueue_call(func=RQ_FUNC, args=(job_id,), job_id=job_id, result_ttl=600, failure_ttl=600, timeout=-1)
     since = time.time()
-    slot = SlotWorker([queue], name="traced.0", connection=redis_conn, serializer=JSONSerializer, worker_ttl=20,
-                      runner=bridge.run, stop=stop, trace=traced)
-    errors: list[BaseException] = []
-    thread = work_in_thread(slot, errors)
-    try:
-        def statuses() -> list[JobStatus]:
-            return [Job.fetch(i, connection=redis_conn, serializer=JSONSerializer).get_status() for i in ids]
 
-        wait_for(lambda: all(s in (JobStatus.FINISHED, JobStatus.FAILED) for s in statuses()), 120,
-                 "both jobs to end in RQ")
-        assert statuses() == [JobStatus.FINISHED] * 2
+    def statuses() -> list[JobStatus]:
+        return [Job.fetch(i, connection=redis_conn, serializer=JSONSerializer).get_status() for i in ids]
+
+    try:
+        with slot_serving(queue, "traced.0", bridge.run, redis_conn, trace=traced) as errors:
+            wait_for(lambda: all(s in (JobStatus.FINISHED, JobStatus.FAILED) for s in statuses()), 120,
+                     "both jobs to end in RQ")
     finally:
         stop.set()
-        thread.join(timeout=30)
         bridge.close()
         loop.join(timeout=10)
+    assert statuses() == [JobStatus.FINISHED] * 2
     assert errors == []
     traced.flush()
     lines = trace.read(path, since, time.time())
