@@ -143,8 +143,8 @@ class Tally:
             self._pending[field(f"{name}_count", labels)] += 1
 
     def take(self) -> dict[str, float]:
-        """Everything counted since the last take (sent by `add_batch`, and sent again with
-        the same id while its sending fails)."""
+        """Everything counted since the last take: one batch for `add_batch`, which the sender
+        sends again under its number while its sending fails."""
         with self._lock:
             taken = dict(self._pending)
             self._pending.clear()
