@@ -690,6 +690,46 @@ def test_an_idle_engine_starts_the_jobs_its_slots_took_in_one_step(engine: Engin
     assert engine.iterations == early.steps  # both ran every step together
 
 
+def test_a_job_handed_over_while_a_burst_is_admitted_joins_its_first_step(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guards a burst split over two steps and two decodes: a job handed over while an idle
+    engine encoded the burst's first prompts (tens of milliseconds; the H100's 16-job bursts
+    reached the worker over 64-110 ms) waited for the whole first step, and its burst ended
+    over two decodes. It joins the first step, within the gather's cap."""
+    engine.gather_s = 30.0  # the cap is not what this test measures
+    late = make_job("late")
+    start = engine.runner.start
+
+    def encoding(admission: Any) -> None:
+        if admission.jobs[0].id == "early":
+            # A slot hands its job over meanwhile, from its own thread.
+            slot = threading.Thread(target=engine.submit, args=(late,))
+            slot.start()
+            slot.join(5)
+        start(admission)
+
+    monkeypatch.setattr(engine.runner, "start", encoding)
+    early = make_job("early", seed=8)
+    engine.submit(early)
+    engine.run_until_idle()
+    assert early.future.result(timeout=0) is not None and late.future.result(timeout=0) is not None
+    assert engine.iterations == early.steps  # both ran every step together
+
+
+def test_a_lone_job_starts_at_once(engine: Engine) -> None:
+    """Guards a lone job's latency against the burst gathering: with no other job handed over
+    or being handed over, its first step comes right after its own admission."""
+    engine.gather_s = 30.0
+    job = make_job("lone")
+    started = time.monotonic()
+    engine.submit(job)
+    assert engine.step_once()
+    assert time.monotonic() - started < 10  # not the 30 s cap
+    assert engine.iterations == 1
+    engine.run_until_idle()
+
+
 def run_beside_a_slot(engine: Engine, hold: Callable[[], None]) -> tuple[float, threading.Thread]:
     """Run one job on an idle engine while another thread has taken a job (`expect`) and then
     does `hold`; returns the seconds the run took, and that thread."""

@@ -140,9 +140,9 @@ class Engine:
             self._expected.discard(threading.get_ident())
         self._wake.set()
 
-    def _gather(self) -> None:
-        """Before an idle engine's first step: wait for the jobs slots are handing over."""
-        deadline = time.monotonic() + self.gather_s
+    def _gather(self, deadline: float) -> None:
+        """Before an idle engine's first step: wait for the jobs slots are handing over (until
+        `deadline`, time.monotonic())."""
         while True:
             self._wake.clear()  # before the check: a submit after it sets it again
             with self._expected_lock:
@@ -206,14 +206,27 @@ class Engine:
     @torch.inference_mode()
     def step_once(self) -> bool:
         """Admit and drop jobs, then one step for one group: plan -> run -> update."""
-        began = time.perf_counter()
-        if self._expected and self.scheduler.waiting and not self.scheduler.active_samples():
-            self._gather()
-        gathered = time.perf_counter()
+        idle = not self.scheduler.active_samples()
+        deadline = time.monotonic() + self.gather_s
+        gather_s = admit_s = 0.0
         admitted = 0
-        for admission in self.scheduler.admit():
-            self._start(admission)
-            admitted += len(admission.jobs)
+        while True:
+            began = time.perf_counter()
+            if idle and self._expected and self.scheduler.waiting:
+                self._gather(deadline)
+            gathered = time.perf_counter()
+            admissions = self.scheduler.admit()
+            for admission in admissions:
+                self._start(admission)
+                admitted += len(admission.jobs)
+            gather_s += gathered - began
+            admit_s += time.perf_counter() - gathered
+            # An idle engine's burst: jobs handed over while these prompts were encoded (tens of
+            # ms for a burst), or still being handed over, join this first step too, within the
+            # gather's cap. Left for the next step, a burst ends over two steps and two decodes.
+            if not (idle and admissions and (self.scheduler.waiting or self._expected)
+                    and time.monotonic() < deadline):
+                break
         canceled = self.scheduler.canceled()
         for job in canceled:
             job.future.set_exception(JobCanceled())
@@ -242,7 +255,7 @@ class Engine:
         if self.trace is not None and self.trace.on:
             # t0 is the step's start after its admissions: gather_s and admit_s came before it.
             self.trace.add("step", t0=wall(started), t1=wall(time.perf_counter()),
-                           gather_s=round(gathered - began, 6), admit_s=round(started - gathered, 6),
+                           gather_s=round(gather_s, 6), admit_s=round(admit_s, 6),
                            admitted=admitted, rows=sum(part.rows for part in ran),
                            bucket=max((part.bucket for part in ran), default=0), samples=samples,
                            finished=finished, decode_s=round(self._decode_s, 6),
