@@ -59,7 +59,6 @@ from worker.engine import Engine, GenerationJob, RunnerOptions
 from worker.loader import LoadedModel, from_pipeline, read_pipeline
 from worker.imaging import encode_preview
 from worker import trace
-from worker.trace import Trace
 from world.tiny import TINY_WORDS, build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,7 +305,7 @@ class EngineBench:
     def __init__(self, engine: Engine, args: argparse.Namespace, meter: Meter) -> None:
         self.engine, self.args, self.meter = engine, args, meter
         if args.trace is not None and engine.trace is None:
-            engine.trace = Trace(args.trace, "in-process")
+            engine.trace = trace.Trace(args.trace, "in-process")
         self.previews = ThreadPoolExecutor(2, thread_name_prefix="preview")
         self.preview_count = 0
         self.images: dict[int, np.ndarray] = {}

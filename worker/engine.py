@@ -206,7 +206,8 @@ class Engine:
     @torch.inference_mode()
     def step_once(self) -> bool:
         """Admit and drop jobs, then one step for one group: plan -> run -> update."""
-        idle = not self.scheduler.active_samples()
+        # Only a step with jobs waiting may gather or admit: the common step pays one check.
+        idle = self.scheduler.waiting and not self.scheduler.active_samples()
         deadline = time.monotonic() + self.gather_s
         gather_s = admit_s = 0.0
         admitted = 0
