@@ -9,9 +9,12 @@ process that died in between expires after RESERVATION_S.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import queue
 import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -25,6 +28,9 @@ RESERVATION_S = 30
 # does every STREAM_RENEW_S), so a crashed API process frees its places.
 STREAM_LEASE_S = 60
 STREAM_RENEW_S = 20
+
+# Releases queued after Redis gave no answer, at most; past it a place expires by itself.
+MAX_PENDING_RELEASES = 64
 
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(second|minute|hour|day)s?\s*$", re.IGNORECASE)
@@ -159,6 +165,51 @@ class Refused(Exception):
         return max(1, math.ceil(self.number))
 
 
+class _Releases:
+    """Gives places back after Redis gave no answer, off the request's path. On a server that
+    stopped answering, a release made before the 503 would wait BAILAN_REDIS_TIMEOUT_S again,
+    doubling the client's wait; made here it waits alone. One thread, started on first use."""
+
+    def __init__(self, limit: int) -> None:
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(limit)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def put(self, release: Callable[[], None]) -> bool:
+        """Queue `release`; False where MAX_PENDING_RELEASES wait already (Redis has been silent
+        that long: the place expires by itself, RESERVATION_S or STREAM_LEASE_S)."""
+        try:
+            self._queue.put_nowait(release)
+        except queue.Full:
+            return False
+        with self._lock:
+            if self._thread is None:
+                # A daemon: pending releases must not hold up the process's exit on a silent Redis.
+                self._thread = threading.Thread(target=self._run, name="bailan-release", daemon=True)
+                self._thread.start()
+        return True
+
+    def settle(self, timeout_s: float) -> bool:
+        """Whether every queued release has run within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def _run(self) -> None:
+        while True:
+            release = self._queue.get()
+            try:
+                release()
+            except Exception:  # noqa: BLE001 - a release is best effort; its place expires anyway
+                pass
+            finally:
+                self._queue.task_done()
+
+
+RELEASES = _Releases(MAX_PENDING_RELEASES)
+
+
 @dataclass(frozen=True)
 class Admission:
     """A place held for one job until the submit's MULTI releases it (`release_in`)."""
@@ -172,10 +223,14 @@ class Admission:
     def release_in(self, pipe: redis.client.Pipeline) -> None:
         pipe.zrem(Keys.reservations(self.base), self.member)
 
-    def release(self, conn: redis.Redis, refund: bool = True) -> None:
+    def release(self, conn: redis.Redis, refund: bool = True, later: bool = False) -> None:
         """For a submit that failed after admission: give the place back now, not after
         RESERVATION_S, and with `refund` its submit back to the key's rate. No refund where
-        the job may have been queued after all (a transaction whose reply was lost)."""
+        the job may have been queued after all (a transaction whose reply was lost). With
+        `later`, after Redis gave no answer: on RELEASES' thread, so the 503 need not wait."""
+        if later:
+            RELEASES.put(lambda: self.release(conn, refund))
+            return
         try:
             conn.register_script(_RELEASE)(keys=[self.rate_key, Keys.reservations(self.base)],
                                            args=[self.member, repr(self.interval_s) if refund else "0"])
@@ -218,7 +273,7 @@ def admit(
         # its place would stay held, its submit counted against the key's rate, for
         # RESERVATION_S, refusing the client's retry at a cap. Given back now; where the script
         # never ran, the release finds no place and gives nothing.
-        Admission(base, member, 0, keys[0], rate.interval_s if rate else 0.0).release(conn)
+        Admission(base, member, 0, keys[0], rate.interval_s if rate else 0.0).release(conn, later=True)
         raise
     verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
     value = float(number)
@@ -234,9 +289,9 @@ def open_stream(conn: redis.Redis, key_name: str, stream_id: str, cap: int) -> b
         return bool(script(keys=[Keys.streams(key_digest(key_name))], args=[cap, stream_id, STREAM_LEASE_S]))
     except (redis.ConnectionError, redis.TimeoutError):
         # No answer: the place may be held for its lease (STREAM_LEASE_S) by a stream that never
-        # opened, counting against the key's cap. Closed now; where it was never taken, a no-op.
-        with contextlib.suppress(redis.RedisError):
-            close_stream(conn, key_name, stream_id)
+        # opened, counting against the key's cap. Closed at once (RELEASES); where it was never
+        # taken, a no-op.
+        RELEASES.put(lambda: close_stream(conn, key_name, stream_id))
         raise
 
 

@@ -7,7 +7,9 @@ reads), and the server's next answer, which says the command ran, it drops, clos
 client's connection. The client sees a broken connection (redis-py: ConnectionError) for a
 command whose effects are in Redis, which is what a retry that sends it again doubles.
 With `hold`, the connection stays open instead and the answer never comes: the client
-times out (redis-py: TimeoutError), which no retry of the API's follows.
+times out (redis-py: TimeoutError), which no retry of the API's follows. With `stall` (and
+`hold`), from then on no answer comes on any connection, new ones included: a server that
+stopped answering (a paused process, a network partition) in the middle of a request.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ class LostReply:
     says whether the answer was dropped."""
 
     def __init__(self, server_port: int, trigger: Callable[[bytes], bool], host: str = "127.0.0.1",
-                 hold: bool = False) -> None:
+                 hold: bool = False, stall: bool = False) -> None:
         self.server = (host, server_port)
         self.trigger = trigger
-        self.hold = hold
+        self.hold = hold or stall
+        self.stall = stall
         self.fired = threading.Event()
         self._armed = threading.Event()
         self._listener = socket.create_server((host, 0))
@@ -87,7 +90,7 @@ class LostReply:
                     if not data:
                         return
                     if side is server:
-                        if armed:
+                        if armed or (self.stall and self.fired.is_set()):
                             self.fired.set()  # it ran; its answer goes nowhere
                             if self.hold:
                                 continue  # nor does the connection: the client waits, and times out

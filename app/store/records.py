@@ -175,9 +175,9 @@ def submit(
         except redis.WatchError:
             sent = False  # EXEC refused it (the claim changed): nothing was queued
             raise ClaimLost(job_id) from None
-    except BaseException:
+    except BaseException as exc:
         # A transaction sent whose answer never came may have queued the job: its submit counts.
-        admission.release(conn, refund=not sent)
+        admission.release(conn, refund=not sent, later=isinstance(exc, (redis.ConnectionError, redis.TimeoutError)))
         raise
     finally:
         pipe.reset()
