@@ -9,6 +9,7 @@ process that died in between expires after RESERVATION_S.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import re
@@ -227,7 +228,8 @@ class Admission:
         """For a submit that failed after admission: give the place back now, not after
         RESERVATION_S, and with `refund` its submit back to the key's rate. No refund where
         the job may have been queued after all (a transaction whose reply was lost). With
-        `later`, after Redis gave no answer: on RELEASES' thread, so the 503 need not wait."""
+        `later`, after Redis gave no answer in time (a timeout, where a broken connection's
+        error comes at once): on RELEASES' thread, so the 503 need not wait another timeout."""
         if later:
             RELEASES.put(lambda: self.release(conn, refund))
             return
@@ -268,12 +270,13 @@ def admit(
     # EVALSHA, falling back to EVAL once per server: the script's body is not resent each time.
     try:
         verdict, number = conn.register_script(_ADMIT)(keys=keys, args=args)
-    except (redis.ConnectionError, redis.TimeoutError):
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         # No answer (a timeout, which the client does not resend): the script may have run, and
         # its place would stay held, its submit counted against the key's rate, for
         # RESERVATION_S, refusing the client's retry at a cap. Given back now; where the script
         # never ran, the release finds no place and gives nothing.
-        Admission(base, member, 0, keys[0], rate.interval_s if rate else 0.0).release(conn, later=True)
+        Admission(base, member, 0, keys[0], rate.interval_s if rate else 0.0).release(
+            conn, later=isinstance(exc, redis.TimeoutError))
         raise
     verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
     value = float(number)
@@ -287,11 +290,14 @@ def open_stream(conn: redis.Redis, key_name: str, stream_id: str, cap: int) -> b
     script = conn.register_script(_OPEN_STREAM)
     try:
         return bool(script(keys=[Keys.streams(key_digest(key_name))], args=[cap, stream_id, STREAM_LEASE_S]))
-    except (redis.ConnectionError, redis.TimeoutError):
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         # No answer: the place may be held for its lease (STREAM_LEASE_S) by a stream that never
-        # opened, counting against the key's cap. Closed at once (RELEASES); where it was never
-        # taken, a no-op.
-        RELEASES.put(lambda: close_stream(conn, key_name, stream_id))
+        # opened, counting against the key's cap. Closed now; where it was never taken, a no-op.
+        if isinstance(exc, redis.TimeoutError):
+            RELEASES.put(lambda: close_stream(conn, key_name, stream_id))
+        else:
+            with contextlib.suppress(redis.RedisError):
+                close_stream(conn, key_name, stream_id)
         raise
 
 

@@ -177,7 +177,7 @@ def submit(
             raise ClaimLost(job_id) from None
     except BaseException as exc:
         # A transaction sent whose answer never came may have queued the job: its submit counts.
-        admission.release(conn, refund=not sent, later=isinstance(exc, (redis.ConnectionError, redis.TimeoutError)))
+        admission.release(conn, refund=not sent, later=isinstance(exc, redis.TimeoutError))
         raise
     finally:
         pipe.reset()
