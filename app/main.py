@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.client
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -55,10 +56,28 @@ DOCS_ASSETS_URL = "/docs-assets"
 RETRIED = (redis.ConnectionError,)
 
 
+class _Pipeline(redis.client.Pipeline):
+    def reset(self) -> None:
+        # A connection that broke (a timeout closes it) took its WATCHes with it. redis-py still
+        # sends UNWATCH, on a new connection: to a Redis that stopped answering, that waits the
+        # timeout again, once in execute() and once in the caller's reset(), so a submit's 503
+        # came after three timeouts, not one.
+        if self.watching and self.connection is not None and not self.connection.is_connected:
+            self.watching = False
+        super().reset()
+
+
+class ApiRedis(redis.Redis):
+    """The API's Redis client: redis-py's, with _Pipeline's reset."""
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> redis.client.Pipeline:
+        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
 def make_redis(settings: ApiSettings, retries: int = 1) -> redis.Redis:
     # Short timeouts and a single quick retry: a dead Redis must become a
     # prompt 503, not a request that hangs for redis-py's default backoff.
-    return redis.Redis.from_url(
+    return ApiRedis.from_url(
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,

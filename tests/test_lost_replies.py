@@ -168,6 +168,23 @@ def test_a_submit_to_a_redis_that_stopped_answering_fails_after_one_timeout(redi
     assert waited < 1.8, f"the 503 came after {waited:.2f} s, not after one 1.0 s timeout"
 
 
+def test_a_submit_whose_transaction_met_a_silent_redis_fails_after_one_timeout(redis_url: str) -> None:
+    """Guards a 503 that took three BAILAN_REDIS_TIMEOUT_S (3.0 s for 1.0): Redis stopped
+    answering once the submit's transaction was sent, and redis-py's pipeline, still
+    WATCHing, sent UNWATCH on a new connection to the silent server twice (in its execute,
+    then in the submit's own reset), each waiting the timeout, though a broken connection's
+    WATCHes are gone with it."""
+    with LostReply(server_port(redis_url), transaction_with(b"MULTI", b"rq:job"), stall=True) as proxy:
+        settings = make_settings(proxy.url(db_of(redis_url)), redis_timeout_s=1.0)
+        with TestClient(create_app(settings)) as client:
+            started = time.monotonic()
+            answer = client.post("/v1/jobs", json={"prompt": "a red circle"})
+            waited = time.monotonic() - started
+        assert proxy.fired.is_set(), "the transaction was answered: the test did not test it"
+    assert answer.status_code == 503 and "Redis" in answer.json()["detail"]
+    assert waited < 1.8, f"the 503 came after {waited:.2f} s, not after one 1.0 s timeout"
+
+
 def test_releases_waiting_on_a_silent_redis_are_bounded() -> None:
     """Guards threads or memory piling up while Redis is silent: past MAX_PENDING_RELEASES the
     place is left to expire by itself, and a release that fails does not stop the next."""
