@@ -58,11 +58,13 @@ RETRIED = (redis.ConnectionError,)
 
 class _Pipeline(redis.client.Pipeline):
     def reset(self) -> None:
-        # A connection that broke (a timeout closes it) took its WATCHes with it. redis-py still
-        # sends UNWATCH, on a new connection: to a Redis that stopped answering, that waits the
-        # timeout again, once in execute() and once in the caller's reset(), so a submit's 503
-        # came after three timeouts, not one.
-        if self.watching and self.connection is not None and not self.connection.is_connected:
+        # Closed, not sent UNWATCH: a connection's WATCHes end with it, and reset() runs where a
+        # command just failed. redis-py sent UNWATCH there, on a new connection where the old one
+        # broke: to a Redis that stopped answering, each waited the timeout again (once in
+        # execute(), once in the caller's reset()), so a submit's 503 came after three
+        # timeouts, not one. Only an early return or an error leaves a pipeline watching.
+        if self.watching and self.connection is not None:
+            self.connection.disconnect()
             self.watching = False
         super().reset()
 

@@ -185,6 +185,22 @@ def test_a_submit_whose_transaction_met_a_silent_redis_fails_after_one_timeout(r
     assert waited < 1.8, f"the 503 came after {waited:.2f} s, not after one 1.0 s timeout"
 
 
+def test_a_submit_cut_off_while_its_transaction_watched_fails_after_one_timeout(redis_url: str) -> None:
+    """Guards a 503 after two BAILAN_REDIS_TIMEOUT_S: Redis stopped answering between the
+    submit's WATCH and its EXEC (here at RQ's version check, which a fresh client sends on
+    its first enqueue), and redis-py's reset sent UNWATCH on the watching connection, alive
+    but unanswered, waiting the timeout again."""
+    with LostReply(server_port(redis_url), command_with(b"INFO", b"server"), stall=True) as proxy:
+        settings = make_settings(proxy.url(db_of(redis_url)), redis_timeout_s=1.0)
+        with TestClient(create_app(settings)) as client:
+            started = time.monotonic()
+            answer = client.post("/v1/jobs", json={"prompt": "a red circle"})
+            waited = time.monotonic() - started
+        assert proxy.fired.is_set(), "the version check was answered: the test did not test it"
+    assert answer.status_code == 503 and "Redis" in answer.json()["detail"]
+    assert waited < 1.8, f"the 503 came after {waited:.2f} s, not after one 1.0 s timeout"
+
+
 def test_releases_waiting_on_a_silent_redis_are_bounded() -> None:
     """Guards threads or memory piling up while Redis is silent: past MAX_PENDING_RELEASES the
     place is left to expire by itself, and a release that fails does not stop the next."""
