@@ -71,11 +71,15 @@ def prefer_wait(header: str | None, cap_s: float) -> int | None:
     return None
 
 
-async def give_back_place(conn: redis.Redis, principal: Principal, stream_id: str) -> None:
+async def give_back_place(conn: redis.Redis, principal: Principal, stream_id: str, silent: bool = False) -> None:
     """Free a stream's or hold's place among its key's (BAILAN_MAX_STREAMS_PER_KEY), also
     from a stream whose client went away: Starlette then cancels the stream, and an await
     in its `finally` would be cancelled at once, leaving the place taken until its lease
-    (limits.STREAM_LEASE_S) ran out."""
+    (limits.STREAM_LEASE_S) ran out. `silent`: Redis just timed out on this request; freed
+    off its path (limits.RELEASES), or its answer waited a second timeout."""
+    if silent:
+        limits.RELEASES.put(lambda: limits.close_stream(conn, principal.name, stream_id))
+        return
     with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
         await run_in_threadpool(limits.close_stream, conn, principal.name, stream_id)
 
@@ -146,6 +150,7 @@ async def until_ended(request: Request, access: JobAccess, principal: Principal,
         return False
     if not opened:
         return False
+    silent = False
     try:
         deadline = time.monotonic() + seconds
         async for _ in snapshots(request.app.state.job_events, settings, conn, access.aredis, principal, hold_id,
@@ -154,7 +159,8 @@ async def until_ended(request: Request, access: JobAccess, principal: Principal,
             if await request.is_disconnected():
                 break
         return True
-    except redis.RedisError:
+    except redis.RedisError as exc:
+        silent = isinstance(exc, redis.TimeoutError)
         return False
     finally:
-        await give_back_place(conn, principal, hold_id)
+        await give_back_place(conn, principal, hold_id, silent)

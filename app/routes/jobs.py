@@ -386,8 +386,9 @@ def _submit(
     idempotency_key: str | None,
     principal: Principal,
     worker_cache: WorkerCache,
-) -> JobOut:
-    """POST /v1/jobs once FastAPI has validated the body against this server's request model."""
+) -> tuple[JobOut, bool]:
+    """POST /v1/jobs once FastAPI has validated the body against this server's request model;
+    with whether Redis answered the job's read-back (if not, the view is as the submit wrote it)."""
     job_id, replayed, params = submit_job_request(body, settings, conn, principal, idempotency_key,
                                                   workers=worker_cache.get(conn))
     if replayed:
@@ -403,10 +404,10 @@ def _submit(
             raise  # a 503: the retry, with its key, finds the job again
         # Accepted already: its view as written, not a 503 that would invite a resubmit.
         assert params is not None  # not a replay
-        snap = records.accepted_snapshot(job_id, params, principal.name)
+        return views.job_view(conn, records.accepted_snapshot(job_id, params, principal.name), path_for), False
     if snap is None:  # only if Redis lost it within milliseconds
         raise _not_found(settings, job_id)
-    return views.job_view(conn, snap, path_for)
+    return views.job_view(conn, snap, path_for), True
 
 
 def submit_router(settings: ApiSettings) -> APIRouter:
@@ -462,12 +463,13 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         prefer: PreferHeader = None,
     ) -> JobOut:
         settings, conn, path_for = jobs.settings, jobs.redis, jobs.links
-        view = await run_in_threadpool(
+        view, read_back = await run_in_threadpool(
             _submit, body, response, settings, conn, path_for, idempotency_key, principal, worker_cache
         )
         job_id_var.set(view.id)  # set in the thread's copy of the context; the hold logs here
         wait = hold.prefer_wait(prefer, settings.max_wait_s) if prefer else None
-        if wait is None:
+        # Redis failed just now: a hold would wait out its timeout again (its place, its reads).
+        if wait is None or not read_back:
             return view
         if view.status in TERMINAL_STATES:
             response.headers["Preference-Applied"] = f"wait={wait}"  # ended already: the answer is the end

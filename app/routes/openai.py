@@ -357,8 +357,8 @@ async def generate_images(
             lambda: jobs.submit_job_request(job, settings, conn, principal, None, _spaced_previews(body),
                                             worker_cache.get(conn))
         )
-    except BaseException:
-        await hold.give_back_place(conn, principal, stream_id)
+    except BaseException as exc:
+        await hold.give_back_place(conn, principal, stream_id, silent=isinstance(exc, redis.TimeoutError))
         raise
     created = int(time.time())
     deadline = time.monotonic() + settings.openai_timeout_s
@@ -368,6 +368,7 @@ async def generate_images(
         return None if snap is None else await run_in_threadpool(views.job_view, conn, snap, path_for)
 
     if not body.stream:
+        silent = False  # Redis timed out: the place is freed off this answer's path
         try:
             snap = None
             async for snap in hold.snapshots(request.app.state.job_events, settings, conn, aconn, principal,
@@ -386,6 +387,7 @@ async def generate_images(
             else:
                 data = [{"b64_json": await _image_b64(blobs, job_id, image.index)} for image in view.images]
         except redis.RedisError as exc:
+            silent = isinstance(exc, redis.TimeoutError)
             # The job is queued: a 503 that invites a retry (OpenAI's SDKs retry it) would queue it twice.
             raise OpenAIError(
                 503, f"job {job_id} was accepted, then the job store (Redis) became unavailable: {exc}; do not "
@@ -404,7 +406,7 @@ async def generate_images(
                 {"X-Bailan-Job-Id": job_id, "Location": f"{jobs.PREFIX}/{job_id}", "x-should-retry": "false"},
             ) from None
         finally:
-            await hold.give_back_place(conn, principal, stream_id)
+            await hold.give_back_place(conn, principal, stream_id, silent)
         return JSONResponse(
             {"created": created, "data": data, "size": _size(view), "output_format": output_format,
              "background": BACKGROUND},

@@ -37,6 +37,8 @@ class JobEvents:
         self.conn = conn
         self.pubsub = conn.pubsub(ignore_subscribe_messages=True)
         self.waiters: dict[str, set[asyncio.Event]] = {}
+        # Channels whose SUBSCRIBE was sent: only these are unsubscribed.
+        self.subscribed: set[str] = set()
         self._has_channels = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -63,6 +65,7 @@ class JobEvents:
             if first:
                 try:
                     await self.pubsub.subscribe(channel)
+                    self.subscribed.add(channel)
                     self._has_channels.set()
                 except redis.RedisError as exc:
                     # The stream still works on its safety poll; the dispatcher reconnects.
@@ -72,10 +75,14 @@ class JobEvents:
             waiters.discard(event)
             if not waiters:
                 del self.waiters[channel]
+                # Not where the SUBSCRIBE failed: there is nothing to undo, and on a Redis that
+                # stopped answering, the UNSUBSCRIBE waited out another timeout before the answer.
                 # Shielded: a stream whose client left is cancelled, and an unshielded await
                 # here would be too, leaving the channel subscribed for the process's life.
-                with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
-                    await self.pubsub.unsubscribe(channel)
+                if channel in self.subscribed:
+                    self.subscribed.discard(channel)
+                    with anyio.CancelScope(shield=True), contextlib.suppress(redis.RedisError):
+                        await self.pubsub.unsubscribe(channel)
 
     def _wake_all(self) -> None:
         for waiters in self.waiters.values():
