@@ -273,8 +273,9 @@ def admit(
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # No answer (a timeout, which the client does not resend): the script may have run, and
         # its place would stay held, its submit counted against the key's rate, for
-        # RESERVATION_S, refusing the client's retry at a cap. Given back now; where the script
-        # never ran, the release finds no place and gives nothing.
+        # RESERVATION_S, refusing the client's retry at a cap. Given back: at once after a broken
+        # connection, on RELEASES' thread after a timeout; where the script never ran, the
+        # release finds no place and gives nothing.
         Admission(base, member, 0, keys[0], rate.interval_s if rate else 0.0).release(
             conn, later=isinstance(exc, redis.TimeoutError))
         raise
@@ -292,7 +293,8 @@ def open_stream(conn: redis.Redis, key_name: str, stream_id: str, cap: int) -> b
         return bool(script(keys=[Keys.streams(key_digest(key_name))], args=[cap, stream_id, STREAM_LEASE_S]))
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # No answer: the place may be held for its lease (STREAM_LEASE_S) by a stream that never
-        # opened, counting against the key's cap. Closed now; where it was never taken, a no-op.
+        # opened, counting against the key's cap. Closed: at once after a broken connection, on
+        # RELEASES' thread after a timeout; where it was never taken, a no-op.
         if isinstance(exc, redis.TimeoutError):
             RELEASES.put(lambda: close_stream(conn, key_name, stream_id))
         else:

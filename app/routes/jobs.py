@@ -468,7 +468,8 @@ def submit_router(settings: ApiSettings) -> APIRouter:
         )
         job_id_var.set(view.id)  # set in the thread's copy of the context; the hold logs here
         wait = hold.prefer_wait(prefer, settings.max_wait_s) if prefer else None
-        # Redis failed just now: a hold would wait out its timeout again (its place, its reads).
+        # Redis failed just now: a hold would fail too, and on a Redis that stopped answering it
+        # would wait out the timeout again (its place, its reads) before the same answer.
         if wait is None or not read_back:
             return view
         if view.status in TERMINAL_STATES:

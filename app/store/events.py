@@ -70,6 +70,10 @@ class JobEvents:
                 except redis.RedisError as exc:
                     # The stream still works on its safety poll; the dispatcher reconnects.
                     log.warning("cannot subscribe to %s: %s", channel, exc)
+                except BaseException:
+                    # Cancelled (the client left) after SUBSCRIBE may have reached Redis: undone below.
+                    self.subscribed.add(channel)
+                    raise
             yield event
         finally:
             waiters.discard(event)
