@@ -47,7 +47,7 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def test_a_submit_to_a_redis_that_stopped_answering_fails_after_one_timeout(redis_url: str) -> None:
-    """Guards a 503 that took twice BAILAN_REDIS_TIMEOUT_S : Redis stopped
+    """Guards a 503 that took twice BAILAN_REDIS_TIMEOUT_S (2.02 s for 1.0): Redis stopped
     answering during the submit's admission, and the place's release, made before the 503,
     waited the timeout again on the same silent server. It now runs on its own thread."""
     admit_sha = hashlib.sha1(limits._ADMIT.encode()).hexdigest().encode()
@@ -58,7 +58,7 @@ def test_a_submit_to_a_redis_that_stopped_answering_fails_after_one_timeout(redi
 
 
 def test_a_submit_whose_transaction_met_a_silent_redis_fails_after_one_timeout(redis_url: str) -> None:
-    """Guards a 503 that took three BAILAN_REDIS_TIMEOUT_S : Redis stopped
+    """Guards a 503 that took three BAILAN_REDIS_TIMEOUT_S (3.04 s for 1.0): Redis stopped
     answering once the submit's transaction was sent, and redis-py's pipeline, still
     WATCHing, sent UNWATCH on a new connection to the silent server twice (in its execute,
     then in the submit's own reset), each waiting the timeout, though a broken connection's
@@ -70,7 +70,7 @@ def test_a_submit_whose_transaction_met_a_silent_redis_fails_after_one_timeout(r
 
 
 def test_a_submit_cut_off_while_its_transaction_watched_fails_after_one_timeout(redis_url: str) -> None:
-    """Guards a 503 after two BAILAN_REDIS_TIMEOUT_S: Redis stopped answering between the
+    """Guards a 503 after two BAILAN_REDIS_TIMEOUT_S (2.04 s for 1.0): Redis stopped answering between the
     submit's WATCH and its EXEC (here at RQ's version check, which a fresh client sends on
     its first enqueue), and redis-py's reset sent UNWATCH on the watching connection, alive
     but unanswered, waiting the timeout again."""
